@@ -1,0 +1,63 @@
+/* Lua <-> C glue shared by the binding files. No business logic here: the
+ * bindings check arguments, convert values and call runtime/ and
+ * strategies/. */
+#ifndef DEPLOY_BINDINGS_H
+#define DEPLOY_BINDINGS_H
+
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "engine.h"
+#include "strategy.h"
+#include "target.h"
+
+#define DEPLOY_VERSION "0.1.0"
+
+#define ENGINE_MT "deploy.Engine"
+#define MANAGER_MT "deploy.DeploymentManager"
+#define STRATEGY_MT "deploy.BuiltinStrategy"
+
+/* The one engine of this Lua state (created on first use, closed when the
+ * state closes). */
+engine *lengine_get(lua_State *L);
+
+/* Built-in strategy userdata. */
+typedef struct lstrategy {
+  strategy *s;
+} lstrategy;
+lstrategy *lstrategy_test(lua_State *L, int idx);
+void lstrategy_register(lua_State *L);  /* fields on the module at -1 */
+/* Pushes a new BlueGreenStrategy with defaults (used for rollbacks). */
+strategy *lstrategy_push_bluegreen(lua_State *L);
+
+void lmanager_register(lua_State *L);
+void lhealth_register(lua_State *L);
+
+/* Configuration. */
+typedef struct lconfig {
+  char state[1024];        /* store path */
+  int virtual_clock;
+  size_t ntargets;
+  target_config **targets; /* owned */
+} lconfig;
+/* Reads the config (table at idx, or a path to a Lua file returning one);
+ * raises a Lua error naming the field on bad input. On return the config is
+ * owned by the userdata pushed on the stack (freed by its __gc) */
+lconfig *lconfig_load(lua_State *L, int idx, engine *e);
+void lconfig_free(lconfig *c);
+target_config *lconfig_target(lconfig *c, const char *name);
+/* "known: a, b" list for error messages. */
+void lconfig_known(const lconfig *c, char *buf, size_t size);
+
+/* Raise with a message built in a stack buffer (never with heap memory
+ * still owned by the C frame). */
+int lerror(lua_State *L, const char *msg);
+
+/* Encodes the value at idx as JSON with lua-cjson (pushes nothing; result
+ * copied into a heap string the caller frees). Raises on values cjson
+ * refuses. NULL for nil. */
+char *ljson_encode(lua_State *L, int idx, const char *what);
+/* Decodes JSON text and pushes the value (nil for NULL). */
+void ljson_decode(lua_State *L, const char *json);
+
+#endif

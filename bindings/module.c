@@ -1,0 +1,127 @@
+/* require "deploy": the module table, and the engine that every manager,
+ * health check and strategy of this Lua state shares. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "bindings.h"
+#include "util.h"
+
+typedef struct lengine {
+  engine e;
+  int open;
+} lengine;
+
+static int engine_gc(lua_State *L) {
+  lengine *le = luaL_checkudata(L, 1, ENGINE_MT);
+  if (le->open) {
+    le->open = 0;
+    engine_close(&le->e);
+  }
+  return 0;
+}
+
+engine *lengine_get(lua_State *L) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, ENGINE_MT ".instance") == LUA_TUSERDATA) {
+    lengine *le = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    return &le->e;
+  }
+  lua_pop(L, 1);
+  lengine *le = lua_newuserdatauv(L, sizeof *le, 0);
+  memset(le, 0, sizeof *le);
+  if (luaL_newmetatable(L, ENGINE_MT)) {
+    lua_pushcfunction(L, engine_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_setmetatable(L, -2);
+  if (engine_init(&le->e, 0) != 0)
+    luaL_error(L, "deploy: cannot initialise the event loop");
+  le->open = 1;
+  lua_setfield(L, LUA_REGISTRYINDEX, ENGINE_MT ".instance");
+  return &le->e;
+}
+
+int lerror(lua_State *L, const char *msg) {
+  lua_pushstring(L, msg);
+  return lua_error(L);
+}
+
+char *ljson_encode(lua_State *L, int idx, const char *what) {
+  idx = lua_absindex(L, idx);
+  if (lua_isnoneornil(L, idx))
+    return NULL;
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "cjson");
+  lua_call(L, 1, 1);
+  lua_getfield(L, -1, "encode");
+  lua_pushvalue(L, idx);
+  if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+    char msg[DC_ERR_MAX];
+    dc_fmt(msg, sizeof msg, "deploy: %s cannot be stored as JSON (%s): use strings, numbers, booleans and tables",
+           what, lua_tostring(L, -1));
+    lua_pop(L, 2);
+    lerror(L, msg);
+  }
+  size_t len;
+  const char *s = lua_tolstring(L, -1, &len);
+  if (len > 64 * 1024) {
+    lua_pop(L, 2);
+    lerror(L, "deploy: metadata is larger than 64 KiB once encoded as JSON: keep it small");
+  }
+  char *copy = strdup(s);
+  lua_pop(L, 2);
+  return copy;
+}
+
+void ljson_decode(lua_State *L, const char *json) {
+  if (!json) {
+    lua_pushnil(L);
+    return;
+  }
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "cjson");
+  lua_call(L, 1, 1);
+  lua_getfield(L, -1, "decode");
+  lua_remove(L, -2);
+  lua_pushstring(L, json);
+  if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+    lua_pop(L, 1);
+    lua_pushnil(L);
+  }
+}
+
+static void sleep_done(void *payload) { *(int *)payload = 1; }
+
+/* deploy.sleep(seconds): waits on the engine clock while the loop runs (so
+ * other rollouts progress); returns at once on the virtual clock. */
+static int deploy_sleep(lua_State *L) {
+  double s = luaL_checknumber(L, 1);
+  luaL_argcheck(L, s >= 0 && s < 1e9, 1, "seconds must be >= 0");
+  engine *e = lengine_get(L);
+  int fired = 0;
+  engine_timer_start(e, s, sleep_done, &fired);
+  while (!fired)
+    engine_run_once(e);
+  return 0;
+}
+
+/* deploy.now(): the engine clock, epoch seconds (virtual when simulating). */
+static int deploy_now(lua_State *L) {
+  lua_pushnumber(L, engine_now(lengine_get(L)));
+  return 1;
+}
+
+int luaopen_deploy(lua_State *L) {
+  lengine_get(L);
+  lua_newtable(L);
+  lua_pushliteral(L, DEPLOY_VERSION);
+  lua_setfield(L, -2, "_VERSION");
+  lstrategy_register(L);
+  lmanager_register(L);
+  lhealth_register(L);
+  lua_pushcfunction(L, deploy_sleep);
+  lua_setfield(L, -2, "sleep");
+  lua_pushcfunction(L, deploy_now);
+  lua_setfield(L, -2, "now");
+  return 1;
+}

@@ -1,0 +1,254 @@
+/* DeploymentStrategy (the base class, extendable from Lua), CanaryStrategy
+ * and BlueGreenStrategy (C step machines wrapped in userdata). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "bindings.h"
+#include "util.h"
+
+lstrategy *lstrategy_test(lua_State *L, int idx) { return luaL_testudata(L, idx, STRATEGY_MT); }
+
+static int strategy_gc(lua_State *L) {
+  lstrategy *ls = luaL_checkudata(L, 1, STRATEGY_MT);
+  strategy_free(ls->s);
+  ls->s = NULL;
+  return 0;
+}
+
+/* Reads an optional number field; raises naming the class and field. */
+static double opt_number(lua_State *L, int idx, const char *cls, const char *field, double def) {
+  int t = lua_getfield(L, idx, field);
+  double v = def;
+  if (t == LUA_TNUMBER) {
+    v = lua_tonumber(L, -1);
+  } else if (t != LUA_TNIL) {
+    char msg[DC_ERR_MAX];
+    dc_fmt(msg, sizeof msg, "deploy: %s %s must be a number, got %s", cls, field, luaL_typename(L, -1));
+    lua_pop(L, 1);
+    lerror(L, msg);
+  }
+  lua_pop(L, 1);
+  return v;
+}
+
+static const char *opt_url(lua_State *L, int idx, const char *cls, char *buf, size_t size) {
+  int t = lua_getfield(L, idx, "health_check_url");
+  if (t == LUA_TNIL) {
+    lua_pop(L, 1);
+    return NULL;
+  }
+  if (t != LUA_TSTRING) {
+    char msg[DC_ERR_MAX];
+    dc_fmt(msg, sizeof msg, "deploy: %s health_check_url must be a string, got %s", cls, luaL_typename(L, -1));
+    lua_pop(L, 1);
+    lerror(L, msg);
+  }
+  dc_strlcpy(buf, lua_tostring(L, -1), size);
+  lua_pop(L, 1);
+  return buf;
+}
+
+static void check_fields(lua_State *L, int idx, const char *cls, const char *const *allowed) {
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    int known = 0;
+    if (lua_type(L, -2) == LUA_TSTRING) {
+      for (const char *const *a = allowed; *a; a++)
+        known |= strcmp(*a, lua_tostring(L, -2)) == 0;
+    }
+    if (!known) {
+      char msg[DC_ERR_MAX], list[256] = "";
+      size_t len = 0;
+      for (const char *const *a = allowed; *a; a++)
+        len += (size_t)snprintf(list + len, sizeof list - len, "%s%s", len ? ", " : "", *a);
+      dc_fmt(msg, sizeof msg, "deploy: %s has no parameter '%s' (known: %s)", cls,
+             lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : luaL_typename(L, -2), list);
+      lua_pop(L, 2);
+      lerror(L, msg);
+    }
+    lua_pop(L, 1);
+  }
+}
+
+static void push_strategy(lua_State *L, strategy *s) {
+  lstrategy *ls = lua_newuserdatauv(L, sizeof *ls, 1);
+  ls->s = s;
+  luaL_setmetatable(L, STRATEGY_MT);
+}
+
+static int opts_index(lua_State *L, const char *cls) {
+  if (lua_isnoneornil(L, 1)) {
+    lua_newtable(L);
+    lua_replace(L, 1);
+  }
+  if (!lua_istable(L, 1)) {
+    char msg[DC_ERR_MAX];
+    dc_fmt(msg, sizeof msg, "deploy: %s expects a table of parameters, got %s", cls, luaL_typename(L, 1));
+    lerror(L, msg);
+  }
+  return 1;
+}
+
+static int canary_new(lua_State *L) {
+  static const char *const allowed[] = {"initial_percentage", "increment", "interval", "health_check_url", NULL};
+  char url[512], err[DC_ERR_MAX];
+  int idx = opts_index(L, "CanaryStrategy");
+  check_fields(L, idx, "CanaryStrategy", allowed);
+  canary_params p;
+  canary_params_default(&p);
+  p.initial_percentage = opt_number(L, idx, "CanaryStrategy", "initial_percentage", p.initial_percentage);
+  p.increment = opt_number(L, idx, "CanaryStrategy", "increment", p.increment);
+  p.interval = opt_number(L, idx, "CanaryStrategy", "interval", p.interval);
+  p.health_check_url = opt_url(L, idx, "CanaryStrategy", url, sizeof url);
+  strategy *s;
+  if (strategy_canary_new(&s, &p, err) != 0)
+    return lerror(L, err);
+  push_strategy(L, s);
+  return 1;
+}
+
+static int bluegreen_new(lua_State *L) {
+  static const char *const allowed[] = {"switch_delay", "health_check_url", NULL};
+  char url[512], err[DC_ERR_MAX];
+  int idx = opts_index(L, "BlueGreenStrategy");
+  check_fields(L, idx, "BlueGreenStrategy", allowed);
+  bluegreen_params p;
+  bluegreen_params_default(&p);
+  p.switch_delay = opt_number(L, idx, "BlueGreenStrategy", "switch_delay", p.switch_delay);
+  p.health_check_url = opt_url(L, idx, "BlueGreenStrategy", url, sizeof url);
+  strategy *s;
+  if (strategy_bluegreen_new(&s, &p, err) != 0)
+    return lerror(L, err);
+  push_strategy(L, s);
+  return 1;
+}
+
+strategy *lstrategy_push_bluegreen(lua_State *L) {
+  bluegreen_params p;
+  char err[DC_ERR_MAX];
+  strategy *s;
+  bluegreen_params_default(&p);
+  if (strategy_bluegreen_new(&s, &p, err) != 0)
+    lerror(L, err);
+  push_strategy(L, s);
+  return s;
+}
+
+/* Fields read back: strategy.initial_percentage, .name, ... then methods. */
+static int strategy_index(lua_State *L) {
+  lstrategy *ls = luaL_checkudata(L, 1, STRATEGY_MT);
+  const char *k = luaL_checkstring(L, 2);
+  strategy *s = ls->s;
+  if (strcmp(k, "name") == 0) {
+    lua_pushstring(L, s->name);
+    return 1;
+  }
+  if (strcmp(k, "health_check_url") == 0) {
+    if (s->health_check_url[0])
+      lua_pushstring(L, s->health_check_url);
+    else
+      lua_pushnil(L);
+    return 1;
+  }
+  if (strcmp(s->name, "canary") == 0) {
+    canary_strategy *c = (canary_strategy *)s;
+    if (strcmp(k, "initial_percentage") == 0) {
+      lua_pushnumber(L, c->initial_percentage);
+      return 1;
+    }
+    if (strcmp(k, "increment") == 0) {
+      lua_pushnumber(L, c->increment);
+      return 1;
+    }
+    if (strcmp(k, "interval") == 0) {
+      lua_pushnumber(L, c->interval);
+      return 1;
+    }
+  } else if (strcmp(k, "switch_delay") == 0) {
+    lua_pushnumber(L, ((bluegreen_strategy *)s)->switch_delay);
+    return 1;
+  }
+  luaL_getmetatable(L, STRATEGY_MT);
+  lua_getfield(L, -1, "methods");
+  lua_getfield(L, -1, k);
+  return 1;
+}
+
+/* validate(deployment) -> bool: the deployment names a target and a valid
+ * version. The strategy's own parameters were checked at construction. */
+static int strategy_validate(lua_State *L) {
+  luaL_checkudata(L, 1, STRATEGY_MT);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  char err[DC_ERR_MAX];
+  lua_getfield(L, 2, "version");
+  lua_getfield(L, 2, "target");
+  int ok = lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TSTRING &&
+           dc_validate_version(lua_tostring(L, -2), "version", err) == 0 &&
+           dc_validate_target_name(lua_tostring(L, -1), err) == 0;
+  lua_pushboolean(L, ok);
+  return 1;
+}
+
+/* execute(deployment): the deployment object knows how to run a built-in
+ * strategy (it holds the rollout); delegate to it. */
+static int strategy_execute(lua_State *L) {
+  luaL_checkudata(L, 1, STRATEGY_MT);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  if (lua_getfield(L, 2, "_run_builtin") != LUA_TFUNCTION)
+    return luaL_error(L, "deploy: %s:execute(d) needs a deployment handed out by DeploymentManager:deploy "
+                         "(call manager:deploy(target, version, { strategy = s }) instead)",
+                      ((lstrategy *)lua_touserdata(L, 1))->s->name);
+  lua_pushvalue(L, 2);
+  lua_pushvalue(L, 1);
+  lua_call(L, 2, LUA_MULTRET);
+  return lua_gettop(L) - 2;
+}
+
+static int strategy_tostring(lua_State *L) {
+  lstrategy *ls = luaL_checkudata(L, 1, STRATEGY_MT);
+  lua_pushfstring(L, "%s strategy", ls->s->name);
+  return 1;
+}
+
+/* The base class: DeploymentStrategy:extend{ name = ... } returns a class
+ * whose validate/execute are written in Lua. */
+static const char *const base_class_lua =
+    "local Base = {}\n"
+    "Base.__index = Base\n"
+    "Base.name = 'strategy'\n"
+    "function Base:extend(def)\n"
+    "  if type(def) ~= 'table' then error('deploy: DeploymentStrategy:extend expects a table such as { name = \"ring\" }', 2) end\n"
+    "  if type(def.name) ~= 'string' or def.name == '' then error('deploy: DeploymentStrategy:extend needs name = \"...\" (a non-empty string)', 2) end\n"
+    "  local cls = def\n"
+    "  cls.__index = cls\n"
+    "  cls.is_strategy_class = true\n"
+    "  setmetatable(cls, { __index = self, __call = function(c, o) return setmetatable(o or {}, c) end })\n"
+    "  return cls\n"
+    "end\n"
+    "function Base:new(o) return setmetatable(o or {}, self) end\n"
+    "function Base:validate(d) return type(d) == 'table' and type(d.version) == 'string' and d.version ~= '' end\n"
+    "function Base:execute(d) error('deploy: strategy ' .. tostring(self.name) .. ' does not implement execute(d)', 2) end\n"
+    "return Base\n";
+
+void lstrategy_register(lua_State *L) {
+  static const luaL_Reg methods[] = {{"validate", strategy_validate}, {"execute", strategy_execute}, {NULL, NULL}};
+  if (luaL_newmetatable(L, STRATEGY_MT)) {
+    lua_pushcfunction(L, strategy_index);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, strategy_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, strategy_tostring);
+    lua_setfield(L, -2, "__tostring");
+    luaL_newlib(L, methods);
+    lua_setfield(L, -2, "methods");
+  }
+  lua_pop(L, 1);
+  lua_pushcfunction(L, canary_new);
+  lua_setfield(L, -2, "CanaryStrategy");
+  lua_pushcfunction(L, bluegreen_new);
+  lua_setfield(L, -2, "BlueGreenStrategy");
+  if (luaL_loadbufferx(L, base_class_lua, strlen(base_class_lua), "=deploy.DeploymentStrategy", "t") != LUA_OK)
+    lua_error(L);
+  lua_call(L, 0, 1);
+  lua_setfield(L, -2, "DeploymentStrategy");
+}

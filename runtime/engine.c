@@ -1,0 +1,217 @@
+#include "engine.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "http.h"
+#include "util.h"
+
+struct engine_timer {
+  engine *e;
+  engine_timer_cb cb;
+  void *payload;
+  double due;        /* virtual clock: epoch seconds */
+  uint64_t seq;
+  size_t heap_index; /* virtual clock: position in e->heap */
+  int is_virtual;
+  uv_timer_t uv;     /* real clock */
+};
+
+/* ---- virtual timers: a binary min-heap on (due, seq) ---- */
+
+static int earlier(const engine_timer *a, const engine_timer *b) {
+  if (a->due != b->due)
+    return a->due < b->due;
+  return a->seq < b->seq;
+}
+
+static void heap_swap(engine *e, size_t i, size_t j) {
+  engine_timer *t = e->heap[i];
+  e->heap[i] = e->heap[j];
+  e->heap[j] = t;
+  e->heap[i]->heap_index = i;
+  e->heap[j]->heap_index = j;
+}
+
+static void heap_up(engine *e, size_t i) {
+  while (i > 0 && earlier(e->heap[i], e->heap[(i - 1) / 2])) {
+    heap_swap(e, i, (i - 1) / 2);
+    i = (i - 1) / 2;
+  }
+}
+
+static void heap_down(engine *e, size_t i) {
+  for (;;) {
+    size_t l = 2 * i + 1, r = l + 1, m = i;
+    if (l < e->heap_len && earlier(e->heap[l], e->heap[m]))
+      m = l;
+    if (r < e->heap_len && earlier(e->heap[r], e->heap[m]))
+      m = r;
+    if (m == i)
+      return;
+    heap_swap(e, i, m);
+    i = m;
+  }
+}
+
+static void heap_remove(engine *e, size_t i) {
+  e->heap_len--;
+  if (i != e->heap_len) {
+    e->heap[i] = e->heap[e->heap_len];
+    e->heap[i]->heap_index = i;
+    heap_down(e, i);
+    heap_up(e, i);
+  }
+}
+
+/* Runs when the loop is otherwise idle: pending I/O callbacks (a health check
+ * answering, a router command completing) go first, then the clock jumps to
+ * the earliest virtual timer. */
+static void vidle_cb(uv_idle_t *h) {
+  engine *e = h->data;
+  if (e->heap_len == 0) {
+    uv_idle_stop(&e->vidle);
+    e->vidle_active = 0;
+    return;
+  }
+  engine_timer *t = e->heap[0];
+  heap_remove(e, 0);
+  if (t->due > e->vnow)
+    e->vnow = t->due;
+  engine_timer_cb cb = t->cb;
+  void *payload = t->payload;
+  free(t);
+  cb(payload);
+}
+
+int engine_init(engine *e, int virtual_clock) {
+  memset(e, 0, sizeof *e);
+  e->loop = malloc(sizeof *e->loop);
+  if (!e->loop || uv_loop_init(e->loop) != 0) {
+    free(e->loop);
+    e->loop = NULL;
+    return -1;
+  }
+  /* Active (and so keeping the loop alive) only while virtual timers pend. */
+  uv_idle_init(e->loop, &e->vidle);
+  e->vidle.data = e;
+  e->virtual_clock = virtual_clock;
+  e->vnow = dc_wall_now();
+  return 0;
+}
+
+static void walk_close(uv_handle_t *h, void *arg) {
+  (void)arg;
+  if (!uv_is_closing(h))
+    uv_close(h, NULL);
+}
+
+void engine_close(engine *e) {
+  if (!e->loop)
+    return;
+  if (e->http) {
+    http_free(e->http);
+    e->http = NULL;
+  }
+  for (size_t i = 0; i < e->heap_len; i++)
+    free(e->heap[i]);
+  free(e->heap);
+  e->heap = NULL;
+  e->heap_len = e->heap_cap = 0;
+  uv_close((uv_handle_t *)&e->vidle, NULL);
+  uv_run(e->loop, UV_RUN_DEFAULT);
+  /* Anything a module left open is closed here so the loop can be freed;
+   * their memory is theirs and was released by their own close callbacks. */
+  if (uv_loop_close(e->loop) == UV_EBUSY) {
+    uv_walk(e->loop, walk_close, NULL);
+    uv_run(e->loop, UV_RUN_DEFAULT);
+    uv_loop_close(e->loop);
+  }
+  free(e->loop);
+  e->loop = NULL;
+}
+
+double engine_now(const engine *e) {
+  return e->virtual_clock ? e->vnow : dc_wall_now();
+}
+
+int engine_set_virtual(engine *e, int on) {
+  if (e->heap_len > 0)
+    return -1;
+  if (on && !e->virtual_clock)
+    e->vnow = dc_wall_now();
+  e->virtual_clock = on ? 1 : 0;
+  return 0;
+}
+
+static void real_timer_closed(uv_handle_t *h) { free(h->data); }
+
+static void real_timer_cb(uv_timer_t *h) {
+  engine_timer *t = h->data;
+  engine_timer_cb cb = t->cb;
+  void *payload = t->payload;
+  uv_close((uv_handle_t *)&t->uv, real_timer_closed);
+  cb(payload);
+}
+
+engine_timer *engine_timer_start(engine *e, double seconds, engine_timer_cb cb,
+                                 void *payload) {
+  engine_timer *t = calloc(1, sizeof *t);
+  if (!t)
+    return NULL;
+  if (seconds < 0)
+    seconds = 0;
+  t->e = e;
+  t->cb = cb;
+  t->payload = payload;
+  t->seq = e->seq++;
+  if (!e->virtual_clock) {
+    uv_timer_init(e->loop, &t->uv);
+    t->uv.data = t;
+    uv_timer_start(&t->uv, real_timer_cb, (uint64_t)(seconds * 1000.0 + 0.5), 0);
+    return t;
+  }
+  if (e->heap_len == e->heap_cap) {
+    size_t cap = e->heap_cap ? e->heap_cap * 2 : 64;
+    engine_timer **heap = realloc(e->heap, cap * sizeof *heap);
+    if (!heap) {
+      free(t);
+      return NULL;
+    }
+    e->heap = heap;
+    e->heap_cap = cap;
+  }
+  t->is_virtual = 1;
+  t->due = e->vnow + seconds;
+  t->heap_index = e->heap_len;
+  e->heap[e->heap_len++] = t;
+  heap_up(e, t->heap_index);
+  if (!e->vidle_active) {
+    uv_idle_start(&e->vidle, vidle_cb);
+    e->vidle_active = 1;
+  }
+  return t;
+}
+
+void engine_timer_cancel(engine_timer *t) {
+  if (!t)
+    return;
+  if (t->is_virtual) {
+    heap_remove(t->e, t->heap_index);
+    free(t);
+    return;
+  }
+  uv_timer_stop(&t->uv);
+  if (!uv_is_closing((uv_handle_t *)&t->uv))
+    uv_close((uv_handle_t *)&t->uv, real_timer_closed);
+}
+
+int engine_run_once(engine *e) {
+  return uv_run(e->loop, UV_RUN_ONCE);
+}
+
+struct http *engine_http(engine *e) {
+  if (!e->http)
+    e->http = http_new(e->loop);
+  return e->http;
+}

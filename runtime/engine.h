@@ -1,0 +1,56 @@
+/* The engine: one libuv loop that every deployment, health check, router
+ * command and child process of this process runs on, and the clock.
+ *
+ * The clock is either real (timers are libuv timers) or virtual: a timer due
+ * in N seconds fires as soon as the loop has nothing more urgent to do, and
+ * the virtual "now" jumps to its due time. Virtual timers fire in due-time
+ * order, so three deployments waiting 300 s each in parallel all wake at
+ * virtual t+300, as they would in real time. */
+#ifndef DEPLOY_ENGINE_H
+#define DEPLOY_ENGINE_H
+
+#include <uv.h>
+
+typedef struct engine engine;
+typedef struct engine_timer engine_timer;
+typedef void (*engine_timer_cb)(void *payload);
+
+struct http;
+
+struct engine {
+  uv_loop_t *loop;
+  int virtual_clock;
+  double vnow;                 /* virtual epoch seconds (virtual clock only) */
+  struct engine_timer **heap;  /* virtual timers, min-heap on due time */
+  size_t heap_len, heap_cap;
+  uint64_t seq;                /* ties between equal due times keep FIFO order */
+  uv_idle_t vidle;             /* fires the earliest virtual timer */
+  int vidle_active;
+  struct http *http;           /* libcurl multi driven by this loop (lazy) */
+};
+
+/* loop may be NULL to use a new private loop. */
+int engine_init(engine *e, int virtual_clock);
+/* Runs the loop until every handle the engine owns is closed, then frees. */
+void engine_close(engine *e);
+
+/* Epoch seconds: wall time, or virtual time. */
+double engine_now(const engine *e);
+/* Switch between clocks (only while no timer is pending). */
+int engine_set_virtual(engine *e, int on);
+
+/* Fire cb(payload) after `seconds` on the engine's clock. The returned
+ * handle is valid until the callback has run or engine_timer_cancel. */
+engine_timer *engine_timer_start(engine *e, double seconds, engine_timer_cb cb,
+                                 void *payload);
+/* Cancel a pending timer; its callback never runs. NULL is ignored. */
+void engine_timer_cancel(engine_timer *t);
+
+/* Run one iteration of the loop (blocking for I/O if there is nothing else
+ * to do). Returns 0 when the loop has no more work. */
+int engine_run_once(engine *e);
+
+/* The libcurl multi handle bound to this loop, created on first use. */
+struct http *engine_http(engine *e);
+
+#endif

@@ -1,0 +1,1156 @@
+/* The HAProxy router: drives one backend through HAProxy's runtime API, the
+ * stats socket (management.txt §9.3). Each command gets its own connection:
+ * in non-interactive mode HAProxy answers one command and closes, so an
+ * answer is complete at EOF. Why the commands come in this order, and what
+ * HAProxy 2.6 answers, is in notes/haproxy.md. */
+#include "router.h"
+
+#include <arpa/inet.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/un.h>
+
+#include "util.h"
+
+#define HAP_CMD_MAX 512
+#define HAP_READ_CHUNK 65536
+#define HAP_ANSWER_MAX (16u << 20)  /* one backend's stats are far smaller */
+#define HAP_POLL_MS 50              /* drain polling and del retries */
+#define HAP_FINAL_DEL_MS 2000       /* after shutdown sessions, streams die
+                                     * asynchronously: a short last wait */
+#define HAP_MAX_COLS 256
+
+/* srv_admin_state bits (management.txt, "show servers state") that keep a
+ * server from taking new traffic and that `state ready` clears. */
+#define HAP_ADM_FMAINT 0x01
+#define HAP_ADM_CMAINT 0x04
+#define HAP_ADM_FDRAIN 0x08
+#define HAP_ADM_NOT_READY (HAP_ADM_FMAINT | HAP_ADM_CMAINT | HAP_ADM_FDRAIN)
+
+typedef struct hap hap;
+
+/* ---- one command on the stats socket ------------------------------------- */
+
+/* err set: the command could not be run (a full message); else answer is
+ * HAProxy's whole answer, NUL-terminated and writable. */
+typedef void (*hap_done)(hap *h, void *op, const char *err, char *answer);
+
+typedef struct hap_cmd {
+  struct hap_cmd *next;
+  hap *h;
+  void *op;            /* NULL once detached by free: the answer is dropped */
+  hap_done done;
+  uv_pipe_t pipe;
+  uv_timer_t timer;
+  uv_connect_t conn;
+  uv_write_t wr;
+  char text[HAP_CMD_MAX];
+  char *buf;
+  size_t len, cap;
+  int finished;
+  int open_handles;    /* the memory goes when both handles are closed */
+} hap_cmd;
+
+/* ---- apply and read operations ------------------------------------------- */
+
+typedef struct hap_srv {  /* one of our servers as HAProxy has it now */
+  char name[64];
+  char addr[64];
+  int port;
+  int admin;              /* srv_admin_state */
+  int weight;             /* srv_uweight */
+} hap_srv;
+
+typedef enum { STEP_CMD, STEP_DRAIN, STEP_DEL } step_kind;
+/* What a successful answer looks like: most commands answer an empty line,
+ * a few answer a fixed sentence (checked on HAProxy 2.6.12). */
+typedef enum { ANS_EMPTY, ANS_ADD, ANS_ADDR } answer_kind;
+
+typedef struct hap_step {
+  step_kind kind;
+  answer_kind answer;
+  char name[64];          /* STEP_DEL: the server retired */
+  char text[HAP_CMD_MAX];
+} hap_step;
+
+typedef struct apply_op {
+  struct apply_op *next;
+  router_cb cb;
+  void *payload;
+  router_server *want;
+  size_t nwant;
+  int planned;            /* the plan exists: live state was read */
+  hap_step *steps;
+  size_t nsteps, cap, cur;
+  uint64_t drain_deadline, del_deadline, final_deadline;  /* uv_now ms */
+  int del_phase;          /* 0 del, 1 shutdown sessions due, 2 final del */
+  char err[DC_ERR_MAX];
+} apply_op;
+
+typedef struct read_op {
+  struct read_op *next;
+  router_cb cb;
+  void *payload;
+  router_server *out;
+  size_t cap;
+  size_t *n;
+} read_op;
+
+struct hap {
+  router base;            /* first: a router * is a hap * */
+  engine *e;
+  char socket[sizeof(((struct sockaddr_un *)0)->sun_path)];
+  char backend[128];
+  char prefix[64];
+  uint64_t timeout_ms, drain_ms;
+  uv_timer_t wait;        /* the running apply's pauses; also starts it */
+  unsigned open_handles;  /* h is freed when closing and this reaches 0 */
+  int closing;
+  hap_cmd *cmds;
+  apply_op *running, *queue, *queue_tail;  /* one apply at a time, FIFO */
+  read_op *reads;
+};
+
+/* ---- small text helpers -------------------------------------------------- */
+
+static int is_space(char c) {
+  return c == ' ' || c == '\t' || c == '\r' || c == '\n';
+}
+
+/* Trims in place; returns the first non-blank character. */
+static char *trim(char *s) {
+  while (is_space(*s))
+    s++;
+  size_t n = strlen(s);
+  while (n > 0 && is_space(s[n - 1]))
+    s[--n] = '\0';
+  return s;
+}
+
+static int starts_with(const char *s, const char *prefix) {
+  return strncmp(s, prefix, strlen(prefix)) == 0;
+}
+
+/* Cuts the field up to sep off *p, NUL-terminating it in place. */
+static char *cut(char **p, char sep) {
+  char *s = *p;
+  char *e = strchr(s, sep);
+  if (e != NULL) {
+    *e = '\0';
+    *p = e + 1;
+  } else {
+    *p = s + strlen(s);
+  }
+  return s;
+}
+
+/* Like cut(p, ','), but a field in double quotes may hold commas. */
+static char *cut_csv(char **p) {
+  char *s = *p;
+  if (*s != '"')
+    return cut(p, ',');
+  char *r = s + 1, *w = s;
+  while (*r != '\0' && !(r[0] == '"' && r[1] != '"')) {
+    if (r[0] == '"')
+      r++;            /* "" is one quote */
+    *w++ = *r++;
+  }
+  if (*r == '"')
+    r++;
+  *p = *r == ',' ? r + 1 : r;
+  *w = '\0';
+  return s;
+}
+
+/* HAProxy's proxy and server names: letters, digits, '_', '-', '.', ':'. */
+static int valid_name(const char *s) {
+  if (*s == '\0')
+    return 0;
+  for (; *s != '\0'; s++) {
+    char c = *s;
+    int ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+             (c >= '0' && c <= '9') || c == '_' || c == '-' || c == '.' ||
+             c == ':';
+    if (!ok)
+      return 0;
+  }
+  return 1;
+}
+
+static int addr_family(const char *ip) {
+  unsigned char bin[16];
+  if (inet_pton(AF_INET, ip, bin) == 1)
+    return AF_INET;
+  if (inet_pton(AF_INET6, ip, bin) == 1)
+    return AF_INET6;
+  return 0;
+}
+
+/* HAProxy prints addresses its own way ("::1"), so compare them binary. */
+static int same_addr(const char *a, const char *b) {
+  unsigned char x[16], y[16];
+  int fa = addr_family(a);
+  if (fa == 0 || fa != addr_family(b))
+    return strcmp(a, b) == 0;
+  inet_pton(fa, a, x);
+  inet_pton(fa, b, y);
+  return memcmp(x, y, fa == AF_INET ? 4 : 16) == 0;
+}
+
+/* ---- messages ------------------------------------------------------------ */
+
+static const char *uv_reason(int status) {
+  switch (status) {
+  case UV_ENOENT: return "no such file";
+  case UV_ECONNREFUSED: return "connection refused";
+  case UV_EACCES: return "permission denied";
+  default: return uv_strerror(status);
+  }
+}
+
+static void msg_no_backend(const hap *h, char *err) {
+  dc_fmt(err, DC_ERR_MAX,
+         "haproxy: no backend '%s' in the HAProxy behind %s (declare it in "
+         "haproxy.cfg: 'backend %s' with 'balance roundrobin')",
+         h->backend, h->socket, h->backend);
+}
+
+/* An answer that is not the success we expected: verbatim, with the
+ * command, except where HAProxy's words hide the fix. */
+static void msg_answered(const hap *h, const char *cmd, char *answer,
+                         char *err) {
+  char *t = trim(answer);
+  if (strstr(t, "Can't find backend") || strstr(t, "No such backend") ||
+      strstr(t, "No such proxy")) {
+    msg_no_backend(h, err);
+  } else if (strstr(t, "dynamic load balancing")) {
+    dc_fmt(err, DC_ERR_MAX,
+           "haproxy: backend '%s' cannot take servers at runtime: '%s' "
+           "answered: %s (declare it with 'balance roundrobin')",
+           h->backend, cmd, t);
+  } else {
+    dc_fmt(err, DC_ERR_MAX, "haproxy: '%s' answered: %s", cmd, t);
+  }
+}
+
+/* ---- commands ------------------------------------------------------------ */
+
+static void hap_release(hap *h) {
+  if (h->closing && h->open_handles == 0)
+    free(h);
+}
+
+static void cmd_handle_closed(uv_handle_t *handle) {
+  hap_cmd *c = handle->data;
+  hap *h = c->h;
+  h->open_handles--;
+  if (--c->open_handles == 0) {
+    free(c->buf);
+    free(c);
+  }
+  hap_release(h);
+}
+
+static void cmd_unlink(hap_cmd *c) {
+  hap_cmd **pp = &c->h->cmds;
+  while (*pp != NULL && *pp != c)
+    pp = &(*pp)->next;
+  if (*pp == c)
+    *pp = c->next;
+}
+
+static void cmd_close(hap_cmd *c) {
+  c->finished = 1;
+  cmd_unlink(c);
+  uv_close((uv_handle_t *)&c->timer, cmd_handle_closed);
+  uv_close((uv_handle_t *)&c->pipe, cmd_handle_closed);
+}
+
+/* Ends the command once; the handles close, the memory goes later, so
+ * answer stays valid during done even if done frees the router. */
+static void cmd_finish(hap_cmd *c, const char *err, char *answer) {
+  if (c->finished)
+    return;
+  cmd_close(c);
+  if (c->op != NULL)
+    c->done(c->h, c->op, err, answer);
+}
+
+static void cmd_fail_io(hap_cmd *c, const char *what, int status) {
+  char err[DC_ERR_MAX];
+  dc_fmt(err, DC_ERR_MAX, "haproxy: '%s' failed on %s: %s: %s", c->text,
+         c->h->socket, what, uv_strerror(status));
+  cmd_finish(c, err, NULL);
+}
+
+static void cmd_on_timeout(uv_timer_t *t) {
+  hap_cmd *c = t->data;
+  char err[DC_ERR_MAX];
+  dc_fmt(err, DC_ERR_MAX,
+         "haproxy: '%s' got no answer from %s within %.3g s (is HAProxy "
+         "overloaded or stopped?)",
+         c->text, c->h->socket, (double)c->h->timeout_ms / 1000.0);
+  cmd_finish(c, err, NULL);
+}
+
+static void cmd_on_alloc(uv_handle_t *handle, size_t hint, uv_buf_t *buf) {
+  (void)hint;
+  hap_cmd *c = handle->data;
+  *buf = uv_buf_init(NULL, 0);   /* libuv reports UV_ENOBUFS to on_read */
+  if (c->cap - c->len < HAP_READ_CHUNK + 1) {
+    size_t cap = c->cap + HAP_READ_CHUNK + 1;
+    char *p = cap <= HAP_ANSWER_MAX ? realloc(c->buf, cap) : NULL;
+    if (p == NULL)
+      return;
+    c->buf = p;
+    c->cap = cap;
+  }
+  /* One byte stays free for the terminating NUL. */
+  *buf = uv_buf_init(c->buf + c->len, (unsigned)(c->cap - c->len - 1));
+}
+
+static void cmd_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  (void)buf;
+  hap_cmd *c = s->data;
+  if (c->finished)
+    return;
+  if (nread > 0) {
+    c->len += (size_t)nread;
+  } else if (nread == UV_EOF) {
+    c->buf[c->len] = '\0';
+    cmd_finish(c, NULL, c->buf);
+  } else if (nread < 0) {
+    cmd_fail_io(c, "reading the answer", (int)nread);
+  }
+}
+
+static void cmd_on_write(uv_write_t *req, int status) {
+  hap_cmd *c = req->data;
+  if (!c->finished && status < 0)
+    cmd_fail_io(c, "sending", status);
+}
+
+static void cmd_on_connect(uv_connect_t *req, int status) {
+  hap_cmd *c = req->data;
+  if (c->finished)
+    return;
+  if (status < 0) {
+    char err[DC_ERR_MAX];
+    dc_fmt(err, DC_ERR_MAX,
+           "haproxy: cannot connect to %s: %s (is HAProxy running with "
+           "'stats socket %s level admin'?)",
+           c->h->socket, uv_reason(status), c->h->socket);
+    cmd_finish(c, err, NULL);
+    return;
+  }
+  uv_buf_t bufs[2] = {uv_buf_init(c->text, (unsigned)strlen(c->text)),
+                      uv_buf_init("\n", 1)};
+  int rc = uv_write(&c->wr, (uv_stream_t *)&c->pipe, bufs, 2, cmd_on_write);
+  if (rc < 0) {
+    cmd_fail_io(c, "sending", rc);
+    return;
+  }
+  rc = uv_read_start((uv_stream_t *)&c->pipe, cmd_on_alloc, cmd_on_read);
+  if (rc < 0)
+    cmd_fail_io(c, "reading the answer", rc);
+}
+
+/* Sends one command; done runs once, from the loop. -1 only when out of
+ * memory (done does not run then). */
+static int cmd_start(hap *h, void *op, const char *text, hap_done done,
+                     char *err) {
+  hap_cmd *c = calloc(1, sizeof *c);
+  char *buf = malloc(HAP_READ_CHUNK + 1);
+  if (c == NULL || buf == NULL) {
+    free(c);
+    free(buf);
+    dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
+    return DC_ERROR;
+  }
+  c->h = h;
+  c->op = op;
+  c->done = done;
+  c->buf = buf;
+  c->cap = HAP_READ_CHUNK + 1;
+  dc_strlcpy(c->text, text, sizeof c->text);
+  uv_pipe_init(h->e->loop, &c->pipe, 0);
+  uv_timer_init(h->e->loop, &c->timer);
+  c->pipe.data = c->timer.data = c->conn.data = c->wr.data = c;
+  c->open_handles = 2;
+  h->open_handles += 2;
+  c->next = h->cmds;
+  h->cmds = c;
+  uv_timer_start(&c->timer, cmd_on_timeout, h->timeout_ms, 0);
+  /* Errors, even a missing socket file, come back through cmd_on_connect. */
+  uv_pipe_connect(&c->conn, &c->pipe, h->socket, cmd_on_connect);
+  return DC_OK;
+}
+
+/* ---- parsing ------------------------------------------------------------- */
+
+typedef struct state_cols {
+  int name, addr, port, admin, weight;
+} state_cols;
+
+static int col_index(char **cols, int ncols, const char *name) {
+  for (int i = 0; i < ncols; i++)
+    if (strcmp(cols[i], name) == 0)
+      return i;
+  return -1;
+}
+
+static int split_fields(char *line, char sep, char **f, int max) {
+  int n = 0;
+  while (n < max && *line != '\0') {
+    f[n] = sep == ',' ? cut_csv(&line) : cut(&line, sep);
+    if (sep != ',' && *f[n] == '\0')
+      continue;      /* runs of spaces */
+    n++;
+  }
+  return n;
+}
+
+static int state_header(char *line, state_cols *c) {
+  char *f[HAP_MAX_COLS];
+  int n = split_fields(line + 1, ' ', f, HAP_MAX_COLS);
+  c->name = col_index(f, n, "srv_name");
+  c->addr = col_index(f, n, "srv_addr");
+  c->port = col_index(f, n, "srv_port");
+  c->admin = col_index(f, n, "srv_admin_state");
+  c->weight = col_index(f, n, "srv_uweight");
+  return c->name < 0 || c->addr < 0 || c->port < 0 || c->admin < 0 ||
+                 c->weight < 0
+             ? -1
+             : 0;
+}
+
+static int push_srv(hap_srv **v, size_t *n, size_t *cap, const hap_srv *s) {
+  if (*n == *cap) {
+    size_t ncap = *cap ? *cap * 2 : 8;
+    hap_srv *p = realloc(*v, ncap * sizeof *p);
+    if (p == NULL)
+      return DC_ERROR;
+    *v = p;
+    *cap = ncap;
+  }
+  (*v)[(*n)++] = *s;
+  return DC_OK;
+}
+
+/* One data line of "show servers state"; 1 when it is one of ours. */
+static int state_line(const hap *h, char *line, const state_cols *c,
+                      hap_srv *s) {
+  char *f[HAP_MAX_COLS];
+  int n = split_fields(line, ' ', f, HAP_MAX_COLS);
+  if (n <= c->name || n <= c->addr || n <= c->port || n <= c->admin ||
+      n <= c->weight || !starts_with(f[c->name], h->prefix))
+    return 0;
+  memset(s, 0, sizeof *s);
+  dc_strlcpy(s->name, f[c->name], sizeof s->name);
+  dc_strlcpy(s->addr, f[c->addr], sizeof s->addr);
+  s->port = atoi(f[c->port]);
+  s->admin = atoi(f[c->admin]);
+  s->weight = atoi(f[c->weight]);
+  return 1;
+}
+
+/* Our servers from a "show servers state <backend>" answer: a version
+ * line, a '#' header naming the columns, one line per server. */
+static int parse_state(const hap *h, const char *cmd, char *answer,
+                       hap_srv **out, size_t *n, char *err) {
+  hap_srv *v = NULL;
+  size_t cap = 0;
+  state_cols cols;
+  int have_cols = 0;
+  char *rest = answer;
+  *out = NULL;
+  *n = 0;
+  if (!(answer[0] >= '0' && answer[0] <= '9')) {
+    msg_answered(h, cmd, answer, err);
+    return DC_ERROR;
+  }
+  cut(&rest, '\n');   /* format version */
+  while (*rest != '\0') {
+    char *line = cut(&rest, '\n');
+    hap_srv s;
+    if (line[0] == '#') {
+      if (state_header(line, &cols) < 0) {
+        dc_fmt(err, DC_ERR_MAX,
+               "haproxy: '%s' lacks srv_name, srv_addr, srv_port, "
+               "srv_admin_state or srv_uweight (HAProxy 2.6 or later needed)",
+               cmd);
+        free(v);
+        return DC_ERROR;
+      }
+      have_cols = 1;
+    } else if (have_cols && state_line(h, line, &cols, &s) &&
+               push_srv(&v, n, &cap, &s) < 0) {
+      dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
+      free(v);
+      return DC_ERROR;
+    }
+  }
+  *out = v;
+  return DC_OK;
+}
+
+/* ---- apply: the plan ----------------------------------------------------- */
+
+static hap_step *step_add(apply_op *op, step_kind kind, answer_kind answer,
+                          const char *name, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+
+static hap_step *step_add(apply_op *op, step_kind kind, answer_kind answer,
+                          const char *name, const char *fmt, ...) {
+  if (op->nsteps == op->cap) {
+    size_t ncap = op->cap ? op->cap * 2 : 16;
+    hap_step *p = realloc(op->steps, ncap * sizeof *p);
+    if (p == NULL)
+      return NULL;
+    op->steps = p;
+    op->cap = ncap;
+  }
+  hap_step *s = &op->steps[op->nsteps++];
+  s->kind = kind;
+  s->answer = answer;
+  dc_strlcpy(s->name, name, sizeof s->name);
+  va_list ap;
+  va_start(ap, fmt);
+  dc_vfmt(s->text, sizeof s->text, fmt, ap);
+  va_end(ap);
+  return s;
+}
+
+static const hap_srv *find_live(const hap_srv *live, size_t n,
+                                const char *name) {
+  for (size_t i = 0; i < n; i++)
+    if (strcmp(live[i].name, name) == 0)
+      return &live[i];
+  return NULL;
+}
+
+static int is_wanted(const apply_op *op, const char *name) {
+  for (size_t i = 0; i < op->nwant; i++)
+    if (strcmp(op->want[i].name, name) == 0)
+      return 1;
+  return 0;
+}
+
+/* Step 1: servers missing are added (in maintenance, weight already
+ * final), then enabled; a server of ours at a stale address is moved. */
+static int plan_add(const hap *h, apply_op *op, const hap_srv *live,
+                    size_t nlive) {
+  int ok = 1;
+  for (size_t i = 0; i < op->nwant && ok; i++) {
+    const router_server *w = &op->want[i];
+    const hap_srv *l = find_live(live, nlive, w->name);
+    int v6 = addr_family(w->host) == AF_INET6;
+    if (l == NULL) {
+      ok = step_add(op, STEP_CMD, ANS_ADD, w->name,
+                    "add server %s/%s %s%s%s:%d weight %d", h->backend,
+                    w->name, v6 ? "[" : "", w->host, v6 ? "]" : "", w->port,
+                    w->weight) != NULL &&
+           step_add(op, STEP_CMD, ANS_EMPTY, w->name, "enable server %s/%s",
+                    h->backend, w->name) != NULL;
+    } else if (!same_addr(l->addr, w->host) || l->port != w->port) {
+      ok = step_add(op, STEP_CMD, ANS_ADDR, w->name,
+                    "set server %s/%s addr %s port %d", h->backend, w->name,
+                    w->host, w->port) != NULL;
+    }
+  }
+  return ok ? DC_OK : DC_ERROR;
+}
+
+/* Step 2: weights that go up first, then servers not ready are made ready,
+ * then weights that go down, so traffic always has somewhere to go. A
+ * server not ready takes no new traffic, so its weight is set early. */
+static int plan_weights(const hap *h, apply_op *op, const hap_srv *live,
+                        size_t nlive) {
+  for (int pass = 0; pass < 3; pass++) {
+    for (size_t i = 0; i < op->nwant; i++) {
+      const router_server *w = &op->want[i];
+      const hap_srv *l = find_live(live, nlive, w->name);
+      if (l == NULL)
+        continue;
+      int not_ready = (l->admin & HAP_ADM_NOT_READY) != 0;
+      int early = w->weight > l->weight || not_ready;
+      int weight = w->weight != l->weight &&
+                   (pass == 0 ? early : pass == 2 && !early);
+      if (weight && step_add(op, STEP_CMD, ANS_EMPTY, w->name,
+                             "set server %s/%s weight %d", h->backend,
+                             w->name, w->weight) == NULL)
+        return DC_ERROR;
+      if (pass == 1 && not_ready &&
+          step_add(op, STEP_CMD, ANS_EMPTY, w->name,
+                   "set server %s/%s state ready", h->backend,
+                   w->name) == NULL)
+        return DC_ERROR;
+    }
+  }
+  return DC_OK;
+}
+
+/* The commands that retire one server, stage by stage: weight 0 and drain
+ * (stage 0), maint (stage 1), del (stage 2). A server already in
+ * maintenance has no traffic and nothing to drain. */
+static int plan_retire_one(const hap *h, apply_op *op, const hap_srv *l,
+                           int stage) {
+  const char *be = h->backend, *name = l->name;
+  int maint = (l->admin & HAP_ADM_FMAINT) != 0;
+  if (stage == 0 && !maint)
+    return (l->weight == 0 ||
+            step_add(op, STEP_CMD, ANS_EMPTY, name,
+                     "set server %s/%s weight 0", be, name) != NULL) &&
+           step_add(op, STEP_CMD, ANS_EMPTY, name,
+                    "set server %s/%s state drain", be, name) != NULL;
+  if (stage == 1)
+    return step_add(op, STEP_CMD, ANS_EMPTY, name,
+                    "set server %s/%s state maint", be, name) != NULL;
+  if (stage == 2)
+    return step_add(op, STEP_DEL, ANS_EMPTY, name, "del server %s/%s", be,
+                    name) != NULL;
+  return 1;
+}
+
+/* Step 3: ours that the list no longer names. All of them drain at once
+ * (one wait for the lot), then each goes to maint and is deleted. */
+static int plan_retire(const hap *h, apply_op *op, const hap_srv *live,
+                       size_t nlive) {
+  size_t nretire = 0;
+  for (size_t i = 0; i < nlive; i++)
+    nretire += !is_wanted(op, live[i].name);
+  if (nretire == 0)
+    return DC_OK;
+  for (int stage = 0; stage < 3; stage++) {
+    for (size_t i = 0; i < nlive; i++)
+      if (!is_wanted(op, live[i].name) &&
+          !plan_retire_one(h, op, &live[i], stage))
+        return DC_ERROR;
+    if (stage == 0 && step_add(op, STEP_DRAIN, ANS_EMPTY, "",
+                               "show stat %s 4 -1", h->backend) == NULL)
+      return DC_ERROR;
+  }
+  return DC_OK;
+}
+
+/* ---- apply: running the plan --------------------------------------------- */
+
+static void run_step(hap *h, apply_op *op);
+static void start_next(hap *h);
+static void on_wait(uv_timer_t *t);
+
+static void apply_op_free(apply_op *op) {
+  free(op->want);
+  free(op->steps);
+  free(op);
+}
+
+/* The end of the running apply: cb once, then the next in the queue. */
+static void apply_finish(hap *h, apply_op *op, const char *err) {
+  h->running = NULL;
+  uv_timer_stop(&h->wait);
+  op->cb(op->payload, err);
+  apply_op_free(op);
+  if (!h->closing)
+    start_next(h);
+}
+
+static void apply_answered(hap *h, apply_op *op, const char *cmd,
+                           char *answer) {
+  msg_answered(h, cmd, answer, op->err);
+  apply_finish(h, op, op->err);
+}
+
+/* Pauses the running apply; on_wait then runs its current step again. */
+static void apply_wait(hap *h, uint64_t ms) {
+  uv_timer_start(&h->wait, on_wait, ms, 0);
+}
+
+static void next_step(hap *h, apply_op *op) {
+  op->cur++;
+  op->del_phase = 0;
+  run_step(h, op);
+}
+
+static int addr_answer_ok(const char *answer) {
+  /* "IP changed from 'a' to 'b', no need to change the port by 'stats
+   * socket command'": every part must report a change or no change;
+   * errors share the " by ..." suffix ("Invalid addr 'x' by ..."). */
+  static const char by[] = " by 'stats socket command'";
+  char buf[HAP_CMD_MAX];
+  dc_strlcpy(buf, answer, sizeof buf);
+  size_t n = strlen(buf);
+  if (n < sizeof by - 1 || strcmp(buf + n - (sizeof by - 1), by) != 0)
+    return 0;
+  buf[n - (sizeof by - 1)] = '\0';
+  for (char *rest = buf; *rest != '\0';) {
+    char *part = trim(cut(&rest, ','));
+    if (!starts_with(part, "IP changed from ") &&
+        !starts_with(part, "port changed from ") &&
+        strcmp(part, "no need to change the addr") != 0 &&
+        strcmp(part, "no need to change the port") != 0)
+      return 0;
+  }
+  return 1;
+}
+
+static int answer_ok(answer_kind kind, char *answer) {
+  char *t = trim(answer);
+  switch (kind) {
+  case ANS_ADD: return strcmp(t, "New server registered.") == 0;
+  case ANS_ADDR: return addr_answer_ok(t);
+  default: return *t == '\0';
+  }
+}
+
+static void on_step_answer(hap *h, void *vop, const char *err, char *answer) {
+  apply_op *op = vop;
+  hap_step *s = &op->steps[op->cur];
+  if (err != NULL)
+    apply_finish(h, op, err);
+  else if (!answer_ok(s->answer, answer))
+    apply_answered(h, op, s->text, answer);
+  else
+    next_step(h, op);
+}
+
+/* Sessions still open on the servers being retired, from the CSV of
+ * "show stat <backend> 4 -1"; -1 when the answer is not that CSV. */
+static long busy_sessions(const hap *h, const apply_op *op, char *answer) {
+  char *rest = answer;
+  char *f[HAP_MAX_COLS];
+  char *hdr = cut(&rest, '\n');
+  if (!starts_with(hdr, "# "))
+    return -1;
+  int n = split_fields(hdr + 2, ',', f, HAP_MAX_COLS);
+  int px = col_index(f, n, "pxname"), sv = col_index(f, n, "svname");
+  int scur = col_index(f, n, "scur");
+  if (px < 0 || sv < 0 || scur < 0)
+    return -1;
+  long busy = 0;
+  while (*rest != '\0') {
+    char *line = cut(&rest, '\n');
+    n = split_fields(line, ',', f, HAP_MAX_COLS);
+    if (n <= px || n <= sv || n <= scur || strcmp(f[px], h->backend) != 0)
+      continue;
+    for (size_t i = op->cur; i < op->nsteps; i++)
+      if (op->steps[i].kind == STEP_DEL &&
+          strcmp(op->steps[i].name, f[sv]) == 0)
+        busy += atol(f[scur]);
+  }
+  return busy;
+}
+
+static void on_drain_answer(hap *h, void *vop, const char *err, char *answer) {
+  apply_op *op = vop;
+  if (err != NULL) {
+    apply_finish(h, op, err);
+    return;
+  }
+  long busy = busy_sessions(h, op, answer);
+  if (busy < 0)
+    apply_answered(h, op, op->steps[op->cur].text, answer);
+  else if (busy == 0 || uv_now(h->e->loop) >= op->drain_deadline)
+    next_step(h, op);   /* past the deadline, del's retries take over */
+  else
+    apply_wait(h, HAP_POLL_MS);
+}
+
+static void on_shutdown_answer(hap *h, void *vop, const char *err,
+                               char *answer) {
+  apply_op *op = vop;
+  if (err != NULL) {
+    apply_finish(h, op, err);
+    return;
+  }
+  if (!answer_ok(ANS_EMPTY, answer)) {
+    char cmd[HAP_CMD_MAX];
+    dc_fmt(cmd, sizeof cmd, "shutdown sessions server %s/%s", h->backend,
+           op->steps[op->cur].name);
+    apply_answered(h, op, cmd, answer);
+    return;
+  }
+  op->del_phase = 2;
+  op->final_deadline = uv_now(h->e->loop) + HAP_FINAL_DEL_MS;
+  run_step(h, op);
+}
+
+/* del server fails while connections are attached: retry until the drain
+ * deadline, then cut the sessions and retry a little longer. */
+static void on_del_answer(hap *h, void *vop, const char *err, char *answer) {
+  apply_op *op = vop;
+  hap_step *s = &op->steps[op->cur];
+  uint64_t now = uv_now(h->e->loop);
+  if (err != NULL) {
+    apply_finish(h, op, err);
+    return;
+  }
+  char *t = trim(answer);
+  if (strcmp(t, "Server deleted.") == 0) {
+    next_step(h, op);
+  } else if (strstr(t, "still has connections attached") == NULL) {
+    apply_answered(h, op, s->text, answer);
+  } else if (op->del_phase == 0 && now < op->del_deadline) {
+    apply_wait(h, HAP_POLL_MS);
+  } else if (op->del_phase == 0) {
+    op->del_phase = 1;
+    run_step(h, op);
+  } else if (now < op->final_deadline) {
+    apply_wait(h, HAP_POLL_MS);
+  } else {
+    apply_answered(h, op, s->text, answer);
+  }
+}
+
+static void run_del(hap *h, apply_op *op, hap_step *s) {
+  char cmd[HAP_CMD_MAX];
+  int rc;
+  if (op->del_deadline == 0)   /* one deadline for all the dels */
+    op->del_deadline = uv_now(h->e->loop) + h->drain_ms;
+  if (op->del_phase == 1) {
+    dc_fmt(cmd, sizeof cmd, "shutdown sessions server %s/%s", h->backend,
+           s->name);
+    rc = cmd_start(h, op, cmd, on_shutdown_answer, op->err);
+  } else {
+    rc = cmd_start(h, op, s->text, on_del_answer, op->err);
+  }
+  if (rc < 0)
+    apply_finish(h, op, op->err);
+}
+
+static void run_step(hap *h, apply_op *op) {
+  if (op->cur == op->nsteps) {
+    apply_finish(h, op, NULL);
+    return;
+  }
+  hap_step *s = &op->steps[op->cur];
+  int rc = DC_OK;
+  switch (s->kind) {
+  case STEP_CMD:
+    rc = cmd_start(h, op, s->text, on_step_answer, op->err);
+    break;
+  case STEP_DRAIN:
+    if (op->drain_deadline == 0)
+      op->drain_deadline = uv_now(h->e->loop) + h->drain_ms;
+    rc = cmd_start(h, op, s->text, on_drain_answer, op->err);
+    break;
+  case STEP_DEL:
+    run_del(h, op, s);
+    return;
+  }
+  if (rc < 0)
+    apply_finish(h, op, op->err);
+}
+
+static int plan(const hap *h, apply_op *op, const hap_srv *live,
+                size_t nlive) {
+  if (plan_add(h, op, live, nlive) < 0 ||
+      plan_weights(h, op, live, nlive) < 0 ||
+      plan_retire(h, op, live, nlive) < 0) {
+    dc_fmt(op->err, DC_ERR_MAX, "haproxy: out of memory");
+    return DC_ERROR;
+  }
+  return DC_OK;
+}
+
+static void on_state_answer(hap *h, void *vop, const char *err,
+                            char *answer) {
+  apply_op *op = vop;
+  hap_srv *live;
+  size_t nlive;
+  char cmd[HAP_CMD_MAX];
+  if (err != NULL) {
+    apply_finish(h, op, err);
+    return;
+  }
+  dc_fmt(cmd, sizeof cmd, "show servers state %s", h->backend);
+  if (parse_state(h, cmd, answer, &live, &nlive, op->err) < 0) {
+    apply_finish(h, op, op->err);
+    return;
+  }
+  int rc = plan(h, op, live, nlive);
+  free(live);
+  if (rc < 0) {
+    apply_finish(h, op, op->err);
+    return;
+  }
+  op->planned = 1;
+  run_step(h, op);
+}
+
+/* The running apply's timer: its first move, and every pause after. */
+static void on_wait(uv_timer_t *t) {
+  hap *h = t->data;
+  apply_op *op = h->running;
+  char cmd[HAP_CMD_MAX];
+  if (op == NULL)
+    return;
+  if (op->planned) {
+    run_step(h, op);
+    return;
+  }
+  dc_fmt(cmd, sizeof cmd, "show servers state %s", h->backend);
+  if (cmd_start(h, op, cmd, on_state_answer, op->err) < 0)
+    apply_finish(h, op, op->err);
+}
+
+static void start_next(hap *h) {
+  if (h->running != NULL || h->queue == NULL)
+    return;
+  h->running = h->queue;
+  h->queue = h->queue->next;
+  if (h->queue == NULL)
+    h->queue_tail = NULL;
+  /* Through the loop, so cb never runs inside apply. */
+  uv_timer_start(&h->wait, on_wait, 0, 0);
+}
+
+/* ---- apply: validation and entry ----------------------------------------- */
+
+static int check_server(const hap *h, const router_server *s, char *err) {
+  if (!starts_with(s->name, h->prefix) || !valid_name(s->name)) {
+    dc_fmt(err, DC_ERR_MAX,
+           "haproxy: server name '%s' must start with '%s' and use letters, "
+           "digits, '_', '-', '.' (the router only touches its own servers)",
+           s->name, h->prefix);
+    return DC_ERROR;
+  }
+  if (addr_family(s->host) == 0) {
+    dc_fmt(err, DC_ERR_MAX,
+           "haproxy: server %s: host '%s' is not an IP address (HAProxy's "
+           "runtime API does not resolve names; give the instance's IP)",
+           s->name, s->host);
+    return DC_ERROR;
+  }
+  if (s->port < 1 || s->port > 65535 || s->weight < 0 || s->weight > 256) {
+    dc_fmt(err, DC_ERR_MAX,
+           "haproxy: server %s: port %d or weight %d out of range (port "
+           "1..65535, weight 0..256)",
+           s->name, s->port, s->weight);
+    return DC_ERROR;
+  }
+  return DC_OK;
+}
+
+static int check_servers(const hap *h, const router_server *servers, size_t n,
+                         char *err) {
+  for (size_t i = 0; i < n; i++) {
+    if (check_server(h, &servers[i], err) < 0)
+      return DC_ERROR;
+    for (size_t j = 0; j < i; j++) {
+      if (strcmp(servers[i].name, servers[j].name) == 0) {
+        dc_fmt(err, DC_ERR_MAX,
+               "haproxy: server %s is listed twice (names must be unique)",
+               servers[i].name);
+        return DC_ERROR;
+      }
+    }
+  }
+  return DC_OK;
+}
+
+static int hap_apply(router *r, const router_server *servers, size_t n,
+                     router_cb cb, void *payload, char *err) {
+  hap *h = (hap *)r;
+  if (h->closing) {
+    dc_fmt(err, DC_ERR_MAX, "haproxy: router used after free");
+    return DC_ERROR;
+  }
+  if (check_servers(h, servers, n, err) < 0)
+    return DC_ERROR;
+  apply_op *op = calloc(1, sizeof *op);
+  router_server *want = calloc(n ? n : 1, sizeof *want);
+  if (op == NULL || want == NULL) {
+    free(op);
+    free(want);
+    dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
+    return DC_ERROR;
+  }
+  if (n > 0)
+    memcpy(want, servers, n * sizeof *want);
+  op->want = want;
+  op->nwant = n;
+  op->cb = cb;
+  op->payload = payload;
+  if (h->queue_tail != NULL)
+    h->queue_tail->next = op;
+  else
+    h->queue = op;
+  h->queue_tail = op;
+  start_next(h);
+  return DC_OK;
+}
+
+/* ---- read ---------------------------------------------------------------- */
+
+static void read_unlink(hap *h, read_op *op) {
+  read_op **pp = &h->reads;
+  while (*pp != NULL && *pp != op)
+    pp = &(*pp)->next;
+  if (*pp == op)
+    *pp = op->next;
+}
+
+static void on_read_answer(hap *h, void *vop, const char *err, char *answer) {
+  read_op *op = vop;
+  char msg[DC_ERR_MAX], cmd[HAP_CMD_MAX];
+  hap_srv *live = NULL;
+  size_t nlive = 0;
+  read_unlink(h, op);
+  dc_fmt(cmd, sizeof cmd, "show servers state %s", h->backend);
+  if (err == NULL && parse_state(h, cmd, answer, &live, &nlive, msg) < 0)
+    err = msg;
+  for (size_t i = 0; err == NULL && i < nlive && i < op->cap; i++) {
+    router_server *o = &op->out[i];
+    memset(o, 0, sizeof *o);
+    dc_strlcpy(o->name, live[i].name, sizeof o->name);
+    dc_strlcpy(o->host, live[i].addr, sizeof o->host);
+    o->port = live[i].port;
+    o->weight = live[i].weight;
+    *op->n = i + 1;
+  }
+  free(live);
+  op->cb(op->payload, err);
+  free(op);
+}
+
+static int hap_read(router *r, router_server *out, size_t cap, size_t *n,
+                    router_cb cb, void *payload, char *err) {
+  hap *h = (hap *)r;
+  char cmd[HAP_CMD_MAX];
+  *n = 0;
+  if (h->closing) {
+    dc_fmt(err, DC_ERR_MAX, "haproxy: router used after free");
+    return DC_ERROR;
+  }
+  read_op *op = calloc(1, sizeof *op);
+  if (op == NULL) {
+    dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
+    return DC_ERROR;
+  }
+  op->cb = cb;
+  op->payload = payload;
+  op->out = out;
+  op->cap = cap;
+  op->n = n;
+  dc_fmt(cmd, sizeof cmd, "show servers state %s", h->backend);
+  if (cmd_start(h, op, cmd, on_read_answer, err) < 0) {
+    free(op);
+    return DC_ERROR;
+  }
+  op->next = h->reads;
+  h->reads = op;
+  return DC_OK;
+}
+
+/* ---- life cycle ---------------------------------------------------------- */
+
+static void wait_closed(uv_handle_t *handle) {
+  hap *h = handle->data;
+  h->open_handles--;
+  hap_release(h);
+}
+
+static const char hap_closed_msg[] = "haproxy: router closed";
+
+/* Every operation still pending is told "router closed" before free
+ * returns; commands in flight are dropped; the memory goes once the loop
+ * has closed every handle. */
+static void hap_free(router *r) {
+  hap *h = (hap *)r;
+  if (h == NULL || h->closing)
+    return;
+  h->closing = 1;
+  while (h->cmds != NULL) {
+    hap_cmd *c = h->cmds;
+    c->op = NULL;
+    cmd_close(c);
+  }
+  uv_close((uv_handle_t *)&h->wait, wait_closed);
+  apply_op *ops = h->running;
+  if (ops != NULL)
+    ops->next = h->queue;
+  else
+    ops = h->queue;
+  h->running = h->queue = h->queue_tail = NULL;
+  read_op *reads = h->reads;
+  h->reads = NULL;
+  while (ops != NULL) {
+    apply_op *op = ops;
+    ops = op->next;
+    op->cb(op->payload, hap_closed_msg);
+    apply_op_free(op);
+  }
+  while (reads != NULL) {
+    read_op *op = reads;
+    reads = op->next;
+    op->cb(op->payload, hap_closed_msg);
+    free(op);
+  }
+}
+
+static int hap_check_opts(const router_haproxy_opts *o, char *err) {
+  if (o == NULL || o->socket == NULL || o->socket[0] == '\0') {
+    dc_fmt(err, DC_ERR_MAX,
+           "haproxy: no stats socket given (set the path of a 'stats socket "
+           "<path> level admin' from haproxy.cfg)");
+    return DC_ERROR;
+  }
+  if (strlen(o->socket) >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
+    dc_fmt(err, DC_ERR_MAX,
+           "haproxy: stats socket path '%s' is too long for a unix socket "
+           "(at most %zu bytes; use a shorter path)",
+           o->socket, sizeof(((struct sockaddr_un *)0)->sun_path) - 1);
+    return DC_ERROR;
+  }
+  if (o->backend == NULL || strlen(o->backend) >= 128 ||
+      !valid_name(o->backend)) {
+    dc_fmt(err, DC_ERR_MAX,
+           "haproxy: backend name '%s' is not valid (a backend of haproxy.cfg "
+           "with 'balance roundrobin': letters, digits, '_', '-', '.', ':')",
+           o->backend ? o->backend : "");
+    return DC_ERROR;
+  }
+  if (o->prefix != NULL &&
+      (strlen(o->prefix) >= 32 || !valid_name(o->prefix))) {
+    dc_fmt(err, DC_ERR_MAX,
+           "haproxy: server prefix '%s' is not valid (up to 31 letters, "
+           "digits, '_', '-', '.'; default \"dc_\")",
+           o->prefix);
+    return DC_ERROR;
+  }
+  return DC_OK;
+}
+
+static uint64_t seconds_ms(double s, double dflt) {
+  return (uint64_t)((s > 0 ? s : dflt) * 1000.0 + 0.5);
+}
+
+int router_haproxy_new(router **out, engine *e, const router_haproxy_opts *o,
+                       char *err) {
+  *out = NULL;
+  if (hap_check_opts(o, err) < 0)
+    return DC_ERROR;
+  hap *h = calloc(1, sizeof *h);
+  if (h == NULL) {
+    dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
+    return DC_ERROR;
+  }
+  h->e = e;
+  dc_strlcpy(h->socket, o->socket, sizeof h->socket);
+  dc_strlcpy(h->backend, o->backend, sizeof h->backend);
+  dc_strlcpy(h->prefix, o->prefix ? o->prefix : "dc_", sizeof h->prefix);
+  h->timeout_ms = seconds_ms(o->timeout, 5);
+  h->drain_ms = seconds_ms(o->drain_timeout, 30);
+  uv_timer_init(e->loop, &h->wait);
+  h->wait.data = h;
+  h->open_handles = 1;
+  h->base.version = ROUTER_VERSION;
+  h->base.kind = "haproxy";
+  h->base.apply = hap_apply;
+  h->base.read = hap_read;
+  h->base.free = hap_free;
+  *out = &h->base;
+  return DC_OK;
+}

@@ -1,0 +1,799 @@
+#include "rollout.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+enum monitor_mode {
+  MON_NONE,
+  MON_HEALTHY, /* until every new instance is healthy, or start_timeout */
+  MON_GATED,   /* for a duration; failure_threshold consecutive failures fail */
+  MON_VERIFY,  /* until one healthy round; failure_threshold failures fail */
+};
+
+struct rollout {
+  engine *e;
+  store *s;
+  target_config *t;
+  const strategy *st;
+  char id[48];
+  char version[129];
+  char from_version[129];
+  char kind[16];
+  char strategy_name[64];
+  double started;
+  rollout_event_cb on_event;
+  void *event_payload;
+  rollout_done_cb done;
+  void *done_payload;
+  strategy_run run;
+
+  store_instance *old;    /* the live set: serves until promotion */
+  size_t nold;
+  store_instance *fresh;  /* the new version's instances */
+  size_t nfresh, fresh_cap;
+  store_instance *strays; /* leftovers of earlier runs: stopped at the end */
+  size_t nstray;
+
+  int abort_requested;
+  char abort_reason[DC_ERR_MAX];
+  int ending;             /* promote or abort under way */
+
+  /* the action in progress */
+  strategy_action act;
+  rollout_action_cb act_cb;
+  void *act_payload;
+  int act_ok;
+  char act_err[DC_ERR_MAX];
+  engine_timer *timer;
+
+  /* health monitoring */
+  enum monitor_mode mon;
+  double mon_deadline;
+  int mon_failures;
+  rollout_health health;
+  rollout_health_cb health_cb;
+  void *health_payload;
+
+  int stops_pending;
+  int promoted;
+  rollout_result result;
+};
+
+static void run_step(rollout *r);
+static void end_rollout(rollout *r);
+
+/* ---- events ---- */
+
+static void emit(rollout *r, const char *kind, const char *data_json) {
+  char err[DC_ERR_MAX];
+  double ts = engine_now(r->e);
+  /* An event that cannot be stored is reported but does not stop a rollout
+   * half-way: the deployment row and the router remain the truth. */
+  if (store_event_add(r->s, r->id, r->t->name, ts, kind, data_json, err) != 0)
+    fprintf(stderr, "%s\n", err);
+  if (r->on_event) {
+    store_event ev;
+    memset(&ev, 0, sizeof ev);
+    dc_strlcpy(ev.deployment_id, r->id, sizeof ev.deployment_id);
+    dc_strlcpy(ev.target, r->t->name, sizeof ev.target);
+    dc_strlcpy(ev.kind, kind, sizeof ev.kind);
+    ev.ts = ts;
+    ev.data = (char *)data_json;
+    r->on_event(r->event_payload, &ev);
+  }
+}
+
+static void add_error(rollout *r, const char *msg) {
+  if (r->result.nerrors < ROLLOUT_MAX_ERRORS)
+    dc_strlcpy(r->result.errors[r->result.nerrors++], msg, DC_ERR_MAX);
+}
+
+/* ---- completing an action, always from the loop ---- */
+
+static void complete_now(void *payload) {
+  rollout *r = payload;
+  r->timer = NULL;
+  rollout_action_cb cb = r->act_cb;
+  r->act_cb = NULL;
+  if (cb)
+    cb(r->act_payload, r->act_ok, r->act_ok ? NULL : r->act_err);
+}
+
+static void complete(rollout *r, int ok, const char *err) {
+  r->act_ok = ok;
+  if (!ok)
+    dc_strlcpy(r->act_err, err ? err : "failed", sizeof r->act_err);
+  r->mon = MON_NONE;
+  r->timer = engine_timer_start(r->e, 0, complete_now, r);
+}
+
+/* ---- health rounds ---- */
+
+typedef struct round {
+  rollout *r;
+  size_t n;
+  char **urls;
+} round;
+
+static void round_free(round *rd) {
+  for (size_t i = 0; i < rd->n; i++)
+    free(rd->urls[i]);
+  free(rd->urls);
+  free(rd);
+}
+
+static int dead_instance(rollout *r, char *detail, size_t size) {
+  for (size_t i = 0; i < r->nfresh; i++) {
+    store_instance *in = &r->fresh[i];
+    if (in->pid > 0 && !r->t->provider->alive(r->t->provider, in)) {
+      dc_fmt(detail, size, "instance %d of %s (pid %d, port %d) exited; see %s", in->idx,
+             r->version, in->pid, in->port, in->log_path);
+      return 1;
+    }
+  }
+  return 0;
+}
+
+static void round_done(void *payload, const health_result *res, size_t n) {
+  round *rd = payload;
+  rollout *r = rd->r;
+  rollout_health *h = &r->health;
+  memset(h, 0, sizeof *h);
+  h->checked = (int)n;
+  for (size_t i = 0; i < n; i++) {
+    if (res[i].ok)
+      h->ok++;
+    else if (res[i].status > 0)
+      h->answered_bad = 1;
+    if (!res[i].ok && !h->detail[0])
+      dc_fmt(h->detail, sizeof h->detail, "%s: %s", res[i].url, res[i].error);
+  }
+  h->state = health_classify(res, n);
+  if (dead_instance(r, h->detail, sizeof h->detail))
+    h->state = HEALTH_UNHEALTHY;
+  round_free(rd);
+  rollout_health_cb cb = r->health_cb;
+  r->health_cb = NULL;
+  if (cb)
+    cb(r->health_payload, h);
+}
+
+void rollout_check_health(rollout *r, rollout_health_cb cb, void *payload) {
+  char err[DC_ERR_MAX];
+  round *rd = calloc(1, sizeof *rd);
+  size_t cap = r->nfresh * 2;
+  rd->r = r;
+  rd->urls = calloc(cap ? cap : 1, sizeof *rd->urls);
+  for (size_t i = 0; i < r->nfresh; i++) {
+    char url[768];
+    target_instance_url(r->t, &r->fresh[i], url, sizeof url);
+    rd->urls[rd->n++] = strdup(url);
+    if (r->st && r->st->health_check_url[0]) {
+      char port[16];
+      dc_fmt(port, sizeof port, "%d", r->fresh[i].port);
+      const char *pairs[] = {"host", r->fresh[i].host, "port", port, "target", r->t->name,
+                             "version", r->version, NULL};
+      dc_expand_placeholders(url, sizeof url, r->st->health_check_url, pairs);
+      rd->urls[rd->n++] = strdup(url);
+    }
+  }
+  r->health_cb = cb;
+  r->health_payload = payload;
+  health_opts o = {.timeout = r->t->health.timeout, .expect_status = r->t->health.expect_status};
+  if (health_check_start(r->e, (const char *const *)rd->urls, rd->n, &o, round_done, rd, err) != 0) {
+    health_result none;
+    memset(&none, 0, sizeof none);
+    none.url = "health";
+    dc_strlcpy(none.error, err, sizeof none.error);
+    round_done(rd, &none, 1);
+  }
+}
+
+/* ---- monitoring: WAIT_HEALTHY, WAIT, VERIFY ---- */
+
+static void monitor_tick(void *payload);
+
+static void monitor_schedule(rollout *r) {
+  double now = engine_now(r->e);
+  double next = r->t->health.interval;
+  /* On the virtual clock a 300 s wait would mean thousands of real checks;
+   * twenty rounds per wait keep the gate meaningful and the run fast. */
+  if (r->e->virtual_clock && r->mon == MON_GATED && r->act.seconds / 20 > next)
+    next = r->act.seconds / 20;
+  if (r->mon != MON_HEALTHY && r->mon_deadline - now < next)
+    next = r->mon_deadline - now;
+  if (next < 0)
+    next = 0;
+  r->timer = engine_timer_start(r->e, next, monitor_tick, r);
+}
+
+static void monitor_observed(void *payload, const rollout_health *h) {
+  rollout *r = payload;
+  char msg[DC_ERR_MAX];
+  double now = engine_now(r->e);
+  if (r->abort_requested) {
+    complete(r, 0, r->abort_reason);
+    return;
+  }
+  int ok = h->state == HEALTH_HEALTHY;
+  /* While new instances start, "connection refused" is expected and not a
+   * failure; an instance that answers with the wrong status is. */
+  int counted = !ok && (r->mon != MON_HEALTHY || h->answered_bad);
+  if (counted) {
+    r->mon_failures++;
+    char data[DC_ERR_MAX + 64], detail[DC_ERR_MAX];
+    dc_json_string(detail, sizeof detail, h->detail);
+    dc_fmt(data, sizeof data, "{\"state\":\"%s\",\"consecutive\":%d,\"ok\":%d,\"checked\":%d,\"detail\":%s}",
+           health_state_name(h->state), r->mon_failures, h->ok, h->checked, detail);
+    emit(r, "health_failed", data);
+  } else if (r->mon == MON_HEALTHY) {
+    r->mon_failures = 0;
+  }
+  switch (r->mon) {
+  case MON_HEALTHY:
+    if (ok) {
+      char data[64];
+      dc_fmt(data, sizeof data, "{\"checked\":%d}", h->checked);
+      emit(r, "healthy", data);
+      complete(r, 1, NULL);
+    } else if (strstr(h->detail, " exited; see ")) {
+      complete(r, 0, h->detail);
+    } else if (r->mon_failures >= r->t->health.failure_threshold) {
+      dc_fmt(msg, sizeof msg, "new instances of %s unhealthy after %d consecutive failed checks: %s", r->version,
+             r->mon_failures, h->detail);
+      complete(r, 0, msg);
+    } else if (now >= r->mon_deadline) {
+      dc_fmt(msg, sizeof msg, "new instances of %s not healthy after %g s: %s", r->version,
+             r->t->health.start_timeout, h->detail);
+      complete(r, 0, msg);
+    } else {
+      monitor_schedule(r);
+    }
+    return;
+  case MON_GATED:
+  case MON_VERIFY:
+    if (ok)
+      r->mon_failures = 0;
+    if (r->mon_failures >= r->t->health.failure_threshold || strstr(h->detail, " exited; see ")) {
+      dc_fmt(msg, sizeof msg, "unhealthy after %d consecutive failed checks: %s", r->mon_failures, h->detail);
+      complete(r, 0, msg);
+    } else if (r->mon == MON_VERIFY && ok) {
+      char data[64];
+      dc_fmt(data, sizeof data, "{\"checked\":%d}", h->checked);
+      emit(r, "verified", data);
+      complete(r, 1, NULL);
+    } else if (r->mon == MON_GATED && now >= r->mon_deadline) {
+      complete(r, 1, NULL);
+    } else {
+      monitor_schedule(r);
+    }
+    return;
+  default:
+    return;
+  }
+}
+
+static void monitor_tick(void *payload) {
+  rollout *r = payload;
+  r->timer = NULL;
+  rollout_check_health(r, monitor_observed, r);
+}
+
+static void monitor_start(rollout *r, enum monitor_mode mode, double seconds) {
+  r->mon = mode;
+  r->mon_failures = 0;
+  r->mon_deadline = engine_now(r->e) + seconds;
+  if (mode == MON_GATED) {
+    if (seconds <= 0) {
+      complete(r, 1, NULL);
+      return;
+    }
+    monitor_schedule(r);
+    return;
+  }
+  monitor_tick(r);
+}
+
+/* ---- START ---- */
+
+static int start_one(rollout *r, int idx, char *err) {
+  store_instance *in = &r->fresh[r->nfresh];
+  memset(in, 0, sizeof *in);
+  dc_strlcpy(in->target, r->t->name, sizeof in->target);
+  dc_strlcpy(in->deployment_id, r->id, sizeof in->deployment_id);
+  dc_strlcpy(in->version, r->version, sizeof in->version);
+  dc_strlcpy(in->state, "starting", sizeof in->state);
+  in->idx = idx;
+  provider *p = r->t->provider;
+  if (p->allocate(p, r->s, in, err) != 0)
+    return -1;
+  if (store_instance_add(r->s, in, err) != 0)
+    return -1;
+  r->nfresh++;
+  dc_fmt(in->server, sizeof in->server, "dc_%lld", (long long)in->id);
+  if (p->start(p, in, err) != 0) {
+    char ignored[DC_ERR_MAX];
+    dc_strlcpy(in->state, "stopped", sizeof in->state);
+    store_instance_update(r->s, in, ignored);
+    return -1;
+  }
+  if (store_instance_update(r->s, in, err) != 0)
+    return -1;
+  char data[512];
+  dc_fmt(data, sizeof data, "{\"instance\":%d,\"host\":\"%s\",\"port\":%d,\"pid\":%d,\"server\":\"%s\"}",
+         in->idx, in->host, in->port, in->pid, in->server);
+  emit(r, "instance_started", data);
+  return 0;
+}
+
+static void act_start(rollout *r) {
+  char err[DC_ERR_MAX];
+  int n = r->t->instances;
+  if (r->nfresh + (size_t)n > r->fresh_cap) {
+    size_t cap = r->nfresh + (size_t)n;
+    store_instance *grown = realloc(r->fresh, cap * sizeof *grown);
+    if (!grown) {
+      complete(r, 0, "deploy: out of memory");
+      return;
+    }
+    r->fresh = grown;
+    r->fresh_cap = cap;
+  }
+  int base = (int)r->nfresh;
+  for (int i = 0; i < n; i++) {
+    if (start_one(r, base + i, err) != 0) {
+      complete(r, 0, err);
+      return;
+    }
+  }
+  complete(r, 1, NULL);
+}
+
+/* ---- TRAFFIC ---- */
+
+typedef struct traffic {
+  rollout *r;
+  double pct;
+  int w_old, w_new;
+} traffic;
+
+static size_t build_servers(rollout *r, router_server *out, int w_old, int w_new,
+                            int with_old, int with_new) {
+  size_t n = 0;
+  for (size_t i = 0; with_old && i < r->nold; i++) {
+    dc_strlcpy(out[n].name, r->old[i].server, sizeof out[n].name);
+    dc_strlcpy(out[n].host, r->old[i].host, sizeof out[n].host);
+    out[n].port = r->old[i].port;
+    out[n++].weight = w_old;
+  }
+  for (size_t i = 0; with_new && i < r->nfresh; i++) {
+    dc_strlcpy(out[n].name, r->fresh[i].server, sizeof out[n].name);
+    dc_strlcpy(out[n].host, r->fresh[i].host, sizeof out[n].host);
+    out[n].port = r->fresh[i].port;
+    out[n++].weight = w_new;
+  }
+  return n;
+}
+
+static void split(rollout *r, double pct, int *w_old, int *w_new) {
+  if (r->nold == 0) {
+    *w_old = 0;
+    *w_new = pct > 0 ? 1 : 0;
+    return;
+  }
+  router_split_weights(pct, (int)r->nold, (int)r->nfresh, w_old, w_new);
+}
+
+static void save_weights(rollout *r, int w_old, int w_new) {
+  char err[DC_ERR_MAX];
+  for (size_t i = 0; i < r->nold; i++) {
+    r->old[i].weight = w_old;
+    store_instance_update(r->s, &r->old[i], err);
+  }
+  for (size_t i = 0; i < r->nfresh; i++) {
+    r->fresh[i].weight = w_new;
+    store_instance_update(r->s, &r->fresh[i], err);
+  }
+}
+
+static void traffic_applied(void *payload, const char *err) {
+  traffic *tr = payload;
+  rollout *r = tr->r;
+  if (err) {
+    char msg[DC_ERR_MAX];
+    dc_fmt(msg, sizeof msg, "cannot set traffic to %g %%: %s", tr->pct, err);
+    free(tr);
+    complete(r, 0, msg);
+    return;
+  }
+  r->run.pct = tr->pct;
+  save_weights(r, tr->w_old, tr->w_new);
+  char data[256];
+  dc_fmt(data, sizeof data, "{\"pct\":%g,\"weight_old\":%d,\"weight_new\":%d,\"old\":%zu,\"new\":%zu,\"step\":%d,\"steps\":%d}",
+         tr->pct, tr->w_old, tr->w_new, r->nold, r->nfresh, r->run.step, r->run.steps);
+  emit(r, "traffic", data);
+  free(tr);
+  complete(r, 1, NULL);
+}
+
+static void act_traffic(rollout *r, double pct) {
+  char err[DC_ERR_MAX];
+  if (!(pct >= 0 && pct <= 100)) {
+    dc_fmt(err, sizeof err, "traffic percentage %g is outside 0..100", pct);
+    complete(r, 0, err);
+    return;
+  }
+  if (r->nfresh == 0 && pct > 0) {
+    complete(r, 0, "cannot send traffic to the new version: no instance of it was started");
+    return;
+  }
+  traffic *tr = calloc(1, sizeof *tr);
+  tr->r = r;
+  tr->pct = pct;
+  split(r, pct, &tr->w_old, &tr->w_new);
+  router_server *servers = calloc(r->nold + r->nfresh + 1, sizeof *servers);
+  /* A server at weight 0 stays registered (it may get traffic back); only
+   * promotion and abort retire a whole set. */
+  size_t n = build_servers(r, servers, tr->w_old, tr->w_new, 1, 1);
+  int rc = r->t->router->apply(r->t->router, servers, n, traffic_applied, tr, err);
+  free(servers);
+  if (rc != 0) {
+    free(tr);
+    complete(r, 0, err);
+  }
+}
+
+/* ---- stopping a set of instances ---- */
+
+typedef struct stopping {
+  rollout *r;
+  store_instance inst;
+  void (*then)(rollout *r);
+} stopping;
+
+static void stopped_one(void *payload, const char *err) {
+  stopping *sp = payload;
+  rollout *r = sp->r;
+  char e2[DC_ERR_MAX], data[256];
+  if (err) {
+    add_error(r, err);
+  } else {
+    store_instance_delete(r->s, sp->inst.id, e2);
+  }
+  dc_fmt(data, sizeof data, "{\"version\":\"%s\",\"instance\":%d,\"pid\":%d,\"port\":%d}", sp->inst.version,
+         sp->inst.idx, sp->inst.pid, sp->inst.port);
+  emit(r, "instance_stopped", data);
+  void (*then)(rollout *) = sp->then;
+  free(sp);
+  if (--r->stops_pending == 0)
+    then(r);
+}
+
+/* Stops every instance in both sets; `then` runs once all are gone. */
+static void stop_sets(rollout *r, store_instance *a, size_t na, store_instance *b, size_t nb,
+                      void (*then)(rollout *r)) {
+  char err[DC_ERR_MAX];
+  r->stops_pending = 1; /* held until every stop is issued */
+  for (size_t k = 0; k < na + nb; k++) {
+    store_instance *in = k < na ? &a[k] : &b[k - na];
+    stopping *sp = calloc(1, sizeof *sp);
+    sp->r = r;
+    sp->inst = *in;
+    sp->then = then;
+    dc_strlcpy(in->state, "stopping", sizeof in->state);
+    store_instance_update(r->s, in, err);
+    r->stops_pending++;
+    if (r->t->provider->stop(r->t->provider, in, stopped_one, sp, err) != 0) {
+      add_error(r, err);
+      free(sp);
+      r->stops_pending--;
+    }
+  }
+  if (--r->stops_pending == 0)
+    then(r);
+}
+
+/* ---- PROMOTE ---- */
+
+static void promoted_stopped(rollout *r) {
+  r->promoted = 1;
+  end_rollout(r);
+}
+
+static void promote_applied(void *payload, const char *err) {
+  rollout *r = payload;
+  if (err) {
+    char msg[DC_ERR_MAX];
+    dc_fmt(msg, sizeof msg, "cannot retire the old instances: %s", err);
+    r->ending = 0;
+    complete(r, 0, msg);
+    return;
+  }
+  char data[320];
+  dc_fmt(data, sizeof data, "{\"version\":\"%s\",\"from\":\"%s\"}", r->version, r->from_version);
+  emit(r, "promoted", data);
+  stop_sets(r, r->old, r->nold, r->strays, r->nstray, promoted_stopped);
+}
+
+static void act_promote(rollout *r) {
+  char err[DC_ERR_MAX];
+  int w_old, w_new;
+  r->ending = 1;
+  split(r, 100, &w_old, &w_new);
+  if (w_new == 0)
+    w_new = 1;
+  router_server *servers = calloc(r->nfresh + 1, sizeof *servers);
+  size_t n = build_servers(r, servers, 0, w_new, 0, 1);
+  int rc = r->t->router->apply(r->t->router, servers, n, promote_applied, r, err);
+  free(servers);
+  if (rc != 0)
+    promote_applied(r, err);
+}
+
+/* ---- ABORT ---- */
+
+static void aborted_stopped(rollout *r) { end_rollout(r); }
+
+static void abort_applied(void *payload, const char *err) {
+  rollout *r = payload;
+  if (err) {
+    char msg[DC_ERR_MAX];
+    dc_fmt(msg, sizeof msg, "while returning traffic to the old version: %s", err);
+    add_error(r, msg);
+  } else {
+    r->run.pct = 0;
+    save_weights(r, r->nold ? 1 : 0, 0);
+  }
+  stop_sets(r, r->fresh, r->nfresh, r->strays, r->nstray, aborted_stopped);
+}
+
+static void act_abort(rollout *r, const char *reason) {
+  char err[DC_ERR_MAX], data[DC_ERR_MAX + 64], why[DC_ERR_MAX];
+  r->ending = 1;
+  add_error(r, reason);
+  dc_json_string(why, sizeof why, reason);
+  dc_fmt(data, sizeof data, "{\"reason\":%s,\"pct\":%g}", why, r->run.pct);
+  emit(r, "aborted", data);
+  router_server *servers = calloc(r->nold + 1, sizeof *servers);
+  /* Equal weights on the old set: 100 % back in one step. */
+  size_t n = build_servers(r, servers, 1, 0, 1, 0);
+  int rc = r->t->router->apply(r->t->router, servers, n, abort_applied, r, err);
+  free(servers);
+  if (rc != 0)
+    abort_applied(r, err);
+}
+
+/* ---- the end ---- */
+
+static void end_rollout(rollout *r) {
+  char err[DC_ERR_MAX], errors[ROLLOUT_MAX_ERRORS * DC_ERR_MAX + 16];
+  double now = engine_now(r->e);
+  r->result.success = r->promoted && r->result.nerrors == 0;
+  r->result.duration = now - r->started;
+  size_t len = 0;
+  errors[len++] = '[';
+  for (int i = 0; i < r->result.nerrors; i++) {
+    char item[DC_ERR_MAX + 8];
+    dc_json_string(item, sizeof item, r->result.errors[i]);
+    len += (size_t)snprintf(errors + len, sizeof errors - len, "%s%s", i ? "," : "", item);
+    if (len >= sizeof errors - 2)
+      break;
+  }
+  dc_fmt(errors + len, sizeof errors - len, "]");
+  const char *status = r->promoted ? "succeeded" : "failed";
+  const char *tstatus = r->promoted ? "deployed" : "failed";
+  const char *thealth = r->promoted ? health_state_name(r->health.state) : (r->nold ? "healthy" : "unhealthy");
+  if (store_deployment_finish(r->s, r->id, status, r->result.nerrors ? errors : NULL, now,
+                              r->result.duration, r->promoted, tstatus, thealth, err) != 0)
+    add_error(r, err);
+  char data[128];
+  dc_fmt(data, sizeof data, "{\"success\":%s,\"duration\":%.3f}", r->result.success ? "true" : "false",
+         r->result.duration);
+  emit(r, "finished", data);
+
+  /* The action that ended the rollout hears of it first (a Lua strategy
+   * resumes), then the owner of the rollout. */
+  r->act_ok = r->promoted;
+  if (!r->promoted)
+    dc_strlcpy(r->act_err, r->result.nerrors ? r->result.errors[0] : "aborted", sizeof r->act_err);
+  rollout_action_cb cb = r->act_cb;
+  r->act_cb = NULL;
+  if (cb)
+    cb(r->act_payload, r->act_ok, r->act_ok ? NULL : r->act_err);
+  if (r->done)
+    r->done(r->done_payload, &r->result);
+  free(r->old);
+  free(r->fresh);
+  free(r->strays);
+  free(r);
+}
+
+/* ---- actions ---- */
+
+void rollout_action(rollout *r, const strategy_action *a, rollout_action_cb cb, void *payload) {
+  r->act = *a;
+  r->act_cb = cb;
+  r->act_payload = payload;
+  if (r->abort_requested && a->kind != ACTION_ABORT) {
+    r->act.kind = ACTION_ABORT;
+    dc_strlcpy(r->act.reason, r->abort_reason, sizeof r->act.reason);
+  }
+  switch (r->act.kind) {
+  case ACTION_START:
+    act_start(r);
+    return;
+  case ACTION_WAIT_HEALTHY:
+    if (r->nfresh == 0) {
+      complete(r, 0, "no new instance to wait for: start them first");
+      return;
+    }
+    monitor_start(r, MON_HEALTHY, r->t->health.start_timeout);
+    return;
+  case ACTION_WAIT:
+    monitor_start(r, MON_GATED, r->act.seconds);
+    return;
+  case ACTION_VERIFY:
+    monitor_start(r, MON_VERIFY, r->t->health.start_timeout);
+    return;
+  case ACTION_TRAFFIC:
+    act_traffic(r, r->act.pct);
+    return;
+  case ACTION_PROMOTE:
+    act_promote(r);
+    return;
+  case ACTION_ABORT:
+    act_abort(r, r->act.reason[0] ? r->act.reason : "aborted");
+    return;
+  }
+}
+
+static void stepped(void *payload, int ok, const char *err) {
+  rollout *r = payload;
+  if (r->ending)
+    return;
+  r->run.last_ok = ok;
+  dc_strlcpy(r->run.last_error, err ? err : "", sizeof r->run.last_error);
+  run_step(r);
+}
+
+static void run_step(rollout *r) {
+  strategy_action a;
+  r->st->step(r->st, &r->run, &a);
+  rollout_action(r, &a, stepped, r);
+}
+
+static void begin_steps(void *payload) {
+  rollout *r = payload;
+  r->timer = NULL;
+  run_step(r);
+}
+
+void rollout_abort(rollout *r, const char *reason) {
+  if (r->abort_requested || r->ending)
+    return;
+  r->abort_requested = 1;
+  dc_strlcpy(r->abort_reason, reason && *reason ? reason : "aborted by the operator", sizeof r->abort_reason);
+  /* A pending wait ends now instead of at its deadline. */
+  if (r->mon != MON_NONE && r->timer && !r->health_cb) {
+    engine_timer_cancel(r->timer);
+    r->timer = NULL;
+    complete(r, 0, r->abort_reason);
+  }
+}
+
+void rollout_log(rollout *r, const char *kind, const char *data_json) { emit(r, kind, data_json); }
+const char *rollout_id(const rollout *r) { return r->id; }
+double rollout_pct(const rollout *r) { return r->run.pct; }
+const strategy_run *rollout_run_state(const rollout *r) { return &r->run; }
+
+/* ---- start ---- */
+
+typedef struct sets {
+  rollout *r;
+  const char *live;
+  char err[DC_ERR_MAX];
+  int failed;
+} sets;
+
+static int push(store_instance **arr, size_t *n, const store_instance *in) {
+  store_instance *grown = realloc(*arr, (*n + 1) * sizeof *grown);
+  if (!grown)
+    return -1;
+  *arr = grown;
+  grown[(*n)++] = *in;
+  return 0;
+}
+
+static int classify_instance(void *payload, const store_instance *in) {
+  sets *st = payload;
+  rollout *r = st->r;
+  int live = st->live[0] && strcmp(in->deployment_id, st->live) == 0 && strcmp(in->state, "stopped") != 0;
+  if (push(live ? &r->old : &r->strays, live ? &r->nold : &r->nstray, in) != 0) {
+    st->failed = 1;
+    return 1;
+  }
+  return 0;
+}
+
+int rollout_start(rollout **out, engine *e, store *s, target_config *t, const strategy *st,
+                  const rollout_opts *o, rollout_done_cb cb, void *payload, char *err) {
+  *out = NULL;
+  if (dc_validate_version(o->version, "version", err) != 0)
+    return DC_ERROR;
+  store_target tg;
+  if (store_target_get(s, t->name, &tg, err) != 0)
+    return DC_ERROR;
+  rollout *r = calloc(1, sizeof *r);
+  if (!r) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
+    return DC_ERROR;
+  }
+  r->e = e;
+  r->s = s;
+  r->t = t;
+  r->st = st;
+  r->done = cb;
+  r->done_payload = payload;
+  r->on_event = o->on_event;
+  r->event_payload = o->event_payload;
+  if (o->id && *o->id)
+    dc_strlcpy(r->id, o->id, sizeof r->id);
+  else
+    dc_new_id(r->id, sizeof r->id);
+  dc_strlcpy(r->version, o->version, sizeof r->version);
+  dc_strlcpy(r->from_version, tg.current_version, sizeof r->from_version);
+  dc_strlcpy(r->kind, o->kind ? o->kind : "deploy", sizeof r->kind);
+  dc_strlcpy(r->strategy_name, o->strategy_name ? o->strategy_name : (st ? st->name : "custom"),
+             sizeof r->strategy_name);
+  r->started = o->created_at > 0 ? o->created_at : engine_now(e);
+  r->run.last_ok = 1;
+
+  store_deployment d;
+  memset(&d, 0, sizeof d);
+  dc_strlcpy(d.id, r->id, sizeof d.id);
+  dc_strlcpy(d.target, t->name, sizeof d.target);
+  dc_strlcpy(d.version, r->version, sizeof d.version);
+  dc_strlcpy(d.from_version, tg.current_version, sizeof d.from_version);
+  dc_strlcpy(d.kind, r->kind, sizeof d.kind);
+  dc_strlcpy(d.strategy, r->strategy_name, sizeof d.strategy);
+  dc_strlcpy(d.status, "running", sizeof d.status);
+  d.created_at = r->started;
+  d.metadata = (char *)o->metadata_json;
+  d.owner_pid = (int)getpid();
+  d.owner_start = dc_proc_start_time(d.owner_pid);
+  gethostname(d.owner_host, sizeof d.owner_host - 1);
+  dc_whoami(d.user, sizeof d.user);
+  int rc = store_deployment_begin(s, &d, err);
+  if (rc != 0) {
+    free(r);
+    return rc;
+  }
+  dc_strlcpy(r->result.id, r->id, sizeof r->result.id);
+  dc_strlcpy(r->result.target, t->name, sizeof r->result.target);
+  dc_strlcpy(r->result.version, r->version, sizeof r->result.version);
+  dc_strlcpy(r->result.strategy, r->strategy_name, sizeof r->result.strategy);
+
+  sets sc = {.r = r, .live = tg.live_deployment};
+  if (store_instances(s, t->name, classify_instance, &sc, err) != 0 || sc.failed) {
+    if (sc.failed)
+      dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
+    store_deployment_finish(s, r->id, "failed", NULL, engine_now(e), 0, 0, "failed", "unhealthy", sc.err);
+    free(r->old);
+    free(r->strays);
+    free(r);
+    return DC_ERROR;
+  }
+  r->run.has_old = r->nold > 0;
+  char data[600], v[160], from[160];
+  dc_json_string(v, sizeof v, r->version);
+  dc_json_string(from, sizeof from, r->from_version);
+  dc_fmt(data, sizeof data, "{\"version\":%s,\"from\":%s,\"strategy\":\"%s\",\"kind\":\"%s\",\"user\":\"%s\"}", v,
+         from, r->strategy_name, r->kind, d.user);
+  emit(r, "started", data);
+  *out = r;
+  if (st)
+    r->timer = engine_timer_start(e, 0, begin_steps, r);
+  return DC_OK;
+}

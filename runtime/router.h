@@ -1,0 +1,72 @@
+/* Routers split a target's traffic between instance sets. A router is
+ * declarative: router->apply makes the proxy serve exactly the given list of
+ * servers with the given weights, and nothing else of ours:
+ *   1. servers missing from the proxy are added (in maintenance), their
+ *      address set, then enabled;
+ *   2. weights that go up are set before weights that go down, so no moment
+ *      has every server at weight 0;
+ *   3. servers of ours that the list no longer names are retired without a
+ *      failed request: weight 0, state drain, wait until they have no
+ *      session left (up to drain_timeout), state maint, del server (retried
+ *      while connections are still attached).
+ * Because every apply compares with what the proxy has now, a proxy that
+ * was restarted and forgot our servers gets them back on the next apply.
+ *
+ * The interface follows libgit2's sys/odb_backend.h: a versioned struct of
+ * function pointers, `free` required. */
+#ifndef DEPLOY_ROUTER_H
+#define DEPLOY_ROUTER_H
+
+#include <stddef.h>
+#include "engine.h"
+
+#define ROUTER_VERSION 1
+
+typedef struct router_server {
+  char name[64];     /* e.g. "dc_12": the router only ever touches names with its prefix */
+  char host[64];
+  int port;
+  int weight;        /* 0..256 */
+} router_server;
+
+/* err is NULL on success, else the reason (valid during the callback). */
+typedef void (*router_cb)(void *payload, const char *err);
+
+typedef struct router router;
+struct router {
+  int version;
+  const char *kind;  /* "haproxy", "none" */
+  /* Asynchronous; cb runs exactly once, from the loop. Returns -1 with err
+   * filled only for an immediate refusal (then cb does not run). */
+  int (*apply)(router *r, const router_server *servers, size_t n,
+               router_cb cb, void *payload, char *err);
+  /* Live view of what the proxy serves (for status): fills up to cap
+   * entries of ours and *n; weights as read back from the proxy. cb style,
+   * asynchronous. */
+  int (*read)(router *r, router_server *out, size_t cap, size_t *n,
+              router_cb cb, void *payload, char *err);
+  void (*free)(router *r);
+};
+
+typedef struct router_haproxy_opts {
+  const char *socket;        /* path of a `stats socket ... level admin` */
+  const char *backend;       /* backend declared with balance roundrobin */
+  const char *prefix;        /* server-name prefix we own; default "dc_" */
+  double timeout;            /* per command, seconds; default 5 */
+  double drain_timeout;      /* seconds to wait for sessions to end; default 30 */
+} router_haproxy_opts;
+
+/* Creates the router; does not connect yet. */
+int router_haproxy_new(router **out, engine *e, const router_haproxy_opts *o,
+                       char *err);
+/* Traffic needs no split (a single instance set, or the split follows the
+ * instance ratio): apply succeeds at once. */
+int router_none_new(router **out, engine *e, char *err);
+
+/* The exact split of notes/haproxy.md: share pct (0..100) to n_new servers
+ * and the rest to n_old, equal weights inside a group, each weight 0..256.
+ * pct 0: new weights 0; pct 100: old weights 0; otherwise both >= 1. */
+void router_split_weights(double pct, int n_old, int n_new, int *w_old,
+                          int *w_new);
+
+#endif

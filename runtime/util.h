@@ -1,0 +1,76 @@
+/* Small helpers shared by the runtime: bounded string formatting, errors,
+ * process identity. Nothing here knows about Lua. */
+#ifndef DEPLOY_UTIL_H
+#define DEPLOY_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdarg.h>
+#include <signal.h>
+
+/* Every fallible runtime call takes `char *err` of at least DC_ERR_MAX bytes
+ * and fills it with a message that names the thing and the fix. */
+#define DC_ERR_MAX 512
+
+/* Interrupts (SIGINT/SIGTERM) counted by the host's signal handler
+ * (deployctl); a rollout waiting in the loop aborts when it grows. */
+extern volatile sig_atomic_t dc_interrupts;
+/* How many loops are being driven for a rollout right now (the host lets
+ * the rollout handle an interrupt instead of raising a Lua error). */
+extern volatile sig_atomic_t dc_rollouts_waiting;
+
+/* Return codes shared by the runtime. */
+enum {
+  DC_OK = 0,
+  DC_ERROR = -1,      /* generic failure, message in err */
+  DC_LOCKED = -2,     /* target locked by another deployment */
+  DC_NOTFOUND = -3,
+};
+
+/* snprintf that always terminates and never overflows; returns dst. */
+char *dc_fmt(char *dst, size_t size, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+char *dc_vfmt(char *dst, size_t size, const char *fmt, va_list ap);
+/* Copy with truncation, always terminated. */
+void dc_strlcpy(char *dst, const char *src, size_t size);
+
+/* Start time of a process (field 22 of /proc/PID/stat, clock ticks since
+ * boot). 0 when the process does not exist. Together with the pid this
+ * identifies a process across pid reuse. */
+uint64_t dc_proc_start_time(int pid);
+/* True when pid is running (not a zombie) and, if start_time != 0, is the
+ * same process that had that start time. */
+int dc_proc_alive(int pid, uint64_t start_time);
+
+/* Wall-clock seconds since the epoch, with sub-second precision. */
+double dc_wall_now(void);
+/* ISO-8601 UTC with milliseconds: 2026-11-27T02:00:00.123Z (buf >= 32). */
+void dc_iso8601(double t, char *buf, size_t size);
+
+/* user@host of whoever runs this process (buf >= 128). */
+void dc_whoami(char *buf, size_t size);
+
+/* Expand {name} placeholders from a NULL-terminated list of name/value
+ * pairs; unknown placeholders are left as they are. Returns 0, or -1 when the
+ * result does not fit. */
+int dc_expand_placeholders(char *dst, size_t size, const char *tmpl,
+                           const char *const *pairs);
+/* Expand ${NAME} from the environment. Missing variables are an error naming
+ * the variable. Returns 0 or -1 with err filled. */
+int dc_expand_env(char *dst, size_t size, const char *src, char *err);
+
+/* Versions: non-empty, at most 128 bytes, [A-Za-z0-9._+-]. Returns 0 or -1
+ * with err filled (naming `what`). */
+int dc_validate_version(const char *v, const char *what, char *err);
+/* Target names: non-empty, at most 63 bytes, [A-Za-z0-9_-]. */
+int dc_validate_target_name(const char *t, char *err);
+
+/* Writes src as a JSON string literal (with quotes) into dst; truncates
+ * safely. Control characters are escaped. */
+void dc_json_string(char *dst, size_t size, const char *src);
+
+/* A fresh deployment id: "d" + 12 hex digits of milliseconds + 6 random hex
+ * digits, so ids sort by creation time. buf >= 24. */
+void dc_new_id(char *buf, size_t size);
+
+#endif

@@ -1,0 +1,120 @@
+/* Canary: start the new instances, wait until healthy, then give them
+ * initial_percentage of the traffic and add `increment` every `interval`
+ * seconds while they stay healthy; at 100 % promote. Any failure aborts:
+ * traffic back to 100 % old in one step. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "strategy.h"
+#include "util.h"
+
+enum { START, WAIT_HEALTHY, SHIFT, HOLD, VERIFY, PROMOTE, DONE };
+
+void canary_params_default(canary_params *p) {
+  p->initial_percentage = 10;
+  p->increment = 10;
+  p->interval = 300;
+  p->health_check_url = NULL;
+}
+
+static int steps_of(const canary_strategy *c) {
+  if (c->initial_percentage >= 100)
+    return 1;
+  return 1 + (int)ceil((100.0 - c->initial_percentage) / c->increment - 1e-9);
+}
+
+static void abort_with(strategy_run *run, strategy_action *out, const char *why) {
+  out->kind = ACTION_ABORT;
+  if (run->pct > 0)
+    dc_fmt(out->reason, sizeof out->reason, "canary aborted at %g %%: %s", run->pct, why);
+  else
+    dc_fmt(out->reason, sizeof out->reason, "canary aborted before any traffic moved: %s", why);
+  run->phase = DONE;
+}
+
+static void canary_step(const strategy *s, strategy_run *run, strategy_action *out) {
+  const canary_strategy *c = (const canary_strategy *)s;
+  memset(out, 0, sizeof *out);
+  run->steps = run->has_old ? steps_of(c) : 1;
+  if (run->phase != START && !run->last_ok && run->phase != DONE) {
+    abort_with(run, out, run->last_error);
+    return;
+  }
+  switch (run->phase) {
+  case START:
+    out->kind = ACTION_START;
+    run->phase = WAIT_HEALTHY;
+    return;
+  case WAIT_HEALTHY:
+    out->kind = ACTION_WAIT_HEALTHY;
+    run->phase = SHIFT;
+    return;
+  case SHIFT: {
+    /* A first deploy has nothing to compare against: all traffic at once. */
+    double next = !run->has_old ? 100
+                  : run->pct <= 0 ? c->initial_percentage
+                                  : run->pct + c->increment;
+    out->kind = ACTION_TRAFFIC;
+    out->pct = next > 100 ? 100 : next;
+    run->step++;
+    /* At 100 % the new version is checked once more, then promoted. */
+    run->phase = out->pct >= 100 ? VERIFY : HOLD;
+    return;
+  }
+  case HOLD:
+    out->kind = c->interval > 0 ? ACTION_WAIT : ACTION_VERIFY;
+    out->seconds = c->interval;
+    run->phase = SHIFT;
+    return;
+  case VERIFY:
+    out->kind = ACTION_VERIFY;
+    run->phase = PROMOTE;
+    return;
+  case PROMOTE:
+    out->kind = ACTION_PROMOTE;
+    run->phase = DONE;
+    return;
+  default:
+    abort_with(run, out, "step machine ran past its end");
+    return;
+  }
+}
+
+static void canary_free(strategy *s) { free(s); }
+
+static int check_pct(double v, const char *name, char *err) {
+  if (!(v > 0 && v <= 100)) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: CanaryStrategy %s must be in (0, 100], got %g", name, v);
+    return -1;
+  }
+  return 0;
+}
+
+int strategy_canary_new(strategy **out, const canary_params *p, char *err) {
+  *out = NULL;
+  if (check_pct(p->initial_percentage, "initial_percentage", err) ||
+      check_pct(p->increment, "increment", err))
+    return -1;
+  if (!(p->interval >= 0 && p->interval < 1e9)) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: CanaryStrategy interval must be a number of seconds >= 0, got %g", p->interval);
+    return -1;
+  }
+  if (strategy_check_url(p->health_check_url, "CanaryStrategy health_check_url", err))
+    return -1;
+  canary_strategy *c = calloc(1, sizeof *c);
+  if (!c) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
+    return -1;
+  }
+  c->base.version = STRATEGY_VERSION;
+  c->base.name = "canary";
+  c->base.step = canary_step;
+  c->base.free = canary_free;
+  dc_strlcpy(c->base.health_check_url, p->health_check_url ? p->health_check_url : "", sizeof c->base.health_check_url);
+  c->initial_percentage = p->initial_percentage;
+  c->increment = p->increment;
+  c->interval = p->interval;
+  *out = &c->base;
+  return 0;
+}
