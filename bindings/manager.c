@@ -44,7 +44,14 @@ static const char *check_string_arg(lua_State *L, int arg, const char *name, con
     dc_fmt(msg, sizeof msg, "deploy: %s: %s must be a string, got %s", method, name, luaL_typename(L, arg));
     lerror(L, msg);
   }
-  return lua_tostring(L, arg);
+  size_t len;
+  const char *s = lua_tolstring(L, arg, &len);
+  if (strlen(s) != len) {
+    char msg[DC_ERR_MAX];
+    dc_fmt(msg, sizeof msg, "deploy: %s: %s holds a NUL byte: use only printable characters", method, name);
+    lerror(L, msg);
+  }
+  return s;
 }
 
 static target_config *check_target(lua_State *L, lmanager *m, int arg, const char *method) {
@@ -340,7 +347,8 @@ static int manager_rollback(lua_State *L) {
   if (store_target_get(m->s, t->name, &tg, err) != 0)
     return lerror(L, err);
   const char *version;
-  if (lua_isnoneornil(L, 3)) {
+  lua_settop(L, 3);
+  if (lua_isnil(L, 3)) {
     if (!tg.previous_version[0]) {
       rollout_result res;
       dc_fmt(err, sizeof err, "deploy: '%s' has no previous version to roll back to: name one with rollback(target, version)",
@@ -696,7 +704,8 @@ static void open_store(lua_State *L, lmanager *m) {
 }
 
 static int manager_new(lua_State *L) {
-  if (lua_isnoneornil(L, 1)) {
+  lua_settop(L, 1);
+  if (lua_isnil(L, 1)) {
     lua_newtable(L);
     lua_replace(L, 1);
   }

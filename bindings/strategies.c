@@ -77,7 +77,8 @@ static void push_strategy(lua_State *L, strategy *s) {
 }
 
 static int opts_index(lua_State *L, const char *cls) {
-  if (lua_isnoneornil(L, 1)) {
+  lua_settop(L, 1);
+  if (lua_isnil(L, 1)) {
     lua_newtable(L);
     lua_replace(L, 1);
   }

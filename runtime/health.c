@@ -15,11 +15,11 @@
  * stream for the whole timeout. */
 #define HEALTH_BODY_CAP (64 * 1024)
 #define HEALTH_DEFAULT_TIMEOUT 2.0
+#define HEALTH_DEFAULT_STATUS 200L
 /* Bounds that keep the conversion to curl's milliseconds in range: 0 ms
  * would mean "no timeout" to curl. */
 #define HEALTH_MIN_TIMEOUT 0.001
 #define HEALTH_MAX_TIMEOUT 86400.0
-#define HEALTH_DEFAULT_STATUS 200L
 
 typedef struct check check;
 

@@ -56,23 +56,19 @@ static void transfer_unlink(http *h, transfer *t) {
 
 /* Detach the transfer from curl and from h before its callback runs: the
  * callback owns the easy handle again and may clean it up or re-add it. */
-static void transfer_finish(http *h, CURL *easy, CURLcode result) {
-  char *priv = NULL;
-  curl_easy_getinfo(easy, CURLINFO_PRIVATE, &priv);
-  transfer *t = (transfer *)priv;
-  curl_multi_remove_handle(h->multi, easy);
-  if (!t)
-    return;
-  transfer_unlink(h, t);
+static void transfer_end(http *h, transfer *t, CURLcode result) {
+  CURL *easy = t->easy;
   http_done_cb cb = t->cb;
   void *payload = t->payload;
+  curl_multi_remove_handle(h->multi, easy);
+  curl_easy_setopt(easy, CURLOPT_PRIVATE, NULL); /* t is about to go */
+  transfer_unlink(h, t);
   free(t);
   cb(easy, result, payload);
 }
 
-/* The msg pointer dies with curl_multi_remove_handle, so copy what we need
- * first. A callback may call http_free; then h stays allocated until the
- * drain returns and frees it here. */
+/* A callback may call http_free; then h stays allocated until the drain
+ * returns and frees it here. */
 static void drain_done(http *h) {
   h->dispatching++;
   while (!h->freeing) {
@@ -82,9 +78,12 @@ static void drain_done(http *h) {
       break;
     if (msg->msg != CURLMSG_DONE)
       continue;
-    CURL *easy = msg->easy_handle;
-    CURLcode result = msg->data.result;
-    transfer_finish(h, easy, result);
+    char *priv = NULL;
+    curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, &priv);
+    if (priv)
+      transfer_end(h, (transfer *)priv, msg->data.result);
+    else /* not added by http_add: nobody to tell */
+      curl_multi_remove_handle(h->multi, msg->easy_handle);
   }
   h->dispatching--;
   if (h->freeing && h->dispatching == 0)
@@ -228,19 +227,11 @@ http *http_new(uv_loop_t *loop) {
   return h;
 }
 
-/* Transfers are removed one at a time from the head: a callback may add or
- * finish others, so no iterator is kept across it. */
+/* Always take the head: a callback may add or finish other transfers, so no
+ * iterator survives it. */
 static void abort_transfers(http *h) {
-  while (h->transfers) {
-    transfer *t = h->transfers;
-    curl_multi_remove_handle(h->multi, t->easy);
-    transfer_unlink(h, t);
-    http_done_cb cb = t->cb;
-    void *payload = t->payload;
-    CURL *easy = t->easy;
-    free(t);
-    cb(easy, CURLE_ABORTED_BY_CALLBACK, payload);
-  }
+  while (h->transfers)
+    transfer_end(h, h->transfers, CURLE_ABORTED_BY_CALLBACK);
 }
 
 void http_free(http *h) {
