@@ -29,7 +29,7 @@ struct engine {
   struct http *http;           /* libcurl multi driven by this loop (lazy) */
 };
 
-/* loop may be NULL to use a new private loop. */
+/* Creates the engine's own loop. virtual_clock: 0 real, 1 virtual. */
 int engine_init(engine *e, int virtual_clock);
 /* Runs the loop until every handle the engine owns is closed, then frees. */
 void engine_close(engine *e);

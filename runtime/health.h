@@ -7,7 +7,7 @@
 #include "engine.h"
 
 typedef struct health_result {
-  const char *url;     /* points into the caller's array */
+  const char *url;     /* health's copy of the URL; valid during the callback */
   int ok;              /* status == expect_status, within the timeout */
   long status;         /* HTTP status, 0 when no answer */
   double latency;      /* seconds */
