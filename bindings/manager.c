@@ -660,6 +660,19 @@ static int manager_reconcile(lua_State *L) {
   return 1;
 }
 
+/* integrity_check(): SQLite's PRAGMA integrity_check on the store. */
+static int manager_integrity_check(lua_State *L) {
+  lmanager *m = check_manager(L);
+  char err[DC_ERR_MAX];
+  if (store_integrity_check(m->s, err) != 0) {
+    lua_pushboolean(L, 0);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 static int manager_state_path(lua_State *L) {
   lmanager *m = check_manager(L);
   lua_pushstring(L, store_path(m->s));
@@ -769,7 +782,8 @@ void lmanager_register(lua_State *L) {
       {"deploy", manager_deploy},       {"rollback", manager_rollback},   {"get_status", manager_get_status},
       {"history", manager_history},     {"deployment", manager_deployment}, {"events", manager_events},
       {"instances", manager_instances}, {"targets", manager_targets},     {"reconcile", manager_reconcile},
-      {"state_path", manager_state_path}, {"close", manager_close},       {NULL, NULL}};
+      {"state_path", manager_state_path}, {"integrity_check", manager_integrity_check},
+      {"close", manager_close},           {NULL, NULL}};
   if (luaL_newmetatable(L, MANAGER_MT)) {
     luaL_newlib(L, methods);
     lua_setfield(L, -2, "__index");

@@ -47,9 +47,12 @@ The script's arguments are in the global table `arg` (arg[0] is SCRIPT).
 A script that returns an integer sets the exit code.
 ]],
   deploy = [[
-Usage: deployctl deploy TARGET VERSION [--strategy canary|blue-green]
+Usage: deployctl deploy TARGET VERSION [--strategy canary|blue-green] [--set key=value ...] [--quiet]
 
 Deploys VERSION to TARGET with the given strategy (default blue-green).
+--set gives the strategy's parameters, e.g.
+  deployctl deploy production 1.4.2 --strategy canary --set initial_percentage=5 --set interval=60
+  deployctl deploy production 1.4.2 --set switch_delay=10
 ]],
   rollback = [[
 Usage: deployctl rollback TARGET [VERSION]
@@ -112,6 +115,7 @@ local function parse_flags(cmd, args, spec, max_positional)
       local kind = spec[name]
       if not kind then usage_error("%s: unknown flag --%s (see 'deployctl %s --help')", cmd, name, cmd) end
       if kind == "bool" then
+        if value then usage_error("%s: --%s takes no value", cmd, name) end
         flags[name] = true
         i = i + 1
       else
@@ -122,7 +126,12 @@ local function parse_flags(cmd, args, spec, max_positional)
         else
           i = i + 1
         end
-        flags[name] = value
+        if kind == "list" then
+          flags[name] = flags[name] or {}
+          table.insert(flags[name], value)
+        else
+          flags[name] = value
+        end
       end
     else
       pos[#pos + 1] = a
@@ -242,18 +251,30 @@ local function live_printer()
   return function(ev) out:write(event_line(ev)) out:flush() end
 end
 
+-- --set key=value pairs become strategy parameters (numbers when they look
+-- like numbers).
+local function strategy_params(sets)
+  local params = {}
+  for _, kv in ipairs(sets) do
+    local k, v = kv:match("^([%w_]+)=(.*)$")
+    if not k then usage_error("deploy: --set '%s' is not key=value (e.g. --set interval=60)", kv) end
+    params[k] = tonumber(v) or v
+  end
+  return params
+end
+
 function commands.deploy(opts, args)
-  local flags, pos = parse_flags("deploy", args, { strategy = "value", quiet = "bool" }, 2)
+  local flags, pos = parse_flags("deploy", args, { strategy = "value", quiet = "bool", set = "list" }, 2)
   if flags.help then out:write(HELP.deploy) return EXIT_OK end
   if #pos < 2 then usage_error("deploy: needs TARGET and VERSION (see 'deployctl deploy --help')") end
-  local strategy
-  if flags.strategy == "canary" then
-    strategy = deploy.CanaryStrategy{}
-  elseif flags.strategy == "blue-green" or flags.strategy == "bluegreen" or flags.strategy == nil then
-    strategy = deploy.BlueGreenStrategy{}
-  else
+  local kinds = { canary = deploy.CanaryStrategy, ["blue-green"] = deploy.BlueGreenStrategy,
+                  bluegreen = deploy.BlueGreenStrategy }
+  local class = kinds[flags.strategy or "blue-green"]
+  if not class then
     usage_error("deploy: --strategy '%s' is not known (known: canary, blue-green)", flags.strategy)
   end
+  local ok, strategy = pcall(class, strategy_params(flags.set or {}))
+  if not ok then usage_error("%s", tostring(strategy):gsub("^deploy: ", "deploy: --set: ")) end
   local m = open_manager(opts, { on_event = not flags.quiet and live_printer() or nil })
   check_target(m, pos[1])
   local ok, res = pcall(m.deploy, m, pos[1], pos[2], { strategy = strategy })
