@@ -56,7 +56,7 @@ static int health_check(lua_State *L) {
     return luaL_error(L, "deploy: health.check: %d URLs is too many (at most 100000)", (int)n);
   health_opts o = {.timeout = 2, .expect_status = 200};
   if (lua_getfield(L, 1, "timeout") != LUA_TNIL) {
-    if (!lua_isnumber(L, -1) || lua_tonumber(L, -1) <= 0 || lua_tonumber(L, -1) > 600)
+    if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) > 0 && lua_tonumber(L, -1) <= 600))
       return luaL_error(L, "deploy: health.check: timeout must be a number of seconds in (0, 600]");
     o.timeout = lua_tonumber(L, -1);
   }
