@@ -8,6 +8,8 @@
 #include <lua.h>
 
 #include "engine.h"
+#include "rollout.h"
+#include "store.h"
 #include "strategy.h"
 #include "target.h"
 
@@ -32,6 +34,7 @@ strategy *lstrategy_push_bluegreen(lua_State *L);
 
 void lmanager_register(lua_State *L);
 void lhealth_register(lua_State *L);
+void lparallel_register(lua_State *L);
 
 /* Configuration. */
 typedef struct lconfig {
@@ -48,6 +51,36 @@ void lconfig_free(lconfig *c);
 target_config *lconfig_target(lconfig *c, const char *name);
 /* "known: a, b" list for error messages. */
 void lconfig_known(const lconfig *c, char *buf, size_t size);
+
+/* ---- the manager, for other bindings (GitOps, parallel) ---- */
+
+typedef void (*lmanager_done_cb)(void *payload, const rollout_result *res);
+/* Starts a deployment of `target` through the DeploymentManager at
+ * manager_idx, with the strategy at strategy_idx (a built-in strategy, a
+ * DeploymentStrategy class or instance; 0 for the manager's default),
+ * recording metadata_json (a JSON object or NULL) in the deployment row.
+ * Does not run the loop: cb runs once, from the loop, when the deployment
+ * has ended. Returns DC_OK, or DC_LOCKED / DC_ERROR with err filled (then cb
+ * never runs and nothing was changed). Raises a Lua error for a programming
+ * mistake (unknown target, bad version). */
+int lmanager_start(lua_State *L, int manager_idx, const char *target, const char *version, int strategy_idx,
+                   const char *metadata_json, lmanager_done_cb cb, void *payload, char *err);
+/* Pushes the strategy registered with the manager under `name` (see
+ * DeploymentManager{ strategies = { ring = Ring } } and
+ * manager:register_strategy), or nil; returns the pushed type. */
+int lmanager_push_strategy(lua_State *L, int manager_idx, const char *name);
+/* The manager's store, engine and target configurations (raises if idx is
+ * not an open DeploymentManager). */
+store *lmanager_store(lua_State *L, int manager_idx);
+engine *lmanager_engine(lua_State *L, int manager_idx);
+target_config *lmanager_target(lua_State *L, int manager_idx, const char *name); /* NULL if unknown */
+void lmanager_known(lua_State *L, int manager_idx, char *buf, size_t size);
+
+/* ---- waiting without blocking other work ----
+ * Runs the loop until *flag becomes nonzero, resuming coroutines of
+ * deploy.parallel and Lua strategies whose waits completed meanwhile. Must
+ * not be called from inside an event handler (raises if it is). */
+void lsched_block(lua_State *L, volatile int *flag);
 
 /* Raise with a message built in a stack buffer (never with heap memory
  * still owned by the C frame). */

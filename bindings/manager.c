@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include "bindings.h"
+#include "run.h"
+#include "lsched.h"
 #include "health.h"
 #include "rollout.h"
 #include "store.h"
@@ -18,7 +20,7 @@ typedef struct lmanager {
   engine *e;
 } lmanager;
 
-enum { UV_CONFIG = 1, UV_STRATEGY = 2, UV_ON_EVENT = 3, UV_COUNT = 3 };
+enum { UV_CONFIG = 1, UV_STRATEGY = 2, UV_ON_EVENT = 3, UV_STRATEGIES = 4, UV_COUNT = 4 };
 
 static lmanager *check_manager(lua_State *L) {
   lmanager *m = luaL_checkudata(L, 1, MANAGER_MT);
@@ -109,85 +111,31 @@ static void refused(rollout_result *res, const target_config *t, const char *ver
   dc_strlcpy(res->errors[0], err, DC_ERR_MAX);
 }
 
-/* ---- events to Lua ---- */
-
-typedef struct run_ctx {
-  lua_State *L;
-  int on_event;  /* stack index of a function, or 0 */
-  int on_event2; /* manager-wide handler, or 0 */
-  int done;
-  rollout_result res;
-} run_ctx;
-
-static void push_event(lua_State *L, const store_event *ev) {
-  char ts[40];
-  lua_createtable(L, 0, 6);
-  lua_pushstring(L, ev->deployment_id);
-  lua_setfield(L, -2, "deployment_id");
-  lua_pushstring(L, ev->target);
-  lua_setfield(L, -2, "target");
-  lua_pushstring(L, ev->kind);
-  lua_setfield(L, -2, "kind");
-  lua_pushnumber(L, ev->ts);
-  lua_setfield(L, -2, "ts");
-  dc_iso8601(ev->ts, ts, sizeof ts);
-  lua_pushstring(L, ts);
-  lua_setfield(L, -2, "time");
-  ljson_decode(L, ev->data);
-  lua_setfield(L, -2, "data");
-}
-
-static void call_handler(lua_State *L, int fn, const store_event *ev) {
-  if (!fn)
-    return;
-  lua_pushvalue(L, fn);
-  push_event(L, ev);
-  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
-    fprintf(stderr, "deploy: on_event handler failed: %s\n", lua_tostring(L, -1));
-    lua_pop(L, 1);
-  }
-}
-
-static void on_event(void *payload, const store_event *ev) {
-  run_ctx *c = payload;
-  call_handler(c->L, c->on_event, ev);
-  call_handler(c->L, c->on_event2, ev);
-}
-
-static void on_done(void *payload, const rollout_result *res) {
-  run_ctx *c = payload;
-  c->res = *res;
-  c->done = 1;
-}
-
-/* Drives the loop until the rollout has ended. Other tasks on the engine
- * progress meanwhile. */
-static void run_until_done(engine *e, run_ctx *c, rollout *r) {
-  sig_atomic_t seen = dc_interrupts;
-  dc_rollouts_waiting++;
-  while (!c->done) {
-    if (dc_interrupts != seen) {
-      seen = dc_interrupts;
-      /* Ctrl-C: back to the old version, safely; again: still the same
-       * abort, never a half-done state. */
-      rollout_abort(r, "interrupted by the operator (SIGINT/SIGTERM)");
-    }
-    engine_run_once(e);
-  }
-  dc_rollouts_waiting--;
-}
-
 /* ---- deploy ---- */
 
-static int manager_handler(lua_State *L) {
-  if (lua_getiuservalue(L, 1, UV_ON_EVENT) == LUA_TFUNCTION)
-    return lua_gettop(L);
-  lua_pop(L, 1);
-  return 0;
+typedef struct deploy_wait {
+  int done;
+  int awaiting;
+  ltask *task;
+  rollout_result res;
+} deploy_wait;
+
+static void deploy_done(void *payload, const rollout_result *res) {
+  deploy_wait *w = payload;
+  w->res = *res;
+  w->done = 1;
+  if (w->awaiting)
+    lsched_ready(w->task);
+}
+
+static int deploy_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  push_result(L, &((deploy_wait *)ctx)->res);
+  return 1;
 }
 
 static void check_options(lua_State *L, int idx) {
-  static const char *const allowed[] = {"strategy", "metadata", "on_event", NULL};
+  static const char *const allowed[] = {"strategy", "metadata", "on_event", "hooks", "hook_timeout", NULL};
   lua_pushnil(L);
   while (lua_next(L, idx)) {
     int known = 0;
@@ -196,7 +144,8 @@ static void check_options(lua_State *L, int idx) {
         known |= strcmp(*a, lua_tostring(L, -2)) == 0;
     if (!known) {
       char msg[DC_ERR_MAX];
-      dc_fmt(msg, sizeof msg, "deploy: deploy: unknown option '%s' (known: strategy, metadata, on_event)",
+      dc_fmt(msg, sizeof msg,
+             "deploy: deploy: unknown option '%s' (known: strategy, metadata, on_event, hooks, hook_timeout)",
              lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : luaL_typename(L, -2));
       lerror(L, msg);
     }
@@ -204,100 +153,95 @@ static void check_options(lua_State *L, int idx) {
   }
 }
 
-/* Pushes the Deployment value (the specification's model) for a run. */
-static void push_deployment(lua_State *L, const char *id, const char *target, const char *version, int strategy_idx,
-                            double created_at, int metadata_idx) {
-  char ts[40];
-  lua_createtable(L, 0, 6);
-  lua_pushstring(L, id);
-  lua_setfield(L, -2, "id");
-  lua_pushstring(L, target);
-  lua_setfield(L, -2, "target");
-  lua_pushstring(L, version);
-  lua_setfield(L, -2, "version");
-  lua_pushvalue(L, strategy_idx);
-  lua_setfield(L, -2, "strategy");
-  dc_iso8601(created_at, ts, sizeof ts);
-  lua_pushstring(L, ts);
-  lua_setfield(L, -2, "created_at");
-  if (metadata_idx)
-    lua_pushvalue(L, metadata_idx);
-  else
-    lua_newtable(L);
-  lua_setfield(L, -2, "metadata");
-}
-
-/* Asks strategy:validate(d); false or an error refuses the deployment. */
-static int strategy_accepts(lua_State *L, int strategy_idx, int d_idx, char *err) {
-  lua_getfield(L, strategy_idx, "validate");
-  if (!lua_isfunction(L, -1)) {
-    lua_pop(L, 1);
-    return 1;
-  }
-  lua_pushvalue(L, strategy_idx);
-  lua_pushvalue(L, d_idx);
-  if (lua_pcall(L, 2, 1, 0) != LUA_OK) {
-    dc_fmt(err, DC_ERR_MAX, "strategy validate(d) raised: %s", lua_tostring(L, -1));
-    lua_pop(L, 1);
-    return 0;
-  }
-  int ok = lua_toboolean(L, -1);
+static int manager_handler_idx(lua_State *L, int manager_idx) {
+  if (lua_getiuservalue(L, manager_idx, UV_ON_EVENT) == LUA_TFUNCTION)
+    return lua_gettop(L);
   lua_pop(L, 1);
-  if (!ok)
-    dc_fmt(err, DC_ERR_MAX, "strategy refused the deployment: validate(d) returned false");
-  return ok;
+  return 0;
 }
 
-static int run_rollout(lua_State *L, lmanager *m, target_config *t, const char *version, const char *kind,
-                       int strategy_idx, int metadata_idx, int on_event_idx) {
-  char err[DC_ERR_MAX], id[48];
-  lstrategy *ls = lstrategy_test(L, strategy_idx);
-  if (!ls)
-    return luaL_error(L, "deploy: strategies written in Lua are run by deploy.DeploymentStrategy classes (see README)");
-  double created = engine_now(m->e);
-  dc_new_id(id, sizeof id);
-  push_deployment(L, id, t->name, version, strategy_idx, created, metadata_idx);
-  int d_idx = lua_gettop(L);
-  char *metadata = metadata_idx ? ljson_encode(L, metadata_idx, "deploy: options.metadata") : NULL;
-  run_ctx c;
-  memset(&c, 0, sizeof c);
-  c.L = L;
-  c.on_event = on_event_idx;
-  c.on_event2 = manager_handler(L);
-  if (!strategy_accepts(L, strategy_idx, d_idx, err)) {
-    free(metadata);
-    refused(&c.res, t, version, ls->s->name, err);
-    push_result(L, &c.res);
-    return 1;
+/* A strategy given by name: one registered with the manager. */
+static int resolve_strategy(lua_State *L, int manager_idx, int idx) {
+  if (lua_type(L, idx) != LUA_TSTRING)
+    return idx;
+  const char *name = lua_tostring(L, idx);
+  if (lmanager_push_strategy(L, manager_idx, name) == LUA_TNIL)
+    luaL_error(L, "deploy: no strategy named '%s' is registered with this manager "
+                  "(register it with manager:register_strategy(name, strategy))", name);
+  return lua_gettop(L);
+}
+
+static int start_run(lua_State *L, lmanager *m, int manager_idx, target_config *t, const char *version,
+                     const char *kind, int strategy_idx, int metadata_idx, const char *metadata_json, int on_event_idx,
+                     int hooks_idx, double hook_timeout, lmanager_done_cb cb, void *payload, char *err) {
+  if (!strategy_idx) {
+    lua_getiuservalue(L, manager_idx, UV_STRATEGY);
+    strategy_idx = lua_gettop(L);
   }
-  rollout_opts o = {.id = id, .created_at = created, .version = version, .kind = kind,
-                    .metadata_json = metadata, .on_event = on_event, .event_payload = &c};
-  rollout *r;
-  int rc = rollout_start(&r, m->e, m->s, t, ls->s, &o, on_done, &c, err);
-  free(metadata);
+  strategy_idx = resolve_strategy(L, manager_idx, strategy_idx);
+  if (!metadata_idx && metadata_json) {
+    ljson_decode(L, metadata_json);
+    metadata_idx = lua_istable(L, -1) ? lua_gettop(L) : 0;
+  }
+  lrun_spec sp = {.e = m->e, .s = m->s, .t = t, .version = version, .kind = kind,
+                  .strategy_idx = strategy_idx, .hooks_idx = hooks_idx, .hook_timeout = hook_timeout,
+                  .metadata_idx = metadata_idx, .on_event_idx = on_event_idx,
+                  .on_event2_idx = manager_handler_idx(L, manager_idx), .cb = cb, .payload = payload};
+  return lrun_start(L, &sp, err);
+}
+
+static const char *strategy_label(lua_State *L, int idx) {
+  lstrategy *ls = idx ? lstrategy_test(L, idx) : NULL;
+  if (ls)
+    return ls->s->name;
+  if (idx && lua_istable(L, idx)) {
+    lua_getfield(L, idx, "name");
+    const char *n = lua_tostring(L, -1);
+    lua_pop(L, 1);
+    if (n)
+      return n;
+  }
+  return "custom";
+}
+
+/* Starts the run and waits for it: yields inside a coroutine task (so
+ * deploy.parallel rolls targets out side by side), else runs the loop. */
+static int deploy_and_wait(lua_State *L, lmanager *m, target_config *t, const char *version, const char *kind,
+                           int strategy_idx, int metadata_idx, int on_event_idx, int hooks_idx, double hook_timeout) {
+  char err[DC_ERR_MAX];
+  deploy_wait *w = lua_newuserdatauv(L, sizeof *w, 0); /* on the stack across a yield */
+  memset(w, 0, sizeof *w);
+  w->task = lsched_current(L);
+  int rc = start_run(L, m, 1, t, version, kind, strategy_idx, metadata_idx, NULL, on_event_idx, hooks_idx,
+                     hook_timeout, deploy_done, w, err);
   if (rc != DC_OK) {
-    refused(&c.res, t, version, ls->s->name, err);
-    push_result(L, &c.res);
+    if (!strategy_idx) {
+      lua_getiuservalue(L, 1, UV_STRATEGY);
+      strategy_idx = lua_gettop(L);
+    }
+    refused(&w->res, t, version, strategy_label(L, strategy_idx), err);
+    push_result(L, &w->res);
     return 1;
   }
-  run_until_done(m->e, &c, r);
-  push_result(L, &c.res);
-  return 1;
+  if (!w->done)
+    w->awaiting = 1;
+  return lsched_await(L, &w->done, (lua_KContext)w, deploy_k);
 }
 
 static int manager_deploy(lua_State *L) {
   lmanager *m = check_manager(L);
   target_config *t = check_target(L, m, 2, "deploy");
   const char *version = check_version(L, 3, "deploy");
-  int strategy_idx = 0, metadata_idx = 0, on_event_idx = 0;
+  int strategy_idx = 0, metadata_idx = 0, on_event_idx = 0, hooks_idx = 0;
+  double hook_timeout = 30;
   if (!lua_isnoneornil(L, 4)) {
     if (!lua_istable(L, 4))
       return luaL_error(L, "deploy: deploy: options must be a table, got %s", luaL_typename(L, 4));
     check_options(L, 4);
     if (lua_getfield(L, 4, "strategy") != LUA_TNIL) {
-      if (!lstrategy_test(L, -1) && !lua_istable(L, -1))
+      if (!lstrategy_test(L, -1) && !lua_istable(L, -1) && lua_type(L, -1) != LUA_TSTRING)
         return luaL_error(L, "deploy: deploy: options.strategy must be a strategy (deploy.CanaryStrategy{...}, "
-                             "deploy.BlueGreenStrategy{...} or a DeploymentStrategy class), got %s",
+                             "deploy.BlueGreenStrategy{...}, a DeploymentStrategy class or a registered name), got %s",
                           luaL_typename(L, -1));
       strategy_idx = lua_gettop(L);
     }
@@ -311,12 +255,20 @@ static int manager_deploy(lua_State *L) {
         return luaL_error(L, "deploy: deploy: options.on_event must be a function, got %s", luaL_typename(L, -1));
       on_event_idx = lua_gettop(L);
     }
+    if (lua_getfield(L, 4, "hooks") != LUA_TNIL) {
+      if (!lua_istable(L, -1))
+        return luaL_error(L, "deploy: deploy: options.hooks must be a table of functions, got %s",
+                          luaL_typename(L, -1));
+      hooks_idx = lua_gettop(L);
+    }
+    if (lua_getfield(L, 4, "hook_timeout") != LUA_TNIL) {
+      if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) > 0))
+        return luaL_error(L, "deploy: deploy: options.hook_timeout must be a number of seconds > 0");
+      hook_timeout = lua_tonumber(L, -1);
+    }
   }
-  if (!strategy_idx) {
-    lua_getiuservalue(L, 1, UV_STRATEGY);
-    strategy_idx = lua_gettop(L);
-  }
-  return run_rollout(L, m, t, version, "deploy", strategy_idx, metadata_idx, on_event_idx);
+  return deploy_and_wait(L, m, t, version, "deploy", strategy_idx, metadata_idx, on_event_idx, hooks_idx,
+                         hook_timeout);
 }
 
 /* ---- rollback ---- */
@@ -370,7 +322,7 @@ static int manager_rollback(lua_State *L) {
     return lerror(L, err);
   }
   lstrategy_push_bluegreen(L);
-  return run_rollout(L, m, t, version, "rollback", lua_gettop(L), 0, 0);
+  return deploy_and_wait(L, m, t, version, "rollback", lua_gettop(L), 0, 0, 0, 30);
 }
 
 /* ---- status ---- */
@@ -431,8 +383,7 @@ static int manager_get_status(lua_State *L) {
     health_wait w = {0};
     health_opts o = {.timeout = t->health.timeout, .expect_status = t->health.expect_status};
     if (health_check_start(m->e, (const char *const *)ls.urls, ls.n, &o, health_seen, &w, err) == 0) {
-      while (!w.done)
-        engine_run_once(m->e);
+      lsched_block(L, &w.done);
       health = health_state_name(w.state);
     }
   }
@@ -537,7 +488,7 @@ static int manager_deployment(lua_State *L) {
 
 static int event_row(void *payload, const store_event *ev) {
   list_ctx *c = payload;
-  push_event(c->L, ev);
+  lrun_push_event(c->L, ev);
   lua_rawseti(c->L, -2, ++c->n);
   return 0;
 }
@@ -630,13 +581,12 @@ static void reconciled(void *payload, const char *err) {
   w->done = 1;
 }
 
-static int reconcile_target(lmanager *m, target_config *t, char *err) {
+static int reconcile_target(lua_State *L, lmanager *m, target_config *t, char *err) {
   wait_cb w;
   memset(&w, 0, sizeof w);
   if (target_reconcile(m->e, m->s, t, reconciled, &w, err) != 0)
     return -1;
-  while (!w.done)
-    engine_run_once(m->e);
+  lsched_block(L, &w.done);
   if (w.err[0]) {
     dc_strlcpy(err, w.err, DC_ERR_MAX);
     return -1;
@@ -651,7 +601,7 @@ static int manager_reconcile(lua_State *L) {
   lmanager *m = check_manager(L);
   target_config *t = check_target(L, m, 2, "reconcile");
   char err[DC_ERR_MAX];
-  if (reconcile_target(m, t, err) != 0) {
+  if (reconcile_target(L, m, t, err) != 0) {
     lua_pushboolean(L, 0);
     lua_pushstring(L, err);
     return 2;
@@ -677,6 +627,113 @@ static int manager_state_path(lua_State *L) {
   lmanager *m = check_manager(L);
   lua_pushstring(L, store_path(m->s));
   return 1;
+}
+
+/* ---- operator commands and named strategies ---- */
+
+/* promote(target) / abort(target): for a rollout running in any process
+ * (paused, or waiting between steps), through the store. */
+static int control(lua_State *L, const char *command) {
+  lmanager *m = check_manager(L);
+  target_config *t = check_target(L, m, 2, command);
+  char err[DC_ERR_MAX], who[128];
+  store_target tg;
+  if (store_target_get(m->s, t->name, &tg, err) != 0)
+    return lerror(L, err);
+  if (strcmp(tg.status, "running") != 0 && strcmp(tg.status, "rolling_back") != 0) {
+    lua_pushboolean(L, 0);
+    lua_pushfstring(L, "no deployment of '%s' is running (status: %s)", t->name, tg.status);
+    return 2;
+  }
+  dc_whoami(who, sizeof who);
+  if (store_control_set(m->s, t->name, command, who, err) != 0)
+    return lerror(L, err);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int manager_promote(lua_State *L) { return control(L, "promote"); }
+static int manager_abort(lua_State *L) { return control(L, "abort"); }
+
+static void check_named_strategy(lua_State *L, int idx, const char *name) {
+  if (lstrategy_test(L, idx))
+    return;
+  if (lua_istable(L, idx)) {
+    lua_getfield(L, idx, "execute");
+    int ok = lua_isfunction(L, -1);
+    lua_pop(L, 1);
+    if (ok)
+      return;
+  }
+  luaL_error(L, "deploy: strategy '%s' must be a built-in strategy or a DeploymentStrategy class, got %s", name,
+             luaL_typename(L, idx));
+}
+
+static int manager_register_strategy(lua_State *L) {
+  check_manager(L);
+  const char *name = luaL_checkstring(L, 2);
+  char err[DC_ERR_MAX];
+  if (dc_validate_target_name(name, err) != 0)
+    return luaL_error(L, "deploy: register_strategy: name '%s' must be a simple word ([A-Za-z0-9_-])", name);
+  check_named_strategy(L, 3, name);
+  lua_getiuservalue(L, 1, UV_STRATEGIES);
+  lua_pushvalue(L, 3);
+  lua_setfield(L, -2, name);
+  return 0;
+}
+
+int lmanager_push_strategy(lua_State *L, int manager_idx, const char *name) {
+  manager_idx = lua_absindex(L, manager_idx);
+  luaL_checkudata(L, manager_idx, MANAGER_MT);
+  if (strcmp(name, "canary") == 0 || strcmp(name, "blue-green") == 0) {
+    lua_getiuservalue(L, manager_idx, UV_STRATEGIES);
+    if (lua_getfield(L, -1, name) != LUA_TNIL) {
+      lua_remove(L, -2);
+      return lua_type(L, -1);
+    }
+    lua_pop(L, 2);
+    lua_pushnil(L);
+    return LUA_TNIL;
+  }
+  lua_getiuservalue(L, manager_idx, UV_STRATEGIES);
+  int t = lua_getfield(L, -1, name);
+  lua_remove(L, -2);
+  return t;
+}
+
+static lmanager *manager_at(lua_State *L, int idx) {
+  lmanager *m = luaL_checkudata(L, idx, MANAGER_MT);
+  if (!m->s)
+    luaL_error(L, "deploy: this DeploymentManager was closed");
+  return m;
+}
+
+store *lmanager_store(lua_State *L, int idx) { return manager_at(L, idx)->s; }
+engine *lmanager_engine(lua_State *L, int idx) { return manager_at(L, idx)->e; }
+target_config *lmanager_target(lua_State *L, int idx, const char *name) {
+  return lconfig_target(manager_at(L, idx)->cfg, name);
+}
+void lmanager_known(lua_State *L, int idx, char *buf, size_t size) { lconfig_known(manager_at(L, idx)->cfg, buf, size); }
+
+int lmanager_start(lua_State *L, int manager_idx, const char *target, const char *version, int strategy_idx,
+                   const char *metadata_json, lmanager_done_cb cb, void *payload, char *err) {
+  manager_idx = lua_absindex(L, manager_idx);
+  if (strategy_idx)
+    strategy_idx = lua_absindex(L, strategy_idx);
+  lmanager *m = manager_at(L, manager_idx);
+  int top = lua_gettop(L);
+  target_config *t = lconfig_target(m->cfg, target);
+  if (!t) {
+    char known[300];
+    lconfig_known(m->cfg, known, sizeof known);
+    luaL_error(L, "deploy: unknown target '%s' (known: %s)", target, known);
+  }
+  if (dc_validate_version(version, "version", err) != 0)
+    lerror(L, err);
+  int rc = start_run(L, m, manager_idx, t, version, "deploy", strategy_idx, 0, metadata_json, 0, 0, 30, cb,
+                     payload, err);
+  lua_settop(L, top);
+  return rc;
 }
 
 /* ---- construction ---- */
@@ -711,7 +768,7 @@ static void open_store(lua_State *L, lmanager *m) {
     lerror(L, err);
   for (int i = 0; i < rec.n; i++) {
     target_config *t = lconfig_target(m->cfg, rec.targets[i]);
-    if (t && reconcile_target(m, t, err) != 0)
+    if (t && reconcile_target(L, m, t, err) != 0)
       fprintf(stderr, "deploy: recovering '%s': %s\n", t->name, err);
   }
 }
@@ -729,8 +786,8 @@ static int manager_new(lua_State *L) {
   lua_pushnil(L);
   while (lua_next(L, 1)) {
     const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "";
-    if (strcmp(k, "strategy") && strcmp(k, "config") && strcmp(k, "on_event"))
-      return luaL_error(L, "deploy: DeploymentManager has no option '%s' (known: strategy, config, on_event)",
+    if (strcmp(k, "strategy") && strcmp(k, "config") && strcmp(k, "on_event") && strcmp(k, "strategies"))
+      return luaL_error(L, "deploy: DeploymentManager has no option '%s' (known: strategy, config, on_event, strategies)",
                         lua_type(L, -2) == LUA_TSTRING ? k : luaL_typename(L, -2));
     lua_pop(L, 1);
   }
@@ -772,6 +829,23 @@ static int manager_new(lua_State *L) {
   lua_setiuservalue(L, 6, UV_STRATEGY);
   lua_pushvalue(L, 5);
   lua_setiuservalue(L, 6, UV_ON_EVENT);
+  lua_newtable(L);
+  if (lua_getfield(L, 1, "strategies") != LUA_TNIL) {
+    if (!lua_istable(L, -1))
+      return luaL_error(L, "deploy: DeploymentManager strategies must be a table { name = strategy }, got %s",
+                        luaL_typename(L, -1));
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+      if (lua_type(L, -2) != LUA_TSTRING)
+        return luaL_error(L, "deploy: DeploymentManager strategies must be keyed by name");
+      check_named_strategy(L, lua_gettop(L), lua_tostring(L, -2));
+      lua_pushvalue(L, -2);
+      lua_insert(L, -2);
+      lua_settable(L, -5);
+    }
+  }
+  lua_pop(L, 1);
+  lua_setiuservalue(L, 6, UV_STRATEGIES);
   open_store(L, m);
   lua_settop(L, 6);
   return 1;
@@ -783,6 +857,8 @@ void lmanager_register(lua_State *L) {
       {"history", manager_history},     {"deployment", manager_deployment}, {"events", manager_events},
       {"instances", manager_instances}, {"targets", manager_targets},     {"reconcile", manager_reconcile},
       {"state_path", manager_state_path}, {"integrity_check", manager_integrity_check},
+      {"promote", manager_promote},       {"abort", manager_abort},
+      {"register_strategy", manager_register_strategy},
       {"close", manager_close},           {NULL, NULL}};
   if (luaL_newmetatable(L, MANAGER_MT)) {
     luaL_newlib(L, methods);

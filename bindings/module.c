@@ -4,6 +4,8 @@
 #include <string.h>
 
 #include "bindings.h"
+#include "run.h"
+#include "lsched.h"
 #include "util.h"
 
 typedef struct lengine {
@@ -90,7 +92,24 @@ void ljson_decode(lua_State *L, const char *json) {
   }
 }
 
-static void sleep_done(void *payload) { *(int *)payload = 1; }
+typedef struct sleep_wait {
+  int fired, awaiting;
+  ltask *task;
+} sleep_wait;
+
+static void sleep_done(void *payload) {
+  sleep_wait *w = payload;
+  w->fired = 1;
+  if (w->task)
+    lsched_ready(w->task);
+}
+
+static int sleep_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)L;
+  (void)status;
+  (void)ctx;
+  return 0;
+}
 
 /* deploy.sleep(seconds): waits on the engine clock while the loop runs (so
  * other rollouts progress); returns at once on the virtual clock. */
@@ -98,11 +117,12 @@ static int deploy_sleep(lua_State *L) {
   double s = luaL_checknumber(L, 1);
   luaL_argcheck(L, s >= 0 && s < 1e9, 1, "seconds must be >= 0");
   engine *e = lengine_get(L);
-  int fired = 0;
-  engine_timer_start(e, s, sleep_done, &fired);
-  while (!fired)
-    engine_run_once(e);
-  return 0;
+  sleep_wait *w = lua_newuserdatauv(L, sizeof *w, 0); /* on the stack across a yield */
+  w->fired = 0;
+  w->task = lsched_current(L);
+  w->awaiting = 1;
+  engine_timer_start(e, s, sleep_done, w);
+  return lsched_await(L, &w->fired, (lua_KContext)w, sleep_k);
 }
 
 /* deploy.now(): the engine clock, epoch seconds (virtual when simulating). */
@@ -119,6 +139,8 @@ int luaopen_deploy(lua_State *L) {
   lstrategy_register(L);
   lmanager_register(L);
   lhealth_register(L);
+  lrun_register(L);
+  lparallel_register(L);
   lua_pushcfunction(L, deploy_sleep);
   lua_setfield(L, -2, "sleep");
   lua_pushcfunction(L, deploy_now);

@@ -70,10 +70,47 @@ static void check_fields(lua_State *L, int idx, const char *cls, const char *con
   }
 }
 
-static void push_strategy(lua_State *L, strategy *s) {
+/* The strategy's hooks (a table of functions, checked when a deployment
+ * uses them) live in the userdata's user value. */
+static void push_strategy(lua_State *L, strategy *s, int params_idx) {
   lstrategy *ls = lua_newuserdatauv(L, sizeof *ls, 1);
   ls->s = s;
   luaL_setmetatable(L, STRATEGY_MT);
+  if (params_idx && lua_getfield(L, params_idx, "hooks") != LUA_TNIL) {
+    if (!lua_istable(L, -1)) {
+      char msg[DC_ERR_MAX];
+      dc_fmt(msg, sizeof msg, "deploy: %s strategy hooks must be a table of functions, got %s", s->name,
+             luaL_typename(L, -1));
+      lua_pop(L, 1);
+      lerror(L, msg);
+    }
+    lua_setiuservalue(L, -2, 1);
+  } else if (params_idx) {
+    lua_pop(L, 1);
+  }
+}
+
+static int read_pauses(lua_State *L, int idx, double *out, int cap) {
+  int t = lua_getfield(L, idx, "pause_at");
+  int n = 0;
+  if (t == LUA_TNUMBER) {
+    out[n++] = lua_tonumber(L, -1);
+  } else if (t == LUA_TTABLE) {
+    int len = (int)lua_rawlen(L, -1);
+    if (len > cap)
+      luaL_error(L, "deploy: CanaryStrategy pause_at has %d entries: at most %d", len, cap);
+    for (int i = 1; i <= len; i++) {
+      if (lua_rawgeti(L, -1, i) != LUA_TNUMBER)
+        luaL_error(L, "deploy: CanaryStrategy pause_at[%d] must be a number, got %s", i, luaL_typename(L, -1));
+      out[n++] = lua_tonumber(L, -1);
+      lua_pop(L, 1);
+    }
+  } else if (t != LUA_TNIL) {
+    luaL_error(L, "deploy: CanaryStrategy pause_at must be a list of percentages such as {50}, got %s",
+               luaL_typename(L, -1));
+  }
+  lua_pop(L, 1);
+  return n;
 }
 
 static int opts_index(lua_State *L, const char *cls) {
@@ -91,7 +128,8 @@ static int opts_index(lua_State *L, const char *cls) {
 }
 
 static int canary_new(lua_State *L) {
-  static const char *const allowed[] = {"initial_percentage", "increment", "interval", "health_check_url", NULL};
+  static const char *const allowed[] = {"initial_percentage", "increment", "interval", "health_check_url",
+                                        "pause_at", "hooks", NULL};
   char url[512], err[DC_ERR_MAX];
   int idx = opts_index(L, "CanaryStrategy");
   check_fields(L, idx, "CanaryStrategy", allowed);
@@ -101,15 +139,16 @@ static int canary_new(lua_State *L) {
   p.increment = opt_number(L, idx, "CanaryStrategy", "increment", p.increment);
   p.interval = opt_number(L, idx, "CanaryStrategy", "interval", p.interval);
   p.health_check_url = opt_url(L, idx, "CanaryStrategy", url, sizeof url);
+  p.npause = read_pauses(L, idx, p.pause_at, CANARY_MAX_PAUSES);
   strategy *s;
   if (strategy_canary_new(&s, &p, err) != 0)
     return lerror(L, err);
-  push_strategy(L, s);
+  push_strategy(L, s, idx);
   return 1;
 }
 
 static int bluegreen_new(lua_State *L) {
-  static const char *const allowed[] = {"switch_delay", "health_check_url", NULL};
+  static const char *const allowed[] = {"switch_delay", "health_check_url", "hooks", NULL};
   char url[512], err[DC_ERR_MAX];
   int idx = opts_index(L, "BlueGreenStrategy");
   check_fields(L, idx, "BlueGreenStrategy", allowed);
@@ -120,7 +159,7 @@ static int bluegreen_new(lua_State *L) {
   strategy *s;
   if (strategy_bluegreen_new(&s, &p, err) != 0)
     return lerror(L, err);
-  push_strategy(L, s);
+  push_strategy(L, s, idx);
   return 1;
 }
 
@@ -131,7 +170,7 @@ strategy *lstrategy_push_bluegreen(lua_State *L) {
   bluegreen_params_default(&p);
   if (strategy_bluegreen_new(&s, &p, err) != 0)
     lerror(L, err);
-  push_strategy(L, s);
+  push_strategy(L, s, 0);
   return s;
 }
 
@@ -142,6 +181,10 @@ static int strategy_index(lua_State *L) {
   strategy *s = ls->s;
   if (strcmp(k, "name") == 0) {
     lua_pushstring(L, s->name);
+    return 1;
+  }
+  if (strcmp(k, "hooks") == 0) {
+    lua_getiuservalue(L, 1, 1);
     return 1;
   }
   if (strcmp(k, "health_check_url") == 0) {
@@ -163,6 +206,14 @@ static int strategy_index(lua_State *L) {
     }
     if (strcmp(k, "interval") == 0) {
       lua_pushnumber(L, c->interval);
+      return 1;
+    }
+    if (strcmp(k, "pause_at") == 0) {
+      lua_createtable(L, c->npause, 0);
+      for (int i = 0; i < c->npause; i++) {
+        lua_pushnumber(L, c->pause_at[i]);
+        lua_rawseti(L, -2, i + 1);
+      }
       return 1;
     }
   } else if (strcmp(k, "switch_delay") == 0) {

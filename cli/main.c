@@ -56,6 +56,31 @@ static int msghandler(lua_State *L) {
   return 1;
 }
 
+/* package.preload loader for one embedded CLI module. */
+static int load_embedded(lua_State *L) {
+  const char *name = luaL_checkstring(L, 1);
+  for (int i = 0; deployctl_modules[i].name; i++) {
+    if (strcmp(deployctl_modules[i].name, name) != 0)
+      continue;
+    char chunk[128];
+    snprintf(chunk, sizeof chunk, "=%s", name);
+    if (luaL_loadbufferx(L, (const char *)deployctl_modules[i].code, deployctl_modules[i].len, chunk, "t") != LUA_OK)
+      return lua_error(L);
+    return 1;
+  }
+  return luaL_error(L, "deployctl: no embedded module '%s'", name);
+}
+
+/* package.preload entry: load and run the module's chunk. */
+static int require_embedded(lua_State *L) {
+  lua_pushcfunction(L, load_embedded);
+  lua_pushvalue(L, 1);
+  lua_call(L, 1, 1);
+  lua_pushvalue(L, 1);
+  lua_call(L, 1, 1);
+  return 1;
+}
+
 static int interrupt_count(lua_State *L) {
   lua_pushinteger(L, dc_interrupts);
   return 1;
@@ -68,6 +93,12 @@ static int pmain(lua_State *L) {
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
   lua_pushcfunction(L, luaopen_deploy);
   lua_setfield(L, -2, "deploy");
+  for (int i = 0; deployctl_modules[i].name; i++) {
+    if (strcmp(deployctl_modules[i].name, "deployctl") == 0)
+      continue;
+    lua_pushcfunction(L, require_embedded);
+    lua_setfield(L, -2, deployctl_modules[i].name);
+  }
   lua_pop(L, 1);
   lua_pushcfunction(L, interrupt_count);
   lua_setglobal(L, "__deployctl_interrupts");
@@ -77,8 +108,9 @@ static int pmain(lua_State *L) {
     lua_rawseti(L, -2, i);
   }
   lua_setglobal(L, "arg");
-  if (luaL_loadbufferx(L, (const char *)deployctl_lua, sizeof deployctl_lua - 1, "=deployctl", "t") != LUA_OK)
-    return lua_error(L);
+  lua_pushcfunction(L, load_embedded);
+  lua_pushliteral(L, "deployctl");
+  lua_call(L, 1, 1);
   for (int i = 1; i < argc; i++)
     lua_pushstring(L, argv[i]);
   lua_call(L, argc - 1, 1);

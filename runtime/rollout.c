@@ -59,10 +59,27 @@ struct rollout {
   int stops_pending;
   int promoted;
   rollout_result result;
+
+  /* hooks */
+  const rollout_hooks *hooks;
+  void (*hook_next)(rollout *r, int ok, const char *err);
+  double abort_pct;       /* the new version's share when the abort began */
+
+  /* operator commands (promote / abort), polled in real time */
+  uv_timer_t *ctl_timer;
+  double control_poll;
+  int paused;
 };
 
 static void run_step(rollout *r);
 static void end_rollout(rollout *r);
+static void complete(rollout *r, int ok, const char *err);
+static void step_passed(rollout *r);
+
+static const char *const hook_names[HOOK_COUNT] = {"before_deploy", "before_step", "after_step", "analysis",
+                                                   "on_promote",    "on_abort",    "on_rollback"};
+
+const char *rollout_hook_name(hook_kind k) { return k < HOOK_COUNT ? hook_names[k] : "hook"; }
 
 /* ---- events ---- */
 
@@ -88,6 +105,87 @@ static void emit(rollout *r, const char *kind, const char *data_json) {
 static void add_error(rollout *r, const char *msg) {
   if (r->result.nerrors < ROLLOUT_MAX_ERRORS)
     dc_strlcpy(r->result.errors[r->result.nerrors++], msg, DC_ERR_MAX);
+}
+
+/* ---- hooks ---- */
+
+static void hook_finished(rollout *r, int ok, const char *err) {
+  void (*next)(rollout *, int, const char *) = r->hook_next;
+  r->hook_next = NULL;
+  next(r, ok, err);
+}
+
+/* Runs the user's hook of that kind if there is one, then next(ok, err). */
+static void with_hook(rollout *r, hook_kind k, double pct, const char *reason,
+                      void (*next)(rollout *r, int ok, const char *err)) {
+  r->hook_next = next;
+  if (r->hooks && r->hooks->run &&
+      r->hooks->run(r->hooks->payload, r, k, pct, &r->health, reason, hook_finished))
+    return;
+  r->hook_next = NULL;
+  next(r, 1, NULL);
+}
+
+/* A hook that fails once the outcome is decided cannot change it. */
+static void note_hook_failure(rollout *r, hook_kind k, const char *err) {
+  char data[DC_ERR_MAX + 64], why[DC_ERR_MAX];
+  dc_json_string(why, sizeof why, err ? err : "failed");
+  dc_fmt(data, sizeof data, "{\"hook\":\"%s\",\"error\":%s}", rollout_hook_name(k), why);
+  emit(r, "hook_failed", data);
+}
+
+/* ---- operator commands ---- */
+
+static void ctl_closed(uv_handle_t *h) { free(h); }
+
+static void ctl_stop(rollout *r) {
+  if (!r->ctl_timer)
+    return;
+  uv_timer_stop(r->ctl_timer);
+  uv_close((uv_handle_t *)r->ctl_timer, ctl_closed);
+  r->ctl_timer = NULL;
+}
+
+/* Takes a pending "promote" or "abort" for this target ("" when none). */
+static void take_control(rollout *r, char *cmd, size_t size) {
+  char err[DC_ERR_MAX];
+  cmd[0] = '\0';
+  if (store_control_take(r->s, r->t->name, cmd, size, err) != 0)
+    cmd[0] = '\0';
+}
+
+static void put_back_control(rollout *r, const char *cmd) {
+  char err[DC_ERR_MAX];
+  store_control_set(r->s, r->t->name, cmd, "deployctl", err);
+}
+
+static void pause_poll(uv_timer_t *h) {
+  rollout *r = h->data;
+  char cmd[32], data[128];
+  take_control(r, cmd, sizeof cmd);
+  if (strcmp(cmd, "promote") == 0) {
+    ctl_stop(r);
+    r->paused = 0;
+    dc_fmt(data, sizeof data, "{\"pct\":%g,\"command\":\"promote\"}", r->run.pct);
+    emit(r, "resumed", data);
+    complete(r, 1, NULL);
+  } else if (strcmp(cmd, "abort") == 0) {
+    ctl_stop(r);
+    r->paused = 0;
+    complete(r, 0, "aborted by the operator (deployctl abort) during the pause");
+  }
+}
+
+static void act_pause(rollout *r) {
+  char data[128];
+  dc_fmt(data, sizeof data, "{\"pct\":%g}", r->run.pct);
+  emit(r, "paused", data);
+  r->paused = 1;
+  r->ctl_timer = malloc(sizeof *r->ctl_timer);
+  uv_timer_init(r->e->loop, r->ctl_timer);
+  r->ctl_timer->data = r;
+  uint64_t ms = (uint64_t)(r->control_poll * 1000.0);
+  uv_timer_start(r->ctl_timer, pause_poll, 0, ms ? ms : 1);
 }
 
 /* ---- completing an action, always from the loop ---- */
@@ -263,9 +361,9 @@ static void monitor_observed(void *payload, const rollout_health *h) {
       char data[64];
       dc_fmt(data, sizeof data, "{\"checked\":%d}", h->checked);
       emit(r, "verified", data);
-      complete(r, 1, NULL);
+      step_passed(r);
     } else if (r->mon == MON_GATED && now >= r->mon_deadline) {
-      complete(r, 1, NULL);
+      step_passed(r);
     } else {
       monitor_schedule(r);
     }
@@ -275,9 +373,60 @@ static void monitor_observed(void *payload, const rollout_health *h) {
   }
 }
 
+static void step_hooks_done(rollout *r, int ok, const char *err) {
+  char msg[DC_ERR_MAX];
+  if (!ok) {
+    dc_fmt(msg, sizeof msg, "analysis failed: %s", err ? err : "the analysis hook said fail");
+    complete(r, 0, msg);
+    return;
+  }
+  complete(r, 1, NULL);
+}
+
+static void after_step_done(rollout *r, int ok, const char *err) {
+  char msg[DC_ERR_MAX];
+  if (!ok) {
+    dc_fmt(msg, sizeof msg, "after_step hook failed: %s", err ? err : "returned false");
+    complete(r, 0, msg);
+    return;
+  }
+  with_hook(r, HOOK_ANALYSIS, r->run.pct, NULL, step_hooks_done);
+}
+
+/* A health-gated wait that ended well: after_step, then analysis. */
+static void step_passed(rollout *r) {
+  r->mon = MON_NONE;
+  with_hook(r, HOOK_AFTER_STEP, r->run.pct, NULL, after_step_done);
+}
+
+/* Operator commands seen while waiting: abort at any moment; promote ends
+ * a timed wait early (the next step comes now). */
+static int monitor_controls(rollout *r) {
+  char cmd[32];
+  take_control(r, cmd, sizeof cmd);
+  if (strcmp(cmd, "abort") == 0) {
+    rollout_abort(r, "aborted by the operator (deployctl abort)");
+    complete(r, 0, r->abort_reason);
+    return 1;
+  }
+  if (strcmp(cmd, "promote") == 0) {
+    if (r->mon == MON_GATED) {
+      char data[96];
+      dc_fmt(data, sizeof data, "{\"pct\":%g,\"command\":\"promote\"}", r->run.pct);
+      emit(r, "resumed", data);
+      step_passed(r);
+      return 1;
+    }
+    put_back_control(r, cmd);
+  }
+  return 0;
+}
+
 static void monitor_tick(void *payload) {
   rollout *r = payload;
   r->timer = NULL;
+  if (monitor_controls(r))
+    return;
   rollout_check_health(r, monitor_observed, r);
 }
 
@@ -287,7 +436,7 @@ static void monitor_start(rollout *r, enum monitor_mode mode, double seconds) {
   r->mon_deadline = engine_now(r->e) + seconds;
   if (mode == MON_GATED) {
     if (seconds <= 0) {
-      complete(r, 1, NULL);
+      step_passed(r);
       return;
     }
     monitor_schedule(r);
@@ -328,9 +477,17 @@ static int start_one(rollout *r, int idx, char *err) {
   return 0;
 }
 
-static void act_start(rollout *r) {
+static void act_start(rollout *r, int n) {
   char err[DC_ERR_MAX];
-  int n = r->t->instances;
+  /* Starting what is already there is a no-op, so a built-in strategy can
+   * take over from a Lua strategy that started the instances itself. */
+  if (n <= 0) {
+    n = r->t->instances - (int)r->nfresh;
+    if (n <= 0) {
+      complete(r, 1, NULL);
+      return;
+    }
+  }
   if (r->nfresh + (size_t)n > r->fresh_cap) {
     size_t cap = r->nfresh + (size_t)n;
     store_instance *grown = realloc(r->fresh, cap * sizeof *grown);
@@ -418,7 +575,23 @@ static void traffic_applied(void *payload, const char *err) {
   complete(r, 1, NULL);
 }
 
+static void traffic_now(rollout *r, double pct);
+
+static void before_step_done(rollout *r, int ok, const char *err) {
+  char msg[DC_ERR_MAX];
+  if (!ok) {
+    dc_fmt(msg, sizeof msg, "before_step hook failed at %g %%: %s", r->act.pct, err ? err : "returned false");
+    complete(r, 0, msg);
+    return;
+  }
+  traffic_now(r, r->act.pct);
+}
+
 static void act_traffic(rollout *r, double pct) {
+  with_hook(r, HOOK_BEFORE_STEP, pct, NULL, before_step_done);
+}
+
+static void traffic_now(rollout *r, double pct) {
   char err[DC_ERR_MAX];
   if (!(pct >= 0 && pct <= 100)) {
     dc_fmt(err, sizeof err, "traffic percentage %g is outside 0..100", pct);
@@ -497,9 +670,15 @@ static void stop_sets(rollout *r, store_instance *a, size_t na, store_instance *
 
 /* ---- PROMOTE ---- */
 
+static void on_promote_done(rollout *r, int ok, const char *err) {
+  if (!ok)
+    note_hook_failure(r, HOOK_ON_PROMOTE, err);
+  end_rollout(r);
+}
+
 static void promoted_stopped(rollout *r) {
   r->promoted = 1;
-  end_rollout(r);
+  with_hook(r, HOOK_ON_PROMOTE, 100, NULL, on_promote_done);
 }
 
 static void promote_applied(void *payload, const char *err) {
@@ -534,7 +713,21 @@ static void act_promote(rollout *r) {
 
 /* ---- ABORT ---- */
 
-static void aborted_stopped(rollout *r) { end_rollout(r); }
+static void on_abort_done(rollout *r, int ok, const char *err) {
+  if (!ok)
+    note_hook_failure(r, HOOK_ON_ABORT, err);
+  end_rollout(r);
+}
+
+static void aborted_stopped(rollout *r) {
+  with_hook(r, HOOK_ON_ABORT, r->abort_pct, r->result.nerrors ? r->result.errors[0] : "aborted", on_abort_done);
+}
+
+static void on_rollback_done(rollout *r, int ok, const char *err) {
+  if (!ok)
+    note_hook_failure(r, HOOK_ON_ROLLBACK, err);
+  stop_sets(r, r->fresh, r->nfresh, r->strays, r->nstray, aborted_stopped);
+}
 
 static void abort_applied(void *payload, const char *err) {
   rollout *r = payload;
@@ -545,6 +738,13 @@ static void abort_applied(void *payload, const char *err) {
   } else {
     r->run.pct = 0;
     save_weights(r, r->nold ? 1 : 0, 0);
+    if (r->abort_pct > 0 && r->nold > 0) {
+      char data[64];
+      dc_fmt(data, sizeof data, "{\"from_pct\":%g}", r->abort_pct);
+      emit(r, "rolled_back", data);
+      with_hook(r, HOOK_ON_ROLLBACK, r->abort_pct, NULL, on_rollback_done);
+      return;
+    }
   }
   stop_sets(r, r->fresh, r->nfresh, r->strays, r->nstray, aborted_stopped);
 }
@@ -552,6 +752,8 @@ static void abort_applied(void *payload, const char *err) {
 static void act_abort(rollout *r, const char *reason) {
   char err[DC_ERR_MAX], data[DC_ERR_MAX + 64], why[DC_ERR_MAX];
   r->ending = 1;
+  r->abort_pct = r->run.pct;
+  ctl_stop(r);
   add_error(r, reason);
   dc_json_string(why, sizeof why, reason);
   dc_fmt(data, sizeof data, "{\"reason\":%s,\"pct\":%g}", why, r->run.pct);
@@ -602,6 +804,7 @@ static void end_rollout(rollout *r) {
   r->act_cb = NULL;
   if (cb)
     cb(r->act_payload, r->act_ok, r->act_ok ? NULL : r->act_err);
+  ctl_stop(r);
   if (r->done)
     r->done(r->done_payload, &r->result);
   free(r->old);
@@ -620,9 +823,18 @@ void rollout_action(rollout *r, const strategy_action *a, rollout_action_cb cb, 
     r->act.kind = ACTION_ABORT;
     dc_strlcpy(r->act.reason, r->abort_reason, sizeof r->act.reason);
   }
+  if (r->ending && a->kind != ACTION_PROMOTE && a->kind != ACTION_ABORT) {
+    r->act_cb = NULL;
+    if (cb)
+      cb(payload, 0, "the deployment has already ended");
+    return;
+  }
   switch (r->act.kind) {
   case ACTION_START:
-    act_start(r);
+    act_start(r, (int)r->act.seconds);
+    return;
+  case ACTION_PAUSE:
+    act_pause(r);
     return;
   case ACTION_WAIT_HEALTHY:
     if (r->nfresh == 0) {
@@ -664,17 +876,64 @@ static void run_step(rollout *r) {
   rollout_action(r, &a, stepped, r);
 }
 
+static void begin_after_hook(rollout *r, int ok, const char *err) {
+  char msg[DC_ERR_MAX];
+  rollout_action_cb cb = r->act_cb;
+  void *payload = r->act_payload;
+  r->act_cb = NULL;
+  if (!ok)
+    dc_fmt(msg, sizeof msg, "before_deploy hook failed: %s", err ? err : "returned false");
+  cb(payload, ok, ok ? NULL : msg);
+}
+
+void rollout_begin(rollout *r, rollout_action_cb cb, void *payload) {
+  r->act_cb = cb;
+  r->act_payload = payload;
+  with_hook(r, HOOK_BEFORE_DEPLOY, 0, NULL, begin_after_hook);
+}
+
+static void steps_begun(void *payload, int ok, const char *err) {
+  rollout *r = payload;
+  if (!ok) {
+    strategy_action a;
+    memset(&a, 0, sizeof a);
+    a.kind = ACTION_ABORT;
+    dc_strlcpy(a.reason, err, sizeof a.reason);
+    rollout_action(r, &a, stepped, r);
+    return;
+  }
+  run_step(r);
+}
+
 static void begin_steps(void *payload) {
   rollout *r = payload;
   r->timer = NULL;
-  run_step(r);
+  rollout_begin(r, steps_begun, r);
 }
+
+void rollout_next_action(rollout *r, const strategy *st, strategy_action *out) { st->step(st, &r->run, out); }
+
+void rollout_record(rollout *r, int ok, const char *err) {
+  r->run.last_ok = ok;
+  dc_strlcpy(r->run.last_error, err ? err : "", sizeof r->run.last_error);
+}
+
+int rollout_ending(const rollout *r) { return r->ending; }
+const rollout_health *rollout_last_health(const rollout *r) { return &r->health; }
+const char *rollout_version(const rollout *r) { return r->version; }
+const char *rollout_target(const rollout *r) { return r->t->name; }
 
 void rollout_abort(rollout *r, const char *reason) {
   if (r->abort_requested || r->ending)
     return;
   r->abort_requested = 1;
   dc_strlcpy(r->abort_reason, reason && *reason ? reason : "aborted by the operator", sizeof r->abort_reason);
+  if (r->paused) {
+    ctl_stop(r);
+    r->paused = 0;
+    complete(r, 0, r->abort_reason);
+    return;
+  }
   /* A pending wait ends now instead of at its deadline. */
   if (r->mon != MON_NONE && r->timer && !r->health_cb) {
     engine_timer_cancel(r->timer);
@@ -738,6 +997,8 @@ int rollout_start(rollout **out, engine *e, store *s, target_config *t, const st
   r->done_payload = payload;
   r->on_event = o->on_event;
   r->event_payload = o->event_payload;
+  r->hooks = o->hooks;
+  r->control_poll = o->control_poll > 0 ? o->control_poll : 0.2;
   if (o->id && *o->id)
     dc_strlcpy(r->id, o->id, sizeof r->id);
   else

@@ -28,6 +28,39 @@ typedef struct rollout_result {
   char errors[ROLLOUT_MAX_ERRORS][DC_ERR_MAX];
 } rollout_result;
 
+/* Last health observation of the new instances. */
+typedef struct rollout_health {
+  health_state state;
+  int checked, ok;
+  int answered_bad;   /* some instance answered, with the wrong status */
+  char detail[DC_ERR_MAX];
+} rollout_health;
+
+/* Hooks: user code run at step boundaries (Lua functions, through the
+ * bindings). A hook that fails before or during the rollout aborts it;
+ * on_promote, on_abort and on_rollback failures are recorded as events. */
+typedef enum {
+  HOOK_BEFORE_DEPLOY,  /* before the first instance starts */
+  HOOK_BEFORE_STEP,    /* before each traffic change (pct = the new share) */
+  HOOK_AFTER_STEP,     /* after each health-gated wait (pct, health) */
+  HOOK_ANALYSIS,       /* after after_step: pass or fail */
+  HOOK_ON_PROMOTE,
+  HOOK_ON_ABORT,
+  HOOK_ON_ROLLBACK,    /* traffic was returned to the old version */
+  HOOK_COUNT
+} hook_kind;
+
+const char *rollout_hook_name(hook_kind k);
+
+typedef void (*rollout_hook_done)(rollout *r, int ok, const char *err);
+typedef struct rollout_hooks {
+  /* Starts the hook of that kind if there is one: returns 1 and calls done
+   * exactly once, later, from the loop; or returns 0 when there is none. */
+  int (*run)(void *payload, rollout *r, hook_kind kind, double pct, const rollout_health *health,
+             const char *reason, rollout_hook_done done);
+  void *payload;
+} rollout_hooks;
+
 typedef void (*rollout_event_cb)(void *payload, const store_event *ev);
 typedef void (*rollout_done_cb)(void *payload, const rollout_result *res);
 /* Outcome of one action run by rollout_action (ok, or why not). */
@@ -42,6 +75,9 @@ typedef struct rollout_opts {
   const char *metadata_json;       /* JSON object or NULL */
   rollout_event_cb on_event;       /* every event, after it is stored */
   void *event_payload;
+  const rollout_hooks *hooks;      /* NULL: none; must outlive the rollout */
+  double control_poll;             /* seconds between checks for operator
+                                      commands (promote/abort); default 0.2 */
 } rollout_opts;
 
 /* Records the deployment (row + lock) and, when st is not NULL, starts
@@ -59,6 +95,22 @@ int rollout_start(rollout **out, engine *e, store *s, target_config *t,
 void rollout_action(rollout *r, const strategy_action *a,
                     rollout_action_cb cb, void *payload);
 
+/* For externally driven rollouts: run the before_deploy hook, then cb(ok).
+ * The rollout may be driven only after cb said ok; when it says not ok,
+ * end the rollout with ACTION_ABORT. */
+void rollout_begin(rollout *r, rollout_action_cb cb, void *payload);
+
+/* For a built-in strategy run from inside an externally driven rollout
+ * (canary:execute(d) in a Lua strategy): the next action of st's step
+ * machine, given the run so far; and the outcome of an action, recorded
+ * for the step machine's next decision. */
+void rollout_next_action(rollout *r, const strategy *st, strategy_action *out);
+void rollout_record(rollout *r, int ok, const char *err);
+int rollout_ending(const rollout *r);
+const rollout_health *rollout_last_health(const rollout *r);
+const char *rollout_version(const rollout *r);
+const char *rollout_target(const rollout *r);
+
 /* Ask a running rollout to abort at its next safe point (traffic back to
  * the old version, new instances stopped). Idempotent. */
 void rollout_abort(rollout *r, const char *reason);
@@ -70,13 +122,6 @@ const char *rollout_id(const rollout *r);
 double rollout_pct(const rollout *r);
 const strategy_run *rollout_run_state(const rollout *r);
 
-/* Last health observation of the new instances. */
-typedef struct rollout_health {
-  health_state state;
-  int checked, ok;
-  int answered_bad;   /* some instance answered, with the wrong status */
-  char detail[DC_ERR_MAX];
-} rollout_health;
 /* One check round of the new instances, asynchronously. */
 typedef void (*rollout_health_cb)(void *payload, const rollout_health *h);
 void rollout_check_health(rollout *r, rollout_health_cb cb, void *payload);

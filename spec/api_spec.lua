@@ -242,7 +242,7 @@ describe("bad input", function()
     assert.has_error(function() m:deploy("staging", "1", "fast") end, "deploy: deploy: options must be a table, got string")
     assert.has_error(function() m:deploy("staging", "1", { strategy = "canary" }) end)
     assert.has_error(function() m:deploy("staging", "1", { strateg = 1 }) end,
-      "deploy: deploy: unknown option 'strateg' (known: strategy, metadata, on_event)")
+      "deploy: deploy: unknown option 'strateg' (known: strategy, metadata, on_event, hooks, hook_timeout)")
     assert.has_error(function() m:deploy("staging", "1", { metadata = "x" }) end,
       "deploy: deploy: options.metadata must be a table, got string")
     assert.has_error(function() m:rollback({}) end, "deploy: rollback: target must be a string, got table")

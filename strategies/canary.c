@@ -9,19 +9,27 @@
 #include "strategy.h"
 #include "util.h"
 
-enum { START, WAIT_HEALTHY, SHIFT, HOLD, VERIFY, PROMOTE, DONE };
+enum { START, WAIT_HEALTHY, SHIFT, PAUSE, HOLD, VERIFY, PROMOTE, DONE };
 
 void canary_params_default(canary_params *p) {
   p->initial_percentage = 10;
   p->increment = 10;
   p->interval = 300;
   p->health_check_url = NULL;
+  p->npause = 0;
 }
 
 static int steps_of(const canary_strategy *c) {
   if (c->initial_percentage >= 100)
     return 1;
   return 1 + (int)ceil((100.0 - c->initial_percentage) / c->increment - 1e-9);
+}
+
+static int pauses_at(const canary_strategy *c, double pct) {
+  for (int i = 0; i < c->npause; i++)
+    if (c->pause_at[i] > 0 && fabs(c->pause_at[i] - pct) < 1e-9)
+      return 1;
+  return 0;
 }
 
 static void abort_with(strategy_run *run, strategy_action *out, const char *why) {
@@ -59,9 +67,13 @@ static void canary_step(const strategy *s, strategy_run *run, strategy_action *o
     out->pct = next > 100 ? 100 : next;
     run->step++;
     /* At 100 % the new version is checked once more, then promoted. */
-    run->phase = out->pct >= 100 ? VERIFY : HOLD;
+    run->phase = pauses_at(c, out->pct) ? PAUSE : out->pct >= 100 ? VERIFY : HOLD;
     return;
   }
+  case PAUSE:
+    out->kind = ACTION_PAUSE;
+    run->phase = run->pct >= 100 ? VERIFY : HOLD;
+    return;
   case HOLD:
     out->kind = c->interval > 0 ? ACTION_WAIT : ACTION_VERIFY;
     out->seconds = c->interval;
@@ -102,6 +114,12 @@ int strategy_canary_new(strategy **out, const canary_params *p, char *err) {
   }
   if (strategy_check_url(p->health_check_url, "CanaryStrategy health_check_url", err))
     return -1;
+  for (int i = 0; i < p->npause; i++)
+    if (!(p->pause_at[i] > 0 && p->pause_at[i] <= 100)) {
+      dc_fmt(err, DC_ERR_MAX, "deploy: CanaryStrategy pause_at[%d] must be a percentage in (0, 100], got %g", i + 1,
+             p->pause_at[i]);
+      return -1;
+    }
   canary_strategy *c = calloc(1, sizeof *c);
   if (!c) {
     dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
@@ -115,6 +133,8 @@ int strategy_canary_new(strategy **out, const canary_params *p, char *err) {
   c->initial_percentage = p->initial_percentage;
   c->increment = p->increment;
   c->interval = p->interval;
+  c->npause = p->npause < CANARY_MAX_PAUSES ? p->npause : CANARY_MAX_PAUSES;
+  memcpy(c->pause_at, p->pause_at, sizeof c->pause_at);
   *out = &c->base;
   return 0;
 }

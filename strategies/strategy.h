@@ -19,6 +19,7 @@ typedef enum {
   ACTION_VERIFY,       /* health of the new instances right after a switch */
   ACTION_PROMOTE,      /* new version becomes current; old instances stop */
   ACTION_ABORT,        /* traffic back to old in one step; new instances stop */
+  ACTION_PAUSE,        /* until an operator says promote (go on) or abort */
 } action_kind;
 
 typedef struct strategy_action {
@@ -48,11 +49,15 @@ struct strategy {
   void (*free)(strategy *s);
 };
 
+#define CANARY_MAX_PAUSES 16
+
 typedef struct canary_params {
   double initial_percentage;  /* 0 < x <= 100; default 10 */
   double increment;           /* 0 < x <= 100; default 10 */
   double interval;            /* seconds >= 0; default 300 */
   const char *health_check_url;
+  double pause_at[CANARY_MAX_PAUSES]; /* shares at which to wait for an operator */
+  int npause;
 } canary_params;
 
 typedef struct bluegreen_params {
@@ -63,6 +68,8 @@ typedef struct bluegreen_params {
 typedef struct canary_strategy {
   strategy base;
   double initial_percentage, increment, interval;
+  double pause_at[CANARY_MAX_PAUSES];
+  int npause;
 } canary_strategy;
 
 typedef struct bluegreen_strategy {

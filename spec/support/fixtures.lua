@@ -639,7 +639,14 @@ end
 -- process whose command line names one of our directories), then removes
 -- the directories.
 function fixtures.cleanup()
-  for i = #haproxies, 1, -1 do haproxies[i]:stop() end
+  for i = #haproxies, 1, -1 do
+    -- One HAProxy that will not stop must not keep the rest running.
+    local ok = pcall(haproxies[i].stop, haproxies[i])
+    if not ok then
+      if haproxies[i].pid then fixtures.kill(haproxies[i].pid, "KILL") end
+      table.remove(haproxies, i)
+    end
+  end
   local pids = {}
   for pid in pairs(started_pids) do pids[#pids + 1] = pid end
   for _, dir in ipairs(created_dirs) do

@@ -1,0 +1,207 @@
+/* The scheduler: coroutines (deploy.parallel's functions, Lua strategies'
+ * execute, hooks) that wait for the engine without blocking it.
+ *
+ * A task waits by yielding (lua_yieldk) after handing an action to the
+ * engine; the action's completion, which runs inside a libuv callback, only
+ * marks the task ready. Tasks are resumed between loop iterations, never
+ * inside a callback, so a task may itself start actions, and uv_run is never
+ * re-entered. Code that is not in a task (a script's main chunk) waits with
+ * lsched_block, which runs the loop and resumes ready tasks meanwhile. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "bindings.h"
+#include "run.h"
+#include "lsched.h"
+#include "util.h"
+
+#define SCHED_KEY "deploy.Scheduler"
+
+struct lsched {
+  ltask *ready_head, *ready_tail;
+  lua_State *running;  /* the thread now driving the loop (for callbacks) */
+  int in_callback;     /* inside engine_run_once */
+};
+
+static lsched *sched_get(lua_State *L) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, SCHED_KEY) == LUA_TUSERDATA) {
+    lsched *s = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    return s;
+  }
+  lua_pop(L, 1);
+  lsched *s = lua_newuserdatauv(L, sizeof *s, 0);
+  memset(s, 0, sizeof *s);
+  lua_setfield(L, LUA_REGISTRYINDEX, SCHED_KEY);
+  return s;
+}
+
+#define TASKS_KEY "deploy.Tasks"
+
+/* thread -> task, weak keys: the scheduler's own table, so that threads of
+ * other libraries are never mistaken for tasks. */
+static void push_tasks(lua_State *L) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, TASKS_KEY) == LUA_TTABLE)
+    return;
+  lua_pop(L, 1);
+  lua_newtable(L);
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "k");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, LUA_REGISTRYINDEX, TASKS_KEY);
+}
+
+ltask *lsched_current(lua_State *L) {
+  push_tasks(L);
+  lua_pushthread(L);
+  lua_rawget(L, -2);
+  ltask *t = lua_touserdata(L, -1);
+  lua_pop(L, 2);
+  return t;
+}
+
+lua_State *lsched_callback_state(lua_State *L) {
+  lsched *s = sched_get(L);
+  return s->running ? s->running : L;
+}
+
+int lsched_in_callback(lua_State *L) { return sched_get(L)->in_callback; }
+
+ltask *lsched_spawn(lua_State *L, int nargs, ltask_finish finish, void *payload) {
+  lua_State *co = lua_newthread(L);
+  ltask *t = calloc(1, sizeof *t);
+  t->co = co;
+  t->finish = finish;
+  t->payload = payload;
+  t->nargs = nargs;
+  t->sched = sched_get(L);
+  push_tasks(L);
+  lua_pushvalue(L, -2);
+  lua_pushlightuserdata(L, t);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+  t->ref = luaL_ref(L, LUA_REGISTRYINDEX); /* pops the thread */
+  lua_xmove(L, co, nargs + 1);             /* function and arguments */
+  t->main = L;
+  return t;
+}
+
+void lsched_ready(ltask *t) {
+  if (!t || t->queued)
+    return;
+  lsched *s = t->sched;
+  t->queued = 1;
+  t->next = NULL;
+  if (s->ready_tail)
+    s->ready_tail->next = t;
+  else
+    s->ready_head = t;
+  s->ready_tail = t;
+}
+
+static void task_release(lua_State *L, ltask *t) {
+  push_tasks(L);
+  lua_pushthread(t->co);
+  lua_xmove(t->co, L, 1);
+  lua_pushnil(L);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+  luaL_unref(L, LUA_REGISTRYINDEX, t->ref);
+  free(t);
+}
+
+void lsched_cancel(lua_State *L, ltask *t) {
+  /* A cancelled task is never resumed again; whatever it waited for may
+   * still complete and will find it gone. */
+  t->cancelled = 1;
+  if (!t->queued && !t->running && !t->waiting)
+    task_release(L, t);
+}
+
+/* Resumes one task; on its end hands its results to finish, then frees. */
+static void resume(lua_State *L, ltask *t) {
+  int nres = 0;
+  int nargs = t->started ? 0 : t->nargs;
+  t->started = 1;
+  t->running = 1;
+  t->waiting = 0;
+  int status = lua_resume(t->co, L, nargs, &nres);
+  t->running = 0;
+  if (status == LUA_YIELD) {
+    lua_pop(t->co, nres);
+    if (t->cancelled)
+      task_release(L, t);
+    return;
+  }
+  if (status != LUA_OK) {
+    const char *msg = lua_tostring(t->co, -1);
+    luaL_traceback(t->co, t->co, msg ? msg : "(error object is not a string)", 0);
+    lua_remove(t->co, -2);
+    nres = 1;
+  }
+  if (t->finish && !t->cancelled)
+    t->finish(L, t, status, nres);
+  task_release(L, t);
+}
+
+void lsched_start(lua_State *L, ltask *t) { resume(L, t); }
+
+void lsched_run_ready(lua_State *L) {
+  lsched *s = sched_get(L);
+  while (s->ready_head) {
+    ltask *t = s->ready_head;
+    s->ready_head = t->next;
+    if (!s->ready_head)
+      s->ready_tail = NULL;
+    t->queued = 0;
+    if (t->running)
+      continue; /* it is blocked in a nested wait; that wait ends on its own */
+    if (t->cancelled) {
+      task_release(L, t);
+      continue;
+    }
+    resume(L, t);
+  }
+}
+
+void lsched_block(lua_State *L, volatile int *flag) {
+  lsched *s = sched_get(L);
+  if (s->in_callback)
+    luaL_error(L, "deploy: cannot wait inside an event handler or hook callback: "
+                  "start the work and return, or use a coroutine (deploy.parallel)");
+  engine *e = lengine_get(L);
+  lua_State *prev = s->running;
+  s->running = L;
+  sig_atomic_t seen = dc_interrupts;
+  for (;;) {
+    lsched_run_ready(L);
+    if (*flag)
+      break;
+    if (dc_interrupts != seen) {
+      /* Ctrl-C: back to the old version, safely; again: still the same
+       * abort, never a half-done state. */
+      seen = dc_interrupts;
+      lrun_interrupt_all("interrupted by the operator (SIGINT/SIGTERM)");
+    }
+    s->in_callback = 1;
+    int more = engine_run_once(e);
+    s->in_callback = 0;
+    if (!more && !s->ready_head && !*flag) {
+      s->running = prev;
+      luaL_error(L, "deploy: nothing left to wait for (a coroutine yielded outside a deploy action?)");
+    }
+  }
+  s->running = prev;
+}
+
+int lsched_await(lua_State *L, volatile int *flag, lua_KContext ctx, lua_KFunction k) {
+  ltask *t = lsched_current(L);
+  if (t && lua_isyieldable(L) && !*flag) {
+    t->waiting = 1;
+    return lua_yieldk(L, 0, ctx, k);
+  }
+  lsched_block(L, flag);
+  return k(L, LUA_OK, ctx);
+}

@@ -1,0 +1,43 @@
+/* Coroutine tasks driven by the engine (see sched.c). */
+#ifndef DEPLOY_SCHED_H
+#define DEPLOY_SCHED_H
+
+#include <lauxlib.h>
+#include <lua.h>
+
+typedef struct ltask ltask;
+typedef struct lsched lsched;
+/* Called once when the task's function returned (status LUA_OK, nres
+ * results on t->co's stack) or raised (status != LUA_OK, a traceback on
+ * t->co's stack). Not called for a cancelled task. */
+typedef void (*ltask_finish)(lua_State *L, ltask *t, int status, int nres);
+
+struct ltask {
+  lua_State *co;
+  lua_State *main;
+  lsched *sched;
+  int ref;
+  int nargs;
+  int started, running, queued, cancelled;
+  int waiting;   /* yielded in lsched_await: something will ready it */
+  ltask_finish finish;
+  void *payload;
+  ltask *next;
+};
+
+/* The function and nargs arguments on top of L become a task (popped); it
+ * does not run until lsched_start or lsched_ready. */
+ltask *lsched_spawn(lua_State *L, int nargs, ltask_finish finish, void *payload);
+void lsched_start(lua_State *L, ltask *t);   /* run it now, until it first waits */
+void lsched_ready(ltask *t);                 /* resume it at the next chance (from callbacks) */
+void lsched_cancel(lua_State *L, ltask *t);  /* never resume it again */
+ltask *lsched_current(lua_State *L);         /* the task running as L, or NULL */
+void lsched_run_ready(lua_State *L);
+/* The thread to call Lua on from inside engine callbacks. */
+lua_State *lsched_callback_state(lua_State *L);
+int lsched_in_callback(lua_State *L);
+/* Waits until *flag: yields when L is a task (the completion must call
+ * lsched_ready on it), else runs the loop. Then returns k(L, LUA_OK, ctx). */
+int lsched_await(lua_State *L, volatile int *flag, lua_KContext ctx, lua_KFunction k);
+
+#endif

@@ -1,0 +1,730 @@
+/* The Deployment value and the life of one run from Lua: event handlers,
+ * hooks (each a coroutine with a timeout), and Lua strategies (execute(d)
+ * in a coroutine whose d:* methods hand actions to the rollout and yield). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "run.h"
+#include "lsched.h"
+#include "util.h"
+
+#define DEPLOYMENT_MT "deploy.Deployment"
+#define RUNREF_MT "deploy.RunRef"
+
+typedef struct lrun lrun;
+typedef struct lrunref {
+  lrun *run;
+} lrunref;
+
+struct lrun {
+  lua_State *L;            /* the thread that started it */
+  engine *e;
+  rollout *r;              /* NULL once the rollout has ended */
+  int refs;                /* the rollout, plus each live task of ours */
+  lrunref *ud;             /* d._run: cleared when the run is freed */
+  int d_ref, strategy_ref, hooks_ref, handler_ref, handler2_ref;
+  double hook_timeout;
+  lmanager_done_cb cb;
+  void *payload;
+  int is_lua;
+  ltask *strategy_task;
+
+  /* the action a task waits for */
+  int act_done, act_ok, awaiting;
+  ltask *waiter;
+  char act_err[DC_ERR_MAX];
+  rollout_health health;
+
+  /* the hook in progress */
+  ltask *hook_task;
+  rollout_hook_done hook_done;
+  rollout *hook_r;
+  hook_kind hook_kind;
+  engine_timer *hook_timer;
+  double hook_deadline;
+
+  /* a built-in strategy run from a Lua strategy */
+  const strategy *builtin;
+  int builtin_final;
+
+  rollout_hooks hooks;     /* lives as long as the rollout (the run outlives it) */
+  lrun *next_active, *prev_active;
+};
+
+/* Runs whose rollout has not ended, for Ctrl-C. */
+static lrun *active;
+
+static void active_add(lrun *run) {
+  run->next_active = active;
+  if (active)
+    active->prev_active = run;
+  active = run;
+  dc_rollouts_waiting++;
+}
+
+static void active_remove(lrun *run) {
+  if (run->prev_active)
+    run->prev_active->next_active = run->next_active;
+  else if (active == run)
+    active = run->next_active;
+  if (run->next_active)
+    run->next_active->prev_active = run->prev_active;
+  run->next_active = run->prev_active = NULL;
+  dc_rollouts_waiting--;
+}
+
+void lrun_interrupt_all(const char *reason) {
+  for (lrun *run = active; run; run = run->next_active)
+    if (run->r)
+      rollout_abort(run->r, reason);
+}
+
+static void unref_all(lua_State *L, lrun *run) {
+  int *refs[] = {&run->d_ref, &run->strategy_ref, &run->hooks_ref, &run->handler_ref, &run->handler2_ref};
+  for (size_t i = 0; i < sizeof refs / sizeof refs[0]; i++) {
+    luaL_unref(L, LUA_REGISTRYINDEX, *refs[i]);
+    *refs[i] = LUA_NOREF;
+  }
+}
+
+static void run_unref(lua_State *L, lrun *run) {
+  if (--run->refs > 0)
+    return;
+  if (run->ud)
+    run->ud->run = NULL;
+  unref_all(L, run);
+  free(run);
+}
+
+static lua_State *cb_state(lrun *run) { return lsched_callback_state(run->L); }
+
+/* ---- events ---- */
+
+void lrun_push_event(lua_State *L, const store_event *ev) {
+  char ts[40];
+  lua_createtable(L, 0, 6);
+  lua_pushstring(L, ev->deployment_id);
+  lua_setfield(L, -2, "deployment_id");
+  lua_pushstring(L, ev->target);
+  lua_setfield(L, -2, "target");
+  lua_pushstring(L, ev->kind);
+  lua_setfield(L, -2, "kind");
+  lua_pushnumber(L, ev->ts);
+  lua_setfield(L, -2, "ts");
+  dc_iso8601(ev->ts, ts, sizeof ts);
+  lua_pushstring(L, ts);
+  lua_setfield(L, -2, "time");
+  ljson_decode(L, ev->data);
+  lua_setfield(L, -2, "data");
+}
+
+static void call_handler(lua_State *L, int ref, const store_event *ev) {
+  if (ref == LUA_NOREF || ref == LUA_REFNIL)
+    return;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+  lrun_push_event(L, ev);
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+    fprintf(stderr, "deploy: on_event handler failed: %s\n", lua_tostring(L, -1));
+    lua_pop(L, 1);
+  }
+}
+
+static void on_event(void *payload, const store_event *ev) {
+  lrun *run = payload;
+  lua_State *L = cb_state(run);
+  call_handler(L, run->handler_ref, ev);
+  call_handler(L, run->handler2_ref, ev);
+}
+
+/* ---- the end of the rollout ---- */
+
+static void on_done(void *payload, const rollout_result *res) {
+  lrun *run = payload;
+  run->r = NULL;
+  active_remove(run);
+  if (run->cb)
+    run->cb(run->payload, res);
+  run_unref(cb_state(run), run);
+}
+
+/* ---- hooks ---- */
+
+static const char *const hook_names[] = {"before_deploy", "before_step", "after_step", "analysis",
+                                         "on_promote",    "on_abort",    "on_rollback", NULL};
+
+static void push_health(lua_State *L, const rollout_health *h) {
+  lua_createtable(L, 0, 4);
+  lua_pushstring(L, health_state_name(h->state));
+  lua_setfield(L, -2, "state");
+  lua_pushinteger(L, h->ok);
+  lua_setfield(L, -2, "ok");
+  lua_pushinteger(L, h->checked);
+  lua_setfield(L, -2, "checked");
+  if (h->detail[0]) {
+    lua_pushstring(L, h->detail);
+    lua_setfield(L, -2, "detail");
+  }
+}
+
+static void hook_ends(lrun *run, lua_State *L, int ok, const char *err) {
+  engine_timer_cancel(run->hook_timer);
+  run->hook_timer = NULL;
+  run->hook_task = NULL;
+  rollout_hook_done done = run->hook_done;
+  rollout *r = run->hook_r;
+  run->hook_done = NULL;
+  if (done)
+    done(r, ok, err);
+  run_unref(L, run);
+}
+
+/* false (or "fail") fails a hook; for analysis the second value says why. */
+static void hook_finished(lua_State *L, ltask *t, int status, int nres) {
+  lrun *run = t->payload;
+  char msg[DC_ERR_MAX];
+  const char *name = hook_names[run->hook_kind];
+  if (status != LUA_OK) {
+    dc_fmt(msg, sizeof msg, "hook %s raised: %s", name, lua_tostring(t->co, -1));
+    hook_ends(run, L, 0, msg);
+    return;
+  }
+  int failed = 0;
+  if (nres >= 1) {
+    int first = lua_gettop(t->co) - nres + 1;
+    failed = (lua_type(t->co, first) == LUA_TBOOLEAN && !lua_toboolean(t->co, first)) ||
+             (lua_type(t->co, first) == LUA_TSTRING && strcmp(lua_tostring(t->co, first), "fail") == 0);
+    if (failed && nres >= 2 && lua_type(t->co, first + 1) == LUA_TSTRING)
+      dc_fmt(msg, sizeof msg, "hook %s said fail: %s", name, lua_tostring(t->co, first + 1));
+    else if (failed)
+      dc_fmt(msg, sizeof msg, "hook %s returned false", name);
+  }
+  hook_ends(run, L, !failed, failed ? msg : NULL);
+}
+
+static void hook_timed_out(void *payload) {
+  lrun *run = payload;
+  char msg[DC_ERR_MAX];
+  lua_State *L = cb_state(run);
+  run->hook_timer = NULL;
+  if (run->hook_task)
+    lsched_cancel(L, run->hook_task);
+  dc_fmt(msg, sizeof msg, "hook %s timed out after %g s", hook_names[run->hook_kind], run->hook_timeout);
+  hook_ends(run, L, 0, msg);
+}
+
+/* A hook that never yields cannot be stopped by a timer: an instruction
+ * count hook checks the deadline. */
+static void count_hook(lua_State *co, lua_Debug *ar) {
+  (void)ar;
+  ltask *t = lsched_current(co);
+  if (!t || !t->payload)
+    return;
+  lrun *run = t->payload;
+  if (dc_wall_now() > run->hook_deadline)
+    luaL_error(co, "timed out: still running after %g s", run->hook_timeout);
+}
+
+static int push_hook_args(lua_State *L, lrun *run, hook_kind kind, double pct, const rollout_health *h,
+                          const char *reason) {
+  switch (kind) {
+  case HOOK_BEFORE_STEP:
+  case HOOK_ON_ROLLBACK:
+    lua_pushnumber(L, pct);
+    break;
+  case HOOK_AFTER_STEP:
+    lua_pushnumber(L, pct);
+    push_health(L, h);
+    break;
+  case HOOK_ON_ABORT:
+    lua_pushstring(L, reason ? reason : "aborted");
+    break;
+  default:
+    break;
+  }
+  int n = kind == HOOK_AFTER_STEP ? 2 : (kind == HOOK_BEFORE_STEP || kind == HOOK_ON_ROLLBACK || kind == HOOK_ON_ABORT);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, run->d_ref);
+  return n + 1;
+}
+
+static int hooks_run(void *payload, rollout *r, hook_kind kind, double pct, const rollout_health *h,
+                     const char *reason, rollout_hook_done done) {
+  lrun *run = payload;
+  if (run->hooks_ref == LUA_NOREF)
+    return 0;
+  lua_State *L = cb_state(run);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, run->hooks_ref);
+  if (lua_getfield(L, -1, hook_names[kind]) != LUA_TFUNCTION) {
+    lua_pop(L, 2);
+    return 0;
+  }
+  lua_remove(L, -2);
+  int nargs = push_hook_args(L, run, kind, pct, h, reason);
+  ltask *t = lsched_spawn(L, nargs, hook_finished, run);
+  run->refs++;
+  run->hook_task = t;
+  run->hook_done = done;
+  run->hook_r = r;
+  run->hook_kind = kind;
+  run->hook_deadline = dc_wall_now() + run->hook_timeout;
+  run->hook_timer = engine_timer_start(run->e, run->hook_timeout, hook_timed_out, run);
+  lua_sethook(t->co, count_hook, LUA_MASKCOUNT, 10000);
+  lsched_ready(t);
+  return 1;
+}
+
+static const rollout_hooks lua_hooks = {hooks_run, NULL};
+
+/* ---- d:* actions ---- */
+
+static lrun *check_run(lua_State *L, const char *method) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_getfield(L, 1, "_run");
+  lrunref *ref = luaL_testudata(L, -1, RUNREF_MT);
+  lua_pop(L, 1);
+  if (!ref)
+    luaL_error(L, "deploy: d:%s(): d is not a Deployment handed out by DeploymentManager:deploy", method);
+  if (!ref->run || !ref->run->r)
+    luaL_error(L, "deploy: d:%s(): this deployment has already ended", method);
+  return ref->run;
+}
+
+static lrun *check_task_run(lua_State *L, const char *method) {
+  lrun *run = check_run(L, method);
+  if (!lsched_current(L))
+    luaL_error(L, "deploy: d:%s() waits for the engine: call it from the strategy's execute(d) or from a hook", method);
+  if (run->waiter)
+    luaL_error(L, "deploy: d:%s(): another action of this deployment is still in progress", method);
+  return run;
+}
+
+static void action_done(void *payload, int ok, const char *err) {
+  lrun *run = payload;
+  run->act_ok = ok;
+  dc_strlcpy(run->act_err, err ? err : "", sizeof run->act_err);
+  run->act_done = 1;
+  if (run->awaiting)
+    lsched_ready(run->waiter);
+}
+
+static int action_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  lrun *run = (lrun *)ctx;
+  run->waiter = NULL;
+  run->awaiting = 0;
+  lua_pushboolean(L, run->act_ok);
+  if (run->act_ok)
+    return 1;
+  lua_pushstring(L, run->act_err);
+  return 2;
+}
+
+static int start_action(lua_State *L, lrun *run, const strategy_action *a, lua_KFunction k) {
+  ltask *t = lsched_current(L);
+  run->waiter = t;
+  run->act_done = 0;
+  run->awaiting = 0;
+  rollout_action(run->r, a, action_done, run);
+  if (!run->act_done)
+    run->awaiting = 1;
+  return lsched_await(L, &run->act_done, (lua_KContext)run, k);
+}
+
+static int d_start(lua_State *L) {
+  lrun *run = check_task_run(L, "start");
+  lua_Integer n = luaL_optinteger(L, 2, 0);
+  luaL_argcheck(L, n >= 0 && n <= 64, 2, "instances must be between 1 and 64");
+  strategy_action a = {.kind = ACTION_START, .seconds = (double)n};
+  return start_action(L, run, &a, action_k);
+}
+
+static int d_set_traffic(lua_State *L) {
+  lrun *run = check_task_run(L, "set_traffic");
+  if (lua_type(L, 2) != LUA_TNUMBER)
+    return luaL_error(L, "deploy: d:set_traffic(pct): pct must be a number in 0..100, got %s", luaL_typename(L, 2));
+  double pct = lua_tonumber(L, 2);
+  if (!(pct >= 0 && pct <= 100))
+    return luaL_error(L, "deploy: d:set_traffic(pct): pct must be in 0..100, got %f", pct);
+  strategy_action a = {.kind = ACTION_TRAFFIC, .pct = pct};
+  return start_action(L, run, &a, action_k);
+}
+
+static int d_wait(lua_State *L) {
+  lrun *run = check_task_run(L, "wait");
+  if (lua_type(L, 2) != LUA_TNUMBER || !(lua_tonumber(L, 2) >= 0))
+    return luaL_error(L, "deploy: d:wait(seconds): seconds must be a number >= 0");
+  strategy_action a = {.kind = ACTION_WAIT, .seconds = lua_tonumber(L, 2)};
+  return start_action(L, run, &a, action_k);
+}
+
+static int d_pause(lua_State *L) {
+  lrun *run = check_task_run(L, "pause");
+  strategy_action a = {.kind = ACTION_PAUSE};
+  return start_action(L, run, &a, action_k);
+}
+
+static int d_promote(lua_State *L) {
+  lrun *run = check_task_run(L, "promote");
+  strategy_action a = {.kind = ACTION_PROMOTE};
+  return start_action(L, run, &a, action_k);
+}
+
+static int d_abort(lua_State *L) {
+  lrun *run = check_task_run(L, "abort");
+  strategy_action a = {.kind = ACTION_ABORT};
+  const char *reason = luaL_optstring(L, 2, "aborted by the strategy");
+  dc_strlcpy(a.reason, reason, sizeof a.reason);
+  return start_action(L, run, &a, action_k);
+}
+
+static void health_done(void *payload, const rollout_health *h) {
+  lrun *run = payload;
+  run->health = *h;
+  run->act_ok = 1;
+  run->act_done = 1;
+  if (run->awaiting)
+    lsched_ready(run->waiter);
+}
+
+static int health_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  lrun *run = (lrun *)ctx;
+  run->waiter = NULL;
+  run->awaiting = 0;
+  push_health(L, &run->health);
+  return 1;
+}
+
+static int d_health(lua_State *L) {
+  lrun *run = check_task_run(L, "health");
+  ltask *t = lsched_current(L);
+  run->waiter = t;
+  run->act_done = 0;
+  run->awaiting = 0;
+  rollout_check_health(run->r, health_done, run);
+  if (!run->act_done)
+    run->awaiting = 1;
+  (void)t;
+  return lsched_await(L, &run->act_done, (lua_KContext)run, health_k);
+}
+
+static int d_log(lua_State *L) {
+  lrun *run = check_run(L, "log");
+  char *json = NULL;
+  if (lua_type(L, 2) == LUA_TSTRING) {
+    lua_createtable(L, 0, 1);
+    lua_pushvalue(L, 2);
+    lua_setfield(L, -2, "message");
+    json = ljson_encode(L, -1, "d:log(event)");
+  } else if (lua_type(L, 2) == LUA_TTABLE) {
+    json = ljson_encode(L, 2, "d:log(event)");
+  } else {
+    return luaL_error(L, "deploy: d:log(event): event must be a string or a table, got %s", luaL_typename(L, 2));
+  }
+  rollout_log(run->r, "log", json);
+  free(json);
+  return 0;
+}
+
+/* ---- a built-in strategy inside a Lua strategy: canary:execute(d) ---- */
+
+static int builtin_step(lua_State *L, lrun *run);
+
+static int builtin_after(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  lrun *run = (lrun *)ctx;
+  run->waiter = NULL;
+  run->awaiting = 0;
+  if (run->builtin_final || !run->r) {
+    run->builtin = NULL;
+    lua_pushboolean(L, run->act_ok && run->builtin_final == 1);
+    if (run->act_ok && run->builtin_final == 1)
+      return 1;
+    lua_pushstring(L, run->act_err[0] ? run->act_err : "aborted");
+    return 2;
+  }
+  rollout_record(run->r, run->act_ok, run->act_ok ? NULL : run->act_err);
+  return builtin_step(L, run);
+}
+
+static int builtin_step(lua_State *L, lrun *run) {
+  strategy_action a;
+  rollout_next_action(run->r, run->builtin, &a);
+  if (a.kind == ACTION_PROMOTE)
+    run->builtin_final = 1;
+  else if (a.kind == ACTION_ABORT)
+    run->builtin_final = 2;
+  return start_action(L, run, &a, builtin_after);
+}
+
+static int d_run_builtin(lua_State *L) {
+  lrun *run = check_task_run(L, "execute");
+  lstrategy *ls = lstrategy_test(L, 2);
+  if (!ls)
+    return luaL_error(L, "deploy: only built-in strategies run through d._run_builtin");
+  run->builtin = ls->s;
+  run->builtin_final = 0;
+  lua_settop(L, 2); /* keeps the strategy alive while it runs */
+  return builtin_step(L, run);
+}
+
+/* ---- the Lua strategy's coroutine ---- */
+
+static void ignore_action(void *payload, int ok, const char *err) {
+  (void)payload;
+  (void)ok;
+  (void)err;
+}
+
+static void end_with(lrun *run, action_kind kind, const char *reason) {
+  if (!run->r || rollout_ending(run->r))
+    return;
+  strategy_action a;
+  memset(&a, 0, sizeof a);
+  a.kind = kind;
+  if (reason)
+    dc_strlcpy(a.reason, reason, sizeof a.reason);
+  rollout_action(run->r, &a, ignore_action, NULL);
+}
+
+/* execute(d) returning normally promotes; false or an error aborts. */
+static void strategy_finished(lua_State *L, ltask *t, int status, int nres) {
+  lrun *run = t->payload;
+  char msg[DC_ERR_MAX];
+  run->strategy_task = NULL;
+  if (status != LUA_OK) {
+    dc_fmt(msg, sizeof msg, "strategy execute(d) raised: %s", lua_tostring(t->co, -1));
+    end_with(run, ACTION_ABORT, msg);
+  } else {
+    int first = lua_gettop(t->co) - nres + 1;
+    if (nres >= 1 && lua_type(t->co, first) == LUA_TBOOLEAN && !lua_toboolean(t->co, first)) {
+      dc_fmt(msg, sizeof msg, "strategy execute(d) returned false%s%s", nres >= 2 ? ": " : "",
+             nres >= 2 && lua_isstring(t->co, first + 1) ? lua_tostring(t->co, first + 1) : "");
+      end_with(run, ACTION_ABORT, msg);
+    } else {
+      end_with(run, ACTION_PROMOTE, NULL);
+    }
+  }
+  run_unref(L, run);
+}
+
+static void lua_begun(void *payload, int ok, const char *err) {
+  lrun *run = payload;
+  if (!ok) {
+    end_with(run, ACTION_ABORT, err);
+    return;
+  }
+  lua_State *L = cb_state(run);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, run->strategy_ref);
+  lua_getfield(L, -1, "execute");
+  lua_insert(L, -2);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, run->d_ref);
+  run->strategy_task = lsched_spawn(L, 2, strategy_finished, run);
+  run->refs++;
+  lsched_ready(run->strategy_task);
+}
+
+/* ---- starting ---- */
+
+static void check_hooks(lua_State *L, int idx, const char *where) {
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    int known = 0;
+    if (lua_type(L, -2) == LUA_TSTRING)
+      for (int i = 0; hook_names[i]; i++)
+        known |= strcmp(hook_names[i], lua_tostring(L, -2)) == 0;
+    if (!known)
+      luaL_error(L, "deploy: %s.%s is not a hook (known: before_deploy, before_step, after_step, analysis, "
+                    "on_promote, on_abort, on_rollback)",
+                 where, lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : luaL_typename(L, -2));
+    if (!lua_isfunction(L, -1))
+      luaL_error(L, "deploy: %s.%s must be a function, got %s", where, lua_tostring(L, -2), luaL_typename(L, -1));
+    lua_pop(L, 1);
+  }
+}
+
+/* Pushes the hooks in force: the strategy's, overridden by the options'. */
+static int push_hooks(lua_State *L, int strategy_idx, int hooks_idx) {
+  lua_newtable(L);
+  int merged = lua_gettop(L), any = 0;
+  int t;
+  if (lstrategy_test(L, strategy_idx))
+    t = lua_getiuservalue(L, strategy_idx, 1);
+  else
+    t = lua_getfield(L, strategy_idx, "hooks");
+  if (t == LUA_TTABLE) {
+    check_hooks(L, lua_gettop(L), "strategy.hooks");
+    for (int i = 0; hook_names[i]; i++) {
+      if (lua_getfield(L, -1, hook_names[i]) != LUA_TNIL) {
+        lua_setfield(L, merged, hook_names[i]);
+        any = 1;
+      } else {
+        lua_pop(L, 1);
+      }
+    }
+  } else if (t != LUA_TNIL && t != LUA_TNONE) {
+    luaL_error(L, "deploy: strategy.hooks must be a table, got %s", luaL_typename(L, -1));
+  }
+  lua_pop(L, 1);
+  if (hooks_idx) {
+    check_hooks(L, hooks_idx, "options.hooks");
+    for (int i = 0; hook_names[i]; i++) {
+      if (lua_getfield(L, hooks_idx, hook_names[i]) != LUA_TNIL) {
+        lua_setfield(L, merged, hook_names[i]);
+        any = 1;
+      } else {
+        lua_pop(L, 1);
+      }
+    }
+  }
+  return any;
+}
+
+static void push_deployment(lua_State *L, lrun *run, const char *id, const char *target, const char *version,
+                            int strategy_idx, double created_at, int metadata_idx) {
+  char ts[40];
+  lua_createtable(L, 0, 7);
+  lua_pushstring(L, id);
+  lua_setfield(L, -2, "id");
+  lua_pushstring(L, target);
+  lua_setfield(L, -2, "target");
+  lua_pushstring(L, version);
+  lua_setfield(L, -2, "version");
+  lua_pushvalue(L, strategy_idx);
+  lua_setfield(L, -2, "strategy");
+  dc_iso8601(created_at, ts, sizeof ts);
+  lua_pushstring(L, ts);
+  lua_setfield(L, -2, "created_at");
+  if (metadata_idx)
+    lua_pushvalue(L, metadata_idx);
+  else
+    lua_newtable(L);
+  lua_setfield(L, -2, "metadata");
+  lrunref *ref = lua_newuserdatauv(L, sizeof *ref, 0);
+  ref->run = run;
+  run->ud = ref;
+  luaL_setmetatable(L, RUNREF_MT);
+  lua_setfield(L, -2, "_run");
+  luaL_setmetatable(L, DEPLOYMENT_MT);
+}
+
+static int strategy_accepts(lua_State *L, int strategy_idx, int d_idx, char *err) {
+  lua_getfield(L, strategy_idx, "validate");
+  if (!lua_isfunction(L, -1)) {
+    lua_pop(L, 1);
+    return 1;
+  }
+  lua_pushvalue(L, strategy_idx);
+  lua_pushvalue(L, d_idx);
+  if (lua_pcall(L, 2, 1, 0) != LUA_OK) {
+    dc_fmt(err, DC_ERR_MAX, "strategy validate(d) raised: %s", lua_tostring(L, -1));
+    lua_pop(L, 1);
+    return 0;
+  }
+  int ok = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  if (!ok)
+    dc_fmt(err, DC_ERR_MAX, "strategy refused the deployment: validate(d) returned false");
+  return ok;
+}
+
+static const char *strategy_name(lua_State *L, int idx, char *buf, size_t size) {
+  lstrategy *ls = lstrategy_test(L, idx);
+  if (ls)
+    return ls->s->name;
+  lua_getfield(L, idx, "name");
+  dc_strlcpy(buf, lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "custom", size);
+  lua_pop(L, 1);
+  return buf;
+}
+
+int lrun_start(lua_State *L, const lrun_spec *sp, char *err) {
+  int top = lua_gettop(L);
+  char id[48], name[64];
+  lstrategy *ls = lstrategy_test(L, sp->strategy_idx);
+  if (!ls) {
+    if (!lua_istable(L, sp->strategy_idx))
+      luaL_error(L, "deploy: a strategy must be deploy.CanaryStrategy{...}, deploy.BlueGreenStrategy{...} or a "
+                    "DeploymentStrategy class, got %s",
+                 luaL_typename(L, sp->strategy_idx));
+    lua_getfield(L, sp->strategy_idx, "execute");
+    if (!lua_isfunction(L, -1))
+      luaL_error(L, "deploy: strategy '%s' has no execute(d) method", strategy_name(L, sp->strategy_idx, name, sizeof name));
+    lua_pop(L, 1);
+  }
+  int any_hooks = push_hooks(L, sp->strategy_idx, sp->hooks_idx);
+  int hooks_idx = lua_gettop(L);
+  lrun *run = calloc(1, sizeof *run);
+  run->L = L;
+  run->e = sp->e;
+  run->refs = 1;
+  run->hook_timeout = sp->hook_timeout > 0 ? sp->hook_timeout : 30;
+  run->cb = sp->cb;
+  run->payload = sp->payload;
+  run->is_lua = ls == NULL;
+  run->d_ref = run->strategy_ref = run->hooks_ref = run->handler_ref = run->handler2_ref = LUA_NOREF;
+  double created = engine_now(sp->e);
+  dc_new_id(id, sizeof id);
+  push_deployment(L, run, id, sp->t->name, sp->version, sp->strategy_idx, created, sp->metadata_idx);
+  int d_idx = lua_gettop(L);
+  if (!strategy_accepts(L, sp->strategy_idx, d_idx, err)) {
+    run->ud->run = NULL;
+    free(run);
+    lua_settop(L, top);
+    return DC_ERROR;
+  }
+  char *metadata = sp->metadata_idx ? ljson_encode(L, sp->metadata_idx, "options.metadata") : NULL;
+  run->d_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushvalue(L, sp->strategy_idx);
+  run->strategy_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  if (any_hooks) {
+    lua_pushvalue(L, hooks_idx);
+    run->hooks_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  if (sp->on_event_idx) {
+    lua_pushvalue(L, sp->on_event_idx);
+    run->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  if (sp->on_event2_idx) {
+    lua_pushvalue(L, sp->on_event2_idx);
+    run->handler2_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  rollout_opts o = {.id = id, .created_at = created, .version = sp->version, .kind = sp->kind,
+                    .strategy_name = strategy_name(L, sp->strategy_idx, name, sizeof name),
+                    .metadata_json = metadata, .on_event = on_event, .event_payload = run};
+  if (any_hooks) {
+    run->hooks = lua_hooks;
+    run->hooks.payload = run;
+    o.hooks = &run->hooks;
+  }
+  int rc = rollout_start(&run->r, sp->e, sp->s, sp->t, ls ? ls->s : NULL, &o, on_done, run, err);
+  free(metadata);
+  if (rc != DC_OK) {
+    run->ud->run = NULL;
+    unref_all(L, run);
+    free(run);
+    lua_settop(L, top);
+    return rc;
+  }
+  active_add(run);
+  if (run->is_lua)
+    rollout_begin(run->r, lua_begun, run);
+  lua_settop(L, top);
+  return DC_OK;
+}
+
+void lrun_register(lua_State *L) {
+  static const luaL_Reg methods[] = {{"start", d_start},     {"set_traffic", d_set_traffic},
+                                     {"wait", d_wait},       {"health", d_health},
+                                     {"promote", d_promote}, {"abort", d_abort},
+                                     {"pause", d_pause},     {"log", d_log},
+                                     {"_run_builtin", d_run_builtin}, {NULL, NULL}};
+  if (luaL_newmetatable(L, DEPLOYMENT_MT)) {
+    luaL_newlib(L, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushliteral(L, "Deployment");
+    lua_setfield(L, -2, "__name");
+  }
+  lua_pop(L, 1);
+  luaL_newmetatable(L, RUNREF_MT);
+  lua_pop(L, 1);
+}
