@@ -82,6 +82,9 @@ void lmanager_known(lua_State *L, int manager_idx, char *buf, size_t size);
  * not be called from inside an event handler (raises if it is). */
 void lsched_block(lua_State *L, volatile int *flag);
 
+/* Pushes an integer when v is integral (10, not 10.0), else a float. */
+void lpush_number(lua_State *L, double v);
+
 /* Raise with a message built in a stack buffer (never with heap memory
  * still owned by the C frame). */
 int lerror(lua_State *L, const char *msg);

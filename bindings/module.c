@@ -43,6 +43,13 @@ engine *lengine_get(lua_State *L) {
   return &le->e;
 }
 
+void lpush_number(lua_State *L, double v) {
+  if (v == (double)(lua_Integer)v && v > -1e15 && v < 1e15)
+    lua_pushinteger(L, (lua_Integer)v);
+  else
+    lua_pushnumber(L, v);
+}
+
 int lerror(lua_State *L, const char *msg) {
   lua_pushstring(L, msg);
   return lua_error(L);

@@ -220,8 +220,11 @@ static void count_hook(lua_State *co, lua_Debug *ar) {
   if (!t || !t->payload)
     return;
   lrun *run = t->payload;
-  if (dc_wall_now() > run->hook_deadline)
-    luaL_error(co, "timed out: still running after %g s", run->hook_timeout);
+  if (dc_wall_now() > run->hook_deadline) {
+    char msg[128];
+    dc_fmt(msg, sizeof msg, "timed out: still running after %g s", run->hook_timeout);
+    lerror(co, msg);
+  }
 }
 
 static int push_hook_args(lua_State *L, lrun *run, hook_kind kind, double pct, const rollout_health *h,
@@ -229,10 +232,10 @@ static int push_hook_args(lua_State *L, lrun *run, hook_kind kind, double pct, c
   switch (kind) {
   case HOOK_BEFORE_STEP:
   case HOOK_ON_ROLLBACK:
-    lua_pushnumber(L, pct);
+    lpush_number(L, pct);
     break;
   case HOOK_AFTER_STEP:
-    lua_pushnumber(L, pct);
+    lpush_number(L, pct);
     push_health(L, h);
     break;
   case HOOK_ON_ABORT:
@@ -329,12 +332,25 @@ static int start_action(lua_State *L, lrun *run, const strategy_action *a, lua_K
   return lsched_await(L, &run->act_done, (lua_KContext)run, k);
 }
 
+/* d:start(n) starts the new instances and returns once they are healthy
+ * (true), or false and why. */
+static int start_then_healthy(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  lrun *run = (lrun *)ctx;
+  run->waiter = NULL;
+  run->awaiting = 0;
+  if (!run->act_ok || !run->r)
+    return action_k(L, LUA_OK, ctx);
+  strategy_action a = {.kind = ACTION_WAIT_HEALTHY};
+  return start_action(L, run, &a, action_k);
+}
+
 static int d_start(lua_State *L) {
   lrun *run = check_task_run(L, "start");
   lua_Integer n = luaL_optinteger(L, 2, 0);
   luaL_argcheck(L, n >= 0 && n <= 64, 2, "instances must be between 1 and 64");
   strategy_action a = {.kind = ACTION_START, .seconds = (double)n};
-  return start_action(L, run, &a, action_k);
+  return start_action(L, run, &a, start_then_healthy);
 }
 
 static int d_set_traffic(lua_State *L) {

@@ -197,27 +197,27 @@ static int strategy_index(lua_State *L) {
   if (strcmp(s->name, "canary") == 0) {
     canary_strategy *c = (canary_strategy *)s;
     if (strcmp(k, "initial_percentage") == 0) {
-      lua_pushnumber(L, c->initial_percentage);
+      lpush_number(L, c->initial_percentage);
       return 1;
     }
     if (strcmp(k, "increment") == 0) {
-      lua_pushnumber(L, c->increment);
+      lpush_number(L, c->increment);
       return 1;
     }
     if (strcmp(k, "interval") == 0) {
-      lua_pushnumber(L, c->interval);
+      lpush_number(L, c->interval);
       return 1;
     }
     if (strcmp(k, "pause_at") == 0) {
       lua_createtable(L, c->npause, 0);
       for (int i = 0; i < c->npause; i++) {
-        lua_pushnumber(L, c->pause_at[i]);
+        lpush_number(L, c->pause_at[i]);
         lua_rawseti(L, -2, i + 1);
       }
       return 1;
     }
   } else if (strcmp(k, "switch_delay") == 0) {
-    lua_pushnumber(L, ((bluegreen_strategy *)s)->switch_delay);
+    lpush_number(L, ((bluegreen_strategy *)s)->switch_delay);
     return 1;
   }
   luaL_getmetatable(L, STRATEGY_MT);

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <math.h>
 
 enum monitor_mode {
   MON_NONE,
@@ -58,6 +59,8 @@ struct rollout {
 
   int stops_pending;
   int promoted;
+  void (*after_healthy)(rollout *r); /* instead of completing WAIT_HEALTHY */
+  double ratio_pct;                  /* router "none": the share being reached */
   rollout_result result;
 
   /* hooks */
@@ -209,13 +212,13 @@ static void complete(rollout *r, int ok, const char *err) {
 
 /* ---- health rounds ---- */
 
-typedef struct round {
+typedef struct check_round {
   rollout *r;
   size_t n;
   char **urls;
-} round;
+} check_round;
 
-static void round_free(round *rd) {
+static void round_free(check_round *rd) {
   for (size_t i = 0; i < rd->n; i++)
     free(rd->urls[i]);
   free(rd->urls);
@@ -235,7 +238,7 @@ static int dead_instance(rollout *r, char *detail, size_t size) {
 }
 
 static void round_done(void *payload, const health_result *res, size_t n) {
-  round *rd = payload;
+  check_round *rd = payload;
   rollout *r = rd->r;
   rollout_health *h = &r->health;
   memset(h, 0, sizeof *h);
@@ -260,7 +263,7 @@ static void round_done(void *payload, const health_result *res, size_t n) {
 
 void rollout_check_health(rollout *r, rollout_health_cb cb, void *payload) {
   char err[DC_ERR_MAX];
-  round *rd = calloc(1, sizeof *rd);
+  check_round *rd = calloc(1, sizeof *rd);
   size_t cap = r->nfresh * 2;
   rd->r = r;
   rd->urls = calloc(cap ? cap : 1, sizeof *rd->urls);
@@ -335,6 +338,13 @@ static void monitor_observed(void *payload, const rollout_health *h) {
       char data[64];
       dc_fmt(data, sizeof data, "{\"checked\":%d}", h->checked);
       emit(r, "healthy", data);
+      if (r->after_healthy) {
+        void (*next)(rollout *) = r->after_healthy;
+        r->after_healthy = NULL;
+        r->mon = MON_NONE;
+        next(r);
+        return;
+      }
       complete(r, 1, NULL);
     } else if (strstr(h->detail, " exited; see ")) {
       complete(r, 0, h->detail);
@@ -477,8 +487,28 @@ static int start_one(rollout *r, int idx, char *err) {
   return 0;
 }
 
+/* Without a router that can weigh servers, the new version's share follows
+ * the instance ratio (as Argo Rollouts does without a mesh): one new
+ * instance first, more as the share grows, the old set whole until
+ * promotion. */
+static int by_ratio(const rollout *r) { return strcmp(r->t->router->kind, "none") == 0 && r->nold > 0; }
+
+static int grow_fresh(rollout *r, size_t n) {
+  if (r->nfresh + n <= r->fresh_cap)
+    return 0;
+  size_t cap = r->nfresh + n;
+  store_instance *grown = realloc(r->fresh, cap * sizeof *grown);
+  if (!grown)
+    return -1;
+  r->fresh = grown;
+  r->fresh_cap = cap;
+  return 0;
+}
+
 static void act_start(rollout *r, int n) {
   char err[DC_ERR_MAX];
+  if (n <= 0 && by_ratio(r) && r->nfresh == 0)
+    n = 1;
   /* Starting what is already there is a no-op, so a built-in strategy can
    * take over from a Lua strategy that started the instances itself. */
   if (n <= 0) {
@@ -488,15 +518,9 @@ static void act_start(rollout *r, int n) {
       return;
     }
   }
-  if (r->nfresh + (size_t)n > r->fresh_cap) {
-    size_t cap = r->nfresh + (size_t)n;
-    store_instance *grown = realloc(r->fresh, cap * sizeof *grown);
-    if (!grown) {
-      complete(r, 0, "deploy: out of memory");
-      return;
-    }
-    r->fresh = grown;
-    r->fresh_cap = cap;
+  if (grow_fresh(r, (size_t)n) != 0) {
+    complete(r, 0, "deploy: out of memory");
+    return;
   }
   int base = (int)r->nfresh;
   for (int i = 0; i < n; i++) {
@@ -591,11 +615,55 @@ static void act_traffic(rollout *r, double pct) {
   with_hook(r, HOOK_BEFORE_STEP, pct, NULL, before_step_done);
 }
 
+static void ratio_reached(rollout *r) {
+  char data[256];
+  double pct = r->ratio_pct;
+  double effective = 100.0 * (double)r->nfresh / (double)(r->nfresh + r->nold);
+  r->run.pct = pct;
+  dc_fmt(data, sizeof data,
+         "{\"pct\":%g,\"effective\":%.2f,\"weight_old\":1,\"weight_new\":1,\"old\":%zu,\"new\":%zu,"
+         "\"step\":%d,\"steps\":%d,\"router\":\"none\"}",
+         pct, effective, r->nold, r->nfresh, r->run.step, r->run.steps);
+  emit(r, "traffic", data);
+  complete(r, 1, NULL);
+}
+
+static void traffic_by_ratio(rollout *r, double pct) {
+  char err[DC_ERR_MAX];
+  int total = r->t->instances;
+  size_t want = pct <= 0 ? 0 : (size_t)ceil(total * pct / 100.0 - 1e-9);
+  if (pct > 0 && want < 1)
+    want = 1;
+  r->ratio_pct = pct;
+  if (want <= r->nfresh) {
+    ratio_reached(r);
+    return;
+  }
+  size_t more = want - r->nfresh;
+  if (grow_fresh(r, more) != 0) {
+    complete(r, 0, "deploy: out of memory");
+    return;
+  }
+  int base = (int)r->nfresh;
+  for (size_t i = 0; i < more; i++) {
+    if (start_one(r, base + (int)i, err) != 0) {
+      complete(r, 0, err);
+      return;
+    }
+  }
+  r->after_healthy = ratio_reached;
+  monitor_start(r, MON_HEALTHY, r->t->health.start_timeout);
+}
+
 static void traffic_now(rollout *r, double pct) {
   char err[DC_ERR_MAX];
   if (!(pct >= 0 && pct <= 100)) {
     dc_fmt(err, sizeof err, "traffic percentage %g is outside 0..100", pct);
     complete(r, 0, err);
+    return;
+  }
+  if (by_ratio(r)) {
+    traffic_by_ratio(r, pct);
     return;
   }
   if (r->nfresh == 0 && pct > 0) {
