@@ -793,6 +793,11 @@ static int manager_new(lua_State *L) {
   }
   engine *e = lengine_get(L);
   lua_getfield(L, 1, "config"); /* 2 */
+  if (lua_isnil(L, 2) && lua_getfield(L, LUA_REGISTRYINDEX, "deploy.default_config") == LUA_TSTRING) {
+    lua_replace(L, 2);
+  } else if (lua_isnil(L, 2)) {
+    lua_pop(L, 1);
+  }
   if (lua_isnil(L, 2)) {
     const char *path = getenv("DEPLOY_CONFIG");
     if (!path || !*path)

@@ -82,6 +82,28 @@ char *ljson_encode(lua_State *L, int idx, const char *what) {
   return copy;
 }
 
+/* lua-cjson decodes every number as a float; integral ones become
+ * integers again, so 30 reads back as 30, not 30.0. */
+static void integers(lua_State *L, int idx, int depth) {
+  if (depth > 32)
+    return;
+  idx = lua_absindex(L, idx);
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    if (lua_type(L, -1) == LUA_TNUMBER && !lua_isinteger(L, -1)) {
+      double v = lua_tonumber(L, -1);
+      if (v == (double)(lua_Integer)v && v > -1e15 && v < 1e15) {
+        lua_pushvalue(L, -2);
+        lua_pushinteger(L, (lua_Integer)v);
+        lua_rawset(L, idx);
+      }
+    } else if (lua_type(L, -1) == LUA_TTABLE) {
+      integers(L, -1, depth + 1);
+    }
+    lua_pop(L, 1);
+  }
+}
+
 void ljson_decode(lua_State *L, const char *json) {
   if (!json) {
     lua_pushnil(L);
@@ -96,6 +118,8 @@ void ljson_decode(lua_State *L, const char *json) {
   if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
     lua_pop(L, 1);
     lua_pushnil(L);
+  } else if (lua_istable(L, -1)) {
+    integers(L, -1, 0);
   }
 }
 
@@ -138,6 +162,21 @@ static int deploy_now(lua_State *L) {
   return 1;
 }
 
+/* deploy._host{ config = path, simulate = bool }: set by deployctl run.
+ * config: what DeploymentManager{} uses when given no config; simulate:
+ * the virtual clock for everything in this process. */
+static int deploy_host(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  if (lua_getfield(L, 1, "config") == LUA_TSTRING)
+    lua_setfield(L, LUA_REGISTRYINDEX, "deploy.default_config");
+  else
+    lua_pop(L, 1);
+  lua_getfield(L, 1, "simulate");
+  if (lua_toboolean(L, -1) && engine_set_virtual(lengine_get(L), 1) != 0)
+    return luaL_error(L, "deploy: cannot switch to the virtual clock while timers are pending");
+  return 0;
+}
+
 int luaopen_deploy(lua_State *L) {
   lengine_get(L);
   lua_newtable(L);
@@ -152,5 +191,7 @@ int luaopen_deploy(lua_State *L) {
   lua_setfield(L, -2, "sleep");
   lua_pushcfunction(L, deploy_now);
   lua_setfield(L, -2, "now");
+  lua_pushcfunction(L, deploy_host);
+  lua_setfield(L, -2, "_host");
   return 1;
 }

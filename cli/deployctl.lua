@@ -24,11 +24,13 @@ local HELP = {
 Usage: deployctl [--config FILE] <command> [arguments]
 
 Commands:
-  run SCRIPT [ARGS...]          run a Lua pipeline script (arguments in `arg`)
+  run [--simulate] SCRIPT [ARGS...]  run a Lua pipeline script (arguments in `arg`)
   deploy TARGET VERSION         deploy VERSION to TARGET
   rollback TARGET [VERSION]     go back to the previous version, or to VERSION
   status [TARGET]               current version, status, health and instances
   history TARGET [--limit N]    past deployments of TARGET
+  promote TARGET                let a paused rollout go on
+  abort TARGET                  abort a running rollout (back to the old version)
   version                       print deployctl's version
   help [COMMAND]                this text, or a command's
 
@@ -40,11 +42,17 @@ Exit codes: 0 success, 1 deployment failed and rolled back,
 2 usage or configuration error, 3 target locked.
 ]],
   run = [[
-Usage: deployctl run SCRIPT [ARGS...]
+Usage: deployctl run [--simulate] SCRIPT [ARGS...]
 
 Runs a Lua pipeline script with `deploy` preloaded (require "deploy").
 The script's arguments are in the global table `arg` (arg[0] is SCRIPT).
-A script that returns an integer sets the exit code.
+A script that returns an integer sets the exit code; false means 1.
+DeploymentManager{} without a config uses --config's (or $DEPLOY_CONFIG,
+or ./deploy.lua).
+
+  --simulate   run on the virtual clock: every wait returns at once and
+               events carry virtual timestamps (instances still start and
+               health checks still run for real)
 ]],
   deploy = [[
 Usage: deployctl deploy TARGET VERSION [--strategy canary|blue-green] [--set key=value ...] [--quiet]
@@ -70,6 +78,18 @@ or of every configured target.
 Usage: deployctl history TARGET [--limit N]
 
 Lists past deployments of TARGET, newest first.
+]],
+  promote = [[
+Usage: deployctl promote TARGET
+
+Lets a paused rollout of TARGET go on (or ends the current wait between
+canary steps early). The rollout may run in another process.
+]],
+  abort = [[
+Usage: deployctl abort TARGET
+
+Aborts the running rollout of TARGET, in whatever process it runs: traffic
+goes back to the old version in one step and the new instances stop.
 ]],
   version = "Usage: deployctl version\n",
   help = "Usage: deployctl help [COMMAND]\n",
@@ -227,6 +247,11 @@ end
 
 function commands.run(opts, args)
   if args[1] == "--help" or args[1] == "-h" then out:write(HELP.run) return EXIT_OK end
+  local simulate = false
+  if args[1] == "--simulate" then
+    simulate = true
+    table.remove(args, 1)
+  end
   local script = args[1]
   if not script then usage_error("run: missing SCRIPT (see 'deployctl run --help')") end
   local chunk, lerr = loadfile(script, "t")
@@ -237,10 +262,9 @@ function commands.run(opts, args)
   local script_arg = { [0] = script }
   for i = 2, #args do script_arg[i - 1] = args[i] end
   arg = script_arg
-  if opts.config then
-    -- scripts that build their manager without a config pick this one up
-    package.loaded["deployctl.config"] = opts.config
-  end
+  -- A script's DeploymentManager{} without a config uses --config's; with
+  -- --simulate every wait runs on the virtual clock.
+  deploy._host{ config = opts.config, simulate = simulate }
   local rv = chunk(table.unpack(script_arg))
   if math.type(rv) == "integer" then return rv end
   if rv == false then return EXIT_FAILED end
@@ -340,6 +364,25 @@ function commands.history(opts, args)
   end
   return EXIT_OK
 end
+
+local function control(command)
+  return function(opts, args)
+    local flags, pos = parse_flags(command, args, {}, 1)
+    if flags.help then out:write(HELP[command]) return EXIT_OK end
+    if #pos < 1 then usage_error("%s: needs TARGET (see 'deployctl %s --help')", command, command) end
+    local m = open_manager(opts)
+    check_target(m, pos[1])
+    local ok, why = m[command](m, pos[1])
+    if not ok then
+      eprintf("deployctl: %s\n", why)
+      return EXIT_FAILED
+    end
+    printf("%s: %s requested\n", pos[1], command)
+    return EXIT_OK
+  end
+end
+commands.promote = control("promote")
+commands.abort = control("abort")
 
 local function main(...)
   local argv = { ... }

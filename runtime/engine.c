@@ -75,6 +75,13 @@ static void vidle_cb(uv_idle_t *h) {
     return;
   }
   engine_timer *t = e->heap[0];
+  if (t->due > e->vnow && e->holds > 0) {
+    /* Time may not move while real work is in flight; engine_release
+     * starts the idle handle again. */
+    uv_idle_stop(&e->vidle);
+    e->vidle_active = 0;
+    return;
+  }
   heap_remove(e, 0);
   if (t->due > e->vnow)
     e->vnow = t->due;
@@ -204,6 +211,17 @@ void engine_timer_cancel(engine_timer *t) {
   uv_timer_stop(&t->uv);
   if (!uv_is_closing((uv_handle_t *)&t->uv))
     uv_close((uv_handle_t *)&t->uv, real_timer_closed);
+}
+
+void engine_hold(engine *e) { e->holds++; }
+
+void engine_release(engine *e) {
+  if (e->holds > 0)
+    e->holds--;
+  if (e->holds == 0 && e->heap_len > 0 && !e->vidle_active) {
+    uv_idle_start(&e->vidle, vidle_cb);
+    e->vidle_active = 1;
+  }
 }
 
 int engine_run_once(engine *e) {

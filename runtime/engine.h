@@ -27,6 +27,7 @@ struct engine {
   uv_idle_t vidle;             /* fires the earliest virtual timer */
   int vidle_active;
   struct http *http;           /* libcurl multi driven by this loop (lazy) */
+  int holds;                   /* real work in flight that the virtual clock waits for */
 };
 
 /* Creates the engine's own loop. virtual_clock: 0 real, 1 virtual. */
@@ -45,6 +46,13 @@ engine_timer *engine_timer_start(engine *e, double seconds, engine_timer_cb cb,
                                  void *payload);
 /* Cancel a pending timer; its callback never runs. NULL is ignored. */
 void engine_timer_cancel(engine_timer *t);
+
+/* Real work in flight (a health check, a router command, a process being
+ * stopped) holds the virtual clock: it does not jump to the next timer
+ * until that work is done, so simulated rollouts running side by side see
+ * the same timeline they would in real time. No effect on the real clock. */
+void engine_hold(engine *e);
+void engine_release(engine *e);
 
 /* Run one iteration of the loop (blocking for I/O if there is nothing else
  * to do). Returns 0 when the loop has no more work. */

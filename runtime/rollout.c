@@ -255,6 +255,7 @@ static void round_done(void *payload, const health_result *res, size_t n) {
   if (dead_instance(r, h->detail, sizeof h->detail))
     h->state = HEALTH_UNHEALTHY;
   round_free(rd);
+  engine_release(r->e);
   rollout_health_cb cb = r->health_cb;
   r->health_cb = NULL;
   if (cb)
@@ -282,6 +283,7 @@ void rollout_check_health(rollout *r, rollout_health_cb cb, void *payload) {
   }
   r->health_cb = cb;
   r->health_payload = payload;
+  engine_hold(r->e);
   health_opts o = {.timeout = r->t->health.timeout, .expect_status = r->t->health.expect_status};
   if (health_check_start(r->e, (const char *const *)rd->urls, rd->n, &o, round_done, rd, err) != 0) {
     health_result none;
@@ -582,6 +584,7 @@ static void save_weights(rollout *r, int w_old, int w_new) {
 static void traffic_applied(void *payload, const char *err) {
   traffic *tr = payload;
   rollout *r = tr->r;
+  engine_release(r->e);
   if (err) {
     char msg[DC_ERR_MAX];
     dc_fmt(msg, sizeof msg, "cannot set traffic to %g %%: %s", tr->pct, err);
@@ -678,9 +681,11 @@ static void traffic_now(rollout *r, double pct) {
   /* A server at weight 0 stays registered (it may get traffic back); only
    * promotion and abort retire a whole set. */
   size_t n = build_servers(r, servers, tr->w_old, tr->w_new, 1, 1);
+  engine_hold(r->e);
   int rc = r->t->router->apply(r->t->router, servers, n, traffic_applied, tr, err);
   free(servers);
   if (rc != 0) {
+    engine_release(r->e);
     free(tr);
     complete(r, 0, err);
   }
@@ -697,6 +702,7 @@ typedef struct stopping {
 static void stopped_one(void *payload, const char *err) {
   stopping *sp = payload;
   rollout *r = sp->r;
+  engine_release(r->e);
   char e2[DC_ERR_MAX], data[256];
   if (err) {
     add_error(r, err);
@@ -726,7 +732,9 @@ static void stop_sets(rollout *r, store_instance *a, size_t na, store_instance *
     dc_strlcpy(in->state, "stopping", sizeof in->state);
     store_instance_update(r->s, in, err);
     r->stops_pending++;
+    engine_hold(r->e);
     if (r->t->provider->stop(r->t->provider, in, stopped_one, sp, err) != 0) {
+      engine_release(r->e);
       add_error(r, err);
       free(sp);
       r->stops_pending--;
@@ -751,6 +759,7 @@ static void promoted_stopped(rollout *r) {
 
 static void promote_applied(void *payload, const char *err) {
   rollout *r = payload;
+  engine_release(r->e);
   if (err) {
     char msg[DC_ERR_MAX];
     dc_fmt(msg, sizeof msg, "cannot retire the old instances: %s", err);
@@ -773,6 +782,7 @@ static void act_promote(rollout *r) {
     w_new = 1;
   router_server *servers = calloc(r->nfresh + 1, sizeof *servers);
   size_t n = build_servers(r, servers, 0, w_new, 0, 1);
+  engine_hold(r->e);
   int rc = r->t->router->apply(r->t->router, servers, n, promote_applied, r, err);
   free(servers);
   if (rc != 0)
@@ -799,6 +809,7 @@ static void on_rollback_done(rollout *r, int ok, const char *err) {
 
 static void abort_applied(void *payload, const char *err) {
   rollout *r = payload;
+  engine_release(r->e);
   if (err) {
     char msg[DC_ERR_MAX];
     dc_fmt(msg, sizeof msg, "while returning traffic to the old version: %s", err);
@@ -829,6 +840,7 @@ static void act_abort(rollout *r, const char *reason) {
   router_server *servers = calloc(r->nold + 1, sizeof *servers);
   /* Equal weights on the old set: 100 % back in one step. */
   size_t n = build_servers(r, servers, 1, 0, 1, 0);
+  engine_hold(r->e);
   int rc = r->t->router->apply(r->t->router, servers, n, abort_applied, r, err);
   free(servers);
   if (rc != 0)
