@@ -197,7 +197,7 @@ static void check_version(lua_State *L, int obj, int errs, const char *file, int
   if (!version)
     return;
   if (dc_validate_version(version, "field 'version'", err) != 0) {
-    add_error(L, errs, file, err);
+    add_error(L, errs, file, strncmp(err, "deploy: ", 8) == 0 ? err + 8 : err);
     return;
   }
   lua_pushstring(L, version);

@@ -409,5 +409,9 @@ if type(rv) == "table" then
   eprintf("deployctl: %s\n", rv.usage)
   return EXIT_USAGE
 end
+if tostring(rv):match("^[^\n]*interrupted\n") or tostring(rv):match("interrupted$") then
+  eprintf("deployctl: interrupted\n")
+  return 130
+end
 eprintf("deployctl: %s\n", rv)
 return EXIT_USAGE

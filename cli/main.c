@@ -13,6 +13,7 @@
 #include <lualib.h>
 
 #include "cli_lua.h"
+#include "engine.h"
 #include "util.h"
 
 int luaopen_deploy(lua_State *L);
@@ -43,6 +44,8 @@ static void on_signal(int sig) {
   }
   if (!dc_rollouts_waiting)
     lua_sethook(global_L, interrupted_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+  else if (engine_wake_handle)
+    uv_async_send(engine_wake_handle);
 }
 
 static int msghandler(lua_State *L) {

@@ -91,6 +91,10 @@ static void vidle_cb(uv_idle_t *h) {
   cb(payload);
 }
 
+uv_async_t *volatile engine_wake_handle;
+
+static void woken(uv_async_t *h) { (void)h; }
+
 int engine_init(engine *e, int virtual_clock) {
   memset(e, 0, sizeof *e);
   e->loop = malloc(sizeof *e->loop);
@@ -102,6 +106,10 @@ int engine_init(engine *e, int virtual_clock) {
   /* Active (and so keeping the loop alive) only while virtual timers pend. */
   uv_idle_init(e->loop, &e->vidle);
   e->vidle.data = e;
+  /* Not counted as work: the loop may end while it is open. */
+  uv_async_init(e->loop, &e->wake, woken);
+  uv_unref((uv_handle_t *)&e->wake);
+  engine_wake_handle = &e->wake;
   e->virtual_clock = virtual_clock;
   e->vnow = dc_wall_now();
   return 0;
@@ -126,6 +134,9 @@ void engine_close(engine *e) {
   e->heap = NULL;
   e->heap_len = e->heap_cap = 0;
   uv_close((uv_handle_t *)&e->vidle, NULL);
+  if (engine_wake_handle == &e->wake)
+    engine_wake_handle = NULL;
+  uv_close((uv_handle_t *)&e->wake, NULL);
   uv_run(e->loop, UV_RUN_DEFAULT);
   /* Anything a module left open is closed here so the loop can be freed;
    * their memory is theirs and was released by their own close callbacks. */

@@ -28,7 +28,12 @@ struct engine {
   int vidle_active;
   struct http *http;           /* libcurl multi driven by this loop (lazy) */
   int holds;                   /* real work in flight that the virtual clock waits for */
+  uv_async_t wake;             /* woken by signal handlers (uv_async_send is async-signal-safe) */
 };
+
+/* The most recently initialised engine's wake-up handle, for a signal
+ * handler that wants the loop to notice an interrupt at once. */
+extern uv_async_t *volatile engine_wake_handle;
 
 /* Creates the engine's own loop. virtual_clock: 0 real, 1 virtual. */
 int engine_init(engine *e, int virtual_clock);

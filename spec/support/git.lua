@@ -257,7 +257,8 @@ function git.sshd(port)
   local home = dir .. "/home"
   local pub = fixtures.read_file(dir .. "/host_key.pub"):gsub("%s+$", "")
   sh("mkdir -p " .. q(home .. "/.ssh"))
-  fixtures.write_file(home .. "/.ssh/known_hosts", string.format("[127.0.0.1]:%d %s\n", port, pub))
+  local host = port == 22 and "127.0.0.1" or string.format("[127.0.0.1]:%d", port)
+  fixtures.write_file(home .. "/.ssh/known_hosts", host .. " " .. pub .. "\n")
   local user = sh("id -un"):gsub("%s+$", "")
   return {
     pid = pid, port = port, dir = dir, home = home, key = dir .. "/client_key", other_key = dir .. "/other_key",
