@@ -5,9 +5,9 @@ local fixtures = require "spec.support.fixtures"
 
 local function manager_for(opts)
   opts = opts or {}
-  local target = fixtures.target_config{ instances = opts.instances or 1, health = opts.health }
+  local target, dir = fixtures.target_config{ instances = opts.instances or 1, health = opts.health }
   local cfg = fixtures.config{ targets = { staging = target, production = fixtures.target_config{ instances = 1 } } }
-  return deploy.DeploymentManager{ config = cfg, strategy = opts.strategy }, cfg
+  return deploy.DeploymentManager{ config = cfg, strategy = opts.strategy }, cfg, dir
 end
 
 -- Everything a bad call could have touched: it must be the same afterwards.
@@ -187,7 +187,7 @@ describe("DeploymentManager", function()
   end)
 
   it("a version whose instances never turn healthy fails and leaves the old one serving", function()
-    local m = manager_for{ health = { failure_threshold = 2 } }
+    local m, _, dir = manager_for{ health = { failure_threshold = 2 } }
     assert.is_true(m:deploy("staging", "1.0.0").success)
     local r = m:deploy("staging", "2.0.0-bad")
     assert.is_false(r.success)
@@ -196,7 +196,7 @@ describe("DeploymentManager", function()
     assert.equal("1.0.0", st.current_version)
     assert.equal("failed", st.status)
     assert.equal("healthy", st.health)
-    assert.equal(0, #fixtures.pids_matching("--version 2.0.0-bad"))
+    assert.equal(0, #fixtures.instances_of(dir, "2.0.0-bad"))
   end)
 end)
 

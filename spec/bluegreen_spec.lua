@@ -74,7 +74,7 @@ describe("blue-green through HAProxy", function()
   end)
 
   it("green never healthy: traffic stays on blue, green is stopped, result says why", function()
-    local m, h = setup{ health = { failure_threshold = 2 } }
+    local m, h, dir = setup{ health = { failure_threshold = 2 } }
     m:deploy("production", "v1")
     local r = m:deploy("production", "v2-bad")
     assert.is_false(r.success)
@@ -85,7 +85,7 @@ describe("blue-green through HAProxy", function()
     assert.same({ v1 = 40 }, counts)
     assert.equal(0, failed)
     assert.equal(2, #h:servers())
-    assert.equal(0, #fixtures.pids_matching("--version v2-bad"))
+    assert.equal(0, #fixtures.instances_of(dir, "v2-bad"))
     local st = m:get_status("production")
     assert.equal("v1", st.current_version)
     assert.equal("failed", st.status)
@@ -156,13 +156,13 @@ describe("the HAProxy router", function()
 
   it("a missing socket fails the deployment, says how to fix it, and leaves nothing running", function()
     local h = fixtures.haproxy{}
-    local target = fixtures.target_config{ haproxy = h }
+    local target, dir = fixtures.target_config{ haproxy = h }
     target.router.socket = h.dir .. "/nowhere.sock"
     local m = deploy.DeploymentManager{ config = fixtures.config{ targets = { production = target } } }
     local r = m:deploy("production", "v1")
     assert.is_false(r.success)
     assert.matches("cannot connect to .-/nowhere%.sock: no such file %(is HAProxy running with 'stats socket", r.errors[1])
-    assert.equal(0, #fixtures.pids_matching("--version v1"))
+    assert.equal(0, #fixtures.instances_of(dir, "v1"))
     assert.is_nil(m:get_status("production").current_version)
     assert.equal(0, #m:instances("production"))
   end)
@@ -180,7 +180,7 @@ describe("the HAProxy router", function()
   end)
 
   it("HAProxy answering errors (a server it refuses) fails cleanly and keeps the old version", function()
-    local m, h = setup()
+    local m, h, dir = setup()
     m:deploy("production", "v1")
     -- Take the socket away mid-flight: the next command gets no HAProxy.
     local r = m:deploy("production", "v2", { on_event = function(ev)
@@ -188,7 +188,7 @@ describe("the HAProxy router", function()
     end })
     assert.is_false(r.success)
     assert.matches("haproxy", r.errors[1])
-    assert.equal(0, #fixtures.pids_matching("--version v2"))
+    assert.equal(0, #fixtures.instances_of(dir, "v2"))
     assert.equal("v1", m:get_status("production").current_version)
   end)
 end)

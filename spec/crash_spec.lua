@@ -29,16 +29,16 @@ m:deploy("production", version, {
 
 local function setup()
   local h = fixtures.haproxy{}
-  local target = fixtures.target_config{ haproxy = h, instances = 2 }
+  local target, tdir = fixtures.target_config{ haproxy = h, instances = 2 }
   local dir = fixtures.tmpdir("crash")
   local cfg = fixtures.config{ targets = { production = target } }
   local config = cli.write_config(dir, cfg)
   local script = dir .. "/pipeline.lua"
   fixtures.write_file(script, PIPELINE)
-  return h, config, script
+  return h, config, script, tdir
 end
 
-local function check_recovered(h, config, expect_version, killed_version)
+local function check_recovered(h, config, expect_version, killed_version, tdir)
   -- The next run (any command) recovers the store and the target.
   local code, out, err = cli.run({ "--config", config, "status", "production" })
   assert.equal(0, code, err)
@@ -48,7 +48,7 @@ local function check_recovered(h, config, expect_version, killed_version)
   assert.equal(0, failed)
   assert.equal(2, #h:servers())
   if killed_version ~= expect_version then
-    assert.same({}, fixtures.pids_matching("--version " .. killed_version .. " "))
+    assert.same({}, fixtures.instances_of(tdir, killed_version))
   end
   local m = deploy.DeploymentManager{ config = config }
   local hist = m:history("production")
@@ -76,17 +76,17 @@ describe("a crash in the middle of a deployment", function()
 
   for _, kill_at in ipairs{ "started", "instance_started", "healthy", "traffic" } do
     it("killed at '" .. kill_at .. "' recovers to the old version", function()
-      local h, config, script = setup()
+      local h, config, script, tdir = setup()
       assert.equal(0, (cli.run({ "--config", config, "deploy", "production", "v1" })))
       local code, out = cli.run({ "--config", config, "run", script, config, "v2", kill_at })
       assert.equal(137, code, out)  -- 128 + SIGKILL
       assert.matches(kill_at, out)
-      check_recovered(h, config, "v1", "v2")
+      check_recovered(h, config, "v1", "v2", tdir)
     end)
   end
 
   it("killed from outside while the canary waits at 50 %", function()
-    local h, config, script = setup()
+    local h, config, script, tdir = setup()
     assert.equal(0, (cli.run({ "--config", config, "deploy", "production", "v1" })))
     local p = cli.spawn({ "--config", config, "run", script, config, "v2", "never" })
     fixtures.wait_until(function() return p:output():find("traffic") end, 20, "the canary at 50 %")
@@ -94,21 +94,21 @@ describe("a crash in the middle of a deployment", function()
     local counts = h:sample(40)
     assert.equal(20, counts.v1)
     assert.equal(20, counts.v2)
-    assert.is_true(#fixtures.pids_matching("--version v2 ") >= 2)
+    assert.is_true(#fixtures.instances_of(tdir, "v2") >= 2)
     fixtures.kill(p.pid, "KILL")
     local code = p:wait(10)
     assert.equal(137, code)
-    check_recovered(h, config, "v1", "v2")
+    check_recovered(h, config, "v1", "v2", tdir)
   end)
 
   it("killed on a first deployment leaves nothing serving and nothing running", function()
-    local h, config, script = setup()
+    local h, config, script, tdir = setup()
     local code = cli.run({ "--config", config, "run", script, config, "v1", "healthy" })
     assert.equal(137, code)
     local c2, out, err = cli.run({ "--config", config, "status", "production" })
     assert.equal(0, c2, err)
     assert.equal(0, #h:servers())
-    assert.same({}, fixtures.pids_matching("--version v1 "))
+    assert.same({}, fixtures.instances_of(tdir, "v1"))
     local m = deploy.DeploymentManager{ config = config }
     assert.equal("interrupted", m:history("production")[1].status)
     assert.is_nil(m:get_status("production").current_version)

@@ -8,10 +8,10 @@ local cli = require "spec.support.cli"
 local function setup()
   local h = fixtures.haproxy{}
   local dir = fixtures.tmpdir("sigint")
-  local config = cli.write_config(dir, fixtures.config{ state = dir .. "/state.db",
-    targets = { production = fixtures.target_config{ haproxy = h, instances = 2 } } })
+  local target, tdir = fixtures.target_config{ haproxy = h, instances = 2 }
+  local config = cli.write_config(dir, fixtures.config{ state = dir .. "/state.db", targets = { production = target } })
   assert.equal(0, (cli.run({ "--config", config, "deploy", "production", "v1" })))
-  return h, config
+  return h, config, tdir
 end
 
 local function canary(config)
@@ -23,7 +23,7 @@ describe("Ctrl-C during a canary", function()
   after_each(fixtures.cleanup)
 
   it("halfway: HAProxy goes back to 100 % old, the new instances stop, exit 1", function()
-    local h, config = setup()
+    local h, config, tdir = setup()
     local p = canary(config)
     fixtures.wait_until(function() return p:output():find("new version at 20 %%") end, 20, "the canary at 20 %")
     local split = h:sample(20)
@@ -36,14 +36,14 @@ describe("Ctrl-C during a canary", function()
     assert.same({ v1 = 40 }, (h:sample(40)))
     for _, s in ipairs(h:servers()) do assert.is_true(s.weight > 0) end
     assert.equal(2, #h:servers())
-    assert.same({}, fixtures.pids_matching("--version v2 "))
+    assert.same({}, fixtures.instances_of(tdir, "v2"))
     local m = deploy.DeploymentManager{ config = config }
     assert.equal("v1", m:get_status("production").current_version)
     assert.equal("failed", m:history("production", 1)[1].status)
   end)
 
   it("twice in a row: still one clean abort, never a split", function()
-    local h, config = setup()
+    local h, config, tdir = setup()
     local p = canary(config)
     fixtures.wait_until(function() return p:output():find("new version at 20 %%") end, 20, "the canary at 20 %")
     fixtures.kill(p.pid, "INT")
@@ -51,11 +51,11 @@ describe("Ctrl-C during a canary", function()
     local code = p:wait(20)
     assert.equal(1, code)
     assert.same({ v1 = 40 }, (h:sample(40)))
-    assert.same({}, fixtures.pids_matching("--version v2 "))
+    assert.same({}, fixtures.instances_of(tdir, "v2"))
   end)
 
   it("SIGTERM does the same", function()
-    local h, config = setup()
+    local h, config, tdir = setup()
     local p = canary(config)
     fixtures.wait_until(function() return p:output():find("new version at 20 %%") end, 20, "the canary at 20 %")
     fixtures.kill(p.pid, "TERM")

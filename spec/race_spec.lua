@@ -6,18 +6,16 @@ local cli = require "spec.support.cli"
 
 local function setup()
   local h = fixtures.haproxy{}
-  local cfg = fixtures.config{ targets = {
-    production = fixtures.target_config{ haproxy = h, instances = 1 },
-    staging = fixtures.target_config{ instances = 1 },
-  } }
-  return h, cli.write_config(fixtures.tmpdir("race"), cfg)
+  local prod, tdir = fixtures.target_config{ haproxy = h, instances = 1 }
+  local cfg = fixtures.config{ targets = { production = prod, staging = fixtures.target_config{ instances = 1 } } }
+  return h, cli.write_config(fixtures.tmpdir("race"), cfg), tdir
 end
 
 describe("two deployments racing on one target", function()
   after_each(fixtures.cleanup)
 
   it("started at the same moment: exactly one runs, the other gets 'target locked' and changes nothing", function()
-    local h, config = setup()
+    local h, config, tdir = setup()
     for round = 1, 3 do
       local a = cli.spawn({ "--config", config, "deploy", "production", "a" .. round, "--set", "switch_delay=1" })
       local b = cli.spawn({ "--config", config, "deploy", "production", "b" .. round, "--set", "switch_delay=1" })
@@ -34,7 +32,7 @@ describe("two deployments racing on one target", function()
       assert.equal(winner, m:get_status("production").current_version)
       for _, d in ipairs(m:history("production")) do assert.not_equal(loser, d.version) end
       for _, i in ipairs(m:instances("production")) do assert.equal(winner, i.version) end
-      assert.same({}, fixtures.pids_matching("--version " .. loser .. " "))
+      assert.same({}, fixtures.instances_of(tdir, loser))
       assert.same({ [winner] = 20 }, (h:sample(20)))
     end
   end)

@@ -612,6 +612,13 @@ function fixtures.target_config(opts)
   return target, dir
 end
 
+-- Live processes of `version` started for the target_config whose
+-- directory is `dir` (its command line names that directory, so specs
+-- running side by side never see each other's instances).
+function fixtures.instances_of(dir, version)
+  return fixtures.pids_matching(dir .. "/unhealthy-" .. version)
+end
+
 -- Makes every instance of `version` from a target_config answer /healthz
 -- with 500 (on = true, the default) or 200 again (on = false).
 function fixtures.set_unhealthy(dir, version, on)
