@@ -559,6 +559,97 @@ static int manager_instances(lua_State *L) {
   return 1;
 }
 
+/* live_instances(target): every instance of the target with its health
+ * checked now and its weight as the router reports it now (nil when the
+ * router is unreachable: then router_error says why). */
+typedef struct live_read {
+  int done;
+  char err[DC_ERR_MAX];
+} live_read;
+
+static void router_read_done(void *payload, const char *err) {
+  live_read *lr = payload;
+  if (err)
+    dc_strlcpy(lr->err, err, sizeof lr->err);
+  lr->done = 1;
+}
+
+typedef struct live_health {
+  int done;
+  lua_State *L;
+  int list_idx;
+} live_health;
+
+static void live_health_done(void *payload, const health_result *r, size_t n) {
+  live_health *lh = payload;
+  for (size_t i = 0; i < n; i++) {
+    lua_rawgeti(lh->L, lh->list_idx, (lua_Integer)i + 1);
+    lua_pushstring(lh->L, r[i].ok ? "healthy" : "unhealthy");
+    lua_setfield(lh->L, -2, "health");
+    if (!r[i].ok) {
+      lua_pushstring(lh->L, r[i].error);
+      lua_setfield(lh->L, -2, "health_error");
+    }
+    lua_pop(lh->L, 1);
+  }
+  lh->done = 1;
+}
+
+static int manager_live_instances(lua_State *L) {
+  lmanager *m = check_manager(L);
+  target_config *t = check_target(L, m, 2, "live_instances");
+  char err[DC_ERR_MAX];
+  lua_settop(L, 2);
+  manager_instances(L); /* 3: the list */
+  int list = 3;
+  size_t n = lua_rawlen(L, list);
+  router_server servers[256];
+  size_t nservers = 0;
+  live_read lr;
+  memset(&lr, 0, sizeof lr);
+  if (t->router->read(t->router, servers, 256, &nservers, router_read_done, &lr, err) != 0)
+    dc_strlcpy(lr.err, err, sizeof lr.err), lr.done = 1;
+  lsched_block(L, &lr.done);
+  char **urls = calloc(n ? n : 1, sizeof *urls);
+  for (size_t i = 0; i < n; i++) {
+    lua_rawgeti(L, list, (lua_Integer)i + 1);
+    lua_getfield(L, -1, "host");
+    lua_getfield(L, -2, "port");
+    lua_getfield(L, -3, "server");
+    char url[600];
+    dc_fmt(url, sizeof url, "http://%s:%d%s", lua_tostring(L, -3), (int)lua_tointeger(L, -2), t->health.path);
+    urls[i] = strdup(url);
+    const char *name = lua_tostring(L, -1);
+    int weight = -1;
+    for (size_t k = 0; k < nservers; k++)
+      if (name && strcmp(servers[k].name, name) == 0)
+        weight = servers[k].weight;
+    lua_pop(L, 3);
+    if (strcmp(t->router->kind, "none") == 0) {
+      lua_pushnil(L);
+    } else if (weight >= 0) {
+      lua_pushinteger(L, weight);
+    } else {
+      lua_pushboolean(L, 0); /* not in the proxy */
+    }
+    lua_setfield(L, -2, "router_weight");
+    lua_pop(L, 1);
+  }
+  live_health lh = {0, L, list};
+  health_opts o = {.timeout = t->health.timeout, .expect_status = t->health.expect_status};
+  if (health_check_start(m->e, (const char *const *)urls, n, &o, live_health_done, &lh, err) == 0)
+    lsched_block(L, &lh.done);
+  for (size_t i = 0; i < n; i++)
+    free(urls[i]);
+  free(urls);
+  lua_settop(L, list);
+  if (lr.err[0]) {
+    lua_pushstring(L, lr.err);
+    return 2;
+  }
+  return 1;
+}
+
 static int manager_targets(lua_State *L) {
   lmanager *m = check_manager(L);
   lua_createtable(L, (int)m->cfg->ntargets, 0);
@@ -863,6 +954,7 @@ void lmanager_register(lua_State *L) {
       {"instances", manager_instances}, {"targets", manager_targets},     {"reconcile", manager_reconcile},
       {"state_path", manager_state_path}, {"integrity_check", manager_integrity_check},
       {"promote", manager_promote},       {"abort", manager_abort},
+      {"live_instances", manager_live_instances},
       {"register_strategy", manager_register_strategy},
       {"close", manager_close},           {NULL, NULL}};
   if (luaL_newmetatable(L, MANAGER_MT)) {

@@ -5,13 +5,37 @@
 -- 2 usage or configuration error, 3 target locked.
 
 local deploy = require "deploy"
+local cjson = require "cjson"
 
 local EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 
 local out, err = io.stdout, io.stderr
 
-local function printf(fmt, ...) out:write(string.format(fmt, ...)) end
-local function eprintf(fmt, ...) err:write(string.format(fmt, ...)) end
+-- ---------------------------------------------------------------------------
+-- Secrets: values that ${NAME} in the config expands to are redacted from
+-- everything printed.
+
+local secrets = {}
+
+local function redact(s)
+  s = tostring(s)
+  for _, v in ipairs(secrets) do
+    s = s:gsub(v:gsub("%p", "%%%0"), "***")
+  end
+  return s
+end
+
+local function note_secrets(text)
+  for name in text:gmatch("%${([%w_]+)}") do
+    local v = os.getenv(name)
+    -- very short values ("1", "on") would redact half the output
+    if v and #v >= 4 then secrets[#secrets + 1] = v end
+  end
+  table.sort(secrets, function(a, b) return #a > #b end)
+end
+
+local function printf(fmt, ...) out:write(redact(string.format(fmt, ...))) end
+local function eprintf(fmt, ...) err:write(redact(string.format(fmt, ...))) end
 
 -- A usage or configuration error: raised as a table so that main() can tell
 -- it from a bug and exit 2 with just the message.
@@ -19,28 +43,36 @@ local function usage_error(fmt, ...)
   error({ usage = string.format(fmt, ...) }, 0)
 end
 
+-- ---------------------------------------------------------------------------
+-- Help: the one source for --help, `deployctl help`, the man page and the
+-- shell completion.
+
+local COMMANDS = {
+  { "run", "[--simulate] SCRIPT [ARGS...]", "run a Lua pipeline script (arguments in `arg`)" },
+  { "deploy", "TARGET VERSION [--strategy canary|blue-green] [--set key=value ...]", "deploy VERSION to TARGET" },
+  { "rollback", "TARGET [VERSION]", "go back to the previous version, or to VERSION" },
+  { "status", "[TARGET]", "current version, status, health and instances" },
+  { "history", "TARGET [--limit N]", "past deployments of TARGET" },
+  { "promote", "TARGET", "let a paused rollout go on (from any process)" },
+  { "abort", "TARGET", "abort a running rollout (back to the old version)" },
+  { "report", "DEPLOYMENT_ID", "a self-contained HTML report of one deployment" },
+  { "diff", "--repo URL [--branch B] [--path P]", "what a GitOps sync would change" },
+  { "sync", "--repo URL [--branch B] [--path P] [--prune]", "apply what the git repository wants" },
+  { "watch", "--repo URL [--branch B] [--path P] [--interval S]", "keep syncing as the repository changes" },
+  { "completion", "bash", "print the bash completion script" },
+  { "man", "", "print the man page (troff)" },
+  { "version", "", "print deployctl's version" },
+  { "help", "[COMMAND]", "this text, or a command's" },
+}
+
+local OUTPUT_FLAGS = [[
+Output:
+  --json     one JSON object per line per event (the data the store records)
+  --quiet    only the result
+  (on a terminal, a live progress line per target; otherwise plain event lines)
+]]
+
 local HELP = {
-  main = [[
-Usage: deployctl [--config FILE] <command> [arguments]
-
-Commands:
-  run [--simulate] SCRIPT [ARGS...]  run a Lua pipeline script (arguments in `arg`)
-  deploy TARGET VERSION         deploy VERSION to TARGET
-  rollback TARGET [VERSION]     go back to the previous version, or to VERSION
-  status [TARGET]               current version, status, health and instances
-  history TARGET [--limit N]    past deployments of TARGET
-  promote TARGET                let a paused rollout go on
-  abort TARGET                  abort a running rollout (back to the old version)
-  version                       print deployctl's version
-  help [COMMAND]                this text, or a command's
-
-Options:
-  --config FILE   configuration (else $DEPLOY_CONFIG, else ./deploy.lua)
-  --help          help for any command
-
-Exit codes: 0 success, 1 deployment failed and rolled back,
-2 usage or configuration error, 3 target locked.
-]],
   run = [[
 Usage: deployctl run [--simulate] SCRIPT [ARGS...]
 
@@ -55,29 +87,35 @@ or ./deploy.lua).
                health checks still run for real)
 ]],
   deploy = [[
-Usage: deployctl deploy TARGET VERSION [--strategy canary|blue-green] [--set key=value ...] [--quiet]
+Usage: deployctl deploy TARGET VERSION [--strategy canary|blue-green] [--set key=value ...] [--json|--quiet]
 
 Deploys VERSION to TARGET with the given strategy (default blue-green).
 --set gives the strategy's parameters, e.g.
   deployctl deploy production 1.4.2 --strategy canary --set initial_percentage=5 --set interval=60
   deployctl deploy production 1.4.2 --set switch_delay=10
-]],
+A strategy registered by a pipeline is not available here: use `run`.
+
+]] .. OUTPUT_FLAGS,
   rollback = [[
-Usage: deployctl rollback TARGET [VERSION]
+Usage: deployctl rollback TARGET [VERSION] [--json|--quiet]
 
 Rolls TARGET back to its previous version, or to VERSION from its history,
 with an instant blue-green switch.
-]],
-  status = [[
-Usage: deployctl status [TARGET]
 
-Shows the current version, status, health and instance count of TARGET,
-or of every configured target.
+]] .. OUTPUT_FLAGS,
+  status = [[
+Usage: deployctl status [TARGET] [--json]
+
+Without TARGET: one line per configured target (version, status, health,
+instances). With TARGET: also each instance with its port, pid, health and
+traffic weight, read live from the instances and the router.
 ]],
   history = [[
-Usage: deployctl history TARGET [--limit N]
+Usage: deployctl history TARGET [--limit N] [--json]
 
-Lists past deployments of TARGET, newest first.
+Past deployments of TARGET, newest first: id, kind, version, strategy,
+result, start, duration, who (user@host), the git revision when GitOps
+made it, and the reason it failed.
 ]],
   promote = [[
 Usage: deployctl promote TARGET
@@ -91,11 +129,51 @@ Usage: deployctl abort TARGET
 Aborts the running rollout of TARGET, in whatever process it runs: traffic
 goes back to the old version in one step and the new instances stop.
 ]],
-  version = "Usage: deployctl version\n",
-  help = "Usage: deployctl help [COMMAND]\n",
+  report = [[
+Usage: deployctl report DEPLOYMENT_ID > rollout.html
+
+Writes a self-contained HTML page about one deployment: an SVG chart of the
+new version's traffic share and health over time, and the table of events.
+The ids are in `deployctl history TARGET`.
+]],
+  completion = [[
+Usage: deployctl completion bash
+
+Prints a bash completion script:  source <(deployctl completion bash)
+]],
+  man = [[
+Usage: deployctl man > deployctl.1
+
+Prints the man page, made from the same text as --help.
+]],
+  version = "Usage: deployctl version\n\nPrints deployctl's version.\n",
+  help = "Usage: deployctl help [COMMAND]\n\nThe list of commands, or one command's help.\n",
 }
 
--- Splits argv into the global options, the command and its arguments.
+local gitops_ok, gitops = pcall(require, "deployctl.gitops")
+if gitops_ok and type(gitops) == "table" and gitops.help then
+  for k, v in pairs(gitops.help) do HELP[k] = v end
+end
+
+local function main_help()
+  local lines = { "Usage: deployctl [--config FILE] <command> [arguments]", "", "Commands:" }
+  for _, c in ipairs(COMMANDS) do
+    lines[#lines + 1] = string.format("  %-11s %s", c[1], c[3])
+  end
+  lines[#lines + 1] = ""
+  lines[#lines + 1] = "Options:"
+  lines[#lines + 1] = "  --config FILE   configuration (else $DEPLOY_CONFIG, else ./deploy.lua)"
+  lines[#lines + 1] = "  --help          help for any command: deployctl COMMAND --help"
+  lines[#lines + 1] = ""
+  lines[#lines + 1] = "Exit codes: 0 success, 1 deployment failed and rolled back,"
+  lines[#lines + 1] = "2 usage or configuration error, 3 target locked."
+  return table.concat(lines, "\n") .. "\n"
+end
+HELP.main = main_help()
+
+-- ---------------------------------------------------------------------------
+-- Arguments
+
 local function parse_global(argv)
   local opts, rest = {}, {}
   local i = 1
@@ -111,7 +189,7 @@ local function parse_global(argv)
       rest[#rest + 1] = a
       i = i + 1
       if #rest == 1 and rest[1] == "run" then
-        -- everything after `run SCRIPT` belongs to the script
+        -- everything after `run` belongs to run and the script
         for j = i, #argv do rest[#rest + 1] = argv[j] end
         break
       end
@@ -120,7 +198,7 @@ local function parse_global(argv)
   return opts, rest
 end
 
--- Flags of one command: spec maps flag name to "value" or "bool".
+-- Flags of one command: spec maps a flag to "value", "bool" or "list".
 local function parse_flags(cmd, args, spec, max_positional)
   local flags, pos = {}, {}
   local i = 1
@@ -129,7 +207,7 @@ local function parse_flags(cmd, args, spec, max_positional)
     if a == "--help" or a == "-h" then
       flags.help = true
       i = i + 1
-    elseif a:sub(1, 2) == "--" then
+    elseif a:sub(1, 2) == "--" and #a > 2 then
       local name, value = a:match("^%-%-([%w-]+)=(.*)$")
       name = name or a:sub(3)
       local kind = spec[name]
@@ -159,8 +237,10 @@ local function parse_flags(cmd, args, spec, max_positional)
     end
   end
   if not flags.help and max_positional and #pos > max_positional then
-    usage_error("%s: too many arguments (%s): see 'deployctl %s --help'", cmd, table.concat(pos, " ", max_positional + 1), cmd)
+    usage_error("%s: too many arguments (%s): see 'deployctl %s --help'", cmd,
+      table.concat(pos, " ", max_positional + 1), cmd)
   end
+  if flags.json and flags.quiet then usage_error("%s: --json and --quiet do not go together", cmd) end
   return flags, pos
 end
 
@@ -176,6 +256,7 @@ local function open_manager(opts, extra)
   if not f then
     usage_error("cannot read config file '%s' (give --config FILE, set DEPLOY_CONFIG, or create ./deploy.lua)", path)
   end
+  note_secrets(f:read("a") or "")
   f:close()
   local ok, m = pcall(deploy.DeploymentManager, {
     config = path, strategy = extra and extra.strategy, on_event = extra and extra.on_event })
@@ -190,6 +271,9 @@ local function check_target(m, target)
   usage_error("unknown target '%s' (known: %s)", target, table.concat(m:targets(), ", "))
 end
 
+-- ---------------------------------------------------------------------------
+-- Output
+
 local function fmt_duration(s)
   if not s then return "-" end
   if s < 60 then return string.format("%.1fs", s) end
@@ -201,7 +285,11 @@ local function event_line(ev)
   local d = ev.data or {}
   local detail = ""
   if ev.kind == "traffic" then
-    detail = string.format("new version at %g %% (weights old %d, new %d)", d.pct, d.weight_old, d.weight_new)
+    if d.router == "none" then
+      detail = string.format("new version at %g %% (%d new beside %d old instances)", d.pct, d.new, d.old)
+    else
+      detail = string.format("new version at %g %% (weights old %d, new %d)", d.pct, d.weight_old, d.weight_new)
+    end
   elseif ev.kind == "instance_started" then
     detail = string.format("instance %d on %s:%d (pid %d)", d.instance, d.host, d.port, d.pid)
   elseif ev.kind == "instance_stopped" then
@@ -214,26 +302,102 @@ local function event_line(ev)
     detail = string.format("%s %s -> %s (%s)", d.kind, d.from ~= "" and d.from or "nothing", d.version, d.strategy)
   elseif ev.kind == "promoted" then
     detail = d.version
+  elseif ev.kind == "paused" or ev.kind == "resumed" then
+    detail = string.format("at %g %%", d.pct)
   elseif ev.kind == "finished" then
     detail = d.success and "success" or "failed"
+  elseif ev.kind == "log" then
+    detail = d.message or cjson.encode(d)
+  elseif ev.kind == "hook_failed" then
+    detail = string.format("%s: %s", d.hook, d.error)
   end
   return string.format("%s %-10s %-16s %s\n", ev.time, ev.target, ev.kind, detail)
 end
 
-local function result_exit(res)
-  if res.success then
-    printf("%s: %s deployed in %s (%s)\n", res.target, res.version, fmt_duration(res.duration), res.strategy)
-    return EXIT_OK
+-- ts is written by hand: lua-cjson keeps only 14 significant digits, too
+-- few for epoch seconds with microseconds.
+local function event_json(ev)
+  local s = cjson.encode({ deployment_id = ev.deployment_id, target = ev.target, kind = ev.kind,
+                           time = ev.time, data = ev.data })
+  return s:sub(1, -2) .. string.format(',"ts":%.6f}\n', ev.ts)
+end
+
+local function is_terminal()
+  local ok = os.execute("test -t 1")
+  return ok == true
+end
+
+-- A live progress line per target, redrawn in place:
+--   production [#####.....]  50 % v2  step 5/10  healthy  1m02s elapsed, ~1m00s left
+local function progress_printer(interval)
+  local state = {}
+  local last_target
+  local function bar(pct)
+    local filled = math.floor(pct / 10 + 0.5)
+    return "[" .. string.rep("#", filled) .. string.rep(".", 10 - filled) .. "]"
   end
-  for _, e in ipairs(res.errors or {}) do eprintf("%s: %s\n", res.target, e) end
+  local function draw(ev, s)
+    local elapsed = ev.ts - s.started
+    local left = ""
+    if s.steps and s.step and interval then
+      left = string.format(", ~%s left", fmt_duration(math.max(0, (s.steps - s.step) * interval)))
+    end
+    local line = string.format("%-12s %s %3g %% %s  step %s/%s  %s  %s elapsed%s", ev.target, bar(s.pct or 0),
+      s.pct or 0, s.version or "", s.step or 0, s.steps or "?", s.health or "starting", fmt_duration(elapsed), left)
+    if last_target and last_target ~= ev.target then out:write("\n") end
+    last_target = ev.target
+    out:write("\r\27[K", redact(line))
+    out:flush()
+  end
+  return function(ev)
+    local s = state[ev.target] or { started = ev.ts }
+    state[ev.target] = s
+    local d = ev.data or {}
+    if ev.kind == "started" then s.version = d.version s.started = ev.ts end
+    if ev.kind == "traffic" then s.pct, s.step, s.steps = d.pct, d.step, d.steps end
+    if ev.kind == "healthy" or ev.kind == "verified" then s.health = "healthy" end
+    if ev.kind == "health_failed" then s.health = d.state .. " (" .. d.consecutive .. ")" end
+    if ev.kind == "paused" then s.health = "paused: deployctl promote|abort " .. ev.target end
+    draw(ev, s)
+    if ev.kind == "aborted" or ev.kind == "finished" then
+      out:write("\n")
+      last_target = nil
+      if ev.kind == "aborted" then out:write(redact(event_line(ev))) end
+    end
+  end
+end
+
+-- The event sink for a command: --json, --quiet, a terminal, or plain lines.
+local function event_sink(flags, interval)
+  if flags.quiet then return nil end
+  if flags.json then return function(ev) out:write(redact(event_json(ev))) out:flush() end end
+  if is_terminal() then return progress_printer(interval) end
+  return function(ev) out:write(redact(event_line(ev))) out:flush() end
+end
+
+local function result_exit(res, flags)
+  if flags.json then
+    out:write(redact(cjson.encode({ result = res })), "\n")
+  elseif res.success then
+    printf("%s: %s deployed in %s (%s)\n", res.target, res.version, fmt_duration(res.duration), res.strategy)
+  end
+  if not res.success then
+    for _, e in ipairs(res.errors or {}) do eprintf("%s: %s\n", res.target, e) end
+  end
+  if res.success then return EXIT_OK end
   local first = (res.errors or {})[1] or ""
   if first:find("target locked", 1, true) then return EXIT_LOCKED end
   return EXIT_FAILED
 end
 
+-- ---------------------------------------------------------------------------
+-- Commands
+
 local commands = {}
 
-function commands.version()
+function commands.version(opts, args)
+  local flags = parse_flags("version", args, {}, 0)
+  if flags.help then out:write(HELP.version) return EXIT_OK end
   printf("deployctl %s (%s)\n", deploy._VERSION, _VERSION)
   return EXIT_OK
 end
@@ -271,10 +435,6 @@ function commands.run(opts, args)
   return EXIT_OK
 end
 
-local function live_printer()
-  return function(ev) out:write(event_line(ev)) out:flush() end
-end
-
 -- --set key=value pairs become strategy parameters (numbers when they look
 -- like numbers).
 local function strategy_params(sets)
@@ -287,8 +447,17 @@ local function strategy_params(sets)
   return params
 end
 
+local OUTPUT = { json = "bool", quiet = "bool" }
+
+local function with_output(spec)
+  local t = {}
+  for k, v in pairs(spec) do t[k] = v end
+  for k, v in pairs(OUTPUT) do t[k] = v end
+  return t
+end
+
 function commands.deploy(opts, args)
-  local flags, pos = parse_flags("deploy", args, { strategy = "value", quiet = "bool", set = "list" }, 2)
+  local flags, pos = parse_flags("deploy", args, with_output{ strategy = "value", set = "list" }, 2)
   if flags.help then out:write(HELP.deploy) return EXIT_OK end
   if #pos < 2 then usage_error("deploy: needs TARGET and VERSION (see 'deployctl deploy --help')") end
   local kinds = { canary = deploy.CanaryStrategy, ["blue-green"] = deploy.BlueGreenStrategy,
@@ -298,69 +467,87 @@ function commands.deploy(opts, args)
     usage_error("deploy: --strategy '%s' is not known (known: canary, blue-green)", flags.strategy)
   end
   local ok, strategy = pcall(class, strategy_params(flags.set or {}))
-  if not ok then usage_error("%s", tostring(strategy):gsub("^deploy: ", "deploy: --set: ")) end
-  local m = open_manager(opts, { on_event = not flags.quiet and live_printer() or nil })
+  if not ok then usage_error("%s", (tostring(strategy):gsub("^deploy: ", "deploy: --set: "))) end
+  local interval = strategy.name == "canary" and strategy.interval or nil
+  local m = open_manager(opts, { on_event = event_sink(flags, interval) })
   check_target(m, pos[1])
-  local ok, res = pcall(m.deploy, m, pos[1], pos[2], { strategy = strategy })
-  if not ok then usage_error("%s", tostring(res)) end
-  return result_exit(res)
+  local done, res = pcall(m.deploy, m, pos[1], pos[2], { strategy = strategy })
+  if not done then usage_error("%s", tostring(res)) end
+  return result_exit(res, flags)
 end
 
 function commands.rollback(opts, args)
-  local flags, pos = parse_flags("rollback", args, { quiet = "bool" }, 2)
+  local flags, pos = parse_flags("rollback", args, with_output{}, 2)
   if flags.help then out:write(HELP.rollback) return EXIT_OK end
   if #pos < 1 then usage_error("rollback: needs TARGET (see 'deployctl rollback --help')") end
-  local m = open_manager(opts, { on_event = not flags.quiet and live_printer() or nil })
+  local m = open_manager(opts, { on_event = event_sink(flags) })
   check_target(m, pos[1])
   local ok, res = pcall(m.rollback, m, pos[1], pos[2])
   if not ok then usage_error("%s", tostring(res)) end
-  return result_exit(res)
+  return result_exit(res, flags)
 end
 
 function commands.status(opts, args)
-  local flags, pos = parse_flags("status", args, {}, 1)
+  local flags, pos = parse_flags("status", args, { json = "bool" }, 1)
   if flags.help then out:write(HELP.status) return EXIT_OK end
   local m = open_manager(opts)
-  local targets = pos[1] and { pos[1] } or m:targets()
   if pos[1] then check_target(m, pos[1]) end
+  local targets = pos[1] and { pos[1] } or m:targets()
+  local rows = {}
+  for _, t in ipairs(targets) do rows[#rows + 1] = m:get_status(t) end
+  local instances, router_error
+  if pos[1] then instances, router_error = m:live_instances(pos[1]) end
+  if flags.json then
+    local doc = { targets = rows, instances = instances, router_error = router_error }
+    out:write(redact(cjson.encode(doc)), "\n")
+    return EXIT_OK
+  end
   printf("%-16s %-20s %-13s %-10s %s\n", "TARGET", "VERSION", "STATUS", "HEALTH", "INSTANCES")
-  for _, t in ipairs(targets) do
-    local s = m:get_status(t)
+  for _, s in ipairs(rows) do
     printf("%-16s %-20s %-13s %-10s %d\n", s.target, s.current_version or "-", s.status, s.health, s.instances)
   end
-  if pos[1] then
-    local insts = m:instances(pos[1])
-    if #insts > 0 then
-      printf("\n%-8s %-20s %-6s %-8s %-7s %-6s %s\n", "SERVER", "VERSION", "PORT", "PID", "ALIVE", "WEIGHT", "STATE")
-      for _, i in ipairs(insts) do
-        printf("%-8s %-20s %-6d %-8d %-7s %-6d %s%s\n", i.server, i.version, i.port, i.pid, tostring(i.alive),
-          i.weight, i.state, i.live and " (live)" or "")
-      end
+  if instances and #instances > 0 then
+    printf("\n%-8s %-16s %-6s %-8s %-10s %-7s %-9s %s\n", "SERVER", "VERSION", "PORT", "PID", "HEALTH", "WEIGHT",
+      "STATE", "LIVE")
+    for _, i in ipairs(instances) do
+      local weight = i.router_weight == nil and "-" or (i.router_weight == false and "absent" or tostring(i.router_weight))
+      printf("%-8s %-16s %-6d %-8d %-10s %-7s %-9s %s\n", i.server, i.version, i.port, i.pid,
+        i.alive and i.health or "dead", weight, i.state, i.live and "yes" or "no")
     end
   end
+  if router_error then eprintf("router: %s\n", router_error) end
   return EXIT_OK
 end
 
+local function revision_of(d)
+  local g = type(d.metadata) == "table" and d.metadata.gitops
+  return type(g) == "table" and g.revision and g.revision:sub(1, 10) or "-"
+end
+
 function commands.history(opts, args)
-  local flags, pos = parse_flags("history", args, { limit = "value" }, 1)
+  local flags, pos = parse_flags("history", args, { limit = "value", json = "bool" }, 1)
   if flags.help then out:write(HELP.history) return EXIT_OK end
   if #pos < 1 then usage_error("history: needs TARGET (see 'deployctl history --help')") end
   local limit = 0
   if flags.limit then
-    limit = tonumber(flags.limit)
-    if not limit or math.type(limit) ~= "integer" and limit ~= math.floor(limit) or limit < 1 then
+    limit = math.tointeger(tonumber(flags.limit))
+    if not limit or limit < 1 then
       usage_error("history: --limit must be a positive integer, got '%s'", flags.limit)
     end
-    limit = math.floor(limit)
   end
   local m = open_manager(opts)
   check_target(m, pos[1])
-  printf("%-20s %-8s %-16s %-11s %-12s %-24s %-9s %s\n", "ID", "KIND", "VERSION", "STRATEGY", "RESULT", "STARTED",
-    "DURATION", "BY")
-  for _, d in ipairs(m:history(pos[1], limit)) do
-    printf("%-20s %-8s %-16s %-11s %-12s %-24s %-9s %s\n", d.id, d.kind, d.version, d.strategy, d.status,
-      d.created_at, fmt_duration(d.duration), d.user)
-    if d.errors and d.errors[1] then printf("    reason: %s\n", d.errors[1]) end
+  local rows = m:history(pos[1], limit)
+  if flags.json then
+    for _, d in ipairs(rows) do out:write(redact(cjson.encode(d)), "\n") end
+    return EXIT_OK
+  end
+  printf("%-20s %-8s %-14s %-11s %-11s %-24s %-8s %-18s %s\n", "ID", "KIND", "VERSION", "STRATEGY", "RESULT",
+    "STARTED", "DURATION", "BY", "REVISION")
+  for _, d in ipairs(rows) do
+    printf("%-20s %-8s %-14s %-11s %-11s %-24s %-8s %-18s %s\n", d.id, d.kind, d.version, d.strategy, d.status,
+      d.created_at, fmt_duration(d.duration), d.user, revision_of(d))
+    if d.errors and d.errors[1] then printf("    reason: %s\n", (d.errors[1]:gsub("\n.*", ""))) end
   end
   return EXIT_OK
 end
@@ -384,6 +571,141 @@ end
 commands.promote = control("promote")
 commands.abort = control("abort")
 
+function commands.report(opts, args)
+  local flags, pos = parse_flags("report", args, {}, 1)
+  if flags.help then out:write(HELP.report) return EXIT_OK end
+  if #pos < 1 then usage_error("report: needs DEPLOYMENT_ID (see 'deployctl history TARGET')") end
+  local m = open_manager(opts)
+  local d = m:deployment(pos[1])
+  if not d then usage_error("report: no deployment '%s' in %s (see 'deployctl history TARGET')", pos[1], m:state_path()) end
+  local report = require "deployctl.report"
+  out:write(redact(report.html(d, m:events(d.id))))
+  return EXIT_OK
+end
+
+-- The man page and bash completion, both made from COMMANDS and HELP.
+function commands.man(opts, args)
+  local flags = parse_flags("man", args, {}, 0)
+  if flags.help then out:write(HELP.man) return EXIT_OK end
+  local function esc(s) return (s:gsub("\\", "\\e"):gsub("^%.", "\\&."):gsub("\n%.", "\n\\&."):gsub("\n'", "\n\\&'")) end
+  local lines = {
+    '.TH DEPLOYCTL 1 "" "deployctl ' .. deploy._VERSION .. '" "User Commands"',
+    ".SH NAME", "deployctl \\- safe canary and blue-green rollouts behind HAProxy, scripted in Lua",
+    ".SH SYNOPSIS", ".B deployctl", "[\\-\\-config FILE] COMMAND [ARGUMENTS]",
+    ".SH DESCRIPTION",
+    "deployctl puts new versions of an application on target environments with canary and blue-green rollouts, "
+      .. "gates every step on health checks, rolls back by itself, keeps a durable history, and syncs desired "
+      .. "versions from a git repository.",
+    ".SH COMMANDS",
+  }
+  for _, c in ipairs(COMMANDS) do
+    lines[#lines + 1] = ".TP"
+    lines[#lines + 1] = "\\fB" .. c[1] .. "\\fR " .. esc(c[2])
+    lines[#lines + 1] = esc(c[3])
+    if HELP[c[1]] then
+      lines[#lines + 1] = ".RS"
+      lines[#lines + 1] = ".nf"
+      lines[#lines + 1] = esc(HELP[c[1]]:gsub("\n+$", ""))
+      lines[#lines + 1] = ".fi"
+      lines[#lines + 1] = ".RE"
+    end
+  end
+  lines[#lines + 1] = ".SH ENVIRONMENT"
+  lines[#lines + 1] = ".TP\nDEPLOY_CONFIG\nthe configuration file when --config is not given"
+  lines[#lines + 1] = ".TP\nDEPLOY_STATE\nthe state file (SQLite), over config.state"
+  lines[#lines + 1] = ".SH EXIT STATUS"
+  lines[#lines + 1] = "0 success, 1 deployment failed and rolled back, 2 usage or configuration error, 3 target locked."
+  out:write(table.concat(lines, "\n"), "\n")
+  return EXIT_OK
+end
+
+local function flags_of(help)
+  local seen, list = {}, {}
+  for f in (help or ""):gmatch("(%-%-[%w-]+)") do
+    if not seen[f] then seen[f] = true list[#list + 1] = f end
+  end
+  if not seen["--help"] then list[#list + 1] = "--help" end
+  return table.concat(list, " ")
+end
+
+function commands.completion(opts, args)
+  local flags, pos = parse_flags("completion", args, {}, 1)
+  if flags.help then out:write(HELP.completion) return EXIT_OK end
+  if pos[1] ~= "bash" then usage_error("completion: only 'bash' is supported (deployctl completion bash)") end
+  local names = {}
+  for _, c in ipairs(COMMANDS) do names[#names + 1] = c[1] end
+  local cases = {}
+  for _, c in ipairs(COMMANDS) do
+    cases[#cases + 1] = string.format("    %s) flags=%q ;;", c[1], flags_of(HELP[c[1]]))
+  end
+  local script = ([==[
+# bash completion for deployctl (made by `deployctl completion bash`)
+_deployctl() {
+  local cur prev cmd i flags
+  cur="${COMP_WORDS[COMP_CWORD]}"
+  prev="${COMP_WORDS[COMP_CWORD-1]}"
+  cmd=""
+  for ((i = 1; i < COMP_CWORD; i++)); do
+    case "${COMP_WORDS[i]}" in
+      --config|-c) ((i++)) ;;
+      -*) ;;
+      *) cmd="${COMP_WORDS[i]}"; break ;;
+    esac
+  done
+  if [[ "$prev" == "--config" || "$prev" == "-c" ]]; then
+    COMPREPLY=($(compgen -f -- "$cur")); return
+  fi
+  if [[ -z "$cmd" ]]; then
+    COMPREPLY=($(compgen -W "COMMANDS --config --help" -- "$cur")); return
+  fi
+  case "$cmd" in
+CASES
+  esac
+  if [[ "$prev" == "--strategy" ]]; then
+    COMPREPLY=($(compgen -W "canary blue-green" -- "$cur")); return
+  fi
+  if [[ "$cur" == -* ]]; then
+    COMPREPLY=($(compgen -W "$flags" -- "$cur")); return
+  fi
+  case "$cmd" in
+    run) COMPREPLY=($(compgen -f -- "$cur")) ;;
+    help) COMPREPLY=($(compgen -W "COMMANDS" -- "$cur")) ;;
+    completion) COMPREPLY=($(compgen -W "bash" -- "$cur")) ;;
+  esac
+}
+complete -F _deployctl deployctl
+]==]):gsub("COMMANDS", table.concat(names, " ")):gsub("CASES", (table.concat(cases, "\n"):gsub("%%", "%%%%")))
+  out:write(script)
+  return EXIT_OK
+end
+
+-- GitOps: diff, sync, watch live in cli/gitops.lua.
+local function gitops_ctx(opts)
+  return {
+    deploy = deploy,
+    open_manager = function(extra) return open_manager(opts, extra) end,
+    usage_error = usage_error,
+    parse_flags = parse_flags,
+    printf = printf,
+    eprintf = eprintf,
+    event_line = function(ev) return redact(event_line(ev)) end,
+  }
+end
+
+for _, name in ipairs{ "diff", "sync", "watch" } do
+  commands[name] = function(opts, args)
+    if not gitops_ok or type(gitops) ~= "table" or not gitops[name] then
+      usage_error("%s: GitOps support is not built into this deployctl", name)
+    end
+    for _, a in ipairs(args) do
+      if a == "--help" or a == "-h" then out:write(HELP[name]) return EXIT_OK end
+    end
+    return gitops[name](gitops_ctx(opts), args)
+  end
+end
+
+-- ---------------------------------------------------------------------------
+
 local function main(...)
   local argv = { ... }
   local opts, rest = parse_global(argv)
@@ -404,6 +726,7 @@ local ok, rv = xpcall(main, function(e)
   if type(e) == "table" and e.usage then return e end
   return debug.traceback(tostring(e), 2)
 end, ...)
+out:flush()
 if ok then return rv end
 if type(rv) == "table" then
   eprintf("deployctl: %s\n", rv.usage)

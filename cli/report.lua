@@ -1,0 +1,134 @@
+-- deployctl report: one deployment as a self-contained HTML page (no
+-- script, no external resource): a summary, an SVG chart of the new
+-- version's traffic share and health over time, and the event table.
+local M = {}
+
+local function esc(s)
+  return (tostring(s):gsub("[&<>\"']", { ["&"] = "&amp;", ["<"] = "&lt;", [">"] = "&gt;", ['"'] = "&quot;",
+                                         ["'"] = "&#39;" }))
+end
+
+local function fmt_num(v) return string.format("%.1f", v):gsub("%.0$", "") end
+
+-- The chart: x is seconds since the deployment started, y the share of the
+-- new version (0..100 %). One point per weight change; health failures as
+-- red marks on the axis, healthy checks as green ones.
+local function chart(events, started, finished)
+  local W, H, L, R, T, B = 760, 260, 50, 20, 20, 40
+  local span = math.max(finished - started, 1e-3)
+  local function x(ts) return L + (ts - started) / span * (W - L - R) end
+  local function y(pct) return T + (100 - pct) / 100 * (H - T - B) end
+  local parts = {
+    string.format('<svg xmlns="http://www.w3.org/2000/svg" id="chart" width="%d" height="%d" viewBox="0 0 %d %d" role="img" aria-label="traffic share of the new version over time">', W, H, W, H),
+    string.format('<rect x="%d" y="%d" width="%d" height="%d" fill="#fafafa" stroke="#ccc"/>', L, T, W - L - R, H - T - B),
+  }
+  for pct = 0, 100, 25 do
+    parts[#parts + 1] = string.format('<line x1="%d" x2="%d" y1="%s" y2="%s" stroke="#e5e5e5"/><text x="%d" y="%s" font-size="11" text-anchor="end" fill="#555">%d %%</text>',
+      L, W - R, fmt_num(y(pct)), fmt_num(y(pct)), L - 6, fmt_num(y(pct) + 4), pct)
+  end
+  parts[#parts + 1] = string.format('<text x="%d" y="%d" font-size="11" fill="#555">0 s</text><text x="%d" y="%d" font-size="11" text-anchor="end" fill="#555">%s s</text>',
+    L, H - B + 16, W - R, H - B + 16, fmt_num(span))
+  -- the share as a step line: it holds its value until the next change
+  local pts, last_pct, points = {}, 0, {}
+  pts[#pts + 1] = fmt_num(x(started)) .. "," .. fmt_num(y(0))
+  for _, ev in ipairs(events) do
+    if ev.kind == "traffic" or ev.kind == "rolled_back" then
+      local pct = ev.kind == "traffic" and ev.data.pct or 0
+      pts[#pts + 1] = fmt_num(x(ev.ts)) .. "," .. fmt_num(y(last_pct))
+      pts[#pts + 1] = fmt_num(x(ev.ts)) .. "," .. fmt_num(y(pct))
+      points[#points + 1] = string.format('<circle class="point" data-pct="%s" cx="%s" cy="%s" r="4" fill="#1f6feb"><title>%s %% at +%s s</title></circle>',
+        fmt_num(pct), fmt_num(x(ev.ts)), fmt_num(y(pct)), fmt_num(pct), fmt_num(ev.ts - started))
+      last_pct = pct
+    end
+  end
+  pts[#pts + 1] = fmt_num(x(finished)) .. "," .. fmt_num(y(last_pct))
+  parts[#parts + 1] = '<polyline class="share" fill="none" stroke="#1f6feb" stroke-width="2" points="' .. table.concat(pts, " ") .. '"/>'
+  for _, p in ipairs(points) do parts[#parts + 1] = p end
+  for _, ev in ipairs(events) do
+    local color = (ev.kind == "health_failed" and "#d1242f") or ((ev.kind == "healthy" or ev.kind == "verified") and "#1a7f37")
+    if color then
+      parts[#parts + 1] = string.format('<rect class="health %s" x="%s" y="%d" width="4" height="8" fill="%s"><title>%s at +%s s</title></rect>',
+        ev.kind == "health_failed" and "bad" or "good", fmt_num(x(ev.ts) - 2), H - B - 10, color, esc(ev.kind), fmt_num(ev.ts - started))
+    end
+  end
+  parts[#parts + 1] = "</svg>"
+  return table.concat(parts, "\n")
+end
+
+local function detail(ev)
+  if not ev.data then return "" end
+  local cjson = require "cjson"
+  local ok, s = pcall(cjson.encode, ev.data)
+  return ok and s or ""
+end
+
+function M.html(d, events)
+  local started = d.started
+  local finished = started + (d.duration or 0)
+  for _, ev in ipairs(events) do
+    if ev.ts > finished then finished = ev.ts end
+  end
+  local rows = {}
+  for _, ev in ipairs(events) do
+    rows[#rows + 1] = string.format("<tr class=\"event %s\"><td>%s</td><td>+%s s</td><td>%s</td><td><code>%s</code></td></tr>",
+      esc(ev.kind), esc(ev.time), fmt_num(ev.ts - started), esc(ev.kind), esc(detail(ev)))
+  end
+  local errors = ""
+  if d.errors and #d.errors > 0 then
+    local items = {}
+    for _, e in ipairs(d.errors) do items[#items + 1] = "<li><pre>" .. esc(e) .. "</pre></li>" end
+    errors = "<h2>Why it failed</h2><ul class=\"errors\">" .. table.concat(items) .. "</ul>"
+  end
+  local status_color = d.status == "succeeded" and "#1a7f37" or "#d1242f"
+  return ([[<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>deployctl: TITLE</title>
+<style>
+body { font: 14px/1.45 system-ui, sans-serif; margin: 24px; color: #1f2328; }
+h1 { font-size: 20px; margin: 0 0 8px; }
+.status { color: COLOR; font-weight: 600; }
+table { border-collapse: collapse; margin-top: 12px; }
+td, th { border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: left; vertical-align: top; }
+code { font-size: 12px; } pre { white-space: pre-wrap; margin: 0; }
+dl { display: grid; grid-template-columns: max-content auto; gap: 2px 16px; }
+dt { color: #57606a; }
+</style></head><body>
+<h1>TITLE</h1>
+<p class="status">STATUS</p>
+<dl>
+<dt>deployment</dt><dd>ID</dd>
+<dt>kind</dt><dd>KIND</dd>
+<dt>from</dt><dd>FROM</dd>
+<dt>strategy</dt><dd>STRATEGY</dd>
+<dt>started</dt><dd>STARTED</dd>
+<dt>duration</dt><dd>DURATION s</dd>
+<dt>by</dt><dd>USER</dd>
+</dl>
+<h2>Traffic share of VERSION and health</h2>
+CHART
+ERRORS
+<h2>Events</h2>
+<table id="events"><thead><tr><th>time</th><th>since start</th><th>event</th><th>data</th></tr></thead>
+<tbody>
+ROWS
+</tbody></table>
+</body></html>
+]]):gsub("[A-Z][A-Z]+", {
+    TITLE = esc(d.target .. " " .. d.version),
+    COLOR = status_color,
+    STATUS = esc(d.status),
+    ID = esc(d.id),
+    KIND = esc(d.kind),
+    FROM = esc(d.from_version ~= "" and d.from_version or "nothing"),
+    STRATEGY = esc(d.strategy),
+    STARTED = esc(d.created_at),
+    DURATION = fmt_num(d.duration or 0),
+    USER = esc(d.user),
+    VERSION = esc(d.version),
+    CHART = chart(events, started, finished),
+    ERRORS = errors,
+    ROWS = table.concat(rows, "\n"),
+  })
+end
+
+return M
