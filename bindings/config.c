@@ -93,6 +93,7 @@ static const char *str_field(lua_State *L, int idx, const char *path, const char
   if (len >= size || strlen(s) != len)
     fail(L, full, "is too long or holds a NUL byte%s", "");
   dc_strlcpy(buf, s, size);
+  dc_secret_note_refs(buf);
   lua_pop(L, 1);
   return buf;
 }
@@ -200,6 +201,7 @@ static void make_provider(lua_State *L, int idx, const char *path, target_config
       size_t n = strlen(lua_tostring(L, -2)) + strlen(lua_tostring(L, -1)) + 2;
       env[nenv] = malloc(n);
       snprintf(env[nenv], n, "%s=%s", lua_tostring(L, -2), lua_tostring(L, -1));
+      dc_secret_note_refs(lua_tostring(L, -1));
       env[++nenv] = NULL;
       lua_pop(L, 1);
     }

@@ -86,9 +86,15 @@ const char *rollout_hook_name(hook_kind k) { return k < HOOK_COUNT ? hook_names[
 
 /* ---- events ---- */
 
-static void emit(rollout *r, const char *kind, const char *data_json) {
-  char err[DC_ERR_MAX];
+static void emit(rollout *r, const char *kind, const char *raw_json) {
+  char err[DC_ERR_MAX], data_buf[4 * DC_ERR_MAX];
   double ts = engine_now(r->e);
+  const char *data_json = NULL;
+  if (raw_json) {
+    dc_strlcpy(data_buf, raw_json, sizeof data_buf);
+    dc_redact(data_buf, sizeof data_buf);
+    data_json = data_buf;
+  }
   /* An event that cannot be stored is reported but does not stop a rollout
    * half-way: the deployment row and the router remain the truth. */
   if (store_event_add(r->s, r->id, r->t->name, ts, kind, data_json, err) != 0)
@@ -106,8 +112,11 @@ static void emit(rollout *r, const char *kind, const char *data_json) {
 }
 
 static void add_error(rollout *r, const char *msg) {
-  if (r->result.nerrors < ROLLOUT_MAX_ERRORS)
-    dc_strlcpy(r->result.errors[r->result.nerrors++], msg, DC_ERR_MAX);
+  if (r->result.nerrors < ROLLOUT_MAX_ERRORS) {
+    char *slot = r->result.errors[r->result.nerrors++];
+    dc_strlcpy(slot, msg, DC_ERR_MAX);
+    dc_redact(slot, DC_ERR_MAX);
+  }
 }
 
 /* ---- hooks ---- */

@@ -280,3 +280,45 @@ void dc_new_id(char *buf, size_t size) {
   unsigned long long ms = (unsigned long long)(dc_wall_now() * 1000.0);
   dc_fmt(buf, size, "d%012llx%02x%02x%02x", ms, rnd[0], rnd[1], rnd[2]);
 }
+
+#define DC_MAX_SECRETS 64
+static char *secrets[DC_MAX_SECRETS];
+static int nsecrets;
+
+void dc_secret_note_refs(const char *tmpl) {
+  for (const char *p = tmpl ? strstr(tmpl, "${") : NULL; p; p = strstr(p + 2, "${")) {
+    const char *close = strchr(p + 2, '}');
+    if (!close)
+      return;
+    char name[128];
+    size_t n = (size_t)(close - p - 2);
+    if (n == 0 || n >= sizeof name)
+      continue;
+    memcpy(name, p + 2, n);
+    name[n] = '\0';
+    const char *value = getenv(name);
+    if (!value || strlen(value) < 4 || nsecrets == DC_MAX_SECRETS)
+      continue;
+    int known = 0;
+    for (int i = 0; i < nsecrets; i++)
+      known |= strcmp(secrets[i], value) == 0;
+    if (!known)
+      secrets[nsecrets++] = strdup(value);
+  }
+}
+
+void dc_redact(char *s, size_t size) {
+  if (!s)
+    return;
+  for (int i = 0; i < nsecrets; i++) {
+    size_t n = strlen(secrets[i]);
+    char *hit;
+    while ((hit = strstr(s, secrets[i])) != NULL) {
+      size_t tail = strlen(hit + n);
+      if ((size_t)(hit - s) + 3 + tail + 1 > size)
+        break;
+      memmove(hit + 3, hit + n, tail + 1);
+      memcpy(hit, "***", 3);
+    }
+  }
+}

@@ -65,6 +65,15 @@ int dc_validate_version(const char *v, const char *what, char *err);
 /* Target names: non-empty, at most 63 bytes, [A-Za-z0-9_-]. */
 int dc_validate_target_name(const char *t, char *err);
 
+/* Secrets: the values ${NAME} references in the configuration expand to.
+ * dc_secret_note_refs registers the current values of every ${NAME} in a
+ * template (values shorter than 4 bytes are ignored: redacting "1" would
+ * garble everything); dc_redact replaces each registered value in s with
+ * "***", in place. Errors and events pass through it before they are stored
+ * or reported. */
+void dc_secret_note_refs(const char *tmpl);
+void dc_redact(char *s, size_t size);
+
 /* Writes src as a JSON string literal (with quotes) into dst; truncates
  * safely. Control characters are escaped. */
 void dc_json_string(char *dst, size_t size, const char *src);

@@ -229,6 +229,11 @@ describe("deployctl output", function()
     assert.equal(1, code)
     assert.matches("cannot connect to %*%*%*/admin%.sock", err)
     assert.not_matches("Sup3rS3cretT0ken", out .. err)
+    -- nor in the store: the history and its events
+    local _, hist = cli.run({ "--config", config, "history", "production", "--json" }, { DEPLOYCTL_SPEC_SECRET = secret })
+    assert.matches("%*%*%*\\?/admin%.sock", hist)
+    local db = fixtures.read_file(dir .. "/state.db") .. (fixtures.read_file(dir .. "/state.db-wal") or "")
+    assert.is_nil(db:find("Sup3rS3cretT0ken", 1, true))
   end)
 end)
 
