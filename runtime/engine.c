@@ -15,7 +15,27 @@ struct engine_timer {
   size_t heap_index; /* virtual clock: position in e->heap */
   int is_virtual;
   uv_timer_t uv;     /* real clock */
+  engine_timer *prev, *next; /* real timers still pending, for engine_close */
 };
+
+/* Pending real timers, so that closing the engine cancels them instead of
+ * waiting for them to fire. */
+static void pending_add(engine *e, engine_timer *t) {
+  t->next = e->pending;
+  if (e->pending)
+    e->pending->prev = t;
+  e->pending = t;
+}
+
+static void pending_remove(engine_timer *t) {
+  if (t->prev)
+    t->prev->next = t->next;
+  else if (t->e->pending == t)
+    t->e->pending = t->next;
+  if (t->next)
+    t->next->prev = t->prev;
+  t->prev = t->next = NULL;
+}
 
 /* ---- virtual timers: a binary min-heap on (due, seq) ---- */
 
@@ -130,6 +150,8 @@ void engine_close(engine *e) {
   }
   for (size_t i = 0; i < e->heap_len; i++)
     free(e->heap[i]);
+  while (e->pending)
+    engine_timer_cancel(e->pending);
   free(e->heap);
   e->heap = NULL;
   e->heap_len = e->heap_cap = 0;
@@ -166,6 +188,7 @@ static void real_timer_closed(uv_handle_t *h) { free(h->data); }
 
 static void real_timer_cb(uv_timer_t *h) {
   engine_timer *t = h->data;
+  pending_remove(t);
   engine_timer_cb cb = t->cb;
   void *payload = t->payload;
   uv_close((uv_handle_t *)&t->uv, real_timer_closed);
@@ -186,6 +209,7 @@ engine_timer *engine_timer_start(engine *e, double seconds, engine_timer_cb cb,
   if (!e->virtual_clock) {
     uv_timer_init(e->loop, &t->uv);
     t->uv.data = t;
+    pending_add(e, t);
     uv_timer_start(&t->uv, real_timer_cb, (uint64_t)(seconds * 1000.0 + 0.5), 0);
     return t;
   }
@@ -219,6 +243,7 @@ void engine_timer_cancel(engine_timer *t) {
     free(t);
     return;
   }
+  pending_remove(t);
   uv_timer_stop(&t->uv);
   if (!uv_is_closing((uv_handle_t *)&t->uv))
     uv_close((uv_handle_t *)&t->uv, real_timer_closed);

@@ -29,6 +29,7 @@ struct engine {
   struct http *http;           /* libcurl multi driven by this loop (lazy) */
   int holds;                   /* real work in flight that the virtual clock waits for */
   uv_async_t wake;             /* woken by signal handlers (uv_async_send is async-signal-safe) */
+  struct engine_timer *pending;/* real timers not yet fired */
 };
 
 /* The most recently initialised engine's wake-up handle, for a signal
