@@ -39,7 +39,7 @@ void lparallel_register(lua_State *L);
 /* Configuration. */
 typedef struct lconfig {
   char state[1024];        /* store path */
-  int virtual_clock;
+  int virtual_clock;       /* 1 virtual, 0 real, -1 not set (keep the engine's) */
   size_t ntargets;
   target_config **targets; /* owned */
 } lconfig;

@@ -364,10 +364,11 @@ lconfig *lconfig_load(lua_State *L, int idx, engine *e) {
   int ci = lua_gettop(L);
   resolve_state(L, idx, c);
   char clock[16];
-  str_field(L, idx, "", "clock", "real", clock, sizeof clock);
-  if (strcmp(clock, "real") != 0 && strcmp(clock, "virtual") != 0)
+  str_field(L, idx, "", "clock", "", clock, sizeof clock);
+  if (clock[0] && strcmp(clock, "real") != 0 && strcmp(clock, "virtual") != 0)
     fail(L, ".clock", "'%s' is not known: use 'real' or 'virtual'", clock);
-  c->virtual_clock = strcmp(clock, "virtual") == 0;
+  /* Unset: whatever the process runs on (deployctl run --simulate). */
+  c->virtual_clock = !clock[0] ? -1 : strcmp(clock, "virtual") == 0;
 
   char log_dir[1100], tag[1024];
   const char *slash = strrchr(c->state, '/');

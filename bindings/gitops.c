@@ -154,7 +154,7 @@ static void check_unknown_fields(lua_State *L, int obj, int errs, const char *fi
     for (const char *const *k = known; *k; k++)
       ok |= strcmp(*k, lua_tostring(L, -2)) == 0;
     if (!ok)
-      add_errorf(L, errs, file, "unknown field '%s' (known: target, version, strategy, metadata): remove it%s",
+      add_errorf(L, errs, file, "unknown field '%s' (known: target, version, strategy, metadata): remove it",
                  lua_tostring(L, -2), NULL);
     lua_pop(L, 1);
   }
@@ -324,7 +324,7 @@ static void push_manifest(lua_State *L, int self, const gitops_entry *en) {
   } else {
     lua_pushlstring(L, en->data, en->size);
     if (cjson_call(L, "decode", -1, err, sizeof err) != 0)
-      add_errorf(L, errs, en->file, "not valid JSON: %s: fix the syntax%s", err, NULL);
+      add_errorf(L, errs, en->file, "not valid JSON: %s: fix the syntax", err, NULL);
     else if (!is_object(L, -1) || lua_rawlen(L, -1) > 0)
       add_error(L, errs, en->file, "must be a JSON object {\"target\": ..., \"version\": ...}");
     else {

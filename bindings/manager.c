@@ -900,8 +900,9 @@ static int manager_new(lua_State *L) {
     lua_replace(L, 2);
   }
   lconfig *cfg = lconfig_load(L, 2, e); /* 3: config userdata */
-  if (cfg->virtual_clock && engine_set_virtual(e, 1) != 0)
-    return luaL_error(L, "deploy: cannot switch to the virtual clock while timers are pending");
+  if (cfg->virtual_clock >= 0 && e->virtual_clock != cfg->virtual_clock &&
+      engine_set_virtual(e, cfg->virtual_clock) != 0)
+    return luaL_error(L, "deploy: cannot switch clocks (config.clock) while timers are pending");
   lua_getfield(L, 1, "strategy"); /* 4 */
   if (lua_isnil(L, 4)) {
     lua_pop(L, 1);

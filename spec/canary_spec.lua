@@ -9,7 +9,7 @@ local function setup(opts)
   local h = opts.router ~= "none" and fixtures.haproxy{} or nil
   local target, dir = fixtures.target_config{ haproxy = h, instances = opts.instances or 2, health = opts.health }
   local cfg = fixtures.config{ targets = { production = target } }
-  cfg.clock = opts.clock
+  cfg.clock = opts.clock or "real"
   local m = deploy.DeploymentManager{ config = cfg }
   return m, h, dir
 end
@@ -144,5 +144,19 @@ describe("canary", function()
     for i = 2, #ts do assert.near(300, ts[i] - ts[i - 1], 0.001) end
     assert.near(2700, r.duration, 1)
     assert.is_true(wall < 1, "took " .. wall .. " s of real time")
+  end)
+
+  it("emits the same sequence of events on the virtual clock as in real time", function()
+    local function run(clock, interval)
+      local m = setup{ clock = clock }
+      assert.is_true(m:deploy("production", "v1").success)
+      assert.is_true(m:deploy("production", "v2", { strategy = deploy.CanaryStrategy{
+        initial_percentage = 25, increment = 25, interval = interval } }).success)
+      return kinds(m, m:history("production", 1)[1].id)
+    end
+    local virtual = run("virtual", 300)
+    local real = run("real", 0.05)
+    assert.same(real, virtual)
+    assert.equal(4, #(function() local t = {} for _, k in ipairs(real) do if k == "traffic" then t[#t + 1] = k end end return t end)())
   end)
 end)
