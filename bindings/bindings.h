@@ -35,6 +35,7 @@ strategy *lstrategy_push_bluegreen(lua_State *L);
 void lmanager_register(lua_State *L);
 void lhealth_register(lua_State *L);
 void lparallel_register(lua_State *L);
+void lgitops_register(lua_State *L);
 
 /* Configuration. */
 typedef struct lconfig {
@@ -81,6 +82,11 @@ void lmanager_known(lua_State *L, int manager_idx, char *buf, size_t size);
  * deploy.parallel and Lua strategies whose waits completed meanwhile. Must
  * not be called from inside an event handler (raises if it is). */
 void lsched_block(lua_State *L, volatile int *flag);
+
+/* Raises unless every key of the table at idx is one of `allowed`
+ * (NULL-terminated). fmt gets the offending key, then the known ones:
+ * "deploy: CanaryStrategy has no parameter '%s' (known: %s)". */
+void lcheck_keys(lua_State *L, int idx, const char *const *allowed, const char *fmt);
 
 /* Pushes an integer when v is integral (10, not 10.0), else a float. */
 void lpush_number(lua_State *L, double v);

@@ -51,24 +51,10 @@ static int fail(lua_State *L, const char *path, const char *fmt, const char *a) 
 }
 
 static void check_keys(lua_State *L, int idx, const char *path, const char *const *allowed) {
-  idx = lua_absindex(L, idx);
-  lua_pushnil(L);
-  while (lua_next(L, idx)) {
-    int known = 0;
-    if (lua_type(L, -2) == LUA_TSTRING)
-      for (const char *const *a = allowed; *a; a++)
-        known |= strcmp(*a, lua_tostring(L, -2)) == 0;
-    if (!known) {
-      char list[300] = "", msg[DC_ERR_MAX];
-      size_t len = 0;
-      for (const char *const *a = allowed; *a; a++)
-        len += (size_t)snprintf(list + len, sizeof list - len, "%s%s", len ? ", " : "", *a);
-      dc_fmt(msg, sizeof msg, "deploy: config %s has an unknown field '%s' (known: %s)", path,
-             lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "(not a string)", list);
-      lerror(L, msg);
-    }
-    lua_pop(L, 1);
-  }
+  char fmt[256];
+  /* path may hold '%' only if a target name did, and names are validated */
+  dc_fmt(fmt, sizeof fmt, "deploy: config %s has an unknown field '%%s' (known: %%s)", path);
+  lcheck_keys(L, idx, allowed, fmt);
 }
 
 /* Pushes field `k` of the table at idx; returns its type. */

@@ -1194,7 +1194,6 @@ static int sync_new(lua_State *L) {
   return 1;
 }
 
-void lgitops_register(lua_State *L);
 void lgitops_register(lua_State *L) {
   static const luaL_Reg methods[] = {{"get_diff", sync_get_diff}, {"sync", sync_sync}, {"watch", sync_watch},
                                      {"close", sync_close},       {NULL, NULL}};
@@ -1215,16 +1214,4 @@ void lgitops_register(lua_State *L) {
   lua_pop(L, 1);
   lua_pushcfunction(L, sync_new);
   lua_setfield(L, -2, "GitOpsSynchronizer");
-}
-
-/* require "deploy.gitops" (Lua's all-in-one loader finds it in deploy.so):
- * the deploy module with GitOpsSynchronizer registered on it, for hosts
- * whose deploy module does not register it itself. */
-int luaopen_deploy_gitops(lua_State *L);
-int luaopen_deploy_gitops(lua_State *L) {
-  lua_getglobal(L, "require");
-  lua_pushliteral(L, "deploy");
-  lua_call(L, 1, 1);
-  lgitops_register(L);
-  return 1;
 }

@@ -136,21 +136,7 @@ static int deploy_k(lua_State *L, int status, lua_KContext ctx) {
 
 static void check_options(lua_State *L, int idx) {
   static const char *const allowed[] = {"strategy", "metadata", "on_event", "hooks", "hook_timeout", NULL};
-  lua_pushnil(L);
-  while (lua_next(L, idx)) {
-    int known = 0;
-    if (lua_type(L, -2) == LUA_TSTRING)
-      for (const char *const *a = allowed; *a; a++)
-        known |= strcmp(*a, lua_tostring(L, -2)) == 0;
-    if (!known) {
-      char msg[DC_ERR_MAX];
-      dc_fmt(msg, sizeof msg,
-             "deploy: deploy: unknown option '%s' (known: strategy, metadata, on_event, hooks, hook_timeout)",
-             lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : luaL_typename(L, -2));
-      lerror(L, msg);
-    }
-    lua_pop(L, 1);
-  }
+  lcheck_keys(L, idx, allowed, "deploy: deploy: unknown option '%s' (known: %s)");
 }
 
 static int manager_handler_idx(lua_State *L, int manager_idx) {

@@ -43,6 +43,27 @@ engine *lengine_get(lua_State *L) {
   return &le->e;
 }
 
+void lcheck_keys(lua_State *L, int idx, const char *const *allowed, const char *fmt) {
+  idx = lua_absindex(L, idx);
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    int known = 0;
+    if (lua_type(L, -2) == LUA_TSTRING)
+      for (const char *const *a = allowed; *a; a++)
+        known |= strcmp(*a, lua_tostring(L, -2)) == 0;
+    if (!known) {
+      char list[512] = "", key[128], msg[DC_ERR_MAX];
+      size_t len = 0;
+      for (const char *const *a = allowed; *a && len < sizeof list; a++)
+        len += (size_t)snprintf(list + len, sizeof list - len, "%s%s", len ? ", " : "", *a);
+      dc_strlcpy(key, lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : luaL_typename(L, -2), sizeof key);
+      dc_fmt(msg, sizeof msg, fmt, key, list);
+      lerror(L, msg);
+    }
+    lua_pop(L, 1);
+  }
+}
+
 void lpush_number(lua_State *L, double v) {
   if (v == (double)(lua_Integer)v && v > -1e15 && v < 1e15)
     lua_pushinteger(L, (lua_Integer)v);
@@ -187,6 +208,7 @@ int luaopen_deploy(lua_State *L) {
   lhealth_register(L);
   lrun_register(L);
   lparallel_register(L);
+  lgitops_register(L);
   lua_pushcfunction(L, deploy_sleep);
   lua_setfield(L, -2, "sleep");
   lua_pushcfunction(L, deploy_now);

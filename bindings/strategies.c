@@ -49,25 +49,9 @@ static const char *opt_url(lua_State *L, int idx, const char *cls, char *buf, si
 }
 
 static void check_fields(lua_State *L, int idx, const char *cls, const char *const *allowed) {
-  lua_pushnil(L);
-  while (lua_next(L, idx)) {
-    int known = 0;
-    if (lua_type(L, -2) == LUA_TSTRING) {
-      for (const char *const *a = allowed; *a; a++)
-        known |= strcmp(*a, lua_tostring(L, -2)) == 0;
-    }
-    if (!known) {
-      char msg[DC_ERR_MAX], list[256] = "";
-      size_t len = 0;
-      for (const char *const *a = allowed; *a; a++)
-        len += (size_t)snprintf(list + len, sizeof list - len, "%s%s", len ? ", " : "", *a);
-      dc_fmt(msg, sizeof msg, "deploy: %s has no parameter '%s' (known: %s)", cls,
-             lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : luaL_typename(L, -2), list);
-      lua_pop(L, 2);
-      lerror(L, msg);
-    }
-    lua_pop(L, 1);
-  }
+  char fmt[128];
+  dc_fmt(fmt, sizeof fmt, "deploy: %s has no parameter '%%s' (known: %%s)", cls);
+  lcheck_keys(L, idx, allowed, fmt);
 }
 
 /* The strategy's hooks (a table of functions, checked when a deployment

@@ -1,6 +1,6 @@
 #include "gitops.h"
 
-#include <errno.h>
+#include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -63,6 +63,12 @@ static int git_init_rc;
  * certificates (a private CA, a self-signed test server) instead of the
  * system's. */
 static void init_libgit2(void) {
+  /* This code (and with it libgit2 and libuv) stays loaded for good: a
+   * fetch may still run on a pool thread when the Lua state that loaded
+   * deploy.so closes and unloads it. */
+  Dl_info self;
+  if (dladdr((void *)gitops_open, &self) && self.dli_fname)
+    dlopen(self.dli_fname, RTLD_NOW | RTLD_NODELETE | RTLD_NOLOAD);
   git_init_rc = git_libgit2_init();
   const char *file = getenv("GIT_SSL_CAINFO");
   const char *dir = getenv("GIT_SSL_CAPATH");
@@ -890,22 +896,37 @@ static int read_json_string(const char **pp, char *dst, size_t size) {
 
 static const char *skip_ws(const char *p) { return p + strspn(p, " \t\r\n"); }
 
-/* Only what gitops_metadata_json wrote is read back: an object that
- * starts with "gitops", an object of strings. The runtime has no JSON
- * parser, and needs none for its own format. */
-int gitops_provenance_read(const char *json, gitops_provenance *out) {
+/* Skips one JSON value of any kind; NULL when it is malformed. */
+static const char *skip_value(const char *p) {
+  p = skip_ws(p);
+  if (*p == '"') {
+    const char *q = p + 1;
+    while (*q && *q != '"')
+      q += *q == '\\' && q[1] ? 2 : 1;
+    return *q ? q + 1 : NULL;
+  }
+  if (*p == '{' || *p == '[') {
+    int depth = 0;
+    do {
+      if (*p == '"') {
+        p = skip_value(p);
+        if (!p)
+          return NULL;
+        continue;
+      }
+      depth += (*p == '{' || *p == '[') - (*p == '}' || *p == ']');
+      p++;
+    } while (*p && depth > 0);
+    return depth == 0 ? p : NULL;
+  }
+  size_t n = strcspn(p, ",}] \t\r\n");
+  return n ? p + n : NULL;
+}
+
+/* Reads the "gitops" object: string values only, any order. */
+static int read_provenance(const char *p, gitops_provenance *out) {
   char key[32];
-  memset(out, 0, sizeof *out);
-  if (!json)
-    return -1;
-  const char *p = skip_ws(json);
-  if (*p++ != '{')
-    return -1;
-  p = skip_ws(p);
-  if (read_json_string(&p, key, sizeof key) != 0 || strcmp(key, "gitops") != 0)
-    return -1;
-  p = skip_ws(p);
-  if (*p++ != ':' || *(p = skip_ws(p)) != '{')
+  if (*(p = skip_ws(p)) != '{')
     return -1;
   p = skip_ws(p + 1);
   while (*p == '"') {
@@ -926,6 +947,30 @@ int gitops_provenance_read(const char *json, gitops_provenance *out) {
       p = skip_ws(p + 1);
   }
   return *p == '}' && out->revision[0] ? 0 : -1;
+}
+
+/* The metadata may have been re-encoded on its way to the store (keys in
+ * any order, "/" escaped): the top-level object is walked for its "gitops"
+ * key. The runtime has no JSON parser and needs none for its own fields. */
+int gitops_provenance_read(const char *json, gitops_provenance *out) {
+  char key[64];
+  memset(out, 0, sizeof *out);
+  const char *p = json ? skip_ws(json) : NULL;
+  if (!p || *p++ != '{')
+    return -1;
+  for (p = skip_ws(p); *p == '"'; p = skip_ws(p)) {
+    if (read_json_string(&p, key, sizeof key) != 0 || *(p = skip_ws(p)) != ':')
+      return -1;
+    p = skip_ws(p + 1);
+    if (strcmp(key, "gitops") == 0)
+      return read_provenance(p, out);
+    if (!(p = skip_value(p)))
+      return -1;
+    p = skip_ws(p);
+    if (*p == ',')
+      p++;
+  }
+  return -1;
 }
 
 /* ---- the plan ---- */
@@ -1001,8 +1046,12 @@ static int plan_target(store *s, const char *repo, const char *path, const char 
   if (w >= 0 && strcmp(tg.current_version, wants[w].version) == 0)
     return 0;
   if (w < 0) {
-    if (!tg.current_version[0] || store_history(s, target, 0, scan_managed, &h, err) != 0 || !h.managed)
-      return err[0] ? -1 : 0;
+    if (!tg.current_version[0])
+      return 0; /* nothing live, nothing wanted */
+    if (store_history(s, target, 0, scan_managed, &h, err) != 0)
+      return -1;
+    if (!h.managed)
+      return 0; /* deployed by other means: not ours to delete */
     c->kind = GITOPS_DELETE;
     dc_strlcpy(c->file, h.file, sizeof c->file);
   } else {
@@ -1030,7 +1079,6 @@ int gitops_plan(store *s, const char *repo, const char *path, const char *const 
   size_t n = 0;
   *out = NULL;
   *nout = 0;
-  err[0] = '\0';
   if (!list) {
     dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
     return -1;
