@@ -112,10 +112,20 @@ static void task_release(lua_State *L, ltask *t) {
   free(t);
 }
 
+void lsched_on_cancel(ltask *t, void (*fn)(void *), void *payload) {
+  t->on_cancel = fn;
+  t->cancel_payload = payload;
+}
+
 void lsched_cancel(lua_State *L, ltask *t) {
-  /* A cancelled task is never resumed again; whatever it waited for may
-   * still complete and will find it gone. */
+  /* A cancelled task is never resumed again. What it waits for is undone
+   * when it can be; otherwise that completion finds it cancelled and frees
+   * it then. */
   t->cancelled = 1;
+  if (t->waiting && t->on_cancel && !t->queued) {
+    t->on_cancel(t->cancel_payload);
+    t->waiting = 0;
+  }
   if (!t->queued && !t->running && !t->waiting)
     task_release(L, t);
 }
@@ -127,6 +137,7 @@ static void resume(lua_State *L, ltask *t) {
   t->started = 1;
   t->running = 1;
   t->waiting = 0;
+  t->on_cancel = NULL;
   int status = lua_resume(t->co, L, nargs, &nres);
   t->running = 0;
   if (status == LUA_YIELD) {

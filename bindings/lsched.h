@@ -23,6 +23,8 @@ struct ltask {
   ltask_finish finish;
   void *payload;
   ltask *next;
+  void (*on_cancel)(void *); /* undoes what the task waits for (a timer) */
+  void *cancel_payload;
 };
 
 /* The function and nargs arguments on top of L become a task (popped); it
@@ -31,6 +33,9 @@ ltask *lsched_spawn(lua_State *L, int nargs, ltask_finish finish, void *payload)
 void lsched_start(lua_State *L, ltask *t);   /* run it now, until it first waits */
 void lsched_ready(ltask *t);                 /* resume it at the next chance (from callbacks) */
 void lsched_cancel(lua_State *L, ltask *t);  /* never resume it again */
+/* What to undo if the task is cancelled while it waits (cleared when it is
+ * resumed). Without it, a cancelled task lives until its wait completes. */
+void lsched_on_cancel(ltask *t, void (*fn)(void *), void *payload);
 ltask *lsched_current(lua_State *L);         /* the task running as L, or NULL */
 void lsched_run_ready(lua_State *L);
 /* The thread to call Lua on from inside engine callbacks. */

@@ -147,10 +147,18 @@ void ljson_decode(lua_State *L, const char *json) {
 typedef struct sleep_wait {
   int fired, awaiting;
   ltask *task;
+  engine_timer *timer;
 } sleep_wait;
+
+static void sleep_cancel(void *payload) {
+  sleep_wait *w = payload;
+  engine_timer_cancel(w->timer);
+  w->timer = NULL;
+}
 
 static void sleep_done(void *payload) {
   sleep_wait *w = payload;
+  w->timer = NULL;
   w->fired = 1;
   if (w->task)
     lsched_ready(w->task);
@@ -173,7 +181,9 @@ static int deploy_sleep(lua_State *L) {
   w->fired = 0;
   w->task = lsched_current(L);
   w->awaiting = 1;
-  engine_timer_start(e, s, sleep_done, w);
+  w->timer = engine_timer_start(e, s, sleep_done, w);
+  if (w->task)
+    lsched_on_cancel(w->task, sleep_cancel, w);
   return lsched_await(L, &w->fired, (lua_KContext)w, sleep_k);
 }
 
