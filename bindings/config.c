@@ -81,6 +81,14 @@ static const char *str_field(lua_State *L, int idx, const char *path, const char
   dc_strlcpy(buf, s, size);
   dc_secret_note_refs(buf);
   lua_pop(L, 1);
+  /* ${NAME} is read from the environment now, except in the command, which
+   * is expanded only when an instance starts (its values are never kept). */
+  if (strcmp(k, "command") != 0 && strstr(buf, "${")) {
+    char expanded[4096], err[DC_ERR_MAX];
+    if (dc_expand_env(expanded, sizeof expanded, buf, err) != 0)
+      fail(L, full, "%s", strncmp(err, "deploy: ", 8) == 0 ? err + 8 : err);
+    dc_strlcpy(buf, expanded, size);
+  }
   return buf;
 }
 
@@ -224,8 +232,7 @@ static void make_router(lua_State *L, int idx, const char *path, target_config *
     router_haproxy_opts o;
     memset(&o, 0, sizeof o);
     str_field(L, ri, p, "socket", NULL, socket, sizeof socket);
-    if (dc_expand_env(expanded, sizeof expanded, socket, err) != 0)
-      lerror(L, err);
+    dc_strlcpy(expanded, socket, sizeof expanded);
     str_field(L, ri, p, "backend", NULL, backend, sizeof backend);
     if (!backend[0])
       fail(L, p, "backend is empty: %s", "name the HAProxy backend that serves this target");

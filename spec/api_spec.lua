@@ -290,6 +290,8 @@ describe("bad input", function()
       { cfg(function(_, p) p.health.retries = 3 end), "health has an unknown field 'retries'" },
       { cfg(function(c) c.targets["bad name"] = c.targets.production end), "target name 'bad name' has a character not allowed" },
       { cfg(function(c) c.clock = "fast" end), "'fast' is not known: use 'real' or 'virtual'" },
+      { cfg(function(_, p) p.router = { kind = "haproxy", socket = "/x.sock", backend = "${DEPLOYCTL_SPEC_NOPE}" } end),
+        "router%.backend environment variable DEPLOYCTL_SPEC_NOPE is not set" },
     }
     for _, case in ipairs(cases) do
       local ok, err = pcall(deploy.DeploymentManager, { config = case[1] })
