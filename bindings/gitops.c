@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "bindings.h"
+#include "lsched.h"
 #include "gitops.h"
 #include "util.h"
 
@@ -571,6 +572,7 @@ static void push_joined(lua_State *L, int list) {
 
 /* get_diff() -> list of Change, or nil, message, errors. */
 static int sync_get_diff(lua_State *L) {
+  lsched_check_can_wait(L);
   lgitops *lg = check_sync(L);
   char err[DC_ERR_MAX];
   lua_settop(L, 1);
@@ -884,6 +886,7 @@ static void round_end(lua_State *L, lgitops *lg, sync_round *rd) {
 }
 
 static int sync_sync(lua_State *L) {
+  lsched_check_can_wait(L);
   lgitops *lg = check_sync(L);
   sync_round rd;
   lua_settop(L, 1);
@@ -1004,6 +1007,7 @@ static uv_timer_t *start_interrupt_check(lgitops *lg) {
 /* watch(callback): polls until SIGINT/SIGTERM or the callback returns
  * false. Returns "interrupted" or "stopped". */
 static int sync_watch(lua_State *L) {
+  lsched_check_can_wait(L);
   lgitops *lg = check_sync(L);
   luaL_checktype(L, 2, LUA_TFUNCTION);
   lua_settop(L, 2);

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "bindings.h"
+#include "lsched.h"
 #include "health.h"
 #include "util.h"
 
@@ -46,6 +47,7 @@ static void checked(void *payload, const health_result *r, size_t n) {
 }
 
 static int health_check(lua_State *L) {
+  lsched_check_can_wait(L);
   char err[DC_ERR_MAX];
   luaL_argexpected(L, lua_istable(L, 1), 1, "table { urls = {...}, timeout = s, expect_status = n }");
   lua_settop(L, 1);

@@ -177,11 +177,15 @@ void lsched_run_ready(lua_State *L) {
   }
 }
 
+void lsched_check_can_wait(lua_State *L) {
+  if (sched_get(L)->in_callback)
+    luaL_error(L, "deploy: cannot wait inside an event handler: an on_event function must return at once "
+                  "(record what it needs and act after deploy() returns, or in a hook)");
+}
+
 void lsched_block(lua_State *L, volatile int *flag) {
   lsched *s = sched_get(L);
-  if (s->in_callback)
-    luaL_error(L, "deploy: cannot wait inside an event handler or hook callback: "
-                  "start the work and return, or use a coroutine (deploy.parallel)");
+  lsched_check_can_wait(L);
   engine *e = lengine_get(L);
   lua_State *prev = s->running;
   s->running = L;

@@ -41,6 +41,10 @@ void lsched_run_ready(lua_State *L);
 /* The thread to call Lua on from inside engine callbacks. */
 lua_State *lsched_callback_state(lua_State *L);
 int lsched_in_callback(lua_State *L);
+/* Raises the "cannot wait inside an event handler" error when called from
+ * inside a loop callback: call it before starting any work that will be
+ * waited for, so nothing is left half-started. */
+void lsched_check_can_wait(lua_State *L);
 /* Waits until *flag: yields when L is a task (the completion must call
  * lsched_ready on it), else runs the loop. Then returns k(L, LUA_OK, ctx). */
 int lsched_await(lua_State *L, volatile int *flag, lua_KContext ctx, lua_KFunction k);

@@ -215,6 +215,7 @@ static int deploy_and_wait(lua_State *L, lmanager *m, target_config *t, const ch
 }
 
 static int manager_deploy(lua_State *L) {
+  lsched_check_can_wait(L);
   lmanager *m = check_manager(L);
   target_config *t = check_target(L, m, 2, "deploy");
   const char *version = check_version(L, 3, "deploy");
@@ -278,6 +279,7 @@ static int collect_version(void *payload, const store_deployment *d) {
 }
 
 static int manager_rollback(lua_State *L) {
+  lsched_check_can_wait(L);
   lmanager *m = check_manager(L);
   target_config *t = check_target(L, m, 2, "rollback");
   char err[DC_ERR_MAX];
@@ -353,6 +355,7 @@ static void health_seen(void *payload, const health_result *r, size_t n) {
 }
 
 static int manager_get_status(lua_State *L) {
+  lsched_check_can_wait(L);
   lmanager *m = check_manager(L);
   target_config *t = check_target(L, m, 2, "get_status");
   char err[DC_ERR_MAX];
@@ -582,6 +585,7 @@ static void live_health_done(void *payload, const health_result *r, size_t n) {
 }
 
 static int manager_live_instances(lua_State *L) {
+  lsched_check_can_wait(L);
   lmanager *m = check_manager(L);
   target_config *t = check_target(L, m, 2, "live_instances");
   char err[DC_ERR_MAX];
@@ -675,6 +679,7 @@ static int reconcile_target(lua_State *L, lmanager *m, target_config *t, char *e
  * dead instances, re-add what a restarted HAProxy forgot, stop strays).
  * Returns true, or false and the reason. */
 static int manager_reconcile(lua_State *L) {
+  lsched_check_can_wait(L);
   lmanager *m = check_manager(L);
   target_config *t = check_target(L, m, 2, "reconcile");
   char err[DC_ERR_MAX];
@@ -851,6 +856,7 @@ static void open_store(lua_State *L, lmanager *m) {
 }
 
 static int manager_new(lua_State *L) {
+  lsched_check_can_wait(L);
   lua_settop(L, 1);
   if (lua_isnil(L, 1)) {
     lua_newtable(L);

@@ -174,6 +174,7 @@ static int sleep_k(lua_State *L, int status, lua_KContext ctx) {
 /* deploy.sleep(seconds): waits on the engine clock while the loop runs (so
  * other rollouts progress); returns at once on the virtual clock. */
 static int deploy_sleep(lua_State *L) {
+  lsched_check_can_wait(L);
   double s = luaL_checknumber(L, 1);
   luaL_argcheck(L, s >= 0 && s < 1e9, 1, "seconds must be >= 0");
   engine *e = lengine_get(L);

@@ -76,6 +76,7 @@ static int parallel_k(lua_State *L, int status, lua_KContext ctx) {
 }
 
 static int deploy_parallel(lua_State *L) {
+  lsched_check_can_wait(L);
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_Integer n = (lua_Integer)lua_rawlen(L, 1);
   for (lua_Integer i = 1; i <= n; i++) {

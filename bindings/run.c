@@ -291,10 +291,15 @@ static lrun *check_run(lua_State *L, const char *method) {
   return ref->run;
 }
 
+/* Actions that move the rollout belong to the strategy's execute(d);
+ * hooks may look (d:health(), d:log()) but not steer. */
 static lrun *check_task_run(lua_State *L, const char *method) {
   lrun *run = check_run(L, method);
-  if (!lsched_current(L))
-    luaL_error(L, "deploy: d:%s() waits for the engine: call it from the strategy's execute(d) or from a hook", method);
+  ltask *t = lsched_current(L);
+  if (!t)
+    luaL_error(L, "deploy: d:%s() waits for the engine: call it from the strategy's execute(d)", method);
+  if (strcmp(method, "health") != 0 && t != run->strategy_task)
+    luaL_error(L, "deploy: d:%s() can only be called from the strategy's execute(d), not from a hook", method);
   if (run->waiter)
     luaL_error(L, "deploy: d:%s(): another action of this deployment is still in progress", method);
   return run;
@@ -305,8 +310,10 @@ static void action_done(void *payload, int ok, const char *err) {
   run->act_ok = ok;
   dc_strlcpy(run->act_err, err ? err : "", sizeof run->act_err);
   run->act_done = 1;
+  ltask *waiter = run->waiter;
+  run->waiter = NULL;
   if (run->awaiting)
-    lsched_ready(run->waiter);
+    lsched_ready(waiter);
 }
 
 static int action_k(lua_State *L, int status, lua_KContext ctx) {
@@ -397,8 +404,12 @@ static void health_done(void *payload, const rollout_health *h) {
   run->health = *h;
   run->act_ok = 1;
   run->act_done = 1;
+  ltask *waiter = run->waiter;
+  run->waiter = NULL;
   if (run->awaiting)
-    lsched_ready(run->waiter);
+    lsched_ready(waiter);
+  /* the round held the run: a hook cut off meanwhile may be gone */
+  run_unref(cb_state(run), run);
 }
 
 static int health_k(lua_State *L, int status, lua_KContext ctx) {
@@ -416,6 +427,7 @@ static int d_health(lua_State *L) {
   run->waiter = t;
   run->act_done = 0;
   run->awaiting = 0;
+  run->refs++;
   rollout_check_health(run->r, health_done, run);
   if (!run->act_done)
     run->awaiting = 1;
@@ -669,6 +681,8 @@ int lrun_start(lua_State *L, const lrun_spec *sp, char *err) {
   }
   int any_hooks = push_hooks(L, sp->strategy_idx, sp->hooks_idx);
   int hooks_idx = lua_gettop(L);
+  /* May raise (metadata cjson refuses): before anything is allocated. */
+  char *metadata = sp->metadata_idx ? ljson_encode(L, sp->metadata_idx, "options.metadata") : NULL;
   lrun *run = calloc(1, sizeof *run);
   run->L = L;
   run->e = sp->e;
@@ -685,10 +699,10 @@ int lrun_start(lua_State *L, const lrun_spec *sp, char *err) {
   if (!strategy_accepts(L, sp->strategy_idx, d_idx, err)) {
     run->ud->run = NULL;
     free(run);
+    free(metadata);
     lua_settop(L, top);
     return DC_ERROR;
   }
-  char *metadata = sp->metadata_idx ? ljson_encode(L, sp->metadata_idx, "options.metadata") : NULL;
   run->d_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pushvalue(L, sp->strategy_idx);
   run->strategy_ref = luaL_ref(L, LUA_REGISTRYINDEX);

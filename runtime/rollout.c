@@ -72,6 +72,12 @@ struct rollout {
   uv_timer_t *ctl_timer;
   double control_poll;
   int paused;
+
+  int promoting;          /* the old set is being stopped after promotion */
+  int routed_new;         /* the router once gave the new version traffic */
+  int abort_attempts;     /* router applies tried while aborting */
+  int rounds;             /* health rounds in flight */
+  int freed_later;        /* ended; free when the last round comes back */
 };
 
 static void run_step(rollout *r);
@@ -212,6 +218,7 @@ static void complete_now(void *payload) {
 }
 
 static void complete(rollout *r, int ok, const char *err) {
+  r->after_healthy = NULL;
   r->act_ok = ok;
   if (!ok)
     dc_strlcpy(r->act_err, err ? err : "failed", sizeof r->act_err);
@@ -265,8 +272,17 @@ static void round_done(void *payload, const health_result *res, size_t n) {
     h->state = HEALTH_UNHEALTHY;
   round_free(rd);
   engine_release(r->e);
+  r->rounds--;
   rollout_health_cb cb = r->health_cb;
   r->health_cb = NULL;
+  if (r->freed_later) {
+    /* The rollout ended while this round was out (a hook's d:health()). */
+    if (cb)
+      cb(r->health_payload, h);
+    if (r->rounds == 0)
+      free(r);
+    return;
+  }
   if (cb)
     cb(r->health_payload, h);
 }
@@ -292,6 +308,7 @@ void rollout_check_health(rollout *r, rollout_health_cb cb, void *payload) {
   }
   r->health_cb = cb;
   r->health_payload = payload;
+  r->rounds++;
   engine_hold(r->e);
   health_opts o = {.timeout = r->t->health.timeout, .expect_status = r->t->health.expect_status};
   if (health_check_start(r->e, (const char *const *)rd->urls, rd->n, &o, round_done, rd, err) != 0) {
@@ -602,6 +619,8 @@ static void traffic_applied(void *payload, const char *err) {
     return;
   }
   r->run.pct = tr->pct;
+  if (tr->w_new > 0)
+    r->routed_new = 1;
   save_weights(r, tr->w_old, tr->w_new);
   char data[256];
   dc_fmt(data, sizeof data, "{\"pct\":%g,\"weight_old\":%d,\"weight_new\":%d,\"old\":%zu,\"new\":%zu,\"step\":%d,\"steps\":%d}",
@@ -615,6 +634,10 @@ static void traffic_now(rollout *r, double pct);
 
 static void before_step_done(rollout *r, int ok, const char *err) {
   char msg[DC_ERR_MAX];
+  if (r->abort_requested) {
+    complete(r, 0, r->abort_reason);
+    return;
+  }
   if (!ok) {
     dc_fmt(msg, sizeof msg, "before_step hook failed at %g %%: %s", r->act.pct, err ? err : "returned false");
     complete(r, 0, msg);
@@ -712,8 +735,15 @@ static void stopped_one(void *payload, const char *err) {
   stopping *sp = payload;
   rollout *r = sp->r;
   engine_release(r->e);
-  char e2[DC_ERR_MAX], data[256];
-  if (err) {
+  char e2[DC_ERR_MAX], data[DC_ERR_MAX + 300];
+  if (err && r->promoting) {
+    /* The new version serves already: a stubborn old process is worth an
+     * event, not a failed deployment. */
+    char why[DC_ERR_MAX];
+    dc_json_string(why, sizeof why, err);
+    dc_fmt(data, sizeof data, "{\"pid\":%d,\"error\":%s}", sp->inst.pid, why);
+    emit(r, "stop_failed", data);
+  } else if (err) {
     add_error(r, err);
   } else {
     store_instance_delete(r->s, sp->inst.id, e2);
@@ -766,16 +796,24 @@ static void promoted_stopped(rollout *r) {
   with_hook(r, HOOK_ON_PROMOTE, 100, NULL, on_promote_done);
 }
 
+static void act_abort(rollout *r, const char *reason);
+
 static void promote_applied(void *payload, const char *err) {
   rollout *r = payload;
+  char msg[DC_ERR_MAX];
   engine_release(r->e);
   if (err) {
-    char msg[DC_ERR_MAX];
-    dc_fmt(msg, sizeof msg, "cannot retire the old instances: %s", err);
-    r->ending = 0;
-    complete(r, 0, msg);
+    dc_fmt(msg, sizeof msg, "cannot promote %s: %s", r->version, err);
+    act_abort(r, msg);
     return;
   }
+  /* Committed before anything old stops: from here on, a crash recovers
+   * to the new version. */
+  if (store_deployment_promote(r->s, r->id, msg) != 0) {
+    act_abort(r, msg);
+    return;
+  }
+  r->promoting = 1;
   char data[320];
   dc_fmt(data, sizeof data, "{\"version\":\"%s\",\"from\":\"%s\"}", r->version, r->from_version);
   emit(r, "promoted", data);
@@ -785,6 +823,10 @@ static void promote_applied(void *payload, const char *err) {
 static void act_promote(rollout *r) {
   char err[DC_ERR_MAX];
   int w_old, w_new;
+  if (r->nfresh == 0) {
+    act_abort(r, "nothing to promote: no instance of the new version was started");
+    return;
+  }
   r->ending = 1;
   split(r, 100, &w_old, &w_new);
   if (w_new == 0)
@@ -816,13 +858,32 @@ static void on_rollback_done(rollout *r, int ok, const char *err) {
   stop_sets(r, r->fresh, r->nfresh, r->strays, r->nstray, aborted_stopped);
 }
 
+static void abort_apply(rollout *r);
+
+static void abort_retry(void *payload) {
+  rollout *r = payload;
+  r->timer = NULL;
+  abort_apply(r);
+}
+
 static void abort_applied(void *payload, const char *err) {
   rollout *r = payload;
   engine_release(r->e);
+  if (err && ++r->abort_attempts < 4) {
+    /* The proxy may be restarting: try again before giving up. */
+    r->timer = engine_timer_start(r->e, 0.25 * r->abort_attempts, abort_retry, r);
+    return;
+  }
   if (err) {
     char msg[DC_ERR_MAX];
     dc_fmt(msg, sizeof msg, "while returning traffic to the old version: %s", err);
     add_error(r, msg);
+    /* If the proxy ever sent the new instances traffic, it may still: they
+     * keep running, as strays the next rollout or reconcile stops. */
+    if (r->routed_new) {
+      aborted_stopped(r);
+      return;
+    }
   } else {
     r->run.pct = 0;
     save_weights(r, r->nold ? 1 : 0, 0);
@@ -846,6 +907,12 @@ static void act_abort(rollout *r, const char *reason) {
   dc_json_string(why, sizeof why, reason);
   dc_fmt(data, sizeof data, "{\"reason\":%s,\"pct\":%g}", why, r->run.pct);
   emit(r, "aborted", data);
+  (void)err;
+  abort_apply(r);
+}
+
+static void abort_apply(rollout *r) {
+  char err[DC_ERR_MAX];
   router_server *servers = calloc(r->nold + 1, sizeof *servers);
   /* Equal weights on the old set: 100 % back in one step. */
   size_t n = build_servers(r, servers, 1, 0, 1, 0);
@@ -876,8 +943,9 @@ static void end_rollout(rollout *r) {
   const char *status = r->promoted ? "succeeded" : "failed";
   const char *tstatus = r->promoted ? "deployed" : "failed";
   const char *thealth = r->promoted ? health_state_name(r->health.state) : (r->nold ? "healthy" : "unhealthy");
+  /* The promotion itself was committed by store_deployment_promote. */
   if (store_deployment_finish(r->s, r->id, status, r->result.nerrors ? errors : NULL, now,
-                              r->result.duration, r->promoted, tstatus, thealth, err) != 0)
+                              r->result.duration, 0, tstatus, thealth, err) != 0)
     add_error(r, err);
   char data[128];
   dc_fmt(data, sizeof data, "{\"success\":%s,\"duration\":%.3f}", r->result.success ? "true" : "false",
@@ -899,24 +967,29 @@ static void end_rollout(rollout *r) {
   free(r->old);
   free(r->fresh);
   free(r->strays);
+  r->old = r->fresh = r->strays = NULL;
+  if (r->rounds > 0) {
+    r->freed_later = 1;
+    return;
+  }
   free(r);
 }
 
 /* ---- actions ---- */
 
 void rollout_action(rollout *r, const strategy_action *a, rollout_action_cb cb, void *payload) {
+  /* One action at a time: a refusal must not touch the one in progress. */
+  if (r->ending || r->hook_next) {
+    if (cb)
+      cb(payload, 0, r->ending ? "the deployment is ending" : "actions cannot be started from a hook");
+    return;
+  }
   r->act = *a;
   r->act_cb = cb;
   r->act_payload = payload;
   if (r->abort_requested && a->kind != ACTION_ABORT) {
     r->act.kind = ACTION_ABORT;
     dc_strlcpy(r->act.reason, r->abort_reason, sizeof r->act.reason);
-  }
-  if (r->ending && a->kind != ACTION_PROMOTE && a->kind != ACTION_ABORT) {
-    r->act_cb = NULL;
-    if (cb)
-      cb(payload, 0, "the deployment has already ended");
-    return;
   }
   switch (r->act.kind) {
   case ACTION_START:

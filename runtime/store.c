@@ -979,6 +979,26 @@ int store_deployment_finish(store *s, const char *id, const char *status,
   return tx_end(s, finish_steps(s, &a, err, what), err, what);
 }
 
+/* The promotion on its own, committed before the old instances stop: a
+ * crash after it recovers to the new version, never to a stopped one. */
+int store_deployment_promote(store *s, const char *id, char *err) {
+  char what[WHAT_SIZE];
+  dc_fmt(what, sizeof what, "cannot promote deployment '%s'", nz(id));
+  if (tx_begin(s, err, what) != DC_OK)
+    return DC_ERROR;
+  store_deployment d;
+  memset(&d, 0, sizeof d);
+  int rc = get_deployment(s, id, &d, err, what);
+  if (rc == DC_OK)
+    rc = run(s, err, what,
+             "UPDATE targets SET previous_version = CASE WHEN current_version "
+             "= ?1 THEN previous_version ELSE current_version END, "
+             "current_version = ?1, live_deployment = ?2 WHERE name = ?3",
+             "sss", d.version, id, d.target);
+  store_deployment_clear(&d);
+  return tx_end(s, rc, err, what);
+}
+
 int store_deployment_get(store *s, const char *id, store_deployment *out,
                          char *err) {
   char what[WHAT_SIZE];

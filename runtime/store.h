@@ -132,6 +132,11 @@ int store_deployment_finish(store *s, const char *id, const char *status,
                             const char *target_status,
                             const char *target_health, char *err);
 
+/* The promotion alone (previous_version, current_version, live_deployment
+ * as finish with promoted != 0 would set them), without ending the
+ * deployment: committed before the old instances are stopped. */
+int store_deployment_promote(store *s, const char *id, char *err);
+
 int store_deployment_get(store *s, const char *id, store_deployment *out, char *err); /* DC_NOTFOUND */
 /* Newest first; limit <= 0 means all. cb returns nonzero to stop. The row is
  * valid only during the callback. */

@@ -11,6 +11,7 @@ local cli = require "spec.support.cli"
 local PIPELINE = [[
 local deploy = require "deploy"
 local config, version, kill_at = arg[1], arg[2], arg[3]
+local interval = tonumber(arg[4]) or 30
 local function self_pid()
   local f = io.open("/proc/self/stat")
   local pid = f:read("n")
@@ -19,7 +20,7 @@ local function self_pid()
 end
 local m = deploy.DeploymentManager{ config = config }
 m:deploy("production", version, {
-  strategy = deploy.CanaryStrategy{ initial_percentage = 50, increment = 50, interval = 30 },
+  strategy = deploy.CanaryStrategy{ initial_percentage = 50, increment = 50, interval = interval },
   on_event = function(ev)
     print(ev.kind)
     io.stdout:flush()
@@ -84,6 +85,15 @@ describe("a crash in the middle of a deployment", function()
       check_recovered(h, config, "v1", "v2", tdir)
     end)
   end
+
+  it("killed right after the promotion was recorded recovers to the new version", function()
+    local h, config, script, tdir = setup()
+    assert.equal(0, (cli.run({ "--config", config, "deploy", "production", "v1" })))
+    local code, out = cli.run({ "--config", config, "run", script, config, "v2", "promoted", "0.05" })
+    assert.equal(137, code, out)
+    check_recovered(h, config, "v2", "v2", tdir)
+    assert.same({}, fixtures.instances_of(tdir, "v1"))
+  end)
 
   it("killed from outside while the canary waits at 50 %", function()
     local h, config, script, tdir = setup()

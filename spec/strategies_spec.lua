@@ -112,11 +112,48 @@ describe("a strategy written in Lua", function()
     assert.same({ v1 = 20 }, (h:sample(20)))
   end)
 
+  it("returning without starting anything promotes nothing, and says so", function()
+    local m, h = setup()
+    local Lazy = deploy.DeploymentStrategy:extend{ name = "lazy" }
+    function Lazy:execute(d) return true end
+    local r = m:deploy("production", "v2", { strategy = Lazy })
+    assert.is_false(r.success)
+    assert.equal("nothing to promote: no instance of the new version was started", r.errors[1])
+    assert.same({ v1 = 10 }, (h:sample(10)))
+  end)
+
+  it("hooks may look at the deployment but not steer it", function()
+    local m, h = setup()
+    local r = m:deploy("production", "v2", { strategy = fast_canary(), hooks = {
+      analysis = function(d) d:set_traffic(100) end } })
+    assert.is_false(r.success)
+    assert.matches("d:set_traffic%(%) can only be called from the strategy's execute%(d%), not from a hook", r.errors[1])
+    local seen
+    r = m:deploy("production", "v3", { strategy = fast_canary(), hooks = {
+      after_step = function(pct, health, d) seen = d:health().state end } })
+    assert.is_true(r.success, table.concat(r.errors or {}, "\n"))
+    assert.equal("healthy", seen)
+    assert.same({ v3 = 10 }, (h:sample(10)))
+  end)
+
+  it("an event handler cannot wait, and nothing is left half-started", function()
+    local m = setup()
+    local seen
+    local r = m:deploy("production", "v2", { on_event = function(ev)
+      if ev.kind == "finished" and not seen then
+        seen = select(2, pcall(m.get_status, m, "production"))
+      end
+    end })
+    assert.is_true(r.success)
+    assert.matches("cannot wait inside an event handler", seen)
+    assert.equal("v2", m:get_status("production").current_version)
+  end)
+
   it("d:* methods outside execute or after the end raise a clear error", function()
     local m = setup()
     local kept
     local S = deploy.DeploymentStrategy:extend{ name = "keeper" }
-    function S:execute(d) kept = d return true end
+    function S:execute(d) kept = d return d:start() end
     assert.is_true(m:deploy("production", "v2", { strategy = S }).success)
     assert.has_error(function() kept:wait(1) end, "deploy: d:wait(): this deployment has already ended")
     local Bad = deploy.DeploymentStrategy:extend{ name = "bad" }
