@@ -142,7 +142,7 @@ describe("canary", function()
     assert.is_true(r.success, table.concat(r.errors or {}, "\n"))
     assert.equal(10, #ts)
     for i = 2, #ts do assert.near(300, ts[i] - ts[i - 1], 0.001) end
-    assert.near(2700, r.duration, 1)
+    assert.is_true(r.duration >= 2700 and r.duration < 2760, "duration " .. r.duration)
     assert.is_true(wall < 1, "took " .. wall .. " s of real time")
   end)
 
