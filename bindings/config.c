@@ -23,7 +23,9 @@ void lconfig_free(lconfig *c) {
 }
 
 static int config_gc(lua_State *L) {
-  lconfig_free(luaL_checkudata(L, 1, LCONFIG_MT));
+  /* Providers and routers still in use by a running rollout stay. */
+  if (dc_rollouts_waiting == 0)
+    lconfig_free(luaL_checkudata(L, 1, LCONFIG_MT));
   return 0;
 }
 

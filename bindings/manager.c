@@ -31,7 +31,18 @@ static lmanager *check_manager(lua_State *L) {
 
 static int manager_close(lua_State *L) {
   lmanager *m = luaL_checkudata(L, 1, MANAGER_MT);
-  if (m->s) {
+  if (m->s && dc_rollouts_waiting > 0)
+    return luaL_error(L, "deploy: close(): a deployment is still running in this process");
+  store_close(m->s);
+  m->s = NULL;
+  return 0;
+}
+
+/* A rollout still running while the state closes (after an error) keeps
+ * using the store: it stays open, the process is ending anyway. */
+static int manager_gc(lua_State *L) {
+  lmanager *m = luaL_checkudata(L, 1, MANAGER_MT);
+  if (dc_rollouts_waiting == 0) {
     store_close(m->s);
     m->s = NULL;
   }
@@ -953,7 +964,7 @@ void lmanager_register(lua_State *L) {
   if (luaL_newmetatable(L, MANAGER_MT)) {
     luaL_newlib(L, methods);
     lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, manager_close);
+    lua_pushcfunction(L, manager_gc);
     lua_setfield(L, -2, "__gc");
     lua_pushcfunction(L, manager_close);
     lua_setfield(L, -2, "__close");
