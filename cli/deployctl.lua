@@ -55,6 +55,7 @@ local COMMANDS = {
   { "history", "TARGET [--limit N]", "past deployments of TARGET" },
   { "promote", "TARGET", "let a paused rollout go on (from any process)" },
   { "abort", "TARGET", "abort a running rollout (back to the old version)" },
+  { "reconcile", "TARGET", "put TARGET back on its live version (after an HAProxy restart, a reboot)" },
   { "report", "DEPLOYMENT_ID", "a self-contained HTML report of one deployment" },
   { "diff", "--repo URL [--branch B] [--path P]", "what a GitOps sync would change" },
   { "sync", "--repo URL [--branch B] [--path P] [--prune]", "apply what the git repository wants" },
@@ -128,6 +129,14 @@ Usage: deployctl abort TARGET
 
 Aborts the running rollout of TARGET, in whatever process it runs: traffic
 goes back to the old version in one step and the new instances stop.
+]],
+  reconcile = [[
+Usage: deployctl reconcile TARGET
+
+Puts TARGET back on exactly its live version: instances of it that died are
+started again, HAProxy gets back the servers it forgot (a restart or reload
+drops servers added at runtime), and any other instance of TARGET is
+stopped. Safe to run at any time; `status TARGET` says when it is needed.
 ]],
   report = [[
 Usage: deployctl report DEPLOYMENT_ID > rollout.html
@@ -516,6 +525,30 @@ function commands.status(opts, args)
     end
   end
   if router_error then eprintf("router: %s\n", router_error) end
+  local missing = 0
+  for _, i in ipairs(instances or {}) do
+    if i.live and i.router_weight == false then missing = missing + 1 end
+  end
+  if missing > 0 then
+    eprintf("router: %d live instance(s) of %s are missing from HAProxy (restarted?): run 'deployctl reconcile %s'\n",
+      missing, pos[1], pos[1])
+  end
+  return EXIT_OK
+end
+
+function commands.reconcile(opts, args)
+  local flags, pos = parse_flags("reconcile", args, {}, 1)
+  if flags.help then out:write(HELP.reconcile) return EXIT_OK end
+  if #pos < 1 then usage_error("reconcile: needs TARGET (see 'deployctl reconcile --help')") end
+  local m = open_manager(opts)
+  check_target(m, pos[1])
+  local ok, why = m:reconcile(pos[1])
+  if not ok then
+    eprintf("deployctl: %s\n", why)
+    return EXIT_FAILED
+  end
+  local s = m:get_status(pos[1])
+  printf("%s: %s on %d instance(s), %s\n", pos[1], s.current_version or "nothing", s.instances, s.health)
   return EXIT_OK
 end
 

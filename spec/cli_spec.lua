@@ -197,6 +197,23 @@ describe("deployctl output", function()
     assert.matches("router: haproxy: cannot connect", err)
   end)
 
+  it("status notices servers a restarted HAProxy forgot, and reconcile puts them back", function()
+    local h = fixtures.haproxy{}
+    local config = setup{ haproxy = h }
+    cli.run({ "--config", config, "deploy", "production", "1.0.0" })
+    h:restart()
+    local code, _, err = cli.run({ "--config", config, "status", "production" })
+    assert.equal(0, code)
+    assert.matches("1 live instance%(s%) of production are missing from HAProxy %(restarted%?%): run 'deployctl reconcile production'", err)
+    local out
+    code, out = cli.run({ "--config", config, "reconcile", "production" })
+    assert.equal(0, code)
+    assert.matches("production: 1%.0%.0 on 1 instance%(s%), healthy", out)
+    assert.same({ ["1.0.0"] = 10 }, (h:sample(10)))
+    code, _, err = cli.run({ "--config", config, "status", "production" })
+    assert.equal("", err)
+  end)
+
   it("history shows who, the git revision GitOps recorded, and why a deployment failed", function()
     local config = setup()
     local dir = fixtures.tmpdir("hist")
