@@ -1,4 +1,5 @@
 #include "gitops.h"
+#include "rollout.h"
 
 #include <dlfcn.h>
 #include <pthread.h>
@@ -1117,20 +1118,7 @@ typedef struct prune {
 } prune;
 
 static void prune_emit(prune *p, const char *kind, const char *data_json) {
-  char err[DC_ERR_MAX];
-  double ts = engine_now(p->e);
-  if (store_event_add(p->s, p->id, p->t->name, ts, kind, data_json, err) != 0)
-    fprintf(stderr, "%s\n", err);
-  if (!p->on_event)
-    return;
-  store_event ev;
-  memset(&ev, 0, sizeof ev);
-  dc_strlcpy(ev.deployment_id, p->id, sizeof ev.deployment_id);
-  dc_strlcpy(ev.target, p->t->name, sizeof ev.target);
-  dc_strlcpy(ev.kind, kind, sizeof ev.kind);
-  ev.ts = ts;
-  ev.data = (char *)data_json;
-  p->on_event(p->event_payload, &ev);
+  rollout_record_event(p->s, engine_now(p->e), p->id, p->t->name, kind, data_json, p->on_event, p->event_payload);
 }
 
 /* Promoted with version "": nothing is live any more, and the pruned

@@ -92,9 +92,9 @@ const char *rollout_hook_name(hook_kind k) { return k < HOOK_COUNT ? hook_names[
 
 /* ---- events ---- */
 
-static void emit(rollout *r, const char *kind, const char *raw_json) {
+void rollout_record_event(store *s, double ts, const char *deployment_id, const char *target, const char *kind,
+                          const char *raw_json, rollout_event_cb cb, void *payload) {
   char err[DC_ERR_MAX], data_buf[4 * DC_ERR_MAX];
-  double ts = engine_now(r->e);
   const char *data_json = NULL;
   if (raw_json) {
     dc_strlcpy(data_buf, raw_json, sizeof data_buf);
@@ -103,18 +103,22 @@ static void emit(rollout *r, const char *kind, const char *raw_json) {
   }
   /* An event that cannot be stored is reported but does not stop a rollout
    * half-way: the deployment row and the router remain the truth. */
-  if (store_event_add(r->s, r->id, r->t->name, ts, kind, data_json, err) != 0)
+  if (store_event_add(s, deployment_id, target, ts, kind, data_json, err) != 0)
     fprintf(stderr, "%s\n", err);
-  if (r->on_event) {
-    store_event ev;
-    memset(&ev, 0, sizeof ev);
-    dc_strlcpy(ev.deployment_id, r->id, sizeof ev.deployment_id);
-    dc_strlcpy(ev.target, r->t->name, sizeof ev.target);
-    dc_strlcpy(ev.kind, kind, sizeof ev.kind);
-    ev.ts = ts;
-    ev.data = (char *)data_json;
-    r->on_event(r->event_payload, &ev);
-  }
+  if (!cb)
+    return;
+  store_event ev;
+  memset(&ev, 0, sizeof ev);
+  dc_strlcpy(ev.deployment_id, deployment_id, sizeof ev.deployment_id);
+  dc_strlcpy(ev.target, target, sizeof ev.target);
+  dc_strlcpy(ev.kind, kind, sizeof ev.kind);
+  ev.ts = ts;
+  ev.data = (char *)data_json;
+  cb(payload, &ev);
+}
+
+static void emit(rollout *r, const char *kind, const char *raw_json) {
+  rollout_record_event(r->s, engine_now(r->e), r->id, r->t->name, kind, raw_json, r->on_event, r->event_payload);
 }
 
 static void add_error(rollout *r, const char *msg) {

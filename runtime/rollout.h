@@ -115,6 +115,11 @@ const char *rollout_target(const rollout *r);
  * the old version, new instances stopped). Idempotent. */
 void rollout_abort(rollout *r, const char *reason);
 
+/* Stores an event (secrets redacted) and hands it to cb: how every
+ * deployment-like operation (rollouts, GitOps prunes) records its steps. */
+void rollout_record_event(store *s, double ts, const char *deployment_id, const char *target, const char *kind,
+                          const char *data_json, rollout_event_cb cb, void *payload);
+
 /* Record a user event (Lua's d:log) against the deployment. */
 void rollout_log(rollout *r, const char *kind, const char *data_json);
 
