@@ -88,6 +88,12 @@ void lsched_block(lua_State *L, volatile int *flag);
  * "deploy: CanaryStrategy has no parameter '%s' (known: %s)". */
 void lcheck_keys(lua_State *L, int idx, const char *const *allowed, const char *fmt);
 
+/* t[key] = v for the table on top of the stack. */
+void lset_string(lua_State *L, const char *key, const char *v);
+void lset_integer(lua_State *L, const char *key, lua_Integer v);
+void lset_number(lua_State *L, const char *key, lua_Number v);
+void lset_boolean(lua_State *L, const char *key, int v);
+
 /* Pushes an integer when v is integral (10, not 10.0), else a float. */
 void lpush_number(lua_State *L, double v);
 

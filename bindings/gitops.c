@@ -776,15 +776,13 @@ static void append_to(lua_State *L, int r, const char *field) {
 static int held_back(lua_State *L, int r, const lgitops *lg, const gitops_change *c) {
   if (c->pinned) {
     push_change(L, lg, c);
-    lua_pushstring(L, "pinned by a manual rollback until git changes this target's manifest");
-    lua_setfield(L, -2, "reason");
+    lset_string(L, "reason", "pinned by a manual rollback until git changes this target's manifest");
     append_to(L, r, "pinned");
     return 1;
   }
   if (c->kind == GITOPS_DELETE && !lg->prune) {
     push_change(L, lg, c);
-    lua_pushstring(L, "the manifest is gone; prune = false keeps the target running (set prune = true)");
-    lua_setfield(L, -2, "reason");
+    lset_string(L, "reason", "the manifest is gone; prune = false keeps the target running (set prune = true)");
     append_to(L, r, "skipped");
     return 1;
   }
@@ -1046,12 +1044,9 @@ static int sync_watch(lua_State *L) {
  * no-change sync reads nothing and a one-change sync one blob. */
 static void push_stats(lua_State *L, const gitops_stats *st) {
   lua_createtable(L, 0, 3);
-  lua_pushboolean(L, st->downloaded);
-  lua_setfield(L, -2, "downloaded");
-  lua_pushboolean(L, st->tree_diffed);
-  lua_setfield(L, -2, "tree_diffed");
-  lua_pushinteger(L, (lua_Integer)st->blobs_read);
-  lua_setfield(L, -2, "blobs_read");
+  lset_boolean(L, "downloaded", st->downloaded);
+  lset_boolean(L, "tree_diffed", st->tree_diffed);
+  lset_integer(L, "blobs_read", (lua_Integer)st->blobs_read);
 }
 
 static int sync_index(lua_State *L) {

@@ -21,28 +21,20 @@ static void checked(void *payload, const health_result *r, size_t n) {
   lua_createtable(L, (int)n, 0);
   for (size_t i = 0; i < n; i++) {
     lua_createtable(L, 0, 5);
-    lua_pushstring(L, r[i].url);
-    lua_setfield(L, -2, "url");
-    lua_pushboolean(L, r[i].ok);
-    lua_setfield(L, -2, "ok");
-    lua_pushinteger(L, r[i].status);
-    lua_setfield(L, -2, "status");
-    lua_pushnumber(L, r[i].latency);
-    lua_setfield(L, -2, "latency");
+    lset_string(L, "url", r[i].url);
+    lset_boolean(L, "ok", r[i].ok);
+    lset_integer(L, "status", r[i].status);
+    lset_number(L, "latency", r[i].latency);
     if (!r[i].ok) {
-      lua_pushstring(L, r[i].error);
-      lua_setfield(L, -2, "error");
+      lset_string(L, "error", r[i].error);
     }
     lua_rawseti(L, -2, (lua_Integer)i + 1);
     ok += r[i].ok;
   }
   lua_setfield(L, -2, "results");
-  lua_pushstring(L, health_state_name(health_classify(r, n)));
-  lua_setfield(L, -2, "state");
-  lua_pushinteger(L, ok);
-  lua_setfield(L, -2, "ok");
-  lua_pushinteger(L, (lua_Integer)n);
-  lua_setfield(L, -2, "total");
+  lset_string(L, "state", health_state_name(health_classify(r, n)));
+  lset_integer(L, "ok", ok);
+  lset_integer(L, "total", (lua_Integer)n);
   c->done = 1;
 }
 

@@ -92,16 +92,11 @@ static const char *check_version(lua_State *L, int arg, const char *method) {
 
 static void push_result(lua_State *L, const rollout_result *r) {
   lua_createtable(L, 0, 6);
-  lua_pushboolean(L, r->success);
-  lua_setfield(L, -2, "success");
-  lua_pushstring(L, r->version);
-  lua_setfield(L, -2, "version");
-  lua_pushstring(L, r->target);
-  lua_setfield(L, -2, "target");
-  lua_pushstring(L, r->strategy);
-  lua_setfield(L, -2, "strategy");
-  lua_pushnumber(L, r->duration);
-  lua_setfield(L, -2, "duration");
+  lset_boolean(L, "success", r->success);
+  lset_string(L, "version", r->version);
+  lset_string(L, "target", r->target);
+  lset_string(L, "strategy", r->strategy);
+  lset_number(L, "duration", r->duration);
   if (r->nerrors > 0) {
     lua_createtable(L, r->nerrors, 0);
     for (int i = 0; i < r->nerrors; i++) {
@@ -391,19 +386,15 @@ static int manager_get_status(lua_State *L) {
     free(ls.urls[i]);
   free(ls.urls);
   lua_createtable(L, 0, 5);
-  lua_pushstring(L, t->name);
-  lua_setfield(L, -2, "target");
+  lset_string(L, "target", t->name);
   if (tg.current_version[0])
     lua_pushstring(L, tg.current_version);
   else
     lua_pushnil(L);
   lua_setfield(L, -2, "current_version");
-  lua_pushstring(L, tg.status);
-  lua_setfield(L, -2, "status");
-  lua_pushstring(L, health);
-  lua_setfield(L, -2, "health");
-  lua_pushinteger(L, ls.count);
-  lua_setfield(L, -2, "instances");
+  lset_string(L, "status", tg.status);
+  lset_string(L, "health", health);
+  lset_integer(L, "instances", ls.count);
   return 1;
 }
 
@@ -412,31 +403,19 @@ static int manager_get_status(lua_State *L) {
 static void push_deployment_row(lua_State *L, const store_deployment *d) {
   char ts[40];
   lua_createtable(L, 0, 16);
-  lua_pushstring(L, d->id);
-  lua_setfield(L, -2, "id");
-  lua_pushstring(L, d->target);
-  lua_setfield(L, -2, "target");
-  lua_pushstring(L, d->version);
-  lua_setfield(L, -2, "version");
-  lua_pushstring(L, d->from_version);
-  lua_setfield(L, -2, "from_version");
-  lua_pushstring(L, d->kind);
-  lua_setfield(L, -2, "kind");
-  lua_pushstring(L, d->strategy);
-  lua_setfield(L, -2, "strategy");
-  lua_pushstring(L, d->status);
-  lua_setfield(L, -2, "status");
+  lset_string(L, "id", d->id);
+  lset_string(L, "target", d->target);
+  lset_string(L, "version", d->version);
+  lset_string(L, "from_version", d->from_version);
+  lset_string(L, "kind", d->kind);
+  lset_string(L, "strategy", d->strategy);
+  lset_string(L, "status", d->status);
   dc_iso8601(d->created_at, ts, sizeof ts);
-  lua_pushstring(L, ts);
-  lua_setfield(L, -2, "created_at");
-  lua_pushnumber(L, d->created_at);
-  lua_setfield(L, -2, "started");
-  lua_pushnumber(L, d->duration);
-  lua_setfield(L, -2, "duration");
-  lua_pushstring(L, d->user);
-  lua_setfield(L, -2, "user");
-  lua_pushinteger(L, d->owner_pid);
-  lua_setfield(L, -2, "pid");
+  lset_string(L, "created_at", ts);
+  lset_number(L, "started", d->created_at);
+  lset_number(L, "duration", d->duration);
+  lset_string(L, "user", d->user);
+  lset_integer(L, "pid", d->owner_pid);
   ljson_decode(L, d->errors);
   lua_setfield(L, -2, "errors");
   ljson_decode(L, d->metadata);
@@ -515,32 +494,19 @@ static int instance_row(void *payload, const store_instance *in) {
   inst_ctx *c = payload;
   lua_State *L = c->L;
   lua_createtable(L, 0, 10);
-  lua_pushinteger(L, in->id);
-  lua_setfield(L, -2, "id");
-  lua_pushstring(L, in->version);
-  lua_setfield(L, -2, "version");
-  lua_pushstring(L, in->deployment_id);
-  lua_setfield(L, -2, "deployment_id");
-  lua_pushinteger(L, in->idx);
-  lua_setfield(L, -2, "index");
-  lua_pushstring(L, in->host);
-  lua_setfield(L, -2, "host");
-  lua_pushinteger(L, in->port);
-  lua_setfield(L, -2, "port");
-  lua_pushinteger(L, in->pid);
-  lua_setfield(L, -2, "pid");
-  lua_pushstring(L, in->state);
-  lua_setfield(L, -2, "state");
-  lua_pushinteger(L, in->weight);
-  lua_setfield(L, -2, "weight");
-  lua_pushstring(L, in->server);
-  lua_setfield(L, -2, "server");
-  lua_pushstring(L, in->log_path);
-  lua_setfield(L, -2, "log");
-  lua_pushboolean(L, c->p->alive(c->p, in));
-  lua_setfield(L, -2, "alive");
-  lua_pushboolean(L, c->live[0] && strcmp(c->live, in->deployment_id) == 0);
-  lua_setfield(L, -2, "live");
+  lset_integer(L, "id", in->id);
+  lset_string(L, "version", in->version);
+  lset_string(L, "deployment_id", in->deployment_id);
+  lset_integer(L, "index", in->idx);
+  lset_string(L, "host", in->host);
+  lset_integer(L, "port", in->port);
+  lset_integer(L, "pid", in->pid);
+  lset_string(L, "state", in->state);
+  lset_integer(L, "weight", in->weight);
+  lset_string(L, "server", in->server);
+  lset_string(L, "log", in->log_path);
+  lset_boolean(L, "alive", c->p->alive(c->p, in));
+  lset_boolean(L, "live", c->live[0] && strcmp(c->live, in->deployment_id) == 0);
   lua_rawseti(L, -2, ++c->n);
   return 0;
 }

@@ -64,6 +64,26 @@ void lcheck_keys(lua_State *L, int idx, const char *const *allowed, const char *
   }
 }
 
+void lset_string(lua_State *L, const char *key, const char *v) {
+  lua_pushstring(L, v);
+  lua_setfield(L, -2, key);
+}
+
+void lset_integer(lua_State *L, const char *key, lua_Integer v) {
+  lua_pushinteger(L, v);
+  lua_setfield(L, -2, key);
+}
+
+void lset_number(lua_State *L, const char *key, lua_Number v) {
+  lua_pushnumber(L, v);
+  lua_setfield(L, -2, key);
+}
+
+void lset_boolean(lua_State *L, const char *key, int v) {
+  lua_pushboolean(L, v);
+  lua_setfield(L, -2, key);
+}
+
 void lpush_number(lua_State *L, double v) {
   if (v == (double)(lua_Integer)v && v > -1e15 && v < 1e15)
     lua_pushinteger(L, (lua_Integer)v);

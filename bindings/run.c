@@ -103,17 +103,12 @@ static lua_State *cb_state(lrun *run) { return lsched_callback_state(run->L); }
 void lrun_push_event(lua_State *L, const store_event *ev) {
   char ts[40];
   lua_createtable(L, 0, 6);
-  lua_pushstring(L, ev->deployment_id);
-  lua_setfield(L, -2, "deployment_id");
-  lua_pushstring(L, ev->target);
-  lua_setfield(L, -2, "target");
-  lua_pushstring(L, ev->kind);
-  lua_setfield(L, -2, "kind");
-  lua_pushnumber(L, ev->ts);
-  lua_setfield(L, -2, "ts");
+  lset_string(L, "deployment_id", ev->deployment_id);
+  lset_string(L, "target", ev->target);
+  lset_string(L, "kind", ev->kind);
+  lset_number(L, "ts", ev->ts);
   dc_iso8601(ev->ts, ts, sizeof ts);
-  lua_pushstring(L, ts);
-  lua_setfield(L, -2, "time");
+  lset_string(L, "time", ts);
   ljson_decode(L, ev->data);
   lua_setfield(L, -2, "data");
 }
@@ -154,15 +149,11 @@ static const char *const hook_names[] = {"before_deploy", "before_step", "after_
 
 static void push_health(lua_State *L, const rollout_health *h) {
   lua_createtable(L, 0, 4);
-  lua_pushstring(L, health_state_name(h->state));
-  lua_setfield(L, -2, "state");
-  lua_pushinteger(L, h->ok);
-  lua_setfield(L, -2, "ok");
-  lua_pushinteger(L, h->checked);
-  lua_setfield(L, -2, "checked");
+  lset_string(L, "state", health_state_name(h->state));
+  lset_integer(L, "ok", h->ok);
+  lset_integer(L, "checked", h->checked);
   if (h->detail[0]) {
-    lua_pushstring(L, h->detail);
-    lua_setfield(L, -2, "detail");
+    lset_string(L, "detail", h->detail);
   }
 }
 
@@ -611,17 +602,13 @@ static void push_deployment(lua_State *L, lrun *run, const char *id, const char 
                             int strategy_idx, double created_at, int metadata_idx) {
   char ts[40];
   lua_createtable(L, 0, 7);
-  lua_pushstring(L, id);
-  lua_setfield(L, -2, "id");
-  lua_pushstring(L, target);
-  lua_setfield(L, -2, "target");
-  lua_pushstring(L, version);
-  lua_setfield(L, -2, "version");
+  lset_string(L, "id", id);
+  lset_string(L, "target", target);
+  lset_string(L, "version", version);
   lua_pushvalue(L, strategy_idx);
   lua_setfield(L, -2, "strategy");
   dc_iso8601(created_at, ts, sizeof ts);
-  lua_pushstring(L, ts);
-  lua_setfield(L, -2, "created_at");
+  lset_string(L, "created_at", ts);
   if (metadata_idx)
     lua_pushvalue(L, metadata_idx);
   else
