@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "bindings.h"
+#include "router.h"
 #include "run.h"
 #include "lsched.h"
 #include "util.h"
@@ -208,6 +209,22 @@ static int deploy_sleep(lua_State *L) {
   return lsched_await(L, &w->fired, (lua_KContext)w, sleep_k);
 }
 
+/* deploy.router_weights(pct, n_old, n_new) -> weight_old, weight_new: the
+ * integer HAProxy weights a share of pct % to n_new servers beside n_old
+ * gets (the exact split of notes/haproxy.md). */
+static int deploy_router_weights(lua_State *L) {
+  double pct = luaL_checknumber(L, 1);
+  lua_Integer n_old = luaL_checkinteger(L, 2), n_new = luaL_checkinteger(L, 3);
+  luaL_argcheck(L, pct >= 0 && pct <= 100, 1, "pct must be in 0..100");
+  luaL_argcheck(L, n_old >= 0 && n_old <= 1000, 2, "n_old must be in 0..1000");
+  luaL_argcheck(L, n_new >= 0 && n_new <= 1000, 3, "n_new must be in 0..1000");
+  int w_old, w_new;
+  router_split_weights(pct, (int)n_old, (int)n_new, &w_old, &w_new);
+  lua_pushinteger(L, w_old);
+  lua_pushinteger(L, w_new);
+  return 2;
+}
+
 /* deploy.now(): the engine clock, epoch seconds (virtual when simulating). */
 static int deploy_now(lua_State *L) {
   lua_pushnumber(L, engine_now(lengine_get(L)));
@@ -246,5 +263,7 @@ int luaopen_deploy(lua_State *L) {
   lua_setfield(L, -2, "now");
   lua_pushcfunction(L, deploy_host);
   lua_setfield(L, -2, "_host");
+  lua_pushcfunction(L, deploy_router_weights);
+  lua_setfield(L, -2, "router_weights");
   return 1;
 }

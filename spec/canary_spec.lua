@@ -23,6 +23,25 @@ end
 describe("canary", function()
   after_each(fixtures.cleanup)
 
+  it("integer weights give every whole percentage to within 1 %, for 1 to 4 servers a side", function()
+    local worst = 0
+    for n_old = 1, 4 do
+      for n_new = 1, 4 do
+        for pct = 1, 99 do
+          local w_old, w_new = deploy.router_weights(pct, n_old, n_new)
+          assert.is_true(w_old >= 1 and w_old <= 256 and w_new >= 1 and w_new <= 256)
+          local share = 100 * n_new * w_new / (n_new * w_new + n_old * w_old)
+          worst = math.max(worst, math.abs(share - pct))
+        end
+      end
+    end
+    assert.is_true(worst < 1, "worst error " .. worst .. " %")
+    assert.same({ 0, 1 }, { deploy.router_weights(100, 2, 2) })
+    assert.same({ 1, 0 }, { deploy.router_weights(0, 2, 2) })
+    assert.same({ 9, 1 }, { deploy.router_weights(10, 1, 1) })
+    assert.has_error(function() deploy.router_weights(101, 1, 1) end)
+  end)
+
   it("splits traffic exactly as set, at every step from 10 to 100 %", function()
     local m, h = setup{ instances = 2 }
     assert.is_true(m:deploy("production", "v1").success)
