@@ -67,7 +67,6 @@ lua_State *lsched_callback_state(lua_State *L) {
   return s->running ? s->running : L;
 }
 
-int lsched_in_callback(lua_State *L) { return sched_get(L)->in_callback; }
 
 ltask *lsched_spawn(lua_State *L, int nargs, ltask_finish finish, void *payload) {
   lua_State *co = lua_newthread(L);
@@ -157,7 +156,6 @@ static void resume(lua_State *L, ltask *t) {
   task_release(L, t);
 }
 
-void lsched_start(lua_State *L, ltask *t) { resume(L, t); }
 
 void lsched_run_ready(lua_State *L) {
   lsched *s = sched_get(L);

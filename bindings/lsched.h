@@ -30,7 +30,6 @@ struct ltask {
 /* The function and nargs arguments on top of L become a task (popped); it
  * does not run until lsched_start or lsched_ready. */
 ltask *lsched_spawn(lua_State *L, int nargs, ltask_finish finish, void *payload);
-void lsched_start(lua_State *L, ltask *t);   /* run it now, until it first waits */
 void lsched_ready(ltask *t);                 /* resume it at the next chance (from callbacks) */
 void lsched_cancel(lua_State *L, ltask *t);  /* never resume it again */
 /* What to undo if the task is cancelled while it waits (cleared when it is
@@ -40,7 +39,6 @@ ltask *lsched_current(lua_State *L);         /* the task running as L, or NULL *
 void lsched_run_ready(lua_State *L);
 /* The thread to call Lua on from inside engine callbacks. */
 lua_State *lsched_callback_state(lua_State *L);
-int lsched_in_callback(lua_State *L);
 /* Raises the "cannot wait inside an event handler" error when called from
  * inside a loop callback: call it before starting any work that will be
  * waited for, so nothing is left half-started. */

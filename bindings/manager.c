@@ -49,6 +49,15 @@ static int manager_gc(lua_State *L) {
   return 0;
 }
 
+/* true, or false and why: the shape of methods whose failure is an answer. */
+static int push_outcome(lua_State *L, int rc, const char *err) {
+  lua_pushboolean(L, rc == 0);
+  if (rc == 0)
+    return 1;
+  lua_pushstring(L, err);
+  return 2;
+}
+
 /* ---- arguments ---- */
 
 static const char *check_string_arg(lua_State *L, int arg, const char *name, const char *method) {
@@ -575,7 +584,7 @@ static int manager_live_instances(lua_State *L) {
   live_read lr;
   memset(&lr, 0, sizeof lr);
   if (t->router->read(t->router, servers, 256, &nservers, router_read_done, &lr, err) != 0)
-    dc_strlcpy(lr.err, err, sizeof lr.err), lr.done = 1;
+    router_read_done(&lr, err);
   lsched_block(L, &lr.done);
   char **urls = calloc(n ? n : 1, sizeof *urls);
   for (size_t i = 0; i < n; i++) {
@@ -660,26 +669,14 @@ static int manager_reconcile(lua_State *L) {
   lmanager *m = check_manager(L);
   target_config *t = check_target(L, m, 2, "reconcile");
   char err[DC_ERR_MAX];
-  if (reconcile_target(L, m, t, err) != 0) {
-    lua_pushboolean(L, 0);
-    lua_pushstring(L, err);
-    return 2;
-  }
-  lua_pushboolean(L, 1);
-  return 1;
+  return push_outcome(L, reconcile_target(L, m, t, err), err);
 }
 
 /* integrity_check(): SQLite's PRAGMA integrity_check on the store. */
 static int manager_integrity_check(lua_State *L) {
   lmanager *m = check_manager(L);
   char err[DC_ERR_MAX];
-  if (store_integrity_check(m->s, err) != 0) {
-    lua_pushboolean(L, 0);
-    lua_pushstring(L, err);
-    return 2;
-  }
-  lua_pushboolean(L, 1);
-  return 1;
+  return push_outcome(L, store_integrity_check(m->s, err), err);
 }
 
 static int manager_state_path(lua_State *L) {

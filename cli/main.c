@@ -20,18 +20,12 @@ int luaopen_deploy(lua_State *L);
 
 static lua_State *global_L;
 
-/* Like lua.c's laction: only a hook is set here; the Lua side decides. */
+/* Like lua.c's laction: the signal handler only sets this hook, which
+ * stops Lua code that is running (the CLI turns it into exit 130). */
 static void interrupted_hook(lua_State *L, lua_Debug *ar) {
   (void)ar;
   lua_sethook(L, NULL, 0, 0);
-  lua_getfield(L, LUA_REGISTRYINDEX, "deployctl.on_interrupt");
-  if (lua_isfunction(L, -1)) {
-    lua_pushinteger(L, dc_interrupts);
-    lua_call(L, 1, 0);
-  } else {
-    lua_pop(L, 1);
-    luaL_error(L, "interrupted");
-  }
+  luaL_error(L, "interrupted");
 }
 
 static void on_signal(int sig) {
@@ -84,11 +78,6 @@ static int require_embedded(lua_State *L) {
   return 1;
 }
 
-static int interrupt_count(lua_State *L) {
-  lua_pushinteger(L, dc_interrupts);
-  return 1;
-}
-
 static int pmain(lua_State *L) {
   int argc = (int)lua_tointeger(L, 1);
   char **argv = (char **)lua_touserdata(L, 2);
@@ -103,8 +92,6 @@ static int pmain(lua_State *L) {
     lua_setfield(L, -2, deployctl_modules[i].name);
   }
   lua_pop(L, 1);
-  lua_pushcfunction(L, interrupt_count);
-  lua_setglobal(L, "__deployctl_interrupts");
   lua_createtable(L, argc, 1);
   for (int i = 0; i < argc; i++) {
     lua_pushstring(L, argv[i]);

@@ -1085,9 +1085,7 @@ void rollout_record(rollout *r, int ok, const char *err) {
 }
 
 int rollout_ending(const rollout *r) { return r->ending; }
-const rollout_health *rollout_last_health(const rollout *r) { return &r->health; }
-const char *rollout_version(const rollout *r) { return r->version; }
-const char *rollout_target(const rollout *r) { return r->t->name; }
+
 
 void rollout_abort(rollout *r, const char *reason) {
   if (r->abort_requested || r->ending)
@@ -1109,9 +1107,7 @@ void rollout_abort(rollout *r, const char *reason) {
 }
 
 void rollout_log(rollout *r, const char *kind, const char *data_json) { emit(r, kind, data_json); }
-const char *rollout_id(const rollout *r) { return r->id; }
-double rollout_pct(const rollout *r) { return r->run.pct; }
-const strategy_run *rollout_run_state(const rollout *r) { return &r->run; }
+
 
 /* ---- start ---- */
 

@@ -107,9 +107,6 @@ void rollout_begin(rollout *r, rollout_action_cb cb, void *payload);
 void rollout_next_action(rollout *r, const strategy *st, strategy_action *out);
 void rollout_record(rollout *r, int ok, const char *err);
 int rollout_ending(const rollout *r);
-const rollout_health *rollout_last_health(const rollout *r);
-const char *rollout_version(const rollout *r);
-const char *rollout_target(const rollout *r);
 
 /* Ask a running rollout to abort at its next safe point (traffic back to
  * the old version, new instances stopped). Idempotent. */
@@ -123,9 +120,6 @@ void rollout_record_event(store *s, double ts, const char *deployment_id, const 
 /* Record a user event (Lua's d:log) against the deployment. */
 void rollout_log(rollout *r, const char *kind, const char *data_json);
 
-const char *rollout_id(const rollout *r);
-double rollout_pct(const rollout *r);
-const strategy_run *rollout_run_state(const rollout *r);
 
 /* One check round of the new instances, asynchronously. */
 typedef void (*rollout_health_cb)(void *payload, const rollout_health *h);

@@ -773,24 +773,6 @@ int store_target_get(store *s, const char *name, store_target *out,
   return rc;
 }
 
-/* NULL status or health leaves that column as it is. */
-int store_target_set_status(store *s, const char *name, const char *status,
-                            const char *health, char *err) {
-  char what[WHAT_SIZE];
-  dc_fmt(what, sizeof what, "cannot set the status of target '%s'", nz(name));
-  if (tx_begin(s, err, what) != DC_OK)
-    return DC_ERROR;
-  int rc = run(s, err, what,
-               "UPDATE targets SET status = coalesce(?, status), "
-               "health = coalesce(?, health), updated_at = ? WHERE name = ?",
-               "jjds", status, health, dc_wall_now(), name);
-  if (rc == DC_OK && sqlite3_changes(s->db) == 0) {
-    set_err(err, "deploy: store: unknown target '%s'", nz(name));
-    rc = DC_NOTFOUND;
-  }
-  return tx_end(s, rc, err, what);
-}
-
 /* ---- deployments --------------------------------------------------------- */
 
 /* A process on another host cannot be checked from here: it counts as
@@ -1042,26 +1024,6 @@ int store_history(store *s, const char *target, int limit,
   }
   deliver_deployments(&buf, cb, payload);
   return DC_OK;
-}
-
-int store_last_good(store *s, const char *target, const char *exclude,
-                    store_deployment *out, char *err) {
-  char what[WHAT_SIZE];
-  dc_fmt(what, sizeof what, "cannot find the last good deployment of '%s'",
-         nz(target));
-  memset(out, 0, sizeof *out);
-  sqlite3_stmt *st = query(s, err, what,
-                           "SELECT " DEPLOYMENT_COLS " FROM deployments "
-                           "WHERE target = ?1 AND status = 'succeeded' "
-                           "AND (?2 IS NULL OR version <> ?2) "
-                           "ORDER BY seq DESC LIMIT 1",
-                           "sj", target, exclude);
-  int rc = fetch_one(s, st, out, read_deployment, err, what);
-  if (rc == DC_ERROR) {
-    store_deployment_clear(out);
-    return DC_ERROR;
-  }
-  return DC_OK; /* none found: out stays zeroed, version "" */
 }
 
 /* ---- events -------------------------------------------------------------- */

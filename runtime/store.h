@@ -111,8 +111,6 @@ const char *store_path(const store *s);
  * health "unhealthy", versions ""). Existing rows are kept. */
 int store_target_ensure(store *s, const char *name, char *err);
 int store_target_get(store *s, const char *name, store_target *out, char *err); /* DC_NOTFOUND */
-int store_target_set_status(store *s, const char *name, const char *status,
-                            const char *health, char *err);
 
 /* The start of a deployment, in one transaction: fails with DC_LOCKED (err
  * names the holder: deployment id, pid, host, since when) when another live
@@ -143,10 +141,6 @@ int store_deployment_get(store *s, const char *id, store_deployment *out, char *
 typedef int (*store_deployment_cb)(void *payload, const store_deployment *d);
 int store_history(store *s, const char *target, int limit,
                   store_deployment_cb cb, void *payload, char *err);
-/* Most recent succeeded deployment of target whose version differs from
- * `exclude` (NULL: none excluded); "" in out->version when none. */
-int store_last_good(store *s, const char *target, const char *exclude,
-                    store_deployment *out, char *err);
 
 int store_event_add(store *s, const char *deployment_id, const char *target,
                     double ts, const char *kind, const char *data_json,

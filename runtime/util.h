@@ -15,8 +15,9 @@
 /* Interrupts (SIGINT/SIGTERM) counted by the host's signal handler
  * (deployctl); a rollout waiting in the loop aborts when it grows. */
 extern volatile sig_atomic_t dc_interrupts;
-/* How many loops are being driven for a rollout right now (the host lets
- * the rollout handle an interrupt instead of raising a Lua error). */
+/* How many rollouts of this process are running: while any is, an
+ * interrupt aborts them (safely) instead of raising a Lua error, and the
+ * store and routers stay open until they end. */
 extern volatile sig_atomic_t dc_rollouts_waiting;
 
 /* Return codes shared by the runtime. */
