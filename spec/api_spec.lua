@@ -47,7 +47,6 @@ describe("data models", function()
     local s = m:get_status("staging")
     assert.same({ target = "staging", current_version = "1.0.0", status = "deployed",
                   health = "healthy", instances = 2 }, s)
-    assert.equal("number", math.type(s.instances) and "number")
     assert.equal("integer", math.type(s.instances))
   end)
 
@@ -56,19 +55,24 @@ describe("data models", function()
     local S = deploy.DeploymentStrategy:extend{ name = "inspect" }
     function S:validate(d) seen = d return false end
     local m = manager_for()
-    local bg = deploy.BlueGreenStrategy{}
-    -- a built-in strategy's validate sees the same Deployment value
-    local r = m:deploy("staging", "2.0.0", { strategy = bg, metadata = { ticket = "OPS-1" } })
-    assert.is_true(r.success)
-    local ok = bg:validate({ target = "staging", version = "2.0.0" })
-    assert.is_true(ok)
-    assert.is_false(bg:validate({ target = "staging", version = "" }))
-    -- validate(d) refusing a deployment: nothing runs, the store is unchanged
+    -- validate(d) sees the Deployment the manager built; refusing it runs
+    -- nothing and leaves the store unchanged
     local before = snapshot(m)
-    local d = { id = "x", target = "staging", version = "3.0.0", metadata = {} }
-    assert.is_false(S:validate(d))
-    assert.equal(d, seen)
+    local r = m:deploy("staging", "3.0.0", { strategy = S, metadata = { ticket = "OPS-1" } })
+    assert.is_false(r.success)
+    assert.equal("strategy refused the deployment: validate(d) returned false", r.errors[1])
+    assert.matches("^d%x+$", seen.id)
+    assert.equal("staging", seen.target)
+    assert.equal("3.0.0", seen.version)
+    assert.equal(S, seen.strategy)
+    assert.matches("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ$", seen.created_at)
+    assert.same({ ticket = "OPS-1" }, seen.metadata)
     assert.same(before, snapshot(m))
+    -- a built-in strategy's validate checks the deployment's version and target
+    local bg = deploy.BlueGreenStrategy{}
+    assert.is_true(bg:validate({ target = "staging", version = "2.0.0" }))
+    assert.is_false(bg:validate({ target = "staging", version = "" }))
+    assert.is_false(bg:validate({ target = "no such/target", version = "2.0.0" }))
   end)
 
   it("records created_at as an ISO-8601 UTC timestamp in the history", function()
