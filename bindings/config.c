@@ -213,6 +213,27 @@ static void make_provider(lua_State *L, int idx, const char *path, target_config
     lerror(L, err);
 }
 
+/* router = { kind = "nginx", include, upstream, conf, pid, nginx, timeout,
+ * drain_timeout }: the fields runtime/nginx.c documents. */
+static int make_nginx_router(lua_State *L, int ri, const char *p, engine *e, target_config *t, char *err) {
+  static const char *const allowed[] = {"kind",  "include", "upstream", "conf", "pid",
+                                        "nginx", "timeout", "drain_timeout", NULL};
+  char include[1024], upstream[128], conf[1024], pid[1024], bin[1024];
+  check_keys(L, ri, p, allowed);
+  router_nginx_opts o;
+  memset(&o, 0, sizeof o);
+  o.include = str_field(L, ri, p, "include", NULL, include, sizeof include);
+  o.upstream = str_field(L, ri, p, "upstream", NULL, upstream, sizeof upstream);
+  if (!upstream[0])
+    fail(L, p, "upstream is empty: %s", "name the upstream that proxy_pass uses in nginx.conf");
+  o.conf = str_field(L, ri, p, "conf", NULL, conf, sizeof conf);
+  o.pid = str_field(L, ri, p, "pid", NULL, pid, sizeof pid);
+  o.nginx = str_field(L, ri, p, "nginx", "/usr/sbin/nginx", bin, sizeof bin);
+  o.timeout = num_field(L, ri, p, "timeout", 10, 0.01, 600);
+  o.drain_timeout = num_field(L, ri, p, "drain_timeout", 30, 0, 3600);
+  return router_nginx_new(&t->router, e, &o, err);
+}
+
 static void make_router(lua_State *L, int idx, const char *path, target_config *t) {
   static const char *const allowed[] = {"kind", "socket", "backend", "timeout", "drain_timeout", "prefix", NULL};
   char p[128], kind[32], socket[1024], backend[128], prefix[32], err[DC_ERR_MAX], expanded[1024];
@@ -225,12 +246,21 @@ static void make_router(lua_State *L, int idx, const char *path, target_config *
     return;
   }
   int ri = lua_gettop(L);
-  check_keys(L, ri, p, allowed);
   str_field(L, ri, p, "kind", "none", kind, sizeof kind);
+  if (strcmp(kind, "none") != 0 && strcmp(kind, "haproxy") != 0 && strcmp(kind, "nginx") != 0)
+    fail(L, p, "kind '%s' is not known (known: haproxy, nginx, none)", kind);
   int rc;
+  if (strcmp(kind, "nginx") == 0) {
+    rc = make_nginx_router(L, ri, p, e, t, err);
+    lua_pop(L, 1);
+    if (rc != 0)
+      lerror(L, err);
+    return;
+  }
+  check_keys(L, ri, p, allowed);
   if (strcmp(kind, "none") == 0) {
     rc = router_none_new(&t->router, e, err);
-  } else if (strcmp(kind, "haproxy") == 0) {
+  } else {
     router_haproxy_opts o;
     memset(&o, 0, sizeof o);
     str_field(L, ri, p, "socket", NULL, socket, sizeof socket);
@@ -245,9 +275,6 @@ static void make_router(lua_State *L, int idx, const char *path, target_config *
     o.timeout = num_field(L, ri, p, "timeout", 5, 0.01, 600);
     o.drain_timeout = num_field(L, ri, p, "drain_timeout", 30, 0, 3600);
     rc = router_haproxy_new(&t->router, e, &o, err);
-  } else {
-    fail(L, p, "kind '%s' is not known (known: haproxy, none)", kind);
-    return;
   }
   lua_pop(L, 1);
   if (rc != 0)

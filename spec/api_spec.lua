@@ -287,7 +287,7 @@ describe("bad input", function()
       { cfg(function(_, p) p.provider.command = nil end), "provider%.command is missing" },
       { cfg(function(_, p) p.provider.ports = "30000-20000" end), "is not a usable range" },
       { cfg(function(_, p) p.provider.ports = "lots" end), "'lots' is not a port range: write 'LOW%-HIGH'" },
-      { cfg(function(_, p) p.router = { kind = "f5" } end), "router kind 'f5' is not known %(known: haproxy, none%)" },
+      { cfg(function(_, p) p.router = { kind = "f5" } end), "router kind 'f5' is not known %(known: haproxy, nginx, none%)" },
       { cfg(function(_, p) p.router = { kind = "haproxy", backend = "app" } end), "router%.socket is missing" },
       { cfg(function(_, p) p.health.interval = 0 end), "health%.interval must be between" },
       { cfg(function(_, p) p.health.path = "healthz" end), "path 'healthz' must start with '/'" },
