@@ -1182,9 +1182,12 @@ static void probe_start(ngx *n, apply_op *op) {
   p->handles = 2;
   n->open += 2;
   n->probe = p;
+  /* A probe started just before the deadline still gets time to answer,
+   * so that the last word is nginx's, not our own impatience. */
   uint64_t now = uv_now(n->e->loop);
-  uint64_t left = op->deadline > now ? op->deadline - now : 1;
-  uv_timer_start(&p->timer, probe_on_timeout, left < 1000 ? left : 1000, 0);
+  uint64_t left = op->deadline > now ? op->deadline - now : 0;
+  left = left < 250 ? 250 : (left > 1000 ? 1000 : left);
+  uv_timer_start(&p->timer, probe_on_timeout, left, 0);
   uv_pipe_connect(&p->conn, &p->pipe, n->sock, probe_on_connect);
 }
 
