@@ -444,6 +444,8 @@ static int parse_include(const ngx *n, const char *text, size_t len,
   size_t rlen = 0;
   char *again = NULL;
   header_gen(text, len, gen, sizeof gen);
+  if (text == NULL)
+    text = "";
   if (scan_servers(text, len, out, nout) < 0) {
     dc_fmt(err, DC_ERR_MAX, "nginx: out of memory");
     return DC_ERROR;
@@ -597,8 +599,9 @@ static int old_alive(const apply_op *op) {
 
 /* ---- files (run in the thread pool) -------------------------------------- */
 
-static const char *errno_reason(int e) {
-  return e == ENOENT ? "no such file" : strerror(e);
+/* strerror may share one buffer between threads; this runs in the pool. */
+static const char *os_error(int e, char *buf, size_t size) {
+  return e == ENOENT ? "no such file" : strerror_r(e, buf, size);
 }
 
 static void sanitize(char *s) {
@@ -608,13 +611,13 @@ static void sanitize(char *s) {
 }
 
 static int read_pid(const ngx *n, int *pid, char *err) {
-  char buf[64];
+  char buf[64], why[128];
   int fd = open(n->pidfile, O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     dc_fmt(err, DC_ERR_MAX,
            "nginx: cannot read the pid file %s: %s (is nginx running? "
            "router.pid must be the 'pid' file of %s)",
-           n->pidfile, errno_reason(errno), n->conf);
+           n->pidfile, os_error(errno, why, sizeof why), n->conf);
     return DC_ERROR;
   }
   ssize_t r = read(fd, buf, sizeof buf - 1);
@@ -643,10 +646,12 @@ static int read_pid(const ngx *n, int *pid, char *err) {
   return DC_OK;
 }
 
-/* The include as it is now; a missing file is no error (exists = 0). */
+/* The include as it is now, NUL-terminated (data is never NULL when it
+ * exists); a missing file is no error (exists = 0). */
 static int read_include(const ngx *n, job *j) {
+  char why[128];
   int fd = open(n->include, O_RDONLY | O_CLOEXEC);
-  size_t cap = 0;
+  size_t cap = 8192;
   ssize_t r = 1;
   j->exists = fd >= 0;
   j->len = 0;
@@ -654,16 +659,17 @@ static int read_include(const ngx *n, job *j) {
     return DC_OK;
   if (fd < 0) {
     dc_fmt(j->err, DC_ERR_MAX, "nginx: cannot read %s: %s", n->include,
-           strerror(errno));
+           os_error(errno, why, sizeof why));
     return DC_ERROR;
   }
-  while (r > 0 && j->len <= NGX_FILE_MAX) {
+  j->data = malloc(cap + 1);
+  while (j->data != NULL && r > 0 && j->len <= NGX_FILE_MAX) {
     if (j->len == cap) {
-      char *p = realloc(j->data, cap ? cap * 2 : 8192);
+      char *p = realloc(j->data, cap * 2 + 1);
       if (p == NULL)
         break;
       j->data = p;
-      cap = cap ? cap * 2 : 8192;
+      cap *= 2;
     }
     r = read(fd, j->data + j->len, cap - j->len);
     if (r > 0)
@@ -671,11 +677,13 @@ static int read_include(const ngx *n, job *j) {
   }
   int e = errno;
   close(fd);
-  if (r > 0 && j->len <= NGX_FILE_MAX) {
+  if (j->data != NULL)
+    j->data[j->len] = '\0';
+  if (j->data == NULL || (r > 0 && j->len <= NGX_FILE_MAX)) {
     dc_fmt(j->err, DC_ERR_MAX, "nginx: out of memory reading %s", n->include);
   } else if (r < 0) {
     dc_fmt(j->err, DC_ERR_MAX, "nginx: cannot read %s: %s", n->include,
-           strerror(e));
+           os_error(e, why, sizeof why));
   } else if (j->len > NGX_FILE_MAX) {
     dc_fmt(j->err, DC_ERR_MAX,
            "nginx: %s is over 1 MiB: not a file this router wrote "
@@ -726,38 +734,50 @@ static void temp_path(const char *include, char *out, size_t size) {
 
 /* Replaces the include with j->data, or removes it (j->exists == 0). */
 static void put_include(const ngx *n, job *j) {
-  char tmp[PATH_MAX + 32];
+  char tmp[PATH_MAX + 32], why[128];
   struct stat st;
+  const char *what = NULL, *file = tmp;
+  int e = 0;
   if (!j->exists) {
     if (unlink(n->include) != 0 && errno != ENOENT)
       dc_fmt(j->err, DC_ERR_MAX, "nginx: cannot remove %s: %s", n->include,
-             strerror(errno));
+             os_error(errno, why, sizeof why));
     return;
   }
   temp_path(n->include, tmp, sizeof tmp);
   /* nginx's master reads the file: keep the mode it had. */
   mode_t mode = stat(n->include, &st) == 0 ? (st.st_mode & 07777) : 0644;
   int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
-  const char *what = "create";
-  if (fd >= 0) {
-    what = "write";
-    if (write_all(fd, j->data, j->len) == 0 && fsync(fd) == 0)
-      what = NULL;
-    if (close(fd) != 0 && what == NULL)
+  if (fd < 0) {
+    what = "create";
+    e = errno;
+  } else {
+    if (write_all(fd, j->data, j->len) != 0 || fsync(fd) != 0) {
       what = "write";
+      e = errno;
+    }
+    if (close(fd) != 0 && what == NULL) {
+      what = "write";
+      e = errno;
+    }
   }
-  if (what == NULL && rename(tmp, n->include) != 0)
-    what = "rename";
-  if (what == NULL && fsync_dir(n->include) != 0)
-    what = "sync the directory of";
-  if (what != NULL) {
-    int e = errno;
+  if (what == NULL && rename(tmp, n->include) != 0) {
+    what = "rename over the include";
+    e = errno;
+  }
+  if (what == NULL && fsync_dir(n->include) != 0) {
+    what = "sync the directory of"; /* renamed already: the include */
+    file = n->include;
+    e = errno;
+  }
+  if (what == NULL)
+    return;
+  if (file == tmp)
     unlink(tmp);
-    dc_fmt(j->err, DC_ERR_MAX,
-           "nginx: cannot %s %s: %s (deployctl must be able to write "
-           "router.include's directory)",
-           what, strcmp(what, "rename") == 0 ? n->include : tmp, strerror(e));
-  }
+  dc_fmt(j->err, DC_ERR_MAX,
+         "nginx: cannot %s %s: %s (deployctl must be able to write "
+         "router.include's directory)",
+         what, file, os_error(e, why, sizeof why));
 }
 
 static void job_work(uv_work_t *req) {
@@ -1255,6 +1275,9 @@ static void on_written(ngx *n, apply_op *op, job *j) {
 static void reload(ngx *n, apply_op *op) {
   if (check_master(n, op->master, op->err) < 0 ||
       list_workers(op->master, &op->old, &op->nold, op->err) < 0) {
+    size_t l = strlen(op->err);
+    dc_fmt(op->err + l, sizeof op->err - l,
+           "; nothing applied: %s restored, nginx not signalled", n->include);
     restore(n, op);
     return;
   }
