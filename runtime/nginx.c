@@ -149,7 +149,7 @@ typedef struct test_run {
   uv_pipe_t out, err;
   uv_timer_t timer;
   int handles;            /* memory goes when the last one closed */
-  int exited, out_open, err_open, spawn_error, timed_out;
+  int exited, out_open, err_open, timed_out;
   int64_t status;
   int signal;
   char *errbuf;           /* stderr, the first NGX_STDERR_MAX bytes */
@@ -195,6 +195,7 @@ struct ngx {
   char *orphan;           /* free came between write and reload: the */
   size_t orphan_len;      /* previous include, still to put back */
   int orphan_exists, orphan_due;
+  int restoring;          /* ...and it is not back yet: peers wait */
 };
 
 /* Routers sharing one nginx.conf take turns: a reload reads every include,
@@ -799,8 +800,11 @@ static void job_work(uv_work_t *req) {
   }
 }
 
+static void unlink_router(ngx *n);
+
 static void ngx_release(ngx *n) {
   if (n->closing && n->open == 0) {
+    unlink_router(n);
     free(n->orphan);
     free(n);
   }
@@ -820,6 +824,7 @@ static void job_free(job *j) {
 }
 
 static void orphan_restore(ngx *n);
+static void kick_peers(const ngx *n);
 static void on_prepared(ngx *n, apply_op *op, job *j);
 static void on_written(ngx *n, apply_op *op, job *j);
 static void on_restored(ngx *n, apply_op *op, job *j);
@@ -842,6 +847,9 @@ static void job_done(uv_work_t *req, int status) {
     }
   } else if (j->kind == JOB_WRITE && n->orphan_due) {
     orphan_restore(n);   /* free came while this write ran */
+  } else if (j->kind == JOB_RESTORE && n->restoring) {
+    n->restoring = 0;    /* the orphan is back: peers may reload */
+    kick_peers(n);
   }
   job_free(j);
   ngx_release(n);
@@ -1418,7 +1426,8 @@ static void apply_op_free(apply_op *op) {
 
 static int conf_busy(const ngx *n) {
   for (const ngx *m = all_routers; m != NULL; m = m->next_all)
-    if (m != n && m->running != NULL && strcmp(m->conf, n->conf) == 0)
+    if (m != n && (m->running != NULL || m->restoring) &&
+        strcmp(m->conf, n->conf) == 0)
       return 1;
   return 0;
 }
@@ -1603,8 +1612,11 @@ static void orphan_restore(ngx *n) {
   n->orphan_due = 0;
   char *data = n->orphan;
   n->orphan = NULL;
-  job_start(n, JOB_RESTORE, NULL, data ? data : dup_bytes("", 0),
-            n->orphan_len, n->orphan_exists, err);
+  if (job_start(n, JOB_RESTORE, NULL, data ? data : dup_bytes("", 0),
+                n->orphan_len, n->orphan_exists, err) < 0) {
+    n->restoring = 0;   /* out of memory: nothing more can be done */
+    kick_peers(n);
+  }
 }
 
 static void unlink_router(ngx *n) {
@@ -1625,7 +1637,6 @@ static void ngx_free(router *r) {
   if (n == NULL || n->closing)
     return;
   n->closing = 1;
-  unlink_router(n);
   for (job *j = n->jobs; j != NULL; j = j->next)
     j->op = NULL;
   if (n->probe != NULL) {
@@ -1638,6 +1649,7 @@ static void ngx_free(router *r) {
     n->orphan_len = op->prev_len;
     n->orphan_exists = op->prev_exists;
     n->orphan_due = 1;
+    n->restoring = 1;
     op->prev = NULL;
   }
   if (n->test != NULL) {
