@@ -29,9 +29,10 @@
  * workers and stopping the old ones (ngx_master_process_cycle), and during
  * that window the old workers still accept on every listening socket; so
  * the router also waits until each worker that existed at the SIGHUP has
- * left (or says "worker process is shutting down": it has closed its
- * listening sockets). Only then does a new connection always meet the new
- * upstream.
+ * left or says "worker process is shutting down" (ngx_worker_process_cycle
+ * sets that title and closes its listening sockets in one step, before it
+ * handles another event). Only then does a new connection always meet the
+ * new upstream.
  *
  * Draining. HAProxy drains a retired server before deleting it; here the
  * graceful reload is the drain: a server left out of the upstream gets no

@@ -11,6 +11,9 @@
  *      while connections are still attached).
  * Because every apply compares with what the proxy has now, a proxy that
  * was restarted and forgot our servers gets them back on the next apply.
+ * Those are HAProxy's steps (haproxy.c); nginx.c reaches the same end by
+ * rewriting the include it owns and reloading nginx, whose graceful
+ * reload is the drain.
  *
  * The interface follows libgit2's sys/odb_backend.h: a versioned struct of
  * function pointers, `free` required. */
