@@ -15,9 +15,12 @@
  * and back, router_split_weights' integers), alternating HAProxy and nginx
  * so that both see the same noise of this shared machine.
  *
- * Last, free() is called at every moment of an nginx apply (0 to 200 ms
- * after it starts): the callback must run exactly once, and the include
- * must end up as the old or the new file, never torn or untested. */
+ * Last, two checks the specs cannot make from Lua: three applies queued at
+ * once on one nginx router must end in order, each once, the last one's
+ * weights in the include; and free() is called at every moment of an nginx
+ * apply (0 to 200 ms after it starts): the callback must run exactly once,
+ * and the include must end up as the old or the new file, never torn or
+ * untested. */
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
@@ -255,6 +258,53 @@ static int free_during_apply(engine *e, const router_nginx_opts *o) {
   return bad;
 }
 
+typedef struct fifo {
+  int order[3], n;
+  char err[DC_ERR_MAX];
+} fifo;
+
+typedef struct fifo_call {
+  fifo *f;
+  int i;
+} fifo_call;
+
+static void on_fifo(void *payload, const char *err) {
+  fifo_call *c = payload;
+  c->f->order[c->f->n++] = c->i;
+  if (err)
+    dc_strlcpy(c->f->err, err, sizeof c->f->err);
+}
+
+static int queued_in_order(engine *e, const router_nginx_opts *o) {
+  static const double pcts[3] = {20, 60, 90};
+  router *r;
+  router_server s[NSERVERS];
+  fifo f = {{0}, 0, ""};
+  fifo_call calls[3];
+  char err[DC_ERR_MAX];
+  int w[NSERVERS], w_old, w_new;
+  if (router_nginx_new(&r, e, o, err) != 0)
+    return -1;
+  for (int i = 0; i < 3; i++) {
+    calls[i] = (fifo_call){&f, i};
+    servers_at(s, pcts[i]);
+    if (r->apply(r, s, NSERVERS, on_fifo, &calls[i], err) != 0)
+      return -1;
+  }
+  while (f.n < 3)
+    engine_run_once(e);
+  r->free(r);
+  run_for(e, 1);
+  router_split_weights(pcts[2], 2, 2, &w_old, &w_new);
+  if (f.err[0] || f.order[0] != 0 || f.order[1] != 1 || f.order[2] != 2 ||
+      read_weights(e, o, w) != 0 || w[0] != w_old || w[2] != w_new) {
+    fprintf(stderr, "bench_router: queued applies: order %d %d %d, %s\n", f.order[0], f.order[1], f.order[2],
+            f.err[0] ? f.err : "the include does not hold the last one");
+    return -1;
+  }
+  return 0;
+}
+
 int main(int argc, char **argv) {
   int steps = argc > 1 ? atoi(argv[1]) : 20;
   char include[300], conf[300], pidfile[300], socket[300], err[DC_ERR_MAX];
@@ -292,6 +342,9 @@ int main(int argc, char **argv) {
   ngx->free(ngx);
   run_for(&e, 1);
 
+  int fifo_bad = queued_in_order(&e, &no) != 0;
+  printf("three applies queued at once on one nginx router: %s\n",
+         fifo_bad ? "FAILED" : "ended in order, once each, the last one applied");
   int bad = free_during_apply(&e, &no);
   printf("free during an nginx apply at 10 moments (0-200 ms): %s\n",
          bad == 0 ? "callback once, include old or new every time" : "FAILED");
@@ -306,5 +359,5 @@ int main(int argc, char **argv) {
   dc_fmt(cmd, sizeof cmd, "rm -rf %s", dir);
   if (system(cmd) != 0)
     return 1;
-  return bad == 0 ? 0 : 1;
+  return bad == 0 && !fifo_bad ? 0 : 1;
 }

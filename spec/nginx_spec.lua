@@ -44,16 +44,34 @@ local function sorted_weights(site)
   return w
 end
 
--- The share of v2 among 200 sampled requests is pct, to within 5 points.
+-- An on_event handler that counts, at every traffic step, which version
+-- answers 200 requests, into steps[i] = { pct, counts, failed, weights }.
 -- Under load they are counted with wrk paused (load:pause): each nginx
 -- worker has one round-robin position per upstream, which wrk's requests
 -- move too, so 200 requests taken among wrk's would be a random sample of
 -- the split (a standard deviation of 3.5 points at 60 %), not the split.
-local function assert_share(counts, failed, pct, what)
-  assert.equal(0, failed, what)
-  local share = (counts.v2 or 0) / 200 * 100
-  assert.is_true(math.abs(share - pct) <= 5,
-    string.format("%s: %g %% of requests went to v2, the weights say %g %%", what, share, pct))
+-- after(ev), if given, runs after the count.
+local function count_each_step(site, load, steps, after)
+  return function(ev)
+    if ev.kind ~= "traffic" then return end
+    load:pause()
+    local counts, failed = site:sample(200)
+    load:resume()
+    steps[#steps + 1] = { pct = ev.data.pct, counts = counts, failed = failed, weights = sorted_weights(site) }
+    if after then after(ev) end
+  end
+end
+
+-- Step i was at i * 10 %, and v2's share of its 200 requests is within 5
+-- points of that, none failed.
+local function assert_steps(steps)
+  for i, s in ipairs(steps) do
+    assert.equal(i * 10, s.pct)
+    assert.equal(0, s.failed, "step " .. i)
+    local share = (s.counts.v2 or 0) / 200 * 100
+    assert.is_true(math.abs(share - s.pct) <= 5,
+      string.format("step %d: %g %% of requests went to v2, the weights say %g %%", i, share, s.pct))
+  end
 end
 
 local function errors(r) return table.concat(r.errors or {}, "\n") end
@@ -183,22 +201,11 @@ describe("the nginx router", function()
       local seen = {}
       local r = m:deploy("production", "v2", {
         strategy = deploy.CanaryStrategy{ initial_percentage = 10, increment = 10, interval = 0.1 },
-        on_event = function(ev)
-          if ev.kind == "traffic" then
-            load:pause()
-            local counts, failed = site:sample(200)
-            load:resume()
-            seen[#seen + 1] = { pct = ev.data.pct, counts = counts, failed = failed,
-                                weights = sorted_weights(site) }
-          end
-        end })
+        on_event = count_each_step(site, load, seen) })
       local res = load:finish()
       assert.is_true(r.success, errors(r))
       assert.equal(10, #seen)
-      for i, s in ipairs(seen) do
-        assert.equal(i * 10, s.pct)
-        assert_share(s.counts, s.failed, s.pct, "step " .. i)
-      end
+      assert_steps(seen)
       -- the weights in the file are router_split_weights' integers as they are
       assert.same({ 3, 3, 7, 7 }, seen[3].weights)
       assert.same({ 0, 0, 1, 1 }, seen[10].weights)
@@ -215,21 +222,12 @@ describe("the nginx router", function()
       local seen = {}
       local r = m:deploy("production", "v2", {
         strategy = deploy.CanaryStrategy{ initial_percentage = 10, increment = 10, interval = 0.3 },
-        on_event = function(ev)
-          if ev.kind == "traffic" then
-            load:pause()
-            local counts, failed = site:sample(200)
-            load:resume()
-            seen[#seen + 1] = { pct = ev.data.pct, counts = counts, failed = failed }
-            if ev.data.pct == 30 then fixtures.set_unhealthy(dir, "v2") end
-          end
-        end })
+        on_event = count_each_step(site, load, seen, function(ev)
+          if ev.data.pct == 30 then fixtures.set_unhealthy(dir, "v2") end
+        end) })
       local res = load:finish()
       assert.equal(3, #seen)
-      for i, s in ipairs(seen) do
-        assert.equal(i * 10, s.pct)
-        assert_share(s.counts, s.failed, s.pct, "step " .. i)
-      end
+      assert_steps(seen)
       assert.is_false(r.success)
       assert.matches("^canary aborted at 30 %%: unhealthy after 3 consecutive failed checks", r.errors[1])
       assert.same({ v1 = 200 }, (site:sample(200)))
