@@ -136,7 +136,8 @@ Usage: deployctl reconcile TARGET
 Puts TARGET back on exactly its live version: instances of it that died are
 started again, HAProxy gets back the servers it forgot (a restart or reload
 drops servers added at runtime), and any other instance of TARGET is
-stopped. Safe to run at any time; `status TARGET` says when it is needed.
+stopped. It takes the target's lock: while a deployment of TARGET runs it
+changes nothing and exits 3. `status TARGET` says when it is needed.
 ]],
   report = [[
 Usage: deployctl report DEPLOYMENT_ID > rollout.html
@@ -542,10 +543,10 @@ function commands.reconcile(opts, args)
   if #pos < 1 then usage_error("reconcile: needs TARGET (see 'deployctl reconcile --help')") end
   local m = open_manager(opts)
   check_target(m, pos[1])
-  local ok, why = m:reconcile(pos[1])
+  local ok, why, locked = m:reconcile(pos[1])
   if not ok then
     eprintf("deployctl: %s\n", why)
-    return EXIT_FAILED
+    return locked and EXIT_LOCKED or EXIT_FAILED
   end
   local s = m:get_status(pos[1])
   printf("%s: %s on %d instance(s), %s\n", pos[1], s.current_version or "nothing", s.instances, s.health)

@@ -167,6 +167,10 @@ static void complete_now(void *payload) {
     cb(r->act_payload, r->act_ok, r->act_ok ? NULL : r->act_err);
 }
 
+/* The outcome reaches the strategy at the next turn, after the handlers of
+ * this turn's events ran: a handler that reacts to "traffic" (makes the
+ * version unhealthy, samples the split) sees the step before the next one
+ * starts, as it would if it ran inside the event. */
 static void complete(rollout *r, int ok, const char *err) {
   r->after_healthy = NULL;
   r->act_ok = ok;
@@ -174,7 +178,8 @@ static void complete(rollout *r, int ok, const char *err) {
     dc_strlcpy(r->act_err, err ? err : "failed", sizeof r->act_err);
   r->mon = MON_NONE;
   r->paused = 0;
-  r->timer = engine_timer_start(r->e, 0, complete_now, r);
+  if (engine_soon(r->e, complete_now, r) != 0)
+    r->timer = engine_timer_start(r->e, 0, complete_now, r);
 }
 
 /* ---- operator commands ---- */
