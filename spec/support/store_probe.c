@@ -1,6 +1,11 @@
 /* store-probe: drives a store backend from a script, for specs.
  *
- *   store-probe LOCATION < commands
+ *   store-probe LOCATION [TAG] < commands
+ *
+ * (TAG is ignored: specs put their directory there, so that cleanup finds
+ * the process by its command line.) With STORE_PROBE_FOLLOW=1 in the
+ * environment, stdin is a file that grows: at its end the probe keeps
+ * reading (running the loop meanwhile) until a `quit` line.
  *
  * Opens the store at LOCATION (postgresql://... for the PostgreSQL backend),
  * then reads one command per line from stdin and prints one JSON object per
@@ -441,8 +446,8 @@ static void on_import(void *payload, int rc, const char *err, const store_pg_imp
 }
 
 int main(int argc, char **argv) {
-  if (argc != 2) {
-    fprintf(stderr, "usage: store-probe LOCATION < commands\n");
+  if (argc < 2 || argc > 3) {
+    fprintf(stderr, "usage: store-probe LOCATION [TAG] < commands\n");
     return 2;
   }
   setvbuf(stdout, NULL, _IOLBF, 0);
@@ -466,7 +471,20 @@ int main(int argc, char **argv) {
   size_t nbatch = 0;
   int in_batch = 0;
   char line[8192];
-  while (fgets(line, sizeof line, stdin)) {
+  const char *follow_env = getenv("STORE_PROBE_FOLLOW");
+  int follow = follow_env && strcmp(follow_env, "1") == 0;
+  for (;;) {
+    if (!fgets(line, sizeof line, stdin)) {
+      if (!follow || ferror(stdin))
+        break;
+      /* the spec has not written the next command yet: a readiness poll,
+       * with the store's connection still looked after */
+      clearerr(stdin);
+      uv_run(E.loop, UV_RUN_NOWAIT);
+      struct timespec pause = {0, 2000000};
+      nanosleep(&pause, NULL);
+      continue;
+    }
     line[strcspn(line, "\r\n")] = '\0';
     words ws;
     split(line, &ws);
@@ -479,6 +497,7 @@ int main(int argc, char **argv) {
     if (strcmp(c, "batch") == 0) {
       in_batch = 1;
       nbatch = 0;
+      print_simple("batch", DC_OK, "", 0);
       continue;
     }
     if (strcmp(c, "commit") == 0) {
