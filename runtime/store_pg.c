@@ -1747,6 +1747,10 @@ static void connected(pg *b) {
 }
 
 static void connect_step(pg *b) {
+  /* libpq may close the socket and open another one (the next address)
+   * that gets the same number: a handle kept across the call could watch a
+   * descriptor the kernel already forgot, so each wait gets a new one. */
+  poll_close(b);
   PostgresPollingStatusType st = PQconnectPoll(b->conn);
   ConnStatusType cs = PQstatus(b->conn);
   if (cs != CONNECTION_STARTED && cs != CONNECTION_BAD && cs != CONNECTION_NEEDED)
@@ -2018,6 +2022,10 @@ static void conn_lost(pg *b, const char *reason, int timed_out) {
   b->state = S_DOWN;
   pg_job *j = b->active;
   b->active = NULL;
+  /* A FATAL from the server comes in order with the answers: seen before
+   * the COMMIT's answer, it rolled the transaction back. */
+  if (j && b->notice[0] && !timed_out)
+    j->aborted = 1;
   dc_fmt(b->last_error, sizeof b->last_error, "the PostgreSQL database at %s is unreachable (%s)", b->location,
          timed_out ? "no answer" : why);
   b->last_permanent = 0;
