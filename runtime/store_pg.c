@@ -1984,10 +1984,8 @@ static void start_job(pg *b, pg_job *j) {
 static void finish_job(pg *b, pg_job *j) {
   if (b->active == j)
     b->active = NULL;
-  if (j->user) {
+  if (j->user)
     b->users--;
-    engine_release(b->e);
-  }
   b->in_done++;
   if (j->imp) {
     if (j->imp->cb)
@@ -2597,7 +2595,6 @@ static void enqueue(pg *b, pg_job *j) {
     b->head = j;
   b->tail = j;
   b->users++;
-  engine_hold(b->e);
   refs(b);
   /* run from the loop, never inside the caller's call */
   uv_timer_start(&b->kick_timer, on_timer_pump, 0, 0);
@@ -2664,8 +2661,6 @@ static void pg_free(store_backend *base) {
   b->head = b->tail = NULL;
   for (pg_job *j = all, *next; j; j = next) {
     next = j->next;
-    if (j->user)
-      engine_release(b->e);
     job_free(j);
   }
   if (b->resolving) {
