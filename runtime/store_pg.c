@@ -325,7 +325,6 @@ typedef enum {
   R_OP,          /* a statement of ops[op], part `part` */
   R_COMMIT,
   R_SETUP,       /* a setup query, part `part` */
-  R_MIGRATE,
   R_IMPORT,
   R_SYNC,
 } role;
@@ -341,7 +340,6 @@ typedef enum { J_COMMIT, J_READ, J_SETUP, J_IMPORT } job_kind;
 typedef struct import_job {
   sqlite3 *db;
   char path[1024];
-  int schema;            /* of the SQLite file: 1 or 2 */
   store_pg_import_cb cb;
   void *payload;
   store_pg_import_counts counts;
@@ -3029,7 +3027,6 @@ int store_pg_import(store_backend *base, const char *sqlite_path, store_pg_impor
     return DC_ERROR;
   }
   imp->db = db;
-  imp->schema = version;
   imp->cb = cb;
   imp->payload = payload;
   dc_strlcpy(imp->path, sqlite_path, sizeof imp->path);
