@@ -4,15 +4,17 @@
  * virtual clock in one process, 100 targets side by side, against
  * in-process instances: one HTTP server on this same loop answers every
  * health check, and the provider "starts" an instance by pointing it at that
- * server. Everything else is the real thing: the SQLite store (WAL,
- * synchronous=FULL), events, the step machines, health checks through
- * libcurl multi, the router interface.
+ * server. Everything else is the real thing: the deployment service, the
+ * store (SQLite, WAL, synchronous=FULL, group commit), events, the step
+ * machines, health checks through libcurl multi, the router interface.
  *
  * Baseline, in the same run: the same number of health-check rounds issued
  * back to back on the bare engine (no store, no strategy), so the ratio says
- * how much the rollout machinery adds around the unavoidable I/O.
+ * how much the rollout machinery adds around the unavoidable I/O. It also
+ * prints how many store transactions (each one fsync) a step costs.
  *
- *   build/bench_engine_overhead [canaries] [targets]                          */
+ *   build/bench_engine_overhead [canaries] [targets] [state]
+ * state: a file path (default: a temporary SQLite file) or postgresql://... */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,7 +23,7 @@
 
 #include "engine.h"
 #include "health.h"
-#include "rollout.h"
+#include "service.h"
 #include "store.h"
 #include "strategy.h"
 #include "target.h"
@@ -78,48 +80,93 @@ static void on_conn(uv_stream_t *server, int status) {
 
 /* ---- an in-process provider ---- */
 
-static int p_allocate(provider *p, store *s, store_instance *in, char *err) {
-  (void)p; (void)s; (void)err;
-  dc_strlcpy(in->host, "127.0.0.1", sizeof in->host);
-  in->port = server_port;
-  return 0;
-}
-static int p_start(provider *p, store_instance *in, char *err) {
-  (void)p; (void)err;
-  in->pid = getpid();
-  in->pid_start = dc_proc_start_time(in->pid);
-  dc_strlcpy(in->state, "running", sizeof in->state);
-  return 0;
-}
-typedef struct stop_req { provider_cb cb; void *payload; uv_timer_t t; } stop_req;
-static void stop_closed(uv_handle_t *h) { free(h->data); }
-static void stop_fire(uv_timer_t *t) {
-  stop_req *s = t->data;
-  s->cb(s->payload, NULL);
-  uv_close((uv_handle_t *)&s->t, stop_closed);
-}
 static uv_loop_t *bench_loop;
-static int p_stop(provider *p, const store_instance *in, provider_cb cb, void *payload, char *err) {
-  (void)p; (void)in; (void)err;
-  stop_req *s = calloc(1, sizeof *s);
-  s->cb = cb;
-  s->payload = payload;
-  uv_timer_init(bench_loop, &s->t);
-  s->t.data = s;
-  uv_timer_start(&s->t, stop_fire, 0, 0);
+
+/* Every answer comes from the loop, as the interface requires. */
+typedef struct later {
+  uv_timer_t t;
+  int kind; /* 0 start, 1 stop, 2 inspect, 3 logs */
+  void *cb;
+  void *payload;
+  provider_instance pi;
+} later;
+
+static void later_closed(uv_handle_t *h) { free(h->data); }
+
+static void later_fire(uv_timer_t *t) {
+  later *l = t->data;
+  switch (l->kind) {
+  case 0:
+    ((provider_start_cb)l->cb)(l->payload, &l->pi, NULL);
+    break;
+  case 1:
+    ((provider_cb)l->cb)(l->payload, NULL);
+    break;
+  case 2:
+    ((provider_inspect_cb)l->cb)(l->payload, 1, NULL, NULL);
+    break;
+  default:
+    ((provider_logs_cb)l->cb)(l->payload, "", 0, NULL);
+  }
+  uv_close((uv_handle_t *)&l->t, later_closed);
+}
+
+static int answer_later(int kind, void *cb, void *payload, const provider_instance *pi) {
+  later *l = calloc(1, sizeof *l);
+  if (!l)
+    return -1;
+  l->kind = kind;
+  l->cb = cb;
+  l->payload = payload;
+  if (pi)
+    l->pi = *pi;
+  uv_timer_init(bench_loop, &l->t);
+  l->t.data = l;
+  uv_timer_start(&l->t, later_fire, 0, 0);
   return 0;
 }
-static int p_alive(provider *p, const store_instance *in) { (void)p; (void)in; return 1; }
+
+static int p_start(provider *p, const provider_start_req *req, provider_start_cb cb, void *payload, char *err) {
+  (void)p;
+  (void)req;
+  (void)err;
+  provider_instance pi;
+  memset(&pi, 0, sizeof pi);
+  dc_strlcpy(pi.host, "127.0.0.1", sizeof pi.host);
+  pi.port = server_port;
+  pi.pid = getpid();
+  dc_fmt(pi.handle, sizeof pi.handle, "%d:0", pi.pid);
+  return answer_later(0, (void *)cb, payload, &pi);
+}
+static int p_stop(provider *p, const store_instance *in, provider_cb cb, void *payload, char *err) {
+  (void)p;
+  (void)in;
+  (void)err;
+  return answer_later(1, (void *)cb, payload, NULL);
+}
+static int p_inspect(provider *p, const store_instance *in, provider_inspect_cb cb, void *payload, char *err) {
+  (void)p;
+  (void)in;
+  (void)err;
+  return answer_later(2, (void *)cb, payload, NULL);
+}
+static int p_logs(provider *p, const store_instance *in, int lines, provider_logs_cb cb, void *payload, char *err) {
+  (void)p;
+  (void)in;
+  (void)lines;
+  (void)err;
+  return answer_later(3, (void *)cb, payload, NULL);
+}
 static void p_free(provider *p) { free(p); }
 
 static provider *inproc_provider(void) {
   provider *p = calloc(1, sizeof *p);
   p->version = PROVIDER_VERSION;
   p->kind = "inproc";
-  p->allocate = p_allocate;
   p->start = p_start;
   p->stop = p_stop;
-  p->alive = p_alive;
+  p->inspect = p_inspect;
+  p->logs = p_logs;
   p->free = p_free;
   return p;
 }
@@ -127,9 +174,8 @@ static provider *inproc_provider(void) {
 /* ---- driving rollouts ---- */
 
 typedef struct lane {
-  engine *e;
-  store *s;
-  target_config *t;
+  service *svc;
+  const char *target;
   strategy *st;
   int remaining;
   int version;
@@ -165,9 +211,8 @@ static void lane_next(lane *l) {
   }
   l->remaining--;
   dc_fmt(version, sizeof version, "v%d", ++l->version);
-  rollout_opts o = {.version = version, .on_event = on_event, .event_payload = l};
-  rollout *r;
-  if (rollout_start(&r, l->e, l->s, l->t, l->st, &o, lane_done, l, err) != DC_OK) {
+  rollout_opts o = {.version = version, .sink = {on_event, l}};
+  if (service_deploy(l->svc, l->target, l->st, &o, lane_done, l, NULL, err) != DC_OK) {
     fprintf(stderr, "%s\n", err);
     exit(1);
   }
@@ -204,6 +249,7 @@ int main(int argc, char **argv) {
   if (!mkdtemp(dir))
     return 1;
   dc_fmt(path, sizeof path, "%s/state.db", dir);
+  const char *state = argc > 3 ? argv[3] : path;
 
   engine e;
   engine_init(&e, 1);
@@ -220,7 +266,7 @@ int main(int argc, char **argv) {
   server_port = ntohs(((struct sockaddr_in *)&bound)->sin_port);
 
   store *s;
-  if (store_open(&s, path, err) != 0) {
+  if (store_open(&s, &e, state, err) != 0) {
     fprintf(stderr, "%s\n", err);
     return 1;
   }
@@ -229,25 +275,31 @@ int main(int argc, char **argv) {
   strategy *st;
   strategy_canary_new(&st, &cp, err);
 
-  lane *lanes = calloc((size_t)ntargets, sizeof *lanes);
-  int running = 0;
-  long steps = 0;
+  target_config **targets = calloc((size_t)ntargets, sizeof *targets);
   for (int i = 0; i < ntargets; i++) {
-    target_config *t = calloc(1, sizeof *t);
-    dc_fmt(t->name, sizeof t->name, "t%d", i);
+    char name[32];
+    dc_fmt(name, sizeof name, "t%d", i);
+    target_config *t = target_config_new(name);
     t->instances = 1;
     t->provider = inproc_provider();
     router_none_new(&t->router, &e, err);
-    target_health_default(&t->health);
     t->health.interval = 300; /* one check per step on the virtual clock */
     t->health.timeout = 2;
-    dc_strlcpy(t->tag_prefix, path, sizeof t->tag_prefix);
-    store_target_ensure(s, t->name, err);
-    lanes[i] = (lane){.e = &e, .s = s, .t = t, .st = st, .running = &running, .steps = &steps};
-    /* the first deployment of each target has nothing to canary against */
-    lanes[i].remaining = 1 + canaries / ntargets + (i < canaries % ntargets);
+    store_target_ensure(s, t->name, NULL, NULL, err);
+    targets[i] = t;
   }
-  /* warm-up: first deployments, not measured */
+  service *svc;
+  if (service_new(&svc, &e, s, targets, (size_t)ntargets, err) != DC_OK) {
+    fprintf(stderr, "%s\n", err);
+    return 1;
+  }
+  lane *lanes = calloc((size_t)ntargets, sizeof *lanes);
+  int running = 0;
+  long steps = 0;
+  for (int i = 0; i < ntargets; i++)
+    lanes[i] = (lane){.svc = svc, .target = service_target_at(svc, (size_t)i)->name, .st = st, .running = &running,
+                      .steps = &steps};
+  /* warm-up: first deployments (nothing to canary against), not measured */
   for (int i = 0; i < ntargets; i++) {
     lanes[i].remaining = 1;
     running++;
@@ -256,6 +308,8 @@ int main(int argc, char **argv) {
   while (running > 0)
     engine_run_once(&e);
   steps = 0;
+  uint64_t commits0, writes0, commits1, writes1;
+  store_stats(s, &commits0, &writes0);
   double vstart = engine_now(&e), t0 = now();
   for (int i = 0; i < ntargets; i++) {
     lanes[i].remaining = canaries / ntargets + (i < canaries % ntargets);
@@ -265,6 +319,7 @@ int main(int argc, char **argv) {
   while (running > 0)
     engine_run_once(&e);
   double wall = now() - t0, virt = engine_now(&e) - vstart;
+  store_stats(s, &commits1, &writes1);
   int failures = 0;
   for (int i = 0; i < ntargets; i++)
     failures += lanes[i].failures;
@@ -280,13 +335,21 @@ int main(int argc, char **argv) {
     ;
   double base_wall = now() - b0;
 
-  printf("engine_overhead: %d canaries (10 steps of 300 s), %d targets side by side, virtual clock\n", canaries,
-         ntargets);
+  printf("engine_overhead: %d canaries (10 steps of 300 s), %d targets side by side, virtual clock, %s store\n",
+         canaries, ntargets, store_kind(s));
   printf("rollouts: %.3f s wall for %.0f s of virtual time, %ld steps, %d failed\n", wall, virt, steps, failures);
   printf("per step: %.1f us (store, events, health check, router, step machine)\n", wall / (double)steps * 1e6);
+  printf("store: %llu transactions for %llu writes = %.3f transactions per step, %.1f writes per transaction\n",
+         (unsigned long long)(commits1 - commits0), (unsigned long long)(writes1 - writes0),
+         (double)(commits1 - commits0) / (double)steps,
+         (double)(writes1 - writes0) / (double)(commits1 - commits0 ? commits1 - commits0 : 1));
   printf("baseline: %ld bare health checks in %.3f s = %.1f us each\n", rounds, base_wall,
          base_wall / (double)rounds * 1e6);
-  printf("ratio rollouts/baseline (per health check issued): %.2fx\n", (wall / (double)rounds) / (base_wall / (double)rounds));
+  printf("ratio rollouts/baseline (per health check issued): %.2fx\n",
+         (wall / (double)rounds) / (base_wall / (double)rounds));
+  service_unref(svc);
+  store_unref(s);
+  strategy_free(st);
   char cmd[300];
   dc_fmt(cmd, sizeof cmd, "rm -rf %s", dir);
   if (system(cmd) != 0)

@@ -3,9 +3,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "bindings.h"
-#include "lsched.h"
+#include "lhealth.h"
+
 #include "health.h"
+#include "lsched.h"
+#include "lutil.h"
 #include "util.h"
 
 typedef struct check_ctx {

@@ -10,15 +10,24 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "bindings.h"
-#include "run.h"
 #include "lsched.h"
+
+#include "lutil.h"
+#include "rollout.h"
 #include "util.h"
 
 #define SCHED_KEY "deploy.Scheduler"
 
+typedef struct deferred {
+  void (*fn)(lua_State *L, void *payload);
+  void *payload;
+  struct deferred *next;
+} deferred;
+
 struct lsched {
   ltask *ready_head, *ready_tail;
+  deferred *defer_head, *defer_tail;
+  int deferring;       /* a deferred call runs (and may be waiting) */
   lua_State *running;  /* the thread now driving the loop (for callbacks) */
   int in_callback;     /* inside engine_run_once */
 };
@@ -157,8 +166,42 @@ static void resume(lua_State *L, ltask *t) {
 }
 
 
+int lsched_defer(lua_State *L, void (*fn)(lua_State *L, void *payload), void *payload) {
+  lsched *s = sched_get(L);
+  deferred *d = malloc(sizeof *d);
+  if (!d)
+    return -1;
+  d->fn = fn;
+  d->payload = payload;
+  d->next = NULL;
+  if (s->defer_tail)
+    s->defer_tail->next = d;
+  else
+    s->defer_head = d;
+  s->defer_tail = d;
+  return 0;
+}
+
+/* Deferred calls first (events reach their handlers before the tasks that
+ * wait for the deployment hear that it ended). */
+static void run_deferred(lua_State *L, lsched *s) {
+  if (s->deferring)
+    return;
+  s->deferring = 1;
+  while (s->defer_head) {
+    deferred *d = s->defer_head;
+    s->defer_head = d->next;
+    if (!s->defer_head)
+      s->defer_tail = NULL;
+    d->fn(L, d->payload);
+    free(d);
+  }
+  s->deferring = 0;
+}
+
 void lsched_run_ready(lua_State *L) {
   lsched *s = sched_get(L);
+  run_deferred(L, s);
   while (s->ready_head) {
     ltask *t = s->ready_head;
     s->ready_head = t->next;
@@ -196,12 +239,12 @@ void lsched_block(lua_State *L, volatile int *flag) {
       /* Ctrl-C: back to the old version, safely; again: still the same
        * abort, never a half-done state. */
       seen = dc_interrupts;
-      lrun_interrupt_all("interrupted by the operator (SIGINT/SIGTERM)");
+      rollout_abort_all("interrupted by the operator (SIGINT/SIGTERM)");
     }
     s->in_callback = 1;
     int more = engine_run_once(e);
     s->in_callback = 0;
-    if (!more && !s->ready_head && !*flag) {
+    if (!more && !s->ready_head && !s->defer_head && !*flag) {
       s->running = prev;
       luaL_error(L, "deploy: nothing left to wait for (a coroutine yielded outside a deploy action?)");
     }

@@ -1,4 +1,4 @@
-/* Coroutine tasks driven by the engine (see sched.c). */
+/* Coroutine tasks driven by the engine (see lsched.c). */
 #ifndef DEPLOY_SCHED_H
 #define DEPLOY_SCHED_H
 
@@ -46,5 +46,14 @@ void lsched_check_can_wait(lua_State *L);
 /* Waits until *flag: yields when L is a task (the completion must call
  * lsched_ready on it), else runs the loop. Then returns k(L, LUA_OK, ctx). */
 int lsched_await(lua_State *L, volatile int *flag, lua_KContext ctx, lua_KFunction k);
+/* Calls fn(L, payload) at the scheduler's next chance, outside any loop
+ * callback (so fn may wait), in the order they were deferred, one at a
+ * time: a deferred call that waits never sees the next one run inside its
+ * wait. -1 when out of memory (fn will not run). */
+int lsched_defer(lua_State *L, void (*fn)(lua_State *L, void *payload), void *payload);
+
+/* Runs the loop until *flag becomes nonzero, resuming tasks whose waits
+ * completed meanwhile. Raises when called from inside an event handler. */
+void lsched_block(lua_State *L, volatile int *flag);
 
 #endif

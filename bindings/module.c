@@ -1,169 +1,21 @@
-/* require "deploy": the module table, and the engine that every manager,
- * health check and strategy of this Lua state shares. */
+/* require "deploy": the module table, made of the classes' register
+ * functions, and the few module-level functions (sleep, now, _host,
+ * router_weights). */
 #include <stdlib.h>
 #include <string.h>
 
-#include "bindings.h"
-#include "router.h"
-#include "run.h"
+#include "ldeployment.h"
+#include "lgitops.h"
+#include "lhealth.h"
+#include "lmanager.h"
+#include "lparallel.h"
 #include "lsched.h"
+#include "lstrategy.h"
+#include "lutil.h"
+#include "router.h"
 #include "util.h"
 
-typedef struct lengine {
-  engine e;
-  int open;
-} lengine;
-
-static int engine_gc(lua_State *L) {
-  lengine *le = luaL_checkudata(L, 1, ENGINE_MT);
-  if (le->open) {
-    le->open = 0;
-    engine_close(&le->e);
-  }
-  return 0;
-}
-
-engine *lengine_get(lua_State *L) {
-  if (lua_getfield(L, LUA_REGISTRYINDEX, ENGINE_MT ".instance") == LUA_TUSERDATA) {
-    lengine *le = lua_touserdata(L, -1);
-    lua_pop(L, 1);
-    return &le->e;
-  }
-  lua_pop(L, 1);
-  lengine *le = lua_newuserdatauv(L, sizeof *le, 0);
-  memset(le, 0, sizeof *le);
-  if (luaL_newmetatable(L, ENGINE_MT)) {
-    lua_pushcfunction(L, engine_gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_setmetatable(L, -2);
-  if (engine_init(&le->e, 0) != 0)
-    luaL_error(L, "deploy: cannot initialise the event loop");
-  le->open = 1;
-  lua_setfield(L, LUA_REGISTRYINDEX, ENGINE_MT ".instance");
-  return &le->e;
-}
-
-void lcheck_keys(lua_State *L, int idx, const char *const *allowed, const char *fmt) {
-  idx = lua_absindex(L, idx);
-  lua_pushnil(L);
-  while (lua_next(L, idx)) {
-    int known = 0;
-    if (lua_type(L, -2) == LUA_TSTRING)
-      for (const char *const *a = allowed; *a; a++)
-        known |= strcmp(*a, lua_tostring(L, -2)) == 0;
-    if (!known) {
-      char list[512] = "", key[128], msg[DC_ERR_MAX];
-      size_t len = 0;
-      for (const char *const *a = allowed; *a && len < sizeof list; a++)
-        len += (size_t)snprintf(list + len, sizeof list - len, "%s%s", len ? ", " : "", *a);
-      dc_strlcpy(key, lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : luaL_typename(L, -2), sizeof key);
-      dc_fmt(msg, sizeof msg, fmt, key, list);
-      lerror(L, msg);
-    }
-    lua_pop(L, 1);
-  }
-}
-
-void lset_string(lua_State *L, const char *key, const char *v) {
-  lua_pushstring(L, v);
-  lua_setfield(L, -2, key);
-}
-
-void lset_integer(lua_State *L, const char *key, lua_Integer v) {
-  lua_pushinteger(L, v);
-  lua_setfield(L, -2, key);
-}
-
-void lset_number(lua_State *L, const char *key, lua_Number v) {
-  lua_pushnumber(L, v);
-  lua_setfield(L, -2, key);
-}
-
-void lset_boolean(lua_State *L, const char *key, int v) {
-  lua_pushboolean(L, v);
-  lua_setfield(L, -2, key);
-}
-
-void lpush_number(lua_State *L, double v) {
-  if (v == (double)(lua_Integer)v && v > -1e15 && v < 1e15)
-    lua_pushinteger(L, (lua_Integer)v);
-  else
-    lua_pushnumber(L, v);
-}
-
-int lerror(lua_State *L, const char *msg) {
-  lua_pushstring(L, msg);
-  return lua_error(L);
-}
-
-char *ljson_encode(lua_State *L, int idx, const char *what) {
-  idx = lua_absindex(L, idx);
-  if (lua_isnoneornil(L, idx))
-    return NULL;
-  lua_getglobal(L, "require");
-  lua_pushliteral(L, "cjson");
-  lua_call(L, 1, 1);
-  lua_getfield(L, -1, "encode");
-  lua_pushvalue(L, idx);
-  if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
-    char msg[DC_ERR_MAX];
-    dc_fmt(msg, sizeof msg, "deploy: %s cannot be stored as JSON (%s): use strings, numbers, booleans and tables",
-           what, lua_tostring(L, -1));
-    lua_pop(L, 2);
-    lerror(L, msg);
-  }
-  size_t len;
-  const char *s = lua_tolstring(L, -1, &len);
-  if (len > 64 * 1024) {
-    lua_pop(L, 2);
-    lerror(L, "deploy: metadata is larger than 64 KiB once encoded as JSON: keep it small");
-  }
-  char *copy = strdup(s);
-  lua_pop(L, 2);
-  return copy;
-}
-
-/* lua-cjson decodes every number as a float; integral ones become
- * integers again, so 30 reads back as 30, not 30.0. */
-static void integers(lua_State *L, int idx, int depth) {
-  if (depth > 32)
-    return;
-  idx = lua_absindex(L, idx);
-  lua_pushnil(L);
-  while (lua_next(L, idx)) {
-    if (lua_type(L, -1) == LUA_TNUMBER && !lua_isinteger(L, -1)) {
-      double v = lua_tonumber(L, -1);
-      if (v == (double)(lua_Integer)v && v > -1e15 && v < 1e15) {
-        lua_pushvalue(L, -2);
-        lua_pushinteger(L, (lua_Integer)v);
-        lua_rawset(L, idx);
-      }
-    } else if (lua_type(L, -1) == LUA_TTABLE) {
-      integers(L, -1, depth + 1);
-    }
-    lua_pop(L, 1);
-  }
-}
-
-void ljson_decode(lua_State *L, const char *json) {
-  if (!json) {
-    lua_pushnil(L);
-    return;
-  }
-  lua_getglobal(L, "require");
-  lua_pushliteral(L, "cjson");
-  lua_call(L, 1, 1);
-  lua_getfield(L, -1, "decode");
-  lua_remove(L, -2);
-  lua_pushstring(L, json);
-  if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
-    lua_pop(L, 1);
-    lua_pushnil(L);
-  } else if (lua_istable(L, -1)) {
-    integers(L, -1, 0);
-  }
-}
+#define DEPLOY_VERSION "0.1.0"
 
 typedef struct sleep_wait {
   int fired, awaiting;
@@ -247,23 +99,20 @@ static int deploy_host(lua_State *L) {
 }
 
 int luaopen_deploy(lua_State *L) {
+  static const luaL_Reg functions[] = {{"sleep", deploy_sleep},
+                                       {"now", deploy_now},
+                                       {"_host", deploy_host},
+                                       {"router_weights", deploy_router_weights},
+                                       {NULL, NULL}};
   lengine_get(L);
-  lua_newtable(L);
+  luaL_newlib(L, functions);
   lua_pushliteral(L, DEPLOY_VERSION);
   lua_setfield(L, -2, "_VERSION");
   lstrategy_register(L);
   lmanager_register(L);
   lhealth_register(L);
-  lrun_register(L);
+  ldeployment_register(L);
   lparallel_register(L);
   lgitops_register(L);
-  lua_pushcfunction(L, deploy_sleep);
-  lua_setfield(L, -2, "sleep");
-  lua_pushcfunction(L, deploy_now);
-  lua_setfield(L, -2, "now");
-  lua_pushcfunction(L, deploy_host);
-  lua_setfield(L, -2, "_host");
-  lua_pushcfunction(L, deploy_router_weights);
-  lua_setfield(L, -2, "router_weights");
   return 1;
 }

@@ -36,7 +36,7 @@ static void on_signal(int sig) {
     signal(sig, SIG_DFL);
     raise(sig);
   }
-  if (!dc_rollouts_waiting)
+  if (!dc_interrupt_owners)
     lua_sethook(global_L, interrupted_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
   else if (engine_wake_handle)
     uv_async_send(engine_wake_handle);

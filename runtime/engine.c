@@ -1,9 +1,9 @@
 #include "engine.h"
 
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "http.h"
 #include "util.h"
 
 struct engine_timer {
@@ -115,7 +115,18 @@ uv_async_t *volatile engine_wake_handle;
 
 static void woken(uv_async_t *h) { (void)h; }
 
+/* A peer that closes a socket while we write to it (HAProxy restarting
+ * mid-command) must be an error the caller handles, never the death of the
+ * process: libuv writes to Unix sockets with write(2), which raises
+ * SIGPIPE. A host that chose its own disposition keeps it. */
+static void ignore_sigpipe(void) {
+  struct sigaction old;
+  if (sigaction(SIGPIPE, NULL, &old) == 0 && old.sa_handler == SIG_DFL)
+    signal(SIGPIPE, SIG_IGN);
+}
+
 int engine_init(engine *e, int virtual_clock) {
+  ignore_sigpipe();
   memset(e, 0, sizeof *e);
   e->loop = malloc(sizeof *e->loop);
   if (!e->loop || uv_loop_init(e->loop) != 0) {
@@ -145,7 +156,7 @@ void engine_close(engine *e) {
   if (!e->loop)
     return;
   if (e->http) {
-    http_free(e->http);
+    e->http_free(e->http);
     e->http = NULL;
   }
   for (size_t i = 0; i < e->heap_len; i++)
@@ -262,10 +273,4 @@ void engine_release(engine *e) {
 
 int engine_run_once(engine *e) {
   return uv_run(e->loop, UV_RUN_ONCE);
-}
-
-struct http *engine_http(engine *e) {
-  if (!e->http)
-    e->http = http_new(e->loop);
-  return e->http;
 }

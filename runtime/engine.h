@@ -15,7 +15,6 @@ typedef struct engine engine;
 typedef struct engine_timer engine_timer;
 typedef void (*engine_timer_cb)(void *payload);
 
-struct http;
 
 struct engine {
   uv_loop_t *loop;
@@ -26,7 +25,8 @@ struct engine {
   uint64_t seq;                /* ties between equal due times keep FIFO order */
   uv_idle_t vidle;             /* fires the earliest virtual timer */
   int vidle_active;
-  struct http *http;           /* libcurl multi driven by this loop (lazy) */
+  void *http;                  /* the HTTP module's client on this loop (made on first use) */
+  void (*http_free)(void *http);
   int holds;                   /* real work in flight that the virtual clock waits for */
   uv_async_t wake;             /* woken by signal handlers (uv_async_send is async-signal-safe) */
   struct engine_timer *pending;/* real timers not yet fired */
@@ -63,8 +63,5 @@ void engine_release(engine *e);
 /* Run one iteration of the loop (blocking for I/O if there is nothing else
  * to do). Returns 0 when the loop has no more work. */
 int engine_run_once(engine *e);
-
-/* The libcurl multi handle bound to this loop, created on first use. */
-struct http *engine_http(engine *e);
 
 #endif

@@ -1,7 +1,10 @@
+/* The git module (deploy-git.so): fetching with libgit2 into a bare
+ * cache, reading manifests straight from git objects. Loaded on first use
+ * (runtime/module.c), so that commands which never touch git never load
+ * libgit2 and the libraries it pulls in; the core reaches it through
+ * deploy_git_api only. */
 #include "gitops.h"
-#include "rollout.h"
 
-#include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,6 +58,8 @@ struct gitops {
   gitops_stats stats;
 };
 
+static void gm_update_clear(gitops_update *u);
+
 /* ---- libgit2, once per process ---- */
 
 static pthread_once_t git_once = PTHREAD_ONCE_INIT;
@@ -64,12 +69,8 @@ static int git_init_rc;
  * certificates (a private CA, a self-signed test server) instead of the
  * system's. */
 static void init_libgit2(void) {
-  /* This code (and with it libgit2 and libuv) stays loaded for good: a
-   * fetch may still run on a pool thread when the Lua state that loaded
-   * deploy.so closes and unloads it. */
-  Dl_info self;
-  if (dladdr((void *)gitops_open, &self) && self.dli_fname)
-    dlopen(self.dli_fname, RTLD_NOW | RTLD_NODELETE | RTLD_NOLOAD);
+  /* The module stays loaded for good (RTLD_NODELETE, see module.c): a
+   * fetch may still run on a pool thread when its owner goes away. */
   git_init_rc = git_libgit2_init();
   const char *file = getenv("GIT_SSL_CAINFO");
   const char *dir = getenv("GIT_SSL_CAPATH");
@@ -144,7 +145,7 @@ static int scheme_is_http(const char *url, size_t len) {
   return (len == 4 && strncmp(url, "http", 4) == 0) || (len == 5 && strncmp(url, "https", 5) == 0);
 }
 
-void gitops_redact_url(char *dst, size_t size, const char *url) {
+static void gm_redact_url(char *dst, size_t size, const char *url) {
   url_parts p;
   url_split(url, &p);
   if (!p.info) {
@@ -168,7 +169,7 @@ static void parse_url(gitops *g, const char *url) {
   url_parts p;
   url_split(url, &p);
   dc_strlcpy(g->given, url, sizeof g->given);
-  gitops_redact_url(g->redacted, sizeof g->redacted, url);
+  gm_redact_url(g->redacted, sizeof g->redacted, url);
   g->http = scheme_is_http(url, p.scheme_len);
   if (!p.info) {
     dc_strlcpy(g->url, url, sizeof g->url);
@@ -206,7 +207,7 @@ static void replace_all(char *text, size_t size, const char *needle) {
   }
 }
 
-void gitops_redact(const gitops *g, char *text, size_t size) {
+static void gm_redact(const gitops *g, char *text, size_t size) {
   if (!g || !text || size < 4)
     return;
   /* The whole URL first, so that what remains is its redacted form. */
@@ -296,11 +297,11 @@ static int open_cache(gitops *g, char *err) {
     return 0;
   dc_fmt(err, DC_ERR_MAX, "deploy: GitOpsSynchronizer: cannot create the cache repository %s: %s: check that the "
                           "directory is writable, or remove it if it is damaged", g->cache, git_msg());
-  gitops_redact(g, err, DC_ERR_MAX);
+  gm_redact(g, err, DC_ERR_MAX);
   return -1;
 }
 
-int gitops_open(gitops **out, engine *e, const gitops_opts *o, char *err) {
+static int gm_open(gitops **out, engine *e, const gitops_opts *o, char *err) {
   *out = NULL;
   pthread_once(&git_once, init_libgit2);
   if (git_init_rc < 0) {
@@ -337,11 +338,11 @@ int gitops_open(gitops **out, engine *e, const gitops_opts *o, char *err) {
 
 static void destroy(gitops *g) {
   git_repository_free(g->repo);
-  gitops_update_clear(&g->upd);
+  gm_update_clear(&g->upd);
   free(g);
 }
 
-void gitops_free(gitops *g) {
+static void gm_free(gitops *g) {
   if (!g)
     return;
   if (g->busy) {
@@ -352,15 +353,15 @@ void gitops_free(gitops *g) {
   destroy(g);
 }
 
-const char *gitops_url(const gitops *g) { return g->redacted; }
-const char *gitops_branch(const gitops *g) { return g->branch; }
-const char *gitops_path(const gitops *g) { return g->path; }
-const char *gitops_cache(const gitops *g) { return g->cache; }
-const gitops_stats *gitops_last_stats(const gitops *g) { return &g->stats; }
-int gitops_busy(const gitops *g) { return g->busy; }
-void gitops_cancel(gitops *g) { g->cancel = 1; }
+static const char *gm_url(const gitops *g) { return g->redacted; }
+static const char *gm_branch(const gitops *g) { return g->branch; }
+static const char *gm_path(const gitops *g) { return g->path; }
+static const char *gm_cache(const gitops *g) { return g->cache; }
+static const gitops_stats *gm_last_stats(const gitops *g) { return &g->stats; }
+static int gm_busy(const gitops *g) { return g->busy; }
+static void gm_cancel(gitops *g) { g->cancel = 1; }
 
-void gitops_update_clear(gitops_update *u) {
+static void gm_update_clear(gitops_update *u) {
   if (!u)
     return;
   for (size_t i = 0; i < u->n; i++) {
@@ -462,7 +463,7 @@ static void work_fail(gitops *g, const char *what, const char *detail, const cha
   else
     dc_fmt(g->work_err, sizeof g->work_err, "deploy: gitops: %s %s (branch %s): %s: %s", what, g->redacted,
            g->branch, detail, fix);
-  gitops_redact(g, g->work_err, sizeof g->work_err);
+  gm_redact(g, g->work_err, sizeof g->work_err);
 }
 
 static void list_branches(const git_remote_head **heads, size_t n, char *buf, size_t size) {
@@ -747,7 +748,7 @@ static void fetch_work(uv_work_t *w) {
   if (fetch_branch(g, &tip) != 0 || read_update(g, &tip) != 0) {
     /* Nothing half-read is delivered: the next update starts again from
      * the last one the owner saw. */
-    gitops_update_clear(&g->upd);
+    gm_update_clear(&g->upd);
     g->have_snap = had_snap;
     g->snap_commit = snap_commit;
     g->snap_tree = snap_tree;
@@ -769,7 +770,7 @@ static void fetch_done(uv_work_t *w, int status) {
   char err[DC_ERR_MAX];
   dc_strlcpy(err, g->work_err, sizeof err);
   cb(payload, err[0] ? NULL : &g->upd, err[0] ? err : NULL);
-  gitops_update_clear(&g->upd);
+  gm_update_clear(&g->upd);
 }
 
 static void read_credentials(gitops *g) {
@@ -781,7 +782,7 @@ static void read_credentials(gitops *g) {
   dc_strlcpy(g->ssh_key, key ? key : "", sizeof g->ssh_key);
 }
 
-int gitops_fetch(gitops *g, gitops_fetch_cb cb, void *payload, char *err) {
+static int gm_fetch(gitops *g, gitops_fetch_cb cb, void *payload, char *err) {
   if (g->busy) {
     dc_fmt(err, DC_ERR_MAX, "deploy: gitops: a fetch of %s is already running: wait for it", g->redacted);
     return -1;
@@ -792,7 +793,7 @@ int gitops_fetch(gitops *g, gitops_fetch_cb cb, void *payload, char *err) {
   g->work_err[0] = '\0';
   g->cancel = 0;
   memset(&g->stats, 0, sizeof g->stats);
-  gitops_update_clear(&g->upd);
+  gm_update_clear(&g->upd);
   g->cb = cb;
   g->payload = payload;
   g->work.data = g;
@@ -804,461 +805,19 @@ int gitops_fetch(gitops *g, gitops_fetch_cb cb, void *payload, char *err) {
   return 0;
 }
 
-/* ---- provenance: the gitops part of a deployment's metadata ---- */
 
-static const char *const prov_keys[] = {"revision", "file", "repo", "branch", "path", "blob"};
+/* ---- the module's one entry point ---- */
 
-static char *prov_field(gitops_provenance *p, size_t i, size_t *size) {
-  char *const fields[] = {p->revision, p->file, p->repo, p->branch, p->path, p->blob};
-  const size_t sizes[] = {sizeof p->revision, sizeof p->file, sizeof p->repo,
-                          sizeof p->branch,   sizeof p->path, sizeof p->blob};
-  *size = sizes[i];
-  return fields[i];
-}
-
-char *gitops_metadata_json(const gitops_provenance *p, const char *user_json) {
-  size_t ulen = user_json ? strlen(user_json) : 0;
-  size_t cap = ulen + 6 * 2 * 1100 + 64;
-  char *out = malloc(cap);
-  if (!out)
-    return NULL;
-  size_t len = (size_t)snprintf(out, cap, "{\"gitops\":{");
-  for (size_t i = 0; i < 6; i++) {
-    size_t fsize;
-    char value[2 * 1100];
-    dc_json_string(value, sizeof value, prov_field((gitops_provenance *)p, i, &fsize));
-    len += (size_t)snprintf(out + len, cap - len, "%s\"%s\":%s", i ? "," : "", prov_keys[i], value);
-  }
-  /* The manifest's own metadata object follows, its braces merged. */
-  const char *inner = user_json ? user_json + strspn(user_json, " \t\r\n") : "";
-  if (*inner == '{')
-    inner += 1 + strspn(inner + 1, " \t\r\n");
-  if (*inner && *inner != '}')
-    snprintf(out + len, cap - len, "},%s", inner);
-  else
-    snprintf(out + len, cap - len, "}}");
-  return out;
-}
-
-static void put_utf8(char *dst, size_t size, size_t *o, unsigned cp) {
-  unsigned char b[4];
-  size_t n;
-  if (cp < 0x80) {
-    b[0] = (unsigned char)cp;
-    n = 1;
-  } else if (cp < 0x800) {
-    b[0] = (unsigned char)(0xc0 | (cp >> 6));
-    b[1] = (unsigned char)(0x80 | (cp & 0x3f));
-    n = 2;
-  } else {
-    b[0] = (unsigned char)(0xe0 | (cp >> 12));
-    b[1] = (unsigned char)(0x80 | ((cp >> 6) & 0x3f));
-    b[2] = (unsigned char)(0x80 | (cp & 0x3f));
-    n = 3;
-  }
-  for (size_t i = 0; i < n && *o + 1 < size; i++)
-    dst[(*o)++] = (char)b[i];
-}
-
-/* Reads a JSON string at *pp (at its opening quote) into dst; advances
- * past the closing quote. -1 when it is not a well-formed string. */
-static int read_json_string(const char **pp, char *dst, size_t size) {
-  const char *p = *pp;
-  size_t o = 0;
-  if (*p++ != '"')
-    return -1;
-  while (*p && *p != '"') {
-    unsigned cp = (unsigned char)*p++;
-    if (cp == '\\') {
-      char c = *p++;
-      const char *simple = strchr("\"\\/bfnrt", c);
-      if (!c || (!simple && c != 'u'))
-        return -1;
-      if (c == 'u') {
-        cp = 0;
-        for (int i = 0; i < 4; i++) {
-          int h = hexval(*p++);
-          if (h < 0)
-            return -1;
-          cp = cp * 16 + (unsigned)h;
-        }
-      } else {
-        cp = (unsigned char)"\"\\/\b\f\n\r\t"[simple - "\"\\/bfnrt"];
-      }
-    }
-    put_utf8(dst, size, &o, cp);
-  }
-  if (*p != '"')
-    return -1;
-  dst[o] = '\0';
-  *pp = p + 1;
-  return 0;
-}
-
-static const char *skip_ws(const char *p) { return p + strspn(p, " \t\r\n"); }
-
-/* Skips one JSON value of any kind; NULL when it is malformed. */
-static const char *skip_value(const char *p) {
-  p = skip_ws(p);
-  if (*p == '"') {
-    const char *q = p + 1;
-    while (*q && *q != '"')
-      q += *q == '\\' && q[1] ? 2 : 1;
-    return *q ? q + 1 : NULL;
-  }
-  if (*p == '{' || *p == '[') {
-    int depth = 0;
-    do {
-      if (*p == '"') {
-        p = skip_value(p);
-        if (!p)
-          return NULL;
-        continue;
-      }
-      depth += (*p == '{' || *p == '[') - (*p == '}' || *p == ']');
-      p++;
-    } while (*p && depth > 0);
-    return depth == 0 ? p : NULL;
-  }
-  size_t n = strcspn(p, ",}] \t\r\n");
-  return n ? p + n : NULL;
-}
-
-/* Reads the "gitops" object: string values only, any order. */
-static int read_provenance(const char *p, gitops_provenance *out) {
-  char key[32];
-  if (*(p = skip_ws(p)) != '{')
-    return -1;
-  p = skip_ws(p + 1);
-  while (*p == '"') {
-    char value[1100], *field = NULL;
-    size_t fsize = 0;
-    if (read_json_string(&p, key, sizeof key) != 0 || *(p = skip_ws(p)) != ':')
-      return -1;
-    p = skip_ws(p + 1);
-    if (read_json_string(&p, value, sizeof value) != 0)
-      return -1;
-    for (size_t i = 0; i < 6; i++)
-      if (strcmp(key, prov_keys[i]) == 0)
-        field = prov_field(out, i, &fsize);
-    if (field)
-      dc_strlcpy(field, value, fsize);
-    p = skip_ws(p);
-    if (*p == ',')
-      p = skip_ws(p + 1);
-  }
-  return *p == '}' && out->revision[0] ? 0 : -1;
-}
-
-/* The metadata may have been re-encoded on its way to the store (keys in
- * any order, "/" escaped): the top-level object is walked for its "gitops"
- * key. The runtime has no JSON parser and needs none for its own fields. */
-int gitops_provenance_read(const char *json, gitops_provenance *out) {
-  char key[64];
-  memset(out, 0, sizeof *out);
-  const char *p = json ? skip_ws(json) : NULL;
-  if (!p || *p++ != '{')
-    return -1;
-  for (p = skip_ws(p); *p == '"'; p = skip_ws(p)) {
-    if (read_json_string(&p, key, sizeof key) != 0 || *(p = skip_ws(p)) != ':')
-      return -1;
-    p = skip_ws(p + 1);
-    if (strcmp(key, "gitops") == 0)
-      return read_provenance(p, out);
-    if (!(p = skip_value(p)))
-      return -1;
-    p = skip_ws(p);
-    if (*p == ',')
-      p++;
-  }
-  return -1;
-}
-
-/* ---- the plan ---- */
-
-const char *gitops_change_kind_name(gitops_change_kind k) {
-  return k == GITOPS_CREATE ? "create" : k == GITOPS_UPDATE ? "update" : "delete";
-}
-
-typedef struct history_scan {
-  const char *repo, *path, *blob;
-  int n;
-  /* pin: the newest row, and the row it rolled back from */
-  int pinned;
-  char rolled_from[129];
-  int is_rollback;
-  char pinned_revision[GITOPS_OID_HEX];
-  /* delete: the last row this repository and path made */
-  int managed;
-  char file[512];
-} history_scan;
-
-static int same_source(const gitops_provenance *p, const history_scan *h) {
-  return strcmp(p->repo, h->repo) == 0 && strcmp(p->path, h->path) == 0;
-}
-
-/* Newest first. A manual rollback pins the target when the deployment it
- * rolled back from was made by this repository with the manifest blob git
- * still wants: git has not moved on for that target. */
-static int scan_pin(void *payload, const store_deployment *d) {
-  history_scan *h = payload;
-  gitops_provenance p;
-  int from_git = gitops_provenance_read(d->metadata, &p) == 0;
-  if (h->n++ == 0) {
-    h->is_rollback = strcmp(d->kind, "rollback") == 0 && strcmp(d->status, "succeeded") == 0 && !from_git;
-    dc_strlcpy(h->rolled_from, d->from_version, sizeof h->rolled_from);
-    return !h->is_rollback;
-  }
-  if (strcmp(d->version, h->rolled_from) != 0 || strcmp(d->status, "succeeded") != 0)
-    return 0;
-  if (from_git && same_source(&p, h) && strcmp(p.blob, h->blob) == 0) {
-    h->pinned = 1;
-    dc_strlcpy(h->pinned_revision, p.revision, sizeof h->pinned_revision);
-  }
-  return 1;
-}
-
-static int scan_managed(void *payload, const store_deployment *d) {
-  history_scan *h = payload;
-  gitops_provenance p;
-  if (gitops_provenance_read(d->metadata, &p) != 0 || !same_source(&p, h))
-    return 0;
-  h->managed = 1;
-  dc_strlcpy(h->file, p.file, sizeof h->file);
-  return 1;
-}
-
-static long find_want(const gitops_want *wants, size_t n, const char *target) {
-  for (size_t i = 0; i < n; i++)
-    if (strcmp(wants[i].target, target) == 0)
-      return (long)i;
-  return -1;
-}
-
-/* Fills c for one target; c->target[0] stays "" when nothing differs. */
-static int plan_target(store *s, const char *repo, const char *path, const char *target, const gitops_want *wants,
-                       size_t nwants, gitops_change *c, char *err) {
-  store_target tg;
-  memset(c, 0, sizeof *c);
-  if (store_target_get(s, target, &tg, err) != 0)
-    return -1;
-  long w = find_want(wants, nwants, target);
-  history_scan h = {.repo = repo, .path = path, .blob = w >= 0 ? wants[w].blob : ""};
-  if (w >= 0 && strcmp(tg.current_version, wants[w].version) == 0)
-    return 0;
-  if (w < 0) {
-    if (!tg.current_version[0])
-      return 0; /* nothing live, nothing wanted */
-    if (store_history(s, target, 0, scan_managed, &h, err) != 0)
-      return -1;
-    if (!h.managed)
-      return 0; /* deployed by other means: not ours to delete */
-    c->kind = GITOPS_DELETE;
-    dc_strlcpy(c->file, h.file, sizeof c->file);
-  } else {
-    c->kind = tg.current_version[0] ? GITOPS_UPDATE : GITOPS_CREATE;
-    dc_strlcpy(c->to, wants[w].version, sizeof c->to);
-    dc_strlcpy(c->file, wants[w].file, sizeof c->file);
-    if (c->kind == GITOPS_UPDATE && store_history(s, target, 0, scan_pin, &h, err) != 0)
-      return -1;
-    c->pinned = h.pinned;
-    dc_strlcpy(c->pinned_revision, h.pinned_revision, sizeof c->pinned_revision);
-  }
-  c->want = w;
-  dc_strlcpy(c->target, target, sizeof c->target);
-  dc_strlcpy(c->from, tg.current_version, sizeof c->from);
-  return 0;
-}
-
-static int by_target(const void *a, const void *b) {
-  return strcmp(((const gitops_change *)a)->target, ((const gitops_change *)b)->target);
-}
-
-int gitops_plan(store *s, const char *repo, const char *path, const char *const *targets, size_t ntargets,
-                const gitops_want *wants, size_t nwants, gitops_change **out, size_t *nout, char *err) {
-  gitops_change *list = calloc(ntargets + 1, sizeof *list);
-  size_t n = 0;
-  *out = NULL;
-  *nout = 0;
-  if (!list) {
-    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
-    return -1;
-  }
-  for (size_t i = 0; i < ntargets; i++) {
-    if (plan_target(s, repo, path, targets[i], wants, nwants, &list[n], err) != 0) {
-      free(list);
-      return -1;
-    }
-    if (list[n].target[0])
-      n++;
-  }
-  qsort(list, n, sizeof *list, by_target);
-  *out = list;
-  *nout = n;
-  return 0;
-}
-
-/* ---- prune: stop a target whose manifest is gone ---- */
-
-typedef struct prune {
-  engine *e;
-  store *s;
-  target_config *t;
-  char id[48];
-  char from[129];
-  double started;
-  gitops_prune_cb cb;
-  void *payload;
-  rollout_event_cb on_event;
-  void *event_payload;
-  store_instance *insts;
-  size_t n;
-  int pending;
-  char err[DC_ERR_MAX];
-} prune;
-
-static void prune_emit(prune *p, const char *kind, const char *data_json) {
-  rollout_record_event(p->s, engine_now(p->e), p->id, p->t->name, kind, data_json, p->on_event, p->event_payload);
-}
-
-/* Promoted with version "": nothing is live any more, and the pruned
- * version becomes the previous one. */
-static void prune_finish(prune *p) {
-  char err[DC_ERR_MAX], errors[DC_ERR_MAX + 8], data[128];
-  int ok = p->err[0] == '\0';
-  double now = engine_now(p->e);
-  if (!ok) {
-    char item[DC_ERR_MAX];
-    dc_json_string(item, sizeof item, p->err);
-    dc_fmt(errors, sizeof errors, "[%s]", item);
-  }
-  if (store_deployment_finish(p->s, p->id, ok ? "succeeded" : "failed", ok ? NULL : errors, now, now - p->started,
-                              ok, "deployed", ok ? "unhealthy" : NULL, err) != 0 && ok) {
-    dc_strlcpy(p->err, err, sizeof p->err);
-    ok = 0;
-  }
-  dc_fmt(data, sizeof data, "{\"success\":%s,\"duration\":%.3f}", ok ? "true" : "false", now - p->started);
-  prune_emit(p, "finished", data);
-  p->cb(p->payload, ok, ok ? NULL : p->err);
-  free(p->insts);
-  free(p);
-}
-
-typedef struct prune_stop {
-  prune *p;
-  store_instance inst;
-} prune_stop;
-
-static void prune_stopped(void *payload, const char *err) {
-  prune_stop *ps = payload;
-  prune *p = ps->p;
-  char e2[DC_ERR_MAX], data[256];
-  if (err && !p->err[0])
-    dc_strlcpy(p->err, err, sizeof p->err);
-  if (!err)
-    store_instance_delete(p->s, ps->inst.id, e2);
-  dc_fmt(data, sizeof data, "{\"version\":\"%s\",\"instance\":%d,\"pid\":%d,\"port\":%d}", ps->inst.version,
-         ps->inst.idx, ps->inst.pid, ps->inst.port);
-  prune_emit(p, "instance_stopped", data);
-  free(ps);
-  if (--p->pending == 0)
-    prune_finish(p);
-}
-
-static int collect_instance(void *payload, const store_instance *in) {
-  prune *p = payload;
-  store_instance *grown = realloc(p->insts, (p->n + 1) * sizeof *grown);
-  if (!grown)
-    return 1;
-  p->insts = grown;
-  p->insts[p->n++] = *in;
-  return 0;
-}
-
-/* The router serves none of ours any more: stop every instance. */
-static void prune_routed(void *payload, const char *err) {
-  prune *p = payload;
-  char e2[DC_ERR_MAX];
-  if (err) {
-    dc_fmt(p->err, sizeof p->err, "deploy: cannot take '%s' out of its router: %s", p->t->name, err);
-    prune_finish(p);
-    return;
-  }
-  p->pending = 1; /* held until every stop is issued */
-  for (size_t i = 0; i < p->n; i++) {
-    prune_stop *ps = calloc(1, sizeof *ps);
-    if (!ps)
-      continue;
-    ps->p = p;
-    ps->inst = p->insts[i];
-    p->pending++;
-    if (p->t->provider->stop(p->t->provider, &p->insts[i], prune_stopped, ps, e2) != 0) {
-      dc_strlcpy(p->err, e2, sizeof p->err);
-      free(ps);
-      p->pending--;
-    }
-  }
-  if (--p->pending == 0)
-    prune_finish(p);
-}
-
-/* Runs from the loop, so cb never runs inside gitops_target_prune. */
-static void prune_begin(void *payload) {
-  prune *p = payload;
-  char err[DC_ERR_MAX];
-  if (store_instances(p->s, p->t->name, collect_instance, p, err) != 0) {
-    dc_strlcpy(p->err, err, sizeof p->err);
-    prune_finish(p);
-    return;
-  }
-  if (p->t->router->apply(p->t->router, NULL, 0, prune_routed, p, err) != 0)
-    prune_routed(p, err);
-}
-
-static void prune_row(prune *p, const gitops_prune_opts *o, store_deployment *d) {
-  memset(d, 0, sizeof *d);
-  dc_strlcpy(d->id, p->id, sizeof d->id);
-  dc_strlcpy(d->target, p->t->name, sizeof d->target);
-  dc_strlcpy(d->from_version, p->from, sizeof d->from_version);
-  dc_strlcpy(d->kind, "deploy", sizeof d->kind);
-  dc_strlcpy(d->strategy, "prune", sizeof d->strategy);
-  dc_strlcpy(d->status, "running", sizeof d->status);
-  d->created_at = p->started;
-  d->metadata = (char *)o->metadata_json;
-  d->owner_pid = (int)getpid();
-  d->owner_start = dc_proc_start_time(d->owner_pid);
-  gethostname(d->owner_host, sizeof d->owner_host - 1);
-  dc_whoami(d->user, sizeof d->user);
-}
-
-int gitops_target_prune(engine *e, store *s, target_config *t, const gitops_prune_opts *o, gitops_prune_cb cb,
-                        void *payload, char *err) {
-  store_target tg;
-  store_deployment d;
-  if (store_target_get(s, t->name, &tg, err) != 0)
-    return DC_ERROR;
-  prune *p = calloc(1, sizeof *p);
-  if (!p) {
-    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
-    return DC_ERROR;
-  }
-  *p = (prune){.e = e, .s = s, .t = t, .started = engine_now(e), .cb = cb, .payload = payload,
-               .on_event = o->on_event, .event_payload = o->event_payload};
-  dc_new_id(p->id, sizeof p->id);
-  dc_strlcpy(p->from, tg.current_version, sizeof p->from);
-  prune_row(p, o, &d);
-  int rc = store_deployment_begin(s, &d, err);
-  if (rc != DC_OK) {
-    free(p);
-    return rc;
-  }
-  char data[400], from[300];
-  dc_json_string(from, sizeof from, p->from);
-  dc_fmt(data, sizeof data, "{\"kind\":\"prune\",\"from\":%s,\"version\":\"\",\"strategy\":\"prune\"}", from);
-  prune_emit(p, "started", data);
-  if (!engine_timer_start(e, 0, prune_begin, p)) {
-    dc_strlcpy(p->err, "deploy: out of memory", sizeof p->err);
-    prune_finish(p); /* cb runs here, before returning: the row must end */
-  }
-  return DC_OK;
-}
+__attribute__((visibility("default"))) const gitops_api deploy_git_api = {
+    .version = GITOPS_API_VERSION,
+    .open = gm_open,
+    .free = gm_free,
+    .url = gm_url,
+    .branch = gm_branch,
+    .path = gm_path,
+    .cache = gm_cache,
+    .last_stats = gm_last_stats,
+    .busy = gm_busy,
+    .cancel = gm_cancel,
+    .fetch = gm_fetch,
+};

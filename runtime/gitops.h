@@ -14,19 +14,18 @@
  * that leaves this file has them replaced by "***".
  *
  * The plan (gitops_plan) compares what the manifests want with what the
- * store says is live, and the prune (gitops_target_prune) stops a target
- * whose manifest is gone. Neither knows about Lua: the bindings decode and
- * validate the manifests' JSON. */
+ * store says is live. manifest.c reads the manifests, gitsync.c runs
+ * syncs and watches on top of both. */
 #ifndef DEPLOY_GITOPS_H
 #define DEPLOY_GITOPS_H
 
 #include <stddef.h>
 #include <stdint.h>
 
+#include <jansson.h>
+
 #include "engine.h"
-#include "rollout.h"
 #include "store.h"
-#include "target.h"
 
 /* A manifest larger than this is refused without being read. */
 #define GITOPS_MAX_MANIFEST (1024 * 1024)
@@ -70,7 +69,6 @@ typedef struct gitops_update {
   gitops_entry *entries;
   size_t n;
 } gitops_update;
-void gitops_update_clear(gitops_update *u); /* NULL-safe; leaves it zeroed */
 
 /* Counters for benchmarks and specs: what the last update touched. */
 typedef struct gitops_stats {
@@ -93,11 +91,6 @@ const char *gitops_path(const gitops *g);   /* normalised: "" for the root */
 const char *gitops_cache(const gitops *g);  /* the cache repository's directory */
 const gitops_stats *gitops_last_stats(const gitops *g);
 
-/* Replaces every credential this handle knows of (token, password, the
- * unredacted URL) in text by "***", in place. */
-void gitops_redact(const gitops *g, char *text, size_t size);
-/* Copies url with the credentials of its user-info part replaced by "***". */
-void gitops_redact_url(char *dst, size_t size, const char *url);
 
 /* Fetches the branch on the thread pool and reads what changed. cb runs
  * once, on the loop: err is NULL on success (then u is filled; the callee
@@ -110,6 +103,24 @@ int gitops_fetch(gitops *g, gitops_fetch_cb cb, void *payload, char *err);
 /* Ask a running fetch to stop at its next progress report. */
 void gitops_cancel(gitops *g);
 int gitops_busy(const gitops *g);
+
+/* The functions above live in the git module (deploy-git.so, libgit2),
+ * loaded on first use; this is its interface, checked by version when it
+ * is loaded. */
+#define GITOPS_API_VERSION 1
+typedef struct gitops_api {
+  int version;
+  int (*open)(gitops **out, engine *e, const gitops_opts *o, char *err);
+  void (*free)(gitops *g);
+  const char *(*url)(const gitops *g);
+  const char *(*branch)(const gitops *g);
+  const char *(*path)(const gitops *g);
+  const char *(*cache)(const gitops *g);
+  const gitops_stats *(*last_stats)(const gitops *g);
+  int (*busy)(const gitops *g);
+  void (*cancel)(gitops *g);
+  int (*fetch)(gitops *g, gitops_fetch_cb cb, void *payload, char *err);
+} gitops_api;
 
 /* ---- where a deployment came from ---- */
 
@@ -126,7 +137,7 @@ typedef struct gitops_provenance {
  * {"gitops":{"revision":..,"file":..,"repo":..,"branch":..,"path":..,"blob":..},
  *  ...the manifest's own metadata (a JSON object, or NULL)...}.
  * Returns a heap string, or NULL when out of memory. */
-char *gitops_metadata_json(const gitops_provenance *p, const char *user_json);
+char *gitops_metadata_json(const gitops_provenance *p, const json_t *user);
 /* Reads the provenance back from a deployment's metadata; 0 when it has
  * one, -1 when the deployment was not made by a sync. */
 int gitops_provenance_read(const char *metadata_json, gitops_provenance *out);
@@ -154,32 +165,22 @@ typedef struct gitops_change {
   char pinned_revision[GITOPS_OID_HEX]; /* the revision rolled back from */
 } gitops_change;
 
+/* One configured target as the plan sees it: its row and its history,
+ * newest first. */
+typedef struct gitops_plan_target {
+  const store_target *row;
+  const store_deployment *history;
+  size_t nhistory;
+} gitops_plan_target;
+
 /* Compares the wanted versions with what the store says is live for each
- * configured target: create (nothing live), update (another version live,
- * drift included), delete (no manifest, something live, and this
- * repository and path deployed it before). A target whose latest deployment
- * is a manual rollback away from a deployment this repository made with
- * the same manifest blob is marked pinned. *out is a heap array sorted by
- * target name (free it). */
-int gitops_plan(store *s, const char *repo, const char *path, const char *const *targets, size_t ntargets,
+ * target: create (nothing live), update (another version live, drift
+ * included), delete (no manifest, something live, and this repository and
+ * path deployed it before). A target whose latest deployment is a manual
+ * rollback away from a deployment this repository made with the same
+ * manifest blob is marked pinned. *out is a heap array sorted by target
+ * name (free it). */
+int gitops_plan(const gitops_plan_target *targets, size_t ntargets, const char *repo, const char *path,
                 const gitops_want *wants, size_t nwants, gitops_change **out, size_t *nout, char *err);
-
-/* ---- prune ---- */
-
-typedef void (*gitops_prune_cb)(void *payload, int ok, const char *err);
-typedef struct gitops_prune_opts {
-  const char *metadata_json;   /* the deployment row's metadata */
-  rollout_event_cb on_event;   /* every event, after it is stored; may be NULL */
-  void *event_payload;
-} gitops_prune_opts;
-
-/* Stops every instance of t and records it as a deployment (strategy
- * "prune", version "") that leaves nothing live: the router serves none of
- * ours, the rows are gone, current_version becomes "" and previous_version
- * the pruned one (so a rollback can bring it back). Holds the target's lock
- * meanwhile: DC_LOCKED when another deployment runs. cb once, from the
- * loop, on DC_OK. */
-int gitops_target_prune(engine *e, store *s, target_config *t, const gitops_prune_opts *o, gitops_prune_cb cb,
-                        void *payload, char *err);
 
 #endif

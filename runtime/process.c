@@ -1,19 +1,27 @@
 /* The process provider: every instance is `/bin/sh -c <command>` started
  * detached (its own session and process group), so it outlives deployctl.
  *
- * Identity: a pid alone may be reused, so an instance is (pid, start time),
- * and its environment carries DEPLOY_INSTANCE=<store path>#<instance id> so a
- * process whose pid was never recorded can still be found (see
- * provider_find_instance_pid).
+ * Identity: a pid alone may be reused, so an instance's handle is
+ * "<pid>:<start time>", and its environment carries
+ * DEPLOY_INSTANCE=<store location>#<instance id> so a process whose handle
+ * was never recorded can still be found (inspect does).
  *
  * Children we spawn stay registered with libuv (unreferenced, so they never
  * keep the loop alive): libuv reaps them when they exit, so no zombie piles
  * up and dc_proc_alive sees them dead. Processes started by an earlier
  * deployctl run were reparented to init, which reaps them.
  *
- * The expanded command and the expanded environment may hold secrets
- * (${TOKEN}): they exist only on the heap during start, are wiped before
- * being freed, and never reach the store, the log or an error message. */
+ * Secrets: `${NAME}` in the command is not expanded here. The instance
+ * inherits the environment, so /bin/sh expands it itself when it runs the
+ * command: the value never appears in the `sh -c` argument that `ps` shows
+ * every local user (the program's own arguments are the command's author's
+ * choice: a program that reads its token from the environment keeps it out
+ * of `ps` entirely). provider.env values are expanded into the child's
+ * environment only; they exist on the heap during start, are wiped before
+ * being freed, and never reach the store, the log or an error message.
+ *
+ * Every callback runs from the loop: work that completes at once (a spawn,
+ * a look at /proc) is delivered through a zero timer the provider owns. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* explicit_bzero, dprintf, getsid, strdup */
 #endif
@@ -77,8 +85,25 @@ typedef struct stop_op {
   char err[DC_ERR_MAX];  /* lives until the close callback, after cb */
 } stop_op;
 
-/* A port handed out recently: the store only knows it once the caller has
- * added the instance row, so a second allocate in between must skip it. */
+/* A result computed at once and delivered from the loop (start, inspect,
+ * logs): the caller's callback never runs inside the call. */
+typedef enum { LATER_START, LATER_INSPECT, LATER_LOGS } later_kind;
+typedef struct later {
+  owned link;  /* first */
+  uv_timer_t timer;
+  later_kind kind;
+  void *cb;
+  void *payload;
+  int ok;              /* start: started; inspect: alive */
+  int found;           /* inspect: found by tag */
+  provider_instance pi;
+  char *text;          /* logs */
+  size_t len;
+  char err[DC_ERR_MAX];
+} later;
+
+/* A port handed out recently: the store only knows it once the instance
+ * is running, so a second start in between must skip it. */
 typedef struct recent_port {
   int port;
   uint64_t until;  /* uv_hrtime() */
@@ -122,10 +147,7 @@ static char *join3(const char *a, const char *sep, const char *b) {
 
 /* Messages from util.c start with "deploy: "; ours wrap them in a sentence
  * that already starts so. */
-static const char *reason(const char *msg) {
-  static const char prefix[] = "deploy: ";
-  return strncmp(msg, prefix, sizeof prefix - 1) == 0 ? msg + sizeof prefix - 1 : msg;
-}
+static const char *reason(const char *msg) { return dc_unprefix(msg); }
 
 static void free_strv(char **v) {
   for (size_t i = 0; v && v[i]; i++)
@@ -228,46 +250,37 @@ static int port_bindable(int port) {
   return -1;
 }
 
-/* 1 taken, 0 free, -1 error (err filled). */
-static int port_taken(process_provider *p, store *s, int port, uint64_t now,
-                      char *err) {
-  if (recent_has(p, port, now))
-    return 1;
-  int used = 0;
-  if (store_port_in_use(s, port, &used, err) != 0)
-    return -1;
-  if (used)
-    return 1;
-  int b = port_bindable(port);
-  if (b < 0) {
-    dc_fmt(err, DC_ERR_MAX, "deploy: cannot test whether port %d is free: %s",
-           port, strerror(errno));
-    return -1;
-  }
-  return !b;
+static int in_list(const int *v, size_t n, int port) {
+  for (size_t i = 0; i < n; i++)
+    if (v[i] == port)
+      return 1;
+  return 0;
 }
 
-static int pp_allocate(provider *base, store *s, store_instance *inst,
-                       char *err) {
-  process_provider *p = (process_provider *)base;
+/* A free port of the range: not handed out recently, not held by an
+ * instance row of the store, and bindable now. -1 with why filled. */
+static int choose_port(process_provider *p, const provider_start_req *req, char *why) {
   uint64_t now = uv_hrtime();
   int taken = 0;
   for (int port = p->port_min; port <= p->port_max; port++) {
-    int t = port_taken(p, s, port, now, err);
-    if (t < 0)
+    if (recent_has(p, port, now) || in_list(req->taken, req->ntaken, port)) {
+      taken++;
+      continue;
+    }
+    int b = port_bindable(port);
+    if (b < 0) {
+      dc_fmt(why, DC_ERR_MAX, "cannot test whether port %d is free: %s", port, strerror(errno));
       return -1;
-    if (t) {
+    }
+    if (!b) {
       taken++;
       continue;
     }
     recent_add(p, port, now);
-    dc_strlcpy(inst->host, LOOPBACK, sizeof inst->host);
-    inst->port = port;
-    return 0;
+    return port;
   }
-  dc_fmt(err, DC_ERR_MAX,
-         "deploy: no free port in %d-%d for target '%s' (%d in use): widen provider.ports",
-         p->port_min, p->port_max, inst->target, taken);
+  dc_fmt(why, DC_ERR_MAX, "no free port in %d-%d for target '%s' (%d in use): widen provider.ports", p->port_min,
+         p->port_max, req->inst->target, taken);
   return -1;
 }
 
@@ -341,7 +354,8 @@ static int env_put(env_list *l, char *entry) {
   return 0;
 }
 
-/* provider.env values get the same expansion as the command. */
+/* provider.env values: placeholders, then ${NAME} from deployctl's
+ * environment (into the child's environment only). */
 static int env_put_extra(env_list *l, const char *entry,
                          const char *const *pairs, char *why) {
   size_t name_len = strcspn(entry, "=");
@@ -364,7 +378,7 @@ static int env_put_extra(env_list *l, const char *entry,
 }
 
 /* Ours, then provider.env, then DEPLOY_*: the tag must be exact for
- * provider_find_instance_pid, so nothing may override it. */
+ * inspect's search by tag, so nothing may override it. */
 static int build_env(const process_provider *p, const store_instance *inst,
                      const char *const *pairs, const char *port_s,
                      env_list *l, char *why) {
@@ -389,6 +403,32 @@ static int build_env(const process_provider *p, const store_instance *inst,
 oom:
   dc_fmt(why, DC_ERR_MAX, "out of memory");
   return -1;
+}
+
+static const char *env_get(const env_list *l, const char *name, size_t n) {
+  for (size_t i = 0; i < l->n; i++)
+    if (strncmp(l->v[i], name, n) == 0 && l->v[i][n] == '=')
+      return l->v[i] + n + 1;
+  return NULL;
+}
+
+/* Every ${NAME} of the command must be set in the instance's environment:
+ * the shell would expand a missing one to nothing, silently. */
+static int check_env_refs(const char *cmd, const env_list *env, char *why) {
+  for (const char *p = strstr(cmd, "${"); p; p = strstr(p + 2, "${")) {
+    const char *close = strchr(p + 2, '}');
+    if (!close) {
+      dc_fmt(why, DC_ERR_MAX, "provider.command has an unterminated '${': write ${NAME}");
+      return -1;
+    }
+    size_t n = (size_t)(close - p - 2);
+    if (n == 0 || n > 127 || !env_get(env, p + 2, n)) {
+      dc_fmt(why, DC_ERR_MAX, "environment variable %.*s is not set (referenced as ${%.*s} in provider.command): "
+             "export it or set it in provider.env", (int)n, p + 2, (int)n, p + 2);
+      return -1;
+    }
+  }
+  return 0;
 }
 
 /* ---- start: log file ---- */
@@ -420,29 +460,26 @@ static int mkdir_p(const char *dir, char *why) {
 
 /* Appends (a redeploy of the same version reuses the file) after a header
  * line naming the template only: the expanded command may hold secrets. */
-static int open_log(const process_provider *p, store_instance *inst, char *why) {
+static int open_log(const process_provider *p, const store_instance *inst, provider_instance *pi, char *why) {
   /* 24: '/', two '-', the index and ".log". */
-  if (strlen(p->log_dir) + strlen(inst->target) + strlen(inst->version) + 24 >=
-      sizeof inst->log_path) {
-    dc_fmt(why, DC_ERR_MAX, "log path under '%s' would exceed %zu bytes: shorten provider.log_dir",
-           p->log_dir, sizeof inst->log_path - 1);
+  if (strlen(p->log_dir) + strlen(inst->target) + strlen(inst->version) + 24 >= sizeof pi->log_path) {
+    dc_fmt(why, DC_ERR_MAX, "log path under '%s' would exceed %zu bytes: shorten provider.log_dir", p->log_dir,
+           sizeof pi->log_path - 1);
     return -1;
   }
   if (mkdir_p(p->log_dir, why) != 0)
     return -1;
-  dc_fmt(inst->log_path, sizeof inst->log_path, "%s/%s-%s-%d.log", p->log_dir,
-         inst->target, inst->version, inst->idx);
-  int fd = open(inst->log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOCTTY, 0644);
+  dc_fmt(pi->log_path, sizeof pi->log_path, "%s/%s-%s-%d.log", p->log_dir, inst->target, inst->version, inst->idx);
+  int fd = open(pi->log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOCTTY, 0644);
   if (fd < 0) {
-    dc_fmt(why, DC_ERR_MAX, "cannot open log '%s': %s", inst->log_path, strerror(errno));
+    dc_fmt(why, DC_ERR_MAX, "cannot open log '%s': %s", pi->log_path, strerror(errno));
     return -1;
   }
   char when[32];
   dc_iso8601(dc_wall_now(), when, sizeof when);
-  if (dprintf(fd, "--- deployctl %s: starting %s %s instance %d (id %lld) on %s:%d: %s\n",
-              when, inst->target, inst->version, inst->idx, (long long)inst->id,
-              inst->host, inst->port, p->command) < 0) {
-    dc_fmt(why, DC_ERR_MAX, "cannot write log '%s': %s", inst->log_path, strerror(errno));
+  if (dprintf(fd, "--- deployctl %s: starting %s %s instance %d (id %lld) on %s:%d: %s\n", when, inst->target,
+              inst->version, inst->idx, (long long)inst->id, pi->host, pi->port, p->command) < 0) {
+    dc_fmt(why, DC_ERR_MAX, "cannot write log '%s': %s", pi->log_path, strerror(errno));
     close(fd);
     return -1;
   }
@@ -522,43 +559,97 @@ static int check_instance(const process_provider *p, const store_instance *inst,
   return 0;
 }
 
-static int start_instance(process_provider *p, store_instance *inst, char *why) {
+static int identify(const process_provider *p, const store_instance *inst, int *pid, uint64_t *start);
+
+/* ---- results delivered from the loop ---- */
+
+static void later_fire(uv_timer_t *t) {
+  later *l = t->data;
+  void *cb = l->cb;
+  /* Closing first: the callback may free the provider; l (and its text,
+   * freed by the close callback) stays valid until then. */
+  close_owned(&l->link);
+  switch (l->kind) {
+  case LATER_START:
+    ((provider_start_cb)cb)(l->payload, l->ok ? &l->pi : NULL, l->ok ? NULL : l->err);
+    break;
+  case LATER_INSPECT:
+    ((provider_inspect_cb)cb)(l->payload, l->ok, l->found ? &l->pi : NULL, l->err[0] ? l->err : NULL);
+    break;
+  case LATER_LOGS:
+    ((provider_logs_cb)cb)(l->payload, l->text ? l->text : "", l->len, l->err[0] ? l->err : NULL);
+    break;
+  }
+  free(l->text);
+  l->text = NULL;
+}
+
+static later *later_new(process_provider *p, later_kind kind, void *cb, void *payload, char *err) {
+  later *l = calloc(1, sizeof *l);
+  if (!l) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
+    return NULL;
+  }
+  l->kind = kind;
+  l->cb = cb;
+  l->payload = payload;
+  uv_timer_init(p->e->loop, &l->timer);
+  own(p, &l->link, (uv_handle_t *)&l->timer);
+  return l;
+}
+
+static void later_go(later *l) { uv_timer_start(&l->timer, later_fire, 0, 0); }
+
+/* ---- start ---- */
+
+static int start_instance(process_provider *p, const provider_start_req *req, provider_instance *pi, char *why) {
+  const store_instance *inst = req->inst;
   char port_s[16], idx_s[16];
-  dc_fmt(port_s, sizeof port_s, "%d", inst->port);
-  dc_fmt(idx_s, sizeof idx_s, "%d", inst->idx);
-  const char *pairs[] = {"port", port_s, "version", inst->version,
-                         "target", inst->target, "instance", idx_s,
-                         "host", inst->host, NULL};
-  env_list env = {0};
-  int pid = 0, fd = -1, r = -1;
-  char *cmd = NULL;
   if (check_instance(p, inst, why) != 0)
     return -1;
-  cmd = expand(p->command, pairs, "provider.command", why);
-  if (cmd && build_env(p, inst, pairs, port_s, &env, why) == 0)
-    fd = open_log(p, inst, why);
+  int port = choose_port(p, req, why);
+  if (port < 0)
+    return -1;
+  dc_strlcpy(pi->host, LOOPBACK, sizeof pi->host);
+  pi->port = port;
+  dc_fmt(port_s, sizeof port_s, "%d", port);
+  dc_fmt(idx_s, sizeof idx_s, "%d", inst->idx);
+  const char *pairs[] = {"port", port_s, "version", inst->version, "target", inst->target,
+                         "instance", idx_s, "host", pi->host, NULL};
+  env_list env = {0};
+  int pid = 0, fd = -1, r = -1;
+  /* Placeholders only: ${NAME} is left for the shell (see the top). */
+  char *cmd = dc_expand_placeholders_dup(p->command, pairs);
+  if (!cmd)
+    dc_fmt(why, DC_ERR_MAX, "out of memory");
+  if (cmd && build_env(p, inst, pairs, port_s, &env, why) == 0 && check_env_refs(cmd, &env, why) == 0)
+    fd = open_log(p, inst, pi, why);
   if (fd >= 0)
     r = spawn(p, cmd, env.v, fd, &pid, why);
   if (fd >= 0)
     close(fd);
-  wipe_free(cmd);
+  free(cmd);
   env_free(&env);
   if (r != 0)
     return -1;
-  inst->pid = pid;
-  inst->pid_start = start_time_of(pid);
-  inst->started_at = engine_now(p->e);
-  dc_strlcpy(inst->state, "running", sizeof inst->state);
+  pi->pid = pid;
+  pi->pid_start = start_time_of(pid);
+  dc_fmt(pi->handle, sizeof pi->handle, "%d:%llu", pid, (unsigned long long)pi->pid_start);
+  pi->started_at = engine_now(p->e);
   return 0;
 }
 
-static int pp_start(provider *base, store_instance *inst, char *err) {
-  char why[DC_ERR_MAX];
-  if (start_instance((process_provider *)base, inst, why) != 0) {
-    dc_fmt(err, DC_ERR_MAX, "deploy: cannot start instance %d of %s %s: %s",
-           inst->idx, inst->target, inst->version, why);
+static int pp_start(provider *base, const provider_start_req *req, provider_start_cb cb, void *payload, char *err) {
+  process_provider *p = (process_provider *)base;
+  later *l = later_new(p, LATER_START, (void *)cb, payload, err);
+  if (!l)
     return -1;
-  }
+  char why[DC_ERR_MAX];
+  l->ok = start_instance(p, req, &l->pi, why) == 0;
+  if (!l->ok)
+    dc_fmt(l->err, sizeof l->err, "deploy: cannot start instance %d of %s %s: %s", req->inst->idx,
+           req->inst->target, req->inst->version, why);
+  later_go(l);
   return 0;
 }
 
@@ -671,11 +762,10 @@ static int pp_stop(provider *base, const store_instance *inst, provider_cb cb,
   process_provider *p = (process_provider *)base;
   stop_op *op = calloc(1, sizeof *op);
   if (!op) {
-    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory stopping instance pid %d", inst->pid);
+    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory stopping instance %lld", (long long)inst->id);
     return -1;
   }
-  op->pid = inst->pid;
-  op->pid_start = inst->pid_start;
+  identify(p, inst, &op->pid, &op->pid_start);
   op->cb = cb;
   op->payload = payload;
   op->kill_at = uv_hrtime() + (uint64_t)(p->stop_timeout * 1e9);
@@ -694,11 +784,6 @@ static int pp_stop(provider *base, const store_instance *inst, provider_cb cb,
   /* Already gone: complete from the loop, never from inside this call. */
   uv_timer_start(&op->timer, on_stop_tick, running ? POLL_MS : 0, POLL_MS);
   return 0;
-}
-
-static int pp_alive(provider *base, const store_instance *inst) {
-  (void)base;
-  return inst->pid > 1 && dc_proc_alive(inst->pid, inst->pid_start);
 }
 
 /* ---- find an instance by its tag ---- */
@@ -747,9 +832,7 @@ static int environ_has(int pid, const char *want, size_t want_len) {
 
 /* The shell and the program it started both carry the tag; the session
  * leader (the shell, which leads the process group we signal) wins. */
-int provider_find_instance_pid(const char *tag) {
-  if (!tag || !*tag)
-    return 0;
+static int find_by_tag(const char *tag) {
   char *want = join3("DEPLOY_INSTANCE", "=", tag);
   DIR *d = want ? opendir("/proc") : NULL;
   int best = 0, self = (int)getpid();
@@ -770,6 +853,102 @@ int provider_find_instance_pid(const char *tag) {
     closedir(d);
   free(want);
   return best;
+}
+
+/* The process of an instance: from its handle ("pid:start"), from its pid
+ * columns (rows of schema 1), or, when it was never recorded (deployctl died
+ * right after the spawn), from its tag. 0 when none. */
+static int identify(const process_provider *p, const store_instance *inst, int *pid, uint64_t *start) {
+  unsigned long long st = 0;
+  int v = 0;
+  *pid = 0;
+  *start = 0;
+  if (inst->handle[0] && sscanf(inst->handle, "%d:%llu", &v, &st) == 2 && v > 1) {
+    *pid = v;
+    *start = (uint64_t)st;
+    return 0;
+  }
+  if (inst->pid > 1) {
+    *pid = inst->pid;
+    *start = inst->pid_start;
+    return 0;
+  }
+  char tag[1200];
+  dc_fmt(tag, sizeof tag, "%s#%lld", p->tag_prefix, (long long)inst->id);
+  *pid = find_by_tag(tag);
+  *start = *pid ? dc_proc_start_time(*pid) : 0;
+  return 1; /* found by tag (or not at all) */
+}
+
+static int pp_inspect(provider *base, const store_instance *inst, provider_inspect_cb cb, void *payload, char *err) {
+  process_provider *p = (process_provider *)base;
+  later *l = later_new(p, LATER_INSPECT, (void *)cb, payload, err);
+  if (!l)
+    return -1;
+  int pid;
+  uint64_t start;
+  int by_tag = identify(p, inst, &pid, &start);
+  l->ok = pid > 1 && dc_proc_alive(pid, start);
+  if (l->ok && by_tag) {
+    l->found = 1;
+    dc_strlcpy(l->pi.host, LOOPBACK, sizeof l->pi.host);
+    l->pi.port = inst->port;
+    l->pi.pid = pid;
+    l->pi.pid_start = start;
+    dc_fmt(l->pi.handle, sizeof l->pi.handle, "%d:%llu", pid, (unsigned long long)start);
+    dc_strlcpy(l->pi.log_path, inst->log_path, sizeof l->pi.log_path);
+  }
+  later_go(l);
+  return 0;
+}
+
+/* The last `lines` lines of the instance's log (at most 1 MiB of it). */
+static void read_tail(later *l, const char *path, int lines) {
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    dc_fmt(l->err, sizeof l->err, "deploy: cannot read log '%s': %s", path, strerror(errno));
+    return;
+  }
+  off_t size = lseek(fd, 0, SEEK_END);
+  off_t from = size > (1 << 20) ? size - (1 << 20) : 0;
+  size_t n = (size_t)(size - from);
+  l->text = malloc(n + 1);
+  if (!l->text || pread(fd, l->text, n, from) != (ssize_t)n) {
+    dc_fmt(l->err, sizeof l->err, "deploy: cannot read log '%s': %s", path, l->text ? strerror(errno) : "out of memory");
+    free(l->text);
+    l->text = NULL;
+    close(fd);
+    return;
+  }
+  close(fd);
+  l->text[n] = '\0';
+  size_t at = n;
+  int seen = 0;
+  if (at > 0 && l->text[at - 1] == '\n')
+    at--;
+  while (at > 0 && seen < lines) {
+    at--;
+    if (l->text[at] == '\n')
+      seen++;
+  }
+  if (seen == lines)
+    at++;
+  memmove(l->text, l->text + at, n - at + 1);
+  l->len = n - at;
+}
+
+static int pp_logs(provider *base, const store_instance *inst, int lines, provider_logs_cb cb, void *payload,
+                   char *err) {
+  process_provider *p = (process_provider *)base;
+  later *l = later_new(p, LATER_LOGS, (void *)cb, payload, err);
+  if (!l)
+    return -1;
+  if (!inst->log_path[0])
+    dc_fmt(l->err, sizeof l->err, "deploy: instance %lld has no log yet", (long long)inst->id);
+  else
+    read_tail(l, inst->log_path, lines > 0 ? lines : 100);
+  later_go(l);
+  return 0;
 }
 
 /* ---- construction ---- */
@@ -866,10 +1045,10 @@ int provider_process_new(provider **out, engine *e,
   p->handles.next = p->handles.prev = &p->handles;
   p->base.version = PROVIDER_VERSION;
   p->base.kind = "process";
-  p->base.allocate = pp_allocate;
   p->base.start = pp_start;
   p->base.stop = pp_stop;
-  p->base.alive = pp_alive;
+  p->base.inspect = pp_inspect;
+  p->base.logs = pp_logs;
   p->base.free = pp_free;
   *out = &p->base;
   return 0;

@@ -1,37 +1,75 @@
-/* Providers start and stop the instances of a version. */
+/* Providers start, stop, inspect and read the logs of the instances of a
+ * version, on the machine deployctl runs on (process.c) or on other hosts
+ * (ssh). Every call is asynchronous: its callback runs exactly once, later,
+ * from the loop, never inside the call. A call returns -1 with err filled
+ * only when it could not even start (then the callback never runs).
+ *
+ * An instance is identified by (node, handle): the node is where it runs
+ * ("" for this machine, an ssh destination otherwise) and the handle is
+ * the provider's own identity of the process, chosen so that it survives a
+ * crash of deployctl (for a process: pid and start time). An instance whose
+ * handle was never recorded (deployctl died right after starting it) is
+ * found again through its tag, DEPLOY_INSTANCE=<tag prefix>#<instance id>,
+ * which every instance carries in its environment. Recovery goes through
+ * this interface only.
+ *
+ * The interface follows libgit2's sys/odb_backend.h: a versioned struct of
+ * function pointers, `free` required; provider_check refuses a vtable of
+ * another version before it is ever called. */
 #ifndef DEPLOY_PROVIDER_H
 #define DEPLOY_PROVIDER_H
 
 #include <stddef.h>
+#include <stdint.h>
+
 #include "engine.h"
 #include "store.h"
 
-#define PROVIDER_VERSION 1
+#define PROVIDER_VERSION 2
 
+/* What a provider reports about one instance it started or found. */
+typedef struct provider_instance {
+  char host[256];      /* address routed to and health-checked */
+  int port;
+  char handle[128];    /* survives a crash of deployctl */
+  int pid;             /* for people */
+  uint64_t pid_start;
+  char log_path[512];
+  double started_at;   /* engine clock */
+} provider_instance;
+
+typedef struct provider_start_req {
+  const store_instance *inst; /* id, target, version, idx, node (recorded before the start) */
+  const int *taken;           /* ports the store holds on inst->node */
+  size_t ntaken;
+} provider_start_req;
+
+typedef void (*provider_start_cb)(void *payload, const provider_instance *pi, const char *err);
 typedef void (*provider_cb)(void *payload, const char *err);
+/* alive: the instance runs. found: when the instance row had no handle and
+ * the instance was found by its tag, where it is (else NULL). err: the
+ * provider could not tell (a host unreachable); alive is then 0. */
+typedef void (*provider_inspect_cb)(void *payload, int alive, const provider_instance *found, const char *err);
+/* The last lines of the instance's output; text valid during the call. */
+typedef void (*provider_logs_cb)(void *payload, const char *text, size_t len, const char *err);
 
 typedef struct provider provider;
 struct provider {
-  int version;
-  const char *kind;  /* "process" */
-  /* Choose a port for a new instance (the store knows which ones are
-   * taken): fills inst->host and inst->port. -1 with err when the range is
-   * exhausted ("no free port in 20000-20001 for target 'x': widen ...").*/
-  int (*allocate)(provider *p, store *s, store_instance *inst, char *err);
-  /* Start inst (host/port already allocated, inst->id assigned). On return
-   * 0, inst->pid, pid_start, log_path and started_at are filled and the
-   * process is running detached. Synchronous: spawning does not block. */
-  int (*start)(provider *p, store_instance *inst, char *err);
-  /* Stop inst: SIGTERM to its process group, SIGKILL after stop_timeout.
-   * Asynchronous; cb runs once, when the process is gone. An instance
-   * already gone (or whose pid now belongs to another process) completes
-   * at once. */
-  int (*stop)(provider *p, const store_instance *inst, provider_cb cb,
-              void *payload, char *err);
-  /* True while the instance's process is alive. */
-  int (*alive)(provider *p, const store_instance *inst);
+  int version;          /* PROVIDER_VERSION */
+  const char *kind;     /* "process", "ssh" */
+  /* Start one instance (its row exists): choose a port not in req->taken,
+   * start it detached so it outlives deployctl, and report where. */
+  int (*start)(provider *p, const provider_start_req *req, provider_start_cb cb, void *payload, char *err);
+  /* Stop it: SIGTERM to its process group, SIGKILL after the stop timeout.
+   * One already gone, or whose handle now names another process, completes
+   * at once without a signal. */
+  int (*stop)(provider *p, const store_instance *inst, provider_cb cb, void *payload, char *err);
+  int (*inspect)(provider *p, const store_instance *inst, provider_inspect_cb cb, void *payload, char *err);
+  int (*logs)(provider *p, const store_instance *inst, int lines, provider_logs_cb cb, void *payload, char *err);
   void (*free)(provider *p);
 };
+
+int provider_check(const provider *p, char *err);
 
 typedef struct provider_process_opts {
   const char *command;       /* shell command template: {port} {version} {target} {instance} {host} */
@@ -40,18 +78,10 @@ typedef struct provider_process_opts {
   const char *log_dir;       /* default ".deploy/logs" */
   const char *workdir;       /* default: current directory */
   const char *const *env;    /* extra NAME=value entries, NULL-terminated, may be NULL */
-  const char *tag_prefix;    /* the store's absolute path: each instance gets
-                                DEPLOY_INSTANCE=<tag_prefix>#<instance id> in
-                                its environment */
+  const char *tag_prefix;    /* the store's location: each instance gets
+                                DEPLOY_INSTANCE=<tag_prefix>#<instance id> */
 } provider_process_opts;
 
-int provider_process_new(provider **out, engine *e,
-                         const provider_process_opts *o, char *err);
-
-/* Find a live process whose environment carries DEPLOY_INSTANCE=<tag>
- * (tag = "<tag_prefix>#<id>"; every instance is started with it): recovers a
- * process whose pid was never recorded because deployctl died right after
- * spawning it. 0 if none. */
-int provider_find_instance_pid(const char *tag);
+int provider_process_new(provider **out, engine *e, const provider_process_opts *o, char *err);
 
 #endif

@@ -1,10 +1,12 @@
 #include "rollout.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
-#include <math.h>
+
+#include "instset.h"
+#include "json.h"
 
 enum monitor_mode {
   MON_NONE,
@@ -15,31 +17,29 @@ enum monitor_mode {
 
 struct rollout {
   engine *e;
-  store *s;
+  store *s;                /* a reference of ours */
   target_config *t;
-  const strategy *st;
-  char id[48];
+  strategy *st;
+  record rc;
   char version[129];
   char from_version[129];
   char kind[16];
   char strategy_name[64];
+  char *metadata;
   double started;
-  rollout_event_cb on_event;
-  void *event_payload;
   rollout_done_cb done;
   void *done_payload;
   strategy_run run;
+  int recorded;            /* the deployment row and lock are committed */
+  int locked;
 
-  store_instance *old;    /* the live set: serves until promotion */
-  size_t nold;
-  store_instance *fresh;  /* the new version's instances */
-  size_t nfresh, fresh_cap;
-  store_instance *strays; /* leftovers of earlier runs: stopped at the end */
-  size_t nstray;
+  instset old;             /* the live set: serves until promotion */
+  instset fresh;           /* the new version's instances */
+  instset strays;          /* leftovers of earlier runs: stopped at the end */
 
   int abort_requested;
   char abort_reason[DC_ERR_MAX];
-  int ending;             /* promote or abort under way */
+  int ending;              /* promote or abort under way */
 
   /* the action in progress */
   strategy_action act;
@@ -56,77 +56,80 @@ struct rollout {
   rollout_health health;
   rollout_health_cb health_cb;
   void *health_payload;
+  int rounds;              /* health rounds in flight */
+  int freed_later;         /* ended; free when the last round comes back */
 
-  int stops_pending;
   int promoted;
   void (*after_healthy)(rollout *r); /* instead of completing WAIT_HEALTHY */
   double ratio_pct;                  /* router "none": the share being reached */
-  rollout_result result;
 
   /* hooks */
   const rollout_hooks *hooks;
   void (*hook_next)(rollout *r, int ok, const char *err);
-  double abort_pct;       /* the new version's share when the abort began */
+  double abort_pct;        /* the new version's share when the abort began */
 
-  /* operator commands (promote / abort), polled in real time */
-  uv_timer_t *ctl_timer;
-  double control_poll;
+  /* operator commands */
+  store_watch *watch;
   int paused;
+  int promote_pending;     /* a promote that came while no wait was on */
+  int lease_lost;
 
-  int promoting;          /* the old set is being stopped after promotion */
-  int routed_new;         /* the router once gave the new version traffic */
-  int abort_attempts;     /* router applies tried while aborting */
-  int rounds;             /* health rounds in flight */
-  int freed_later;        /* ended; free when the last round comes back */
+  int routed_new;          /* the router once gave the new version traffic */
+  int abort_attempts;      /* router applies tried while aborting */
+  rollout *next_active, *prev_active;
 };
 
 static void run_step(rollout *r);
 static void end_rollout(rollout *r);
 static void complete(rollout *r, int ok, const char *err);
 static void step_passed(rollout *r);
+static void act_abort(rollout *r, const char *reason);
 
 static const char *const hook_names[HOOK_COUNT] = {"before_deploy", "before_step", "after_step", "analysis",
                                                    "on_promote",    "on_abort",    "on_rollback"};
 
 const char *rollout_hook_name(hook_kind k) { return k < HOOK_COUNT ? hook_names[k] : "hook"; }
+const char *rollout_id(const rollout *r) { return r->rc.id; }
+
+/* ---- the running rollouts of this process (Ctrl-C aborts them all) ---- */
+
+static rollout *active;
+
+static void active_add(rollout *r) {
+  dc_interrupt_owners++;
+  r->next_active = active;
+  if (active)
+    active->prev_active = r;
+  active = r;
+}
+
+static void active_remove(rollout *r) {
+  dc_interrupt_owners--;
+  if (r->prev_active)
+    r->prev_active->next_active = r->next_active;
+  else if (active == r)
+    active = r->next_active;
+  if (r->next_active)
+    r->next_active->prev_active = r->prev_active;
+  r->next_active = r->prev_active = NULL;
+}
+
+void rollout_abort_all(const char *reason) {
+  for (rollout *r = active; r; r = r->next_active)
+    rollout_abort(r, reason);
+}
 
 /* ---- events ---- */
 
-void rollout_record_event(store *s, double ts, const char *deployment_id, const char *target, const char *kind,
-                          const char *raw_json, rollout_event_cb cb, void *payload) {
-  char err[DC_ERR_MAX], data_buf[4 * DC_ERR_MAX];
-  const char *data_json = NULL;
-  if (raw_json) {
-    dc_strlcpy(data_buf, raw_json, sizeof data_buf);
-    dc_redact(data_buf, sizeof data_buf);
-    data_json = data_buf;
-  }
-  /* An event that cannot be stored is reported but does not stop a rollout
-   * half-way: the deployment row and the router remain the truth. */
-  if (store_event_add(s, deployment_id, target, ts, kind, data_json, err) != 0)
-    fprintf(stderr, "%s\n", err);
-  if (!cb)
-    return;
-  store_event ev;
-  memset(&ev, 0, sizeof ev);
-  dc_strlcpy(ev.deployment_id, deployment_id, sizeof ev.deployment_id);
-  dc_strlcpy(ev.target, target, sizeof ev.target);
-  dc_strlcpy(ev.kind, kind, sizeof ev.kind);
-  ev.ts = ts;
-  ev.data = (char *)data_json;
-  cb(payload, &ev);
+static instset_ctx ctx_of(rollout *r) {
+  instset_ctx c = {r->e, r->s, r->t, &r->rc};
+  return c;
 }
 
-static void emit(rollout *r, const char *kind, const char *raw_json) {
-  rollout_record_event(r->s, engine_now(r->e), r->id, r->t->name, kind, raw_json, r->on_event, r->event_payload);
-}
+static void emit(rollout *r, const char *kind, json_t *data) { record_event(&r->rc, kind, data); }
 
-static void add_error(rollout *r, const char *msg) {
-  if (r->result.nerrors < ROLLOUT_MAX_ERRORS) {
-    char *slot = r->result.errors[r->result.nerrors++];
-    dc_strlcpy(slot, msg, DC_ERR_MAX);
-    dc_redact(slot, DC_ERR_MAX);
-  }
+int rollout_log(rollout *r, const char *kind, const char *data_json, char *err) {
+  return record_event_text(&r->rc, kind, data_json, err);
 }
 
 /* ---- hooks ---- */
@@ -141,8 +144,7 @@ static void hook_finished(rollout *r, int ok, const char *err) {
 static void with_hook(rollout *r, hook_kind k, double pct, const char *reason,
                       void (*next)(rollout *r, int ok, const char *err)) {
   r->hook_next = next;
-  if (r->hooks && r->hooks->run &&
-      r->hooks->run(r->hooks->payload, r, k, pct, &r->health, reason, hook_finished))
+  if (r->hooks && r->hooks->run && r->hooks->run(r->hooks->payload, r, k, pct, &r->health, reason, hook_finished))
     return;
   r->hook_next = NULL;
   next(r, 1, NULL);
@@ -150,64 +152,8 @@ static void with_hook(rollout *r, hook_kind k, double pct, const char *reason,
 
 /* A hook that fails once the outcome is decided cannot change it. */
 static void note_hook_failure(rollout *r, hook_kind k, const char *err) {
-  char data[DC_ERR_MAX + 64], why[DC_ERR_MAX];
-  dc_json_string(why, sizeof why, err ? err : "failed");
-  dc_fmt(data, sizeof data, "{\"hook\":\"%s\",\"error\":%s}", rollout_hook_name(k), why);
-  emit(r, "hook_failed", data);
-}
-
-/* ---- operator commands ---- */
-
-static void ctl_closed(uv_handle_t *h) { free(h); }
-
-static void ctl_stop(rollout *r) {
-  if (!r->ctl_timer)
-    return;
-  uv_timer_stop(r->ctl_timer);
-  uv_close((uv_handle_t *)r->ctl_timer, ctl_closed);
-  r->ctl_timer = NULL;
-}
-
-/* Takes a pending "promote" or "abort" for this target ("" when none). */
-static void take_control(rollout *r, char *cmd, size_t size) {
-  char err[DC_ERR_MAX];
-  cmd[0] = '\0';
-  if (store_control_take(r->s, r->t->name, cmd, size, err) != 0)
-    cmd[0] = '\0';
-}
-
-static void put_back_control(rollout *r, const char *cmd) {
-  char err[DC_ERR_MAX];
-  store_control_set(r->s, r->t->name, cmd, "deployctl", err);
-}
-
-static void pause_poll(uv_timer_t *h) {
-  rollout *r = h->data;
-  char cmd[32], data[128];
-  take_control(r, cmd, sizeof cmd);
-  if (strcmp(cmd, "promote") == 0) {
-    ctl_stop(r);
-    r->paused = 0;
-    dc_fmt(data, sizeof data, "{\"pct\":%g,\"command\":\"promote\"}", r->run.pct);
-    emit(r, "resumed", data);
-    complete(r, 1, NULL);
-  } else if (strcmp(cmd, "abort") == 0) {
-    ctl_stop(r);
-    r->paused = 0;
-    complete(r, 0, "aborted by the operator (deployctl abort) during the pause");
-  }
-}
-
-static void act_pause(rollout *r) {
-  char data[128];
-  dc_fmt(data, sizeof data, "{\"pct\":%g}", r->run.pct);
-  emit(r, "paused", data);
-  r->paused = 1;
-  r->ctl_timer = malloc(sizeof *r->ctl_timer);
-  uv_timer_init(r->e->loop, r->ctl_timer);
-  r->ctl_timer->data = r;
-  uint64_t ms = (uint64_t)(r->control_poll * 1000.0);
-  uv_timer_start(r->ctl_timer, pause_poll, 0, ms ? ms : 1);
+  emit(r, "hook_failed",
+       json_pack("{s:s, s:o}", "hook", rollout_hook_name(k), "error", dc_json_text(err ? err : "failed")));
 }
 
 /* ---- completing an action, always from the loop ---- */
@@ -227,7 +173,56 @@ static void complete(rollout *r, int ok, const char *err) {
   if (!ok)
     dc_strlcpy(r->act_err, err ? err : "failed", sizeof r->act_err);
   r->mon = MON_NONE;
+  r->paused = 0;
   r->timer = engine_timer_start(r->e, 0, complete_now, r);
+}
+
+/* ---- operator commands ---- */
+
+static json_t *pct_json(double pct, const char *command) {
+  return command ? json_pack("{s:o, s:s}", "pct", dc_json_number(pct), "command", command)
+                 : json_pack("{s:o}", "pct", dc_json_number(pct));
+}
+
+static void on_control(void *payload, const store_control *c) {
+  rollout *r = payload;
+  if (strcmp(c->command, "lease_lost") == 0) {
+    /* Another runner holds the target now: not one more step from us. */
+    r->lease_lost = 1;
+    rollout_abort(r, "the lock's lease expired (database unreachable?) and another runner took the target over: "
+                     "this runner stopped acting on it");
+    return;
+  }
+  if (strcmp(c->command, "abort") == 0) {
+    rollout_abort(r, r->paused ? "aborted by the operator (deployctl abort) during the pause"
+                               : "aborted by the operator (deployctl abort)");
+    return;
+  }
+  if (strcmp(c->command, "promote") != 0 || r->ending)
+    return;
+  if (r->paused) {
+    r->paused = 0;
+    emit(r, "resumed", pct_json(r->run.pct, "promote"));
+    complete(r, 1, NULL);
+  } else if (r->mon == MON_GATED && r->timer && !r->health_cb) {
+    engine_timer_cancel(r->timer);
+    r->timer = NULL;
+    emit(r, "resumed", pct_json(r->run.pct, "promote"));
+    step_passed(r);
+  } else {
+    r->promote_pending = 1; /* taken by the next pause or wait */
+  }
+}
+
+static void act_pause(rollout *r) {
+  emit(r, "paused", pct_json(r->run.pct, NULL));
+  r->paused = 1;
+  if (r->promote_pending) {
+    r->promote_pending = 0;
+    r->paused = 0;
+    emit(r, "resumed", pct_json(r->run.pct, "promote"));
+    complete(r, 1, NULL);
+  }
 }
 
 /* ---- health rounds ---- */
@@ -236,92 +231,129 @@ typedef struct check_round {
   rollout *r;
   size_t n;
   char **urls;
+  int waiting;               /* the health checks and the liveness look */
+  size_t dead;
+  char dead_detail[DC_ERR_MAX];
+  health_result *results;
+  size_t nresults;
 } check_round;
 
 static void round_free(check_round *rd) {
   for (size_t i = 0; i < rd->n; i++)
     free(rd->urls[i]);
   free(rd->urls);
+  for (size_t i = 0; i < rd->nresults; i++)
+    free((char *)rd->results[i].url);
+  free(rd->results);
   free(rd);
 }
 
-static int dead_instance(rollout *r, char *detail, size_t size) {
-  for (size_t i = 0; i < r->nfresh; i++) {
-    store_instance *in = &r->fresh[i];
-    if (in->pid > 0 && !r->t->provider->alive(r->t->provider, in)) {
-      dc_fmt(detail, size, "instance %d of %s (pid %d, port %d) exited; see %s", in->idx,
-             r->version, in->pid, in->port, in->log_path);
-      return 1;
-    }
-  }
-  return 0;
-}
-
-static void round_done(void *payload, const health_result *res, size_t n) {
-  check_round *rd = payload;
+static void round_end(check_round *rd) {
+  if (--rd->waiting > 0)
+    return;
   rollout *r = rd->r;
   rollout_health *h = &r->health;
   memset(h, 0, sizeof *h);
-  h->checked = (int)n;
-  for (size_t i = 0; i < n; i++) {
-    if (res[i].ok)
+  h->checked = (int)rd->nresults;
+  for (size_t i = 0; i < rd->nresults; i++) {
+    const health_result *res = &rd->results[i];
+    if (res->ok)
       h->ok++;
-    else if (res[i].status > 0)
+    else if (res->status > 0)
       h->answered_bad = 1;
-    if (!res[i].ok && !h->detail[0])
-      dc_fmt(h->detail, sizeof h->detail, "%s: %s", res[i].url, res[i].error);
+    if (!res->ok && !h->detail[0])
+      dc_fmt(h->detail, sizeof h->detail, "%s: %s", res->url, res->error);
   }
-  h->state = health_classify(res, n);
-  if (dead_instance(r, h->detail, sizeof h->detail))
+  h->state = health_classify(rd->results, rd->nresults);
+  if (rd->dead) {
     h->state = HEALTH_UNHEALTHY;
+    h->dead = 1;
+    dc_strlcpy(h->detail, rd->dead_detail, sizeof h->detail);
+  }
   round_free(rd);
   engine_release(r->e);
   r->rounds--;
   rollout_health_cb cb = r->health_cb;
+  void *payload = r->health_payload;
   r->health_cb = NULL;
-  if (r->freed_later) {
-    /* The rollout ended while this round was out (a hook's d:health()). */
-    if (cb)
-      cb(r->health_payload, h);
-    if (r->rounds == 0)
-      free(r);
-    return;
-  }
   if (cb)
-    cb(r->health_payload, h);
+    cb(payload, h);
+  /* The rollout ended while this round was out (a hook's d:health()). */
+  if (r->freed_later && r->rounds == 0)
+    free(r);
+}
+
+static void round_checked(void *payload, const health_result *res, size_t n) {
+  check_round *rd = payload;
+  rd->results = calloc(n ? n : 1, sizeof *rd->results);
+  for (size_t i = 0; rd->results && i < n; i++) {
+    rd->results[i] = res[i];
+    rd->results[i].url = strdup(res[i].url ? res[i].url : "health");
+  }
+  rd->nresults = rd->results ? n : 0;
+  round_end(rd);
+}
+
+static void round_alive(void *payload, const unsigned char *alive, size_t dead, const char *detail) {
+  check_round *rd = payload;
+  (void)alive;
+  rd->dead = dead;
+  dc_strlcpy(rd->dead_detail, detail ? detail : "", sizeof rd->dead_detail);
+  round_end(rd);
+}
+
+static int add_url(check_round *rd, size_t cap, char *url) {
+  if (!url || rd->n >= cap) {
+    free(url);
+    return -1;
+  }
+  rd->urls[rd->n++] = url;
+  return 0;
 }
 
 void rollout_check_health(rollout *r, rollout_health_cb cb, void *payload) {
   char err[DC_ERR_MAX];
   check_round *rd = calloc(1, sizeof *rd);
-  size_t cap = r->nfresh * 2;
-  rd->r = r;
-  rd->urls = calloc(cap ? cap : 1, sizeof *rd->urls);
-  for (size_t i = 0; i < r->nfresh; i++) {
-    char url[768];
-    target_instance_url(r->t, &r->fresh[i], url, sizeof url);
-    rd->urls[rd->n++] = strdup(url);
-    if (r->st && r->st->health_check_url[0]) {
-      char port[16];
-      dc_fmt(port, sizeof port, "%d", r->fresh[i].port);
-      const char *pairs[] = {"host", r->fresh[i].host, "port", port, "target", r->t->name,
-                             "version", r->version, NULL};
-      dc_expand_placeholders(url, sizeof url, r->st->health_check_url, pairs);
-      rd->urls[rd->n++] = strdup(url);
-    }
-  }
+  size_t cap = r->fresh.n * 2 + 1;
+  if (rd)
+    rd->urls = calloc(cap, sizeof *rd->urls);
   r->health_cb = cb;
   r->health_payload = payload;
   r->rounds++;
   engine_hold(r->e);
+  if (!rd || !rd->urls) {
+    free(rd);
+    r->rounds--;
+    engine_release(r->e);
+    rollout_health h = {.state = HEALTH_UNHEALTHY, .detail = "health: out of memory"};
+    r->health_cb = NULL;
+    r->health = h;
+    cb(payload, &r->health);
+    return;
+  }
+  rd->r = r;
+  for (size_t i = 0; i < r->fresh.n; i++) {
+    const store_instance *in = &r->fresh.v[i];
+    add_url(rd, cap, target_instance_url(r->t, in));
+    if (r->st && r->st->health_check_url[0]) {
+      char port[16];
+      dc_fmt(port, sizeof port, "%d", in->port);
+      const char *pairs[] = {"host", in->host, "port", port, "target", r->t->name, "version", r->version, NULL};
+      add_url(rd, cap, dc_expand_placeholders_dup(r->st->health_check_url, pairs));
+    }
+  }
+  rd->waiting = 2;
   health_opts o = {.timeout = r->t->health.timeout, .expect_status = r->t->health.expect_status};
-  if (health_check_start(r->e, (const char *const *)rd->urls, rd->n, &o, round_done, rd, err) != 0) {
+  if (health_check_start(r->e, (const char *const *)rd->urls, rd->n, &o, round_checked, rd, err) != 0) {
     health_result none;
     memset(&none, 0, sizeof none);
     none.url = "health";
     dc_strlcpy(none.error, err, sizeof none.error);
-    round_done(rd, &none, 1);
+    round_checked(rd, &none, 1);
   }
+  instset_ctx c = ctx_of(r);
+  if (instset_inspect(&c, &r->fresh, round_alive, rd, err) != 0)
+    round_alive(rd, NULL, 0, NULL);
 }
 
 /* ---- monitoring: WAIT_HEALTHY, WAIT, VERIFY ---- */
@@ -342,6 +374,11 @@ static void monitor_schedule(rollout *r) {
   r->timer = engine_timer_start(r->e, next, monitor_tick, r);
 }
 
+static json_t *health_json(const rollout_health *h, int consecutive) {
+  return json_pack("{s:s, s:i, s:i, s:i, s:o}", "state", health_state_name(h->state), "consecutive", consecutive, "ok",
+                   h->ok, "checked", h->checked, "detail", dc_json_text(h->detail));
+}
+
 static void monitor_observed(void *payload, const rollout_health *h) {
   rollout *r = payload;
   char msg[DC_ERR_MAX];
@@ -352,24 +389,18 @@ static void monitor_observed(void *payload, const rollout_health *h) {
   }
   int ok = h->state == HEALTH_HEALTHY;
   /* While new instances start, "connection refused" is expected and not a
-   * failure; an instance that answers with the wrong status is. */
-  int counted = !ok && (r->mon != MON_HEALTHY || h->answered_bad);
+   * failure; an instance that answers with the wrong status, or dies, is. */
+  int counted = !ok && (r->mon != MON_HEALTHY || h->answered_bad || h->dead);
   if (counted) {
     r->mon_failures++;
-    char data[DC_ERR_MAX + 64], detail[DC_ERR_MAX];
-    dc_json_string(detail, sizeof detail, h->detail);
-    dc_fmt(data, sizeof data, "{\"state\":\"%s\",\"consecutive\":%d,\"ok\":%d,\"checked\":%d,\"detail\":%s}",
-           health_state_name(h->state), r->mon_failures, h->ok, h->checked, detail);
-    emit(r, "health_failed", data);
+    emit(r, "health_failed", health_json(h, r->mon_failures));
   } else if (r->mon == MON_HEALTHY) {
     r->mon_failures = 0;
   }
   switch (r->mon) {
   case MON_HEALTHY:
     if (ok) {
-      char data[64];
-      dc_fmt(data, sizeof data, "{\"checked\":%d}", h->checked);
-      emit(r, "healthy", data);
+      emit(r, "healthy", json_pack("{s:i}", "checked", h->checked));
       if (r->after_healthy) {
         void (*next)(rollout *) = r->after_healthy;
         r->after_healthy = NULL;
@@ -378,7 +409,7 @@ static void monitor_observed(void *payload, const rollout_health *h) {
         return;
       }
       complete(r, 1, NULL);
-    } else if (strstr(h->detail, " exited; see ")) {
+    } else if (h->dead) {
       complete(r, 0, h->detail);
     } else if (r->mon_failures >= r->t->health.failure_threshold) {
       dc_fmt(msg, sizeof msg, "new instances of %s unhealthy after %d consecutive failed checks: %s", r->version,
@@ -396,15 +427,17 @@ static void monitor_observed(void *payload, const rollout_health *h) {
   case MON_VERIFY:
     if (ok)
       r->mon_failures = 0;
-    if (r->mon_failures >= r->t->health.failure_threshold || strstr(h->detail, " exited; see ")) {
+    if (r->mon_failures >= r->t->health.failure_threshold || h->dead) {
       dc_fmt(msg, sizeof msg, "unhealthy after %d consecutive failed checks: %s", r->mon_failures, h->detail);
       complete(r, 0, msg);
     } else if (r->mon == MON_VERIFY && ok) {
-      char data[64];
-      dc_fmt(data, sizeof data, "{\"checked\":%d}", h->checked);
-      emit(r, "verified", data);
+      emit(r, "verified", json_pack("{s:i}", "checked", h->checked));
       step_passed(r);
-    } else if (r->mon == MON_GATED && now >= r->mon_deadline) {
+    } else if (r->mon == MON_GATED && (now >= r->mon_deadline || r->promote_pending)) {
+      if (r->promote_pending) {
+        r->promote_pending = 0;
+        emit(r, "resumed", pct_json(r->run.pct, "promote"));
+      }
       step_passed(r);
     } else {
       monitor_schedule(r);
@@ -441,34 +474,9 @@ static void step_passed(rollout *r) {
   with_hook(r, HOOK_AFTER_STEP, r->run.pct, NULL, after_step_done);
 }
 
-/* Operator commands seen while waiting: abort at any moment; promote ends
- * a timed wait early (the next step comes now). */
-static int monitor_controls(rollout *r) {
-  char cmd[32];
-  take_control(r, cmd, sizeof cmd);
-  if (strcmp(cmd, "abort") == 0) {
-    rollout_abort(r, "aborted by the operator (deployctl abort)");
-    complete(r, 0, r->abort_reason);
-    return 1;
-  }
-  if (strcmp(cmd, "promote") == 0) {
-    if (r->mon == MON_GATED) {
-      char data[96];
-      dc_fmt(data, sizeof data, "{\"pct\":%g,\"command\":\"promote\"}", r->run.pct);
-      emit(r, "resumed", data);
-      step_passed(r);
-      return 1;
-    }
-    put_back_control(r, cmd);
-  }
-  return 0;
-}
-
 static void monitor_tick(void *payload) {
   rollout *r = payload;
   r->timer = NULL;
-  if (monitor_controls(r))
-    return;
   rollout_check_health(r, monitor_observed, r);
 }
 
@@ -477,7 +485,11 @@ static void monitor_start(rollout *r, enum monitor_mode mode, double seconds) {
   r->mon_failures = 0;
   r->mon_deadline = engine_now(r->e) + seconds;
   if (mode == MON_GATED) {
-    if (seconds <= 0) {
+    if (seconds <= 0 || r->promote_pending) {
+      if (r->promote_pending) {
+        r->promote_pending = 0;
+        emit(r, "resumed", pct_json(r->run.pct, "promote"));
+      }
       step_passed(r);
       return;
     }
@@ -489,79 +501,54 @@ static void monitor_start(rollout *r, enum monitor_mode mode, double seconds) {
 
 /* ---- START ---- */
 
-static int start_one(rollout *r, int idx, char *err) {
-  store_instance *in = &r->fresh[r->nfresh];
-  memset(in, 0, sizeof *in);
-  dc_strlcpy(in->target, r->t->name, sizeof in->target);
-  dc_strlcpy(in->deployment_id, r->id, sizeof in->deployment_id);
-  dc_strlcpy(in->version, r->version, sizeof in->version);
-  dc_strlcpy(in->state, "starting", sizeof in->state);
-  in->idx = idx;
-  provider *p = r->t->provider;
-  if (p->allocate(p, r->s, in, err) != 0)
-    return -1;
-  if (store_instance_add(r->s, in, err) != 0)
-    return -1;
-  r->nfresh++;
-  dc_fmt(in->server, sizeof in->server, "dc_%lld", (long long)in->id);
-  if (p->start(p, in, err) != 0) {
-    char ignored[DC_ERR_MAX];
-    dc_strlcpy(in->state, "stopped", sizeof in->state);
-    store_instance_update(r->s, in, ignored);
-    return -1;
-  }
-  if (store_instance_update(r->s, in, err) != 0)
-    return -1;
-  char data[512];
-  dc_fmt(data, sizeof data, "{\"instance\":%d,\"host\":\"%s\",\"port\":%d,\"pid\":%d,\"server\":\"%s\"}",
-         in->idx, in->host, in->port, in->pid, in->server);
-  emit(r, "instance_started", data);
-  return 0;
-}
-
 /* Without a router that can weigh servers, the new version's share follows
  * the instance ratio (as Argo Rollouts does without a mesh): one new
  * instance first, more as the share grows, the old set whole until
  * promotion. */
-static int by_ratio(const rollout *r) { return strcmp(r->t->router->kind, "none") == 0 && r->nold > 0; }
+static int by_ratio(const rollout *r) { return r->t->router->ratio_only && r->old.n > 0; }
 
-static int grow_fresh(rollout *r, size_t n) {
-  if (r->nfresh + n <= r->fresh_cap)
-    return 0;
-  size_t cap = r->nfresh + n;
-  store_instance *grown = realloc(r->fresh, cap * sizeof *grown);
-  if (!grown)
-    return -1;
-  r->fresh = grown;
-  r->fresh_cap = cap;
-  return 0;
+static void started_set(void *payload, const char *err) {
+  rollout *r = payload;
+  if (err)
+    complete(r, 0, err);
+  else if (r->after_healthy)
+    monitor_start(r, MON_HEALTHY, r->t->health.start_timeout);
+  else
+    complete(r, 1, NULL);
+}
+
+/* Starts `per_node` more instances on every node. */
+static void start_more(rollout *r, int per_node) {
+  char err[DC_ERR_MAX];
+  instset plan = {0};
+  instset_ctx c = ctx_of(r);
+  if (instset_plan(r->t, r->rc.id, r->version, per_node, (int)r->fresh.n, &plan) != 0)
+    complete(r, 0, "deploy: out of memory");
+  else if (instset_start(&c, &r->fresh, &plan, started_set, r, err) != 0)
+    complete(r, 0, err);
+  instset_clear(&plan);
+}
+
+static size_t running_fresh(const rollout *r) {
+  size_t n = 0;
+  for (size_t i = 0; i < r->fresh.n; i++)
+    n += strcmp(r->fresh.v[i].state, "running") == 0;
+  return n;
 }
 
 static void act_start(rollout *r, int n) {
-  char err[DC_ERR_MAX];
-  if (n <= 0 && by_ratio(r) && r->nfresh == 0)
+  if (n <= 0 && by_ratio(r) && r->fresh.n == 0)
     n = 1;
   /* Starting what is already there is a no-op, so a built-in strategy can
    * take over from a Lua strategy that started the instances itself. */
   if (n <= 0) {
-    n = r->t->instances - (int)r->nfresh;
+    n = r->t->instances - (int)(running_fresh(r) / r->t->nnodes);
     if (n <= 0) {
       complete(r, 1, NULL);
       return;
     }
   }
-  if (grow_fresh(r, (size_t)n) != 0) {
-    complete(r, 0, "deploy: out of memory");
-    return;
-  }
-  int base = (int)r->nfresh;
-  for (int i = 0; i < n; i++) {
-    if (start_one(r, base + i, err) != 0) {
-      complete(r, 0, err);
-      return;
-    }
-  }
-  complete(r, 1, NULL);
+  start_more(r, n);
 }
 
 /* ---- TRAFFIC ---- */
@@ -572,42 +559,48 @@ typedef struct traffic {
   int w_old, w_new;
 } traffic;
 
-static size_t build_servers(rollout *r, router_server *out, int w_old, int w_new,
-                            int with_old, int with_new) {
-  size_t n = 0;
-  for (size_t i = 0; with_old && i < r->nold; i++) {
-    dc_strlcpy(out[n].name, r->old[i].server, sizeof out[n].name);
-    dc_strlcpy(out[n].host, r->old[i].host, sizeof out[n].host);
-    out[n].port = r->old[i].port;
-    out[n++].weight = w_old;
+/* The servers of the old set at w_old and the new set at w_new (a set
+ * left out when its flag is 0); heap, n entries. */
+static router_server *build_servers(rollout *r, int w_old, int w_new, int with_old, int with_new, size_t *n) {
+  router_server *out = calloc(r->old.n + r->fresh.n + 1, sizeof *out);
+  *n = 0;
+  if (!out)
+    return NULL;
+  if (with_old)
+    *n += instset_servers(&r->old, w_old, out);
+  if (with_new) {
+    /* Only instances that run are routed to. */
+    for (size_t i = 0; i < r->fresh.n; i++) {
+      if (strcmp(r->fresh.v[i].state, "running") != 0)
+        continue;
+      instset one = {&r->fresh.v[i], 1, 1};
+      *n += instset_servers(&one, w_new, out + *n);
+    }
   }
-  for (size_t i = 0; with_new && i < r->nfresh; i++) {
-    dc_strlcpy(out[n].name, r->fresh[i].server, sizeof out[n].name);
-    dc_strlcpy(out[n].host, r->fresh[i].host, sizeof out[n].host);
-    out[n].port = r->fresh[i].port;
-    out[n++].weight = w_new;
-  }
-  return n;
+  return out;
 }
 
 static void split(rollout *r, double pct, int *w_old, int *w_new) {
-  if (r->nold == 0) {
+  if (r->old.n == 0) {
     *w_old = 0;
     *w_new = pct > 0 ? 1 : 0;
     return;
   }
-  router_split_weights(pct, (int)r->nold, (int)r->nfresh, w_old, w_new);
+  router_split_weights(pct, (int)r->old.n, (int)running_fresh(r), w_old, w_new);
 }
 
+/* The weights wanted, recorded on the rows for reconcile and status. */
 static void save_weights(rollout *r, int w_old, int w_new) {
   char err[DC_ERR_MAX];
-  for (size_t i = 0; i < r->nold; i++) {
-    r->old[i].weight = w_old;
-    store_instance_update(r->s, &r->old[i], err);
+  for (size_t i = 0; i < r->old.n; i++) {
+    r->old.v[i].weight = w_old;
+    store_instance_update(r->s, &r->old.v[i], NULL, NULL, err);
   }
-  for (size_t i = 0; i < r->nfresh; i++) {
-    r->fresh[i].weight = w_new;
-    store_instance_update(r->s, &r->fresh[i], err);
+  for (size_t i = 0; i < r->fresh.n; i++) {
+    if (strcmp(r->fresh.v[i].state, "running") != 0)
+      continue;
+    r->fresh.v[i].weight = w_new;
+    store_instance_update(r->s, &r->fresh.v[i], NULL, NULL, err);
   }
 }
 
@@ -626,10 +619,10 @@ static void traffic_applied(void *payload, const char *err) {
   if (tr->w_new > 0)
     r->routed_new = 1;
   save_weights(r, tr->w_old, tr->w_new);
-  char data[256];
-  dc_fmt(data, sizeof data, "{\"pct\":%g,\"weight_old\":%d,\"weight_new\":%d,\"old\":%zu,\"new\":%zu,\"step\":%d,\"steps\":%d}",
-         tr->pct, tr->w_old, tr->w_new, r->nold, r->nfresh, r->run.step, r->run.steps);
-  emit(r, "traffic", data);
+  emit(r, "traffic",
+       json_pack("{s:o, s:i, s:i, s:i, s:i, s:i, s:i}", "pct", dc_json_number(tr->pct), "weight_old", tr->w_old, "weight_new",
+                 tr->w_new, "old", (int)r->old.n, "new", (int)running_fresh(r), "step", r->run.step, "steps",
+                 r->run.steps));
   free(tr);
   complete(r, 1, NULL);
 }
@@ -650,48 +643,33 @@ static void before_step_done(rollout *r, int ok, const char *err) {
   traffic_now(r, r->act.pct);
 }
 
-static void act_traffic(rollout *r, double pct) {
-  with_hook(r, HOOK_BEFORE_STEP, pct, NULL, before_step_done);
-}
+static void act_traffic(rollout *r, double pct) { with_hook(r, HOOK_BEFORE_STEP, pct, NULL, before_step_done); }
 
 static void ratio_reached(rollout *r) {
-  char data[256];
   double pct = r->ratio_pct;
-  double effective = 100.0 * (double)r->nfresh / (double)(r->nfresh + r->nold);
+  size_t n = running_fresh(r);
+  double effective = 100.0 * (double)n / (double)(n + r->old.n);
   r->run.pct = pct;
-  dc_fmt(data, sizeof data,
-         "{\"pct\":%g,\"effective\":%.2f,\"weight_old\":1,\"weight_new\":1,\"old\":%zu,\"new\":%zu,"
-         "\"step\":%d,\"steps\":%d,\"router\":\"none\"}",
-         pct, effective, r->nold, r->nfresh, r->run.step, r->run.steps);
-  emit(r, "traffic", data);
+  emit(r, "traffic",
+       json_pack("{s:o, s:o, s:i, s:i, s:i, s:i, s:i, s:i, s:s}", "pct", dc_json_number(pct), "effective",
+                 dc_json_number(round(effective * 100) / 100), "weight_old", 1, "weight_new", 1, "old", (int)r->old.n, "new", (int)n,
+                 "step", r->run.step, "steps", r->run.steps, "router", r->t->router->kind));
   complete(r, 1, NULL);
 }
 
 static void traffic_by_ratio(rollout *r, double pct) {
-  char err[DC_ERR_MAX];
   int total = r->t->instances;
   size_t want = pct <= 0 ? 0 : (size_t)ceil(total * pct / 100.0 - 1e-9);
   if (pct > 0 && want < 1)
     want = 1;
   r->ratio_pct = pct;
-  if (want <= r->nfresh) {
+  size_t have = running_fresh(r) / r->t->nnodes;
+  if (want <= have) {
     ratio_reached(r);
     return;
   }
-  size_t more = want - r->nfresh;
-  if (grow_fresh(r, more) != 0) {
-    complete(r, 0, "deploy: out of memory");
-    return;
-  }
-  int base = (int)r->nfresh;
-  for (size_t i = 0; i < more; i++) {
-    if (start_one(r, base + (int)i, err) != 0) {
-      complete(r, 0, err);
-      return;
-    }
-  }
   r->after_healthy = ratio_reached;
-  monitor_start(r, MON_HEALTHY, r->t->health.start_timeout);
+  start_more(r, (int)(want - have));
 }
 
 static void traffic_now(rollout *r, double pct) {
@@ -705,18 +683,26 @@ static void traffic_now(rollout *r, double pct) {
     traffic_by_ratio(r, pct);
     return;
   }
-  if (r->nfresh == 0 && pct > 0) {
+  if (running_fresh(r) == 0 && pct > 0) {
     complete(r, 0, "cannot send traffic to the new version: no instance of it was started");
     return;
   }
   traffic *tr = calloc(1, sizeof *tr);
+  size_t n = 0;
+  router_server *servers = NULL;
+  if (tr) {
+    split(r, pct, &tr->w_old, &tr->w_new);
+    /* A server at weight 0 stays registered (it may get traffic back);
+     * only promotion and abort retire a whole set. */
+    servers = build_servers(r, tr->w_old, tr->w_new, 1, 1, &n);
+  }
+  if (!servers) {
+    free(tr);
+    complete(r, 0, "deploy: out of memory");
+    return;
+  }
   tr->r = r;
   tr->pct = pct;
-  split(r, pct, &tr->w_old, &tr->w_new);
-  router_server *servers = calloc(r->nold + r->nfresh + 1, sizeof *servers);
-  /* A server at weight 0 stays registered (it may get traffic back); only
-   * promotion and abort retire a whole set. */
-  size_t n = build_servers(r, servers, tr->w_old, tr->w_new, 1, 1);
   engine_hold(r->e);
   int rc = r->t->router->apply(r->t->router, servers, n, traffic_applied, tr, err);
   free(servers);
@@ -727,66 +713,6 @@ static void traffic_now(rollout *r, double pct) {
   }
 }
 
-/* ---- stopping a set of instances ---- */
-
-typedef struct stopping {
-  rollout *r;
-  store_instance inst;
-  void (*then)(rollout *r);
-} stopping;
-
-static void stopped_one(void *payload, const char *err) {
-  stopping *sp = payload;
-  rollout *r = sp->r;
-  engine_release(r->e);
-  char e2[DC_ERR_MAX], data[DC_ERR_MAX + 300];
-  if (err && r->promoting) {
-    /* The new version serves already: a stubborn old process is worth an
-     * event, not a failed deployment. */
-    char why[DC_ERR_MAX];
-    dc_json_string(why, sizeof why, err);
-    dc_fmt(data, sizeof data, "{\"pid\":%d,\"error\":%s}", sp->inst.pid, why);
-    emit(r, "stop_failed", data);
-  } else if (err) {
-    add_error(r, err);
-  } else {
-    store_instance_delete(r->s, sp->inst.id, e2);
-  }
-  dc_fmt(data, sizeof data, "{\"version\":\"%s\",\"instance\":%d,\"pid\":%d,\"port\":%d}", sp->inst.version,
-         sp->inst.idx, sp->inst.pid, sp->inst.port);
-  emit(r, "instance_stopped", data);
-  void (*then)(rollout *) = sp->then;
-  free(sp);
-  if (--r->stops_pending == 0)
-    then(r);
-}
-
-/* Stops every instance in both sets; `then` runs once all are gone. */
-static void stop_sets(rollout *r, store_instance *a, size_t na, store_instance *b, size_t nb,
-                      void (*then)(rollout *r)) {
-  char err[DC_ERR_MAX];
-  r->stops_pending = 1; /* held until every stop is issued */
-  for (size_t k = 0; k < na + nb; k++) {
-    store_instance *in = k < na ? &a[k] : &b[k - na];
-    stopping *sp = calloc(1, sizeof *sp);
-    sp->r = r;
-    sp->inst = *in;
-    sp->then = then;
-    dc_strlcpy(in->state, "stopping", sizeof in->state);
-    store_instance_update(r->s, in, err);
-    r->stops_pending++;
-    engine_hold(r->e);
-    if (r->t->provider->stop(r->t->provider, in, stopped_one, sp, err) != 0) {
-      engine_release(r->e);
-      add_error(r, err);
-      free(sp);
-      r->stops_pending--;
-    }
-  }
-  if (--r->stops_pending == 0)
-    then(r);
-}
-
 /* ---- PROMOTE ---- */
 
 static void on_promote_done(rollout *r, int ok, const char *err) {
@@ -795,12 +721,43 @@ static void on_promote_done(rollout *r, int ok, const char *err) {
   end_rollout(r);
 }
 
-static void promoted_stopped(rollout *r) {
-  r->promoted = 1;
+/* The new version serves already: a stubborn old process is worth an event
+ * (instset records it), not a failed deployment. */
+static void promoted_stopped(void *payload, const char *err) {
+  rollout *r = payload;
+  (void)err;
   with_hook(r, HOOK_ON_PROMOTE, 100, NULL, on_promote_done);
 }
 
-static void act_abort(rollout *r, const char *reason);
+static void stop_then(rollout *r, const instset *a, const instset *b, instset_cb then) {
+  char err[DC_ERR_MAX];
+  instset both = {0};
+  for (size_t i = 0; i < a->n; i++)
+    instset_push(&both, &a->v[i]);
+  for (size_t i = 0; b && i < b->n; i++)
+    instset_push(&both, &b->v[i]);
+  instset_ctx c = ctx_of(r);
+  if (instset_stop(&c, &both, then, r, err) != 0) {
+    record_error(&r->rc, err);
+    then(r, err);
+  }
+  instset_clear(&both);
+}
+
+static void promotion_recorded(void *payload, const store_result *res) {
+  rollout *r = payload;
+  char msg[DC_ERR_MAX];
+  if (res->rc != DC_OK) {
+    dc_fmt(msg, sizeof msg, "cannot record the promotion of %s: %s", r->version, res->err);
+    act_abort(r, msg);
+    return;
+  }
+  /* Committed before anything old stops: from here on, a crash recovers
+   * to the new version. */
+  r->promoted = 1;
+  emit(r, "promoted", json_pack("{s:s, s:s}", "version", r->version, "from", r->from_version));
+  stop_then(r, &r->old, &r->strays, promoted_stopped);
+}
 
 static void promote_applied(void *payload, const char *err) {
   rollout *r = payload;
@@ -811,23 +768,14 @@ static void promote_applied(void *payload, const char *err) {
     act_abort(r, msg);
     return;
   }
-  /* Committed before anything old stops: from here on, a crash recovers
-   * to the new version. */
-  if (store_deployment_promote(r->s, r->id, msg) != 0) {
+  if (store_deployment_promote(r->s, r->rc.id, promotion_recorded, r, msg) != 0)
     act_abort(r, msg);
-    return;
-  }
-  r->promoting = 1;
-  char data[320];
-  dc_fmt(data, sizeof data, "{\"version\":\"%s\",\"from\":\"%s\"}", r->version, r->from_version);
-  emit(r, "promoted", data);
-  stop_sets(r, r->old, r->nold, r->strays, r->nstray, promoted_stopped);
 }
 
 static void act_promote(rollout *r) {
   char err[DC_ERR_MAX];
   int w_old, w_new;
-  if (r->nfresh == 0) {
+  if (running_fresh(r) == 0) {
     act_abort(r, "nothing to promote: no instance of the new version was started");
     return;
   }
@@ -835,8 +783,12 @@ static void act_promote(rollout *r) {
   split(r, 100, &w_old, &w_new);
   if (w_new == 0)
     w_new = 1;
-  router_server *servers = calloc(r->nfresh + 1, sizeof *servers);
-  size_t n = build_servers(r, servers, 0, w_new, 0, 1);
+  size_t n;
+  router_server *servers = build_servers(r, 0, w_new, 0, 1, &n);
+  if (!servers) {
+    act_abort(r, "deploy: out of memory");
+    return;
+  }
   engine_hold(r->e);
   int rc = r->t->router->apply(r->t->router, servers, n, promote_applied, r, err);
   free(servers);
@@ -852,14 +804,17 @@ static void on_abort_done(rollout *r, int ok, const char *err) {
   end_rollout(r);
 }
 
-static void aborted_stopped(rollout *r) {
-  with_hook(r, HOOK_ON_ABORT, r->abort_pct, r->result.nerrors ? r->result.errors[0] : "aborted", on_abort_done);
+static void aborted_stopped(void *payload, const char *err) {
+  rollout *r = payload;
+  if (err)
+    record_error(&r->rc, err);
+  with_hook(r, HOOK_ON_ABORT, r->abort_pct, r->rc.nerrors ? r->rc.errors[0] : "aborted", on_abort_done);
 }
 
 static void on_rollback_done(rollout *r, int ok, const char *err) {
   if (!ok)
     note_hook_failure(r, HOOK_ON_ROLLBACK, err);
-  stop_sets(r, r->fresh, r->nfresh, r->strays, r->nstray, aborted_stopped);
+  stop_then(r, &r->fresh, &r->strays, aborted_stopped);
 }
 
 static void abort_apply(rollout *r);
@@ -879,47 +834,50 @@ static void abort_applied(void *payload, const char *err) {
     return;
   }
   if (err) {
-    char msg[DC_ERR_MAX];
-    dc_fmt(msg, sizeof msg, "while returning traffic to the old version: %s", err);
-    add_error(r, msg);
+    record_errorf(&r->rc, "while returning traffic to the old version: %s", err);
     /* If the proxy ever sent the new instances traffic, it may still: they
      * keep running, as strays the next rollout or reconcile stops. */
     if (r->routed_new) {
-      aborted_stopped(r);
+      aborted_stopped(r, NULL);
       return;
     }
   } else {
     r->run.pct = 0;
-    save_weights(r, r->nold ? 1 : 0, 0);
-    if (r->abort_pct > 0 && r->nold > 0) {
-      char data[64];
-      dc_fmt(data, sizeof data, "{\"from_pct\":%g}", r->abort_pct);
-      emit(r, "rolled_back", data);
+    save_weights(r, r->old.n ? 1 : 0, 0);
+    if (r->abort_pct > 0 && r->old.n > 0) {
+      emit(r, "rolled_back", json_pack("{s:o}", "from_pct", dc_json_number(r->abort_pct)));
       with_hook(r, HOOK_ON_ROLLBACK, r->abort_pct, NULL, on_rollback_done);
       return;
     }
   }
-  stop_sets(r, r->fresh, r->nfresh, r->strays, r->nstray, aborted_stopped);
+  stop_then(r, &r->fresh, &r->strays, aborted_stopped);
 }
 
 static void act_abort(rollout *r, const char *reason) {
-  char err[DC_ERR_MAX], data[DC_ERR_MAX + 64], why[DC_ERR_MAX];
   r->ending = 1;
   r->abort_pct = r->run.pct;
-  ctl_stop(r);
-  add_error(r, reason);
-  dc_json_string(why, sizeof why, reason);
-  dc_fmt(data, sizeof data, "{\"reason\":%s,\"pct\":%g}", why, r->run.pct);
-  emit(r, "aborted", data);
-  (void)err;
+  r->paused = 0;
+  record_error(&r->rc, reason);
+  emit(r, "aborted", json_pack("{s:o, s:o}", "reason", dc_json_text(reason), "pct", dc_json_number(r->run.pct)));
+  if (r->lease_lost) {
+    /* The target is another runner's now: its recovery brings it back to
+     * one version. Touching the router or the instances could only fight
+     * it. */
+    end_rollout(r);
+    return;
+  }
   abort_apply(r);
 }
 
 static void abort_apply(rollout *r) {
   char err[DC_ERR_MAX];
-  router_server *servers = calloc(r->nold + 1, sizeof *servers);
+  size_t n;
   /* Equal weights on the old set: 100 % back in one step. */
-  size_t n = build_servers(r, servers, 1, 0, 1, 0);
+  router_server *servers = build_servers(r, 1, 0, 1, 0, &n);
+  if (!servers) {
+    abort_applied(r, "deploy: out of memory");
+    return;
+  }
   engine_hold(r->e);
   int rc = r->t->router->apply(r->t->router, servers, n, abort_applied, r, err);
   free(servers);
@@ -929,49 +887,17 @@ static void abort_apply(rollout *r) {
 
 /* ---- the end ---- */
 
-static void end_rollout(rollout *r) {
-  char err[DC_ERR_MAX], errors[ROLLOUT_MAX_ERRORS * DC_ERR_MAX + 16];
-  double now = engine_now(r->e);
-  r->result.success = r->promoted && r->result.nerrors == 0;
-  r->result.duration = now - r->started;
-  size_t len = 0;
-  errors[len++] = '[';
-  for (int i = 0; i < r->result.nerrors; i++) {
-    char item[DC_ERR_MAX + 8];
-    dc_json_string(item, sizeof item, r->result.errors[i]);
-    len += (size_t)snprintf(errors + len, sizeof errors - len, "%s%s", i ? "," : "", item);
-    if (len >= sizeof errors - 2)
-      break;
-  }
-  dc_fmt(errors + len, sizeof errors - len, "]");
-  const char *status = r->promoted ? "succeeded" : "failed";
-  const char *tstatus = r->promoted ? "deployed" : "failed";
-  const char *thealth = r->promoted ? health_state_name(r->health.state) : (r->nold ? "healthy" : "unhealthy");
-  /* The promotion itself was committed by store_deployment_promote. */
-  if (store_deployment_finish(r->s, r->id, status, r->result.nerrors ? errors : NULL, now,
-                              r->result.duration, 0, tstatus, thealth, err) != 0)
-    add_error(r, err);
-  char data[128];
-  dc_fmt(data, sizeof data, "{\"success\":%s,\"duration\":%.3f}", r->result.success ? "true" : "false",
-         r->result.duration);
-  emit(r, "finished", data);
-
-  /* The action that ended the rollout hears of it first (a Lua strategy
-   * resumes), then the owner of the rollout. */
-  r->act_ok = r->promoted;
-  if (!r->promoted)
-    dc_strlcpy(r->act_err, r->result.nerrors ? r->result.errors[0] : "aborted", sizeof r->act_err);
-  rollout_action_cb cb = r->act_cb;
-  r->act_cb = NULL;
-  if (cb)
-    cb(r->act_payload, r->act_ok, r->act_ok ? NULL : r->act_err);
-  ctl_stop(r);
-  if (r->done)
-    r->done(r->done_payload, &r->result);
-  free(r->old);
-  free(r->fresh);
-  free(r->strays);
-  r->old = r->fresh = r->strays = NULL;
+static void release(rollout *r) {
+  store_controls_unwatch(r->watch);
+  r->watch = NULL;
+  active_remove(r);
+  instset_clear(&r->old);
+  instset_clear(&r->fresh);
+  instset_clear(&r->strays);
+  record_clear(&r->rc);
+  free(r->metadata);
+  store_unref(r->s);
+  r->s = NULL;
   if (r->rounds > 0) {
     r->freed_later = 1;
     return;
@@ -979,13 +905,83 @@ static void end_rollout(rollout *r) {
   free(r);
 }
 
+static void report(rollout *r) {
+  rollout_result res;
+  memset(&res, 0, sizeof res);
+  res.success = r->promoted && r->rc.nerrors == 0 && !r->rc.oom;
+  res.locked = r->locked;
+  res.recorded = r->recorded;
+  dc_strlcpy(res.id, r->rc.id, sizeof res.id);
+  dc_strlcpy(res.target, r->t->name, sizeof res.target);
+  dc_strlcpy(res.version, r->version, sizeof res.version);
+  dc_strlcpy(res.strategy, r->strategy_name, sizeof res.strategy);
+  res.duration = engine_now(r->e) - r->started;
+  res.errors = (const char *const *)r->rc.errors;
+  res.nerrors = r->rc.nerrors;
+  /* The action that ended the rollout hears of it first (a Lua strategy
+   * resumes), then the owner of the rollout. */
+  r->act_ok = res.success;
+  if (!res.success)
+    dc_strlcpy(r->act_err, r->rc.nerrors ? r->rc.errors[0] : "aborted", sizeof r->act_err);
+  rollout_action_cb cb = r->act_cb;
+  r->act_cb = NULL;
+  if (cb)
+    cb(r->act_payload, r->act_ok, r->act_ok ? NULL : r->act_err);
+  if (r->done)
+    r->done(r->done_payload, &res);
+  release(r);
+}
+
+static void finish_recorded(void *payload, const store_result *res) {
+  rollout *r = payload;
+  if (res->rc != DC_OK)
+    record_error(&r->rc, res->err);
+  report(r);
+}
+
+static void end_rollout(rollout *r) {
+  char err[DC_ERR_MAX];
+  double now = engine_now(r->e);
+  store_controls_unwatch(r->watch);
+  r->watch = NULL;
+  if (r->lease_lost) {
+    /* Not ours to finish: the runner that took the target over records
+     * the interruption. */
+    report(r);
+    return;
+  }
+  /* Queued before the end itself: when the end is committed, so is every
+   * event, and whoever reads the history after hearing the result sees it
+   * whole. */
+  emit(r, "finished",
+       json_pack("{s:b, s:o}", "success", r->promoted && r->rc.nerrors == 0, "duration", dc_json_number(dc_round_ms(now - r->started))));
+  char *errors = record_errors_json(&r->rc);
+  store_finish f = {.id = r->rc.id,
+                    .status = r->promoted ? "succeeded" : "failed",
+                    .errors_json = errors,
+                    .finished_at = now,
+                    .duration = now - r->started,
+                    .promoted = 0, /* committed by the promotion itself */
+                    .target_status = r->promoted ? "deployed" : "failed",
+                    .target_health = r->promoted ? health_state_name(r->health.state)
+                                                 : (r->old.n ? "healthy" : "unhealthy")};
+  int rc = store_deployment_finish(r->s, &f, finish_recorded, r, err);
+  free(errors);
+  if (rc != 0) {
+    store_result res = {.rc = DC_ERROR, .err = err};
+    finish_recorded(r, &res);
+  }
+}
+
 /* ---- actions ---- */
 
 void rollout_action(rollout *r, const strategy_action *a, rollout_action_cb cb, void *payload) {
   /* One action at a time: a refusal must not touch the one in progress. */
-  if (r->ending || r->hook_next) {
+  if (r->ending || r->hook_next || !r->recorded) {
     if (cb)
-      cb(payload, 0, r->ending ? "the deployment is ending" : "actions cannot be started from a hook");
+      cb(payload, 0,
+         r->ending ? "the deployment is ending" : !r->recorded ? "the deployment is not recorded yet"
+                                                               : "actions cannot be started from a hook");
     return;
   }
   r->act = *a;
@@ -1003,7 +999,7 @@ void rollout_action(rollout *r, const strategy_action *a, rollout_action_cb cb, 
     act_pause(r);
     return;
   case ACTION_WAIT_HEALTHY:
-    if (r->nfresh == 0) {
+    if (r->fresh.n == 0) {
       complete(r, 0, "no new instance to wait for: start them first");
       return;
     }
@@ -1025,14 +1021,14 @@ void rollout_action(rollout *r, const strategy_action *a, rollout_action_cb cb, 
     act_abort(r, r->act.reason[0] ? r->act.reason : "aborted");
     return;
   }
+  complete(r, 0, "unknown action");
 }
 
 static void stepped(void *payload, int ok, const char *err) {
   rollout *r = payload;
   if (r->ending)
     return;
-  r->run.last_ok = ok;
-  dc_strlcpy(r->run.last_error, err ? err : "", sizeof r->run.last_error);
+  rollout_record(r, ok, err);
   run_step(r);
 }
 
@@ -1043,38 +1039,24 @@ static void run_step(rollout *r) {
 }
 
 static void begin_after_hook(rollout *r, int ok, const char *err) {
-  char msg[DC_ERR_MAX];
-  rollout_action_cb cb = r->act_cb;
-  void *payload = r->act_payload;
-  r->act_cb = NULL;
-  if (!ok)
-    dc_fmt(msg, sizeof msg, "before_deploy hook failed: %s", err ? err : "returned false");
-  cb(payload, ok, ok ? NULL : msg);
-}
-
-void rollout_begin(rollout *r, rollout_action_cb cb, void *payload) {
-  r->act_cb = cb;
-  r->act_payload = payload;
-  with_hook(r, HOOK_BEFORE_DEPLOY, 0, NULL, begin_after_hook);
-}
-
-static void steps_begun(void *payload, int ok, const char *err) {
-  rollout *r = payload;
   if (!ok) {
     strategy_action a;
     memset(&a, 0, sizeof a);
     a.kind = ACTION_ABORT;
-    dc_strlcpy(a.reason, err, sizeof a.reason);
-    rollout_action(r, &a, stepped, r);
+    dc_fmt(a.reason, sizeof a.reason, "before_deploy hook failed: %s", err ? err : "returned false");
+    rollout_action(r, &a, r->st->step ? stepped : NULL, r);
     return;
   }
-  run_step(r);
-}
-
-static void begin_steps(void *payload) {
-  rollout *r = payload;
-  r->timer = NULL;
-  rollout_begin(r, steps_begun, r);
+  if (r->abort_requested) {
+    strategy_action a = {.kind = ACTION_ABORT};
+    dc_strlcpy(a.reason, r->abort_reason, sizeof a.reason);
+    rollout_action(r, &a, r->st->step ? stepped : NULL, r);
+    return;
+  }
+  if (r->st->step)
+    run_step(r);
+  else
+    r->st->drive(r->st, r);
 }
 
 void rollout_next_action(rollout *r, const strategy *st, strategy_action *out) { st->step(st, &r->run, out); }
@@ -1086,14 +1068,12 @@ void rollout_record(rollout *r, int ok, const char *err) {
 
 int rollout_ending(const rollout *r) { return r->ending; }
 
-
 void rollout_abort(rollout *r, const char *reason) {
   if (r->abort_requested || r->ending)
     return;
   r->abort_requested = 1;
   dc_strlcpy(r->abort_reason, reason && *reason ? reason : "aborted by the operator", sizeof r->abort_reason);
   if (r->paused) {
-    ctl_stop(r);
     r->paused = 0;
     complete(r, 0, r->abort_reason);
     return;
@@ -1106,117 +1086,71 @@ void rollout_abort(rollout *r, const char *reason) {
   }
 }
 
-void rollout_log(rollout *r, const char *kind, const char *data_json) { emit(r, kind, data_json); }
-
-
 /* ---- start ---- */
 
-typedef struct sets {
-  rollout *r;
-  const char *live;
+static void begun(void *payload, const store_result *res) {
+  rollout *r = payload;
   char err[DC_ERR_MAX];
-  int failed;
-} sets;
-
-static int push(store_instance **arr, size_t *n, const store_instance *in) {
-  store_instance *grown = realloc(*arr, (*n + 1) * sizeof *grown);
-  if (!grown)
-    return -1;
-  *arr = grown;
-  grown[(*n)++] = *in;
-  return 0;
-}
-
-static int classify_instance(void *payload, const store_instance *in) {
-  sets *st = payload;
-  rollout *r = st->r;
-  int live = st->live[0] && strcmp(in->deployment_id, st->live) == 0 && strcmp(in->state, "stopped") != 0;
-  if (push(live ? &r->old : &r->strays, live ? &r->nold : &r->nstray, in) != 0) {
-    st->failed = 1;
-    return 1;
+  if (res->rc != DC_OK) {
+    r->locked = res->rc == DC_LOCKED;
+    record_error(&r->rc, res->err);
+    report(r);
+    return;
   }
-  return 0;
+  r->recorded = 1;
+  dc_strlcpy(r->from_version, res->target->current_version, sizeof r->from_version);
+  if (instset_split(res->instances, res->ninstances, res->target->live_deployment, &r->old, &r->strays) != 0) {
+    record_error(&r->rc, "deploy: out of memory");
+    r->ending = 1;
+    end_rollout(r);
+    return;
+  }
+  r->run.has_old = r->old.n > 0;
+  char user[128];
+  dc_whoami(user, sizeof user);
+  emit(r, "started",
+       json_pack("{s:s, s:s, s:o, s:s, s:o}", "version", r->version, "from", r->from_version, "strategy",
+                 dc_json_text(r->strategy_name), "kind", r->kind, "user", dc_json_text(user)));
+  r->watch = store_controls_watch(r->s, r->rc.id, on_control, r, err);
+  if (!r->watch)
+    fprintf(stderr, "%s: operator commands will not reach this rollout\n", err);
+  with_hook(r, HOOK_BEFORE_DEPLOY, 0, NULL, begin_after_hook);
 }
 
-int rollout_start(rollout **out, engine *e, store *s, target_config *t, const strategy *st,
-                  const rollout_opts *o, rollout_done_cb cb, void *payload, char *err) {
+int rollout_start(rollout **out, engine *e, store *s, target_config *t, strategy *st, const rollout_opts *o,
+                  rollout_done_cb cb, void *payload, char *err) {
   *out = NULL;
-  if (dc_validate_version(o->version, "version", err) != 0)
-    return DC_ERROR;
-  store_target tg;
-  if (store_target_get(s, t->name, &tg, err) != 0)
+  if (dc_validate_version(o->version, "version", err) != 0 || strategy_check(st, err) != 0)
     return DC_ERROR;
   rollout *r = calloc(1, sizeof *r);
-  if (!r) {
+  if (!r || (o->metadata_json && !(r->metadata = strdup(o->metadata_json)))) {
+    free(r);
     dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
     return DC_ERROR;
   }
   r->e = e;
-  r->s = s;
+  r->s = store_ref(s);
   r->t = t;
   r->st = st;
   r->done = cb;
   r->done_payload = payload;
-  r->on_event = o->on_event;
-  r->event_payload = o->event_payload;
   r->hooks = o->hooks;
-  r->control_poll = o->control_poll > 0 ? o->control_poll : 0.2;
-  if (o->id && *o->id)
-    dc_strlcpy(r->id, o->id, sizeof r->id);
-  else
-    dc_new_id(r->id, sizeof r->id);
+  record_init(&r->rc, e, s, t->name, o->id, &o->sink);
   dc_strlcpy(r->version, o->version, sizeof r->version);
-  dc_strlcpy(r->from_version, tg.current_version, sizeof r->from_version);
   dc_strlcpy(r->kind, o->kind ? o->kind : "deploy", sizeof r->kind);
-  dc_strlcpy(r->strategy_name, o->strategy_name ? o->strategy_name : (st ? st->name : "custom"),
-             sizeof r->strategy_name);
+  dc_strlcpy(r->strategy_name, o->strategy_name ? o->strategy_name : st->name, sizeof r->strategy_name);
   r->started = o->created_at > 0 ? o->created_at : engine_now(e);
   r->run.last_ok = 1;
-
   store_deployment d;
-  memset(&d, 0, sizeof d);
-  dc_strlcpy(d.id, r->id, sizeof d.id);
-  dc_strlcpy(d.target, t->name, sizeof d.target);
-  dc_strlcpy(d.version, r->version, sizeof d.version);
-  dc_strlcpy(d.from_version, tg.current_version, sizeof d.from_version);
-  dc_strlcpy(d.kind, r->kind, sizeof d.kind);
-  dc_strlcpy(d.strategy, r->strategy_name, sizeof d.strategy);
-  dc_strlcpy(d.status, "running", sizeof d.status);
-  d.created_at = r->started;
-  d.metadata = (char *)o->metadata_json;
-  d.owner_pid = (int)getpid();
-  d.owner_start = dc_proc_start_time(d.owner_pid);
-  gethostname(d.owner_host, sizeof d.owner_host - 1);
-  dc_whoami(d.user, sizeof d.user);
-  int rc = store_deployment_begin(s, &d, err);
-  if (rc != 0) {
-    free(r);
-    return rc;
-  }
-  dc_strlcpy(r->result.id, r->id, sizeof r->result.id);
-  dc_strlcpy(r->result.target, t->name, sizeof r->result.target);
-  dc_strlcpy(r->result.version, r->version, sizeof r->result.version);
-  dc_strlcpy(r->result.strategy, r->strategy_name, sizeof r->result.strategy);
-
-  sets sc = {.r = r, .live = tg.live_deployment};
-  if (store_instances(s, t->name, classify_instance, &sc, err) != 0 || sc.failed) {
-    if (sc.failed)
-      dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
-    store_deployment_finish(s, r->id, "failed", NULL, engine_now(e), 0, 0, "failed", "unhealthy", sc.err);
-    free(r->old);
-    free(r->strays);
+  record_row(&r->rc, &d, r->version, r->kind, r->strategy_name, r->started, r->metadata);
+  if (store_deployment_begin(s, &d, begun, r, err) != 0) {
+    record_clear(&r->rc);
+    store_unref(r->s);
+    free(r->metadata);
     free(r);
     return DC_ERROR;
   }
-  r->run.has_old = r->nold > 0;
-  char data[600], v[160], from[160];
-  dc_json_string(v, sizeof v, r->version);
-  dc_json_string(from, sizeof from, r->from_version);
-  dc_fmt(data, sizeof data, "{\"version\":%s,\"from\":%s,\"strategy\":\"%s\",\"kind\":\"%s\",\"user\":\"%s\"}", v,
-         from, r->strategy_name, r->kind, d.user);
-  emit(r, "started", data);
+  active_add(r);
   *out = r;
-  if (st)
-    r->timer = engine_timer_start(e, 0, begin_steps, r);
   return DC_OK;
 }

@@ -1,31 +1,35 @@
 /* A rollout: one deployment of one version to one target, as a task on the
- * engine. It owns the deployment's row, lock and instances, carries out the
- * actions its strategy names, records each in the store as an event, and
+ * engine. It owns the deployment's row, lock and instances, carries out
+ * the actions its strategy names (runtime/action.h), records each, and
  * always ends with the target on exactly one version: the new one
- * (promoted) or the old one (aborted). */
+ * (promoted) or the old one (aborted).
+ *
+ * Every step is recorded before it acts: the deployment row and lock are
+ * committed before any instance starts, an instance's row before the
+ * provider starts it, the promotion before the old set stops, the end
+ * before the owner hears of it. */
 #ifndef DEPLOY_ROLLOUT_H
 #define DEPLOY_ROLLOUT_H
 
+#include "action.h"
 #include "engine.h"
 #include "health.h"
+#include "record.h"
 #include "store.h"
-#include "strategy.h"
 #include "target.h"
 #include "util.h"
 
-#define ROLLOUT_MAX_ERRORS 8
-
-typedef struct rollout rollout;
-
 typedef struct rollout_result {
   int success;
+  int locked;                      /* refused: another deployment holds the target */
+  int recorded;                    /* a deployment row was written */
   char id[48];
   char target[64];
   char version[129];
   char strategy[64];
   double duration;                 /* engine-clock seconds */
-  int nerrors;
-  char errors[ROLLOUT_MAX_ERRORS][DC_ERR_MAX];
+  const char *const *errors;       /* valid during the callback */
+  size_t nerrors;
 } rollout_result;
 
 /* Last health observation of the new instances. */
@@ -33,6 +37,7 @@ typedef struct rollout_health {
   health_state state;
   int checked, ok;
   int answered_bad;   /* some instance answered, with the wrong status */
+  int dead;           /* some instance's process is gone: no use waiting */
   char detail[DC_ERR_MAX];
 } rollout_health;
 
@@ -61,7 +66,6 @@ typedef struct rollout_hooks {
   void *payload;
 } rollout_hooks;
 
-typedef void (*rollout_event_cb)(void *payload, const store_event *ev);
 typedef void (*rollout_done_cb)(void *payload, const rollout_result *res);
 /* Outcome of one action run by rollout_action (ok, or why not). */
 typedef void (*rollout_action_cb)(void *payload, int ok, const char *err);
@@ -73,53 +77,41 @@ typedef struct rollout_opts {
   const char *kind;                /* "deploy" (default) or "rollback" */
   const char *strategy_name;       /* recorded name; default: the strategy's */
   const char *metadata_json;       /* JSON object or NULL */
-  rollout_event_cb on_event;       /* every event, after it is stored */
-  void *event_payload;
+  event_sink sink;                 /* every event as it is recorded; emit may be NULL */
   const rollout_hooks *hooks;      /* NULL: none; must outlive the rollout */
-  double control_poll;             /* seconds between checks for operator
-                                      commands (promote/abort); default 0.2 */
 } rollout_opts;
 
-/* Records the deployment (row + lock) and, when st is not NULL, starts
- * driving st's step machine. With st == NULL the caller drives the rollout
- * itself through rollout_action() and ends it with rollout_finish() (this is
- * how Lua strategies run). Returns DC_LOCKED (err says who holds the target)
- * or DC_ERROR without having changed anything; on DC_OK `cb` runs exactly
- * once, when the rollout has ended, and the rollout frees itself after. */
-int rollout_start(rollout **out, engine *e, store *s, target_config *t,
-                  const strategy *st, const rollout_opts *o,
+/* Records the deployment (row + lock, asynchronously) and drives st: a
+ * step machine is stepped, a driver is handed the rollout. The strategy
+ * and the target must outlive the rollout. Returns DC_ERROR (nothing
+ * changed, cb never runs) only for a bad argument or no memory; a target
+ * locked by another deployment is reported through cb, with `locked` set
+ * and nothing recorded. cb runs exactly once, from the loop, when the
+ * rollout has ended; the rollout frees itself after. */
+int rollout_start(rollout **out, engine *e, store *s, target_config *t, strategy *st, const rollout_opts *o,
                   rollout_done_cb cb, void *payload, char *err);
 
-/* Run one action (for externally driven rollouts). ACTION_PROMOTE and
- * ACTION_ABORT end the rollout (cb runs, then the done callback). */
-void rollout_action(rollout *r, const strategy_action *a,
-                    rollout_action_cb cb, void *payload);
+/* Run one action (for a driver). ACTION_PROMOTE and ACTION_ABORT end the
+ * rollout (cb runs, then the done callback). */
+void rollout_action(rollout *r, const strategy_action *a, rollout_action_cb cb, void *payload);
 
-/* For externally driven rollouts: run the before_deploy hook, then cb(ok).
- * The rollout may be driven only after cb said ok; when it says not ok,
- * end the rollout with ACTION_ABORT. */
-void rollout_begin(rollout *r, rollout_action_cb cb, void *payload);
-
-/* For a built-in strategy run from inside an externally driven rollout
- * (canary:execute(d) in a Lua strategy): the next action of st's step
- * machine, given the run so far; and the outcome of an action, recorded
- * for the step machine's next decision. */
+/* For a step machine run from inside a driver (canary:execute(d) in a Lua
+ * strategy): the next action of st's step machine given the run so far,
+ * and the outcome of an action, recorded for its next decision. */
 void rollout_next_action(rollout *r, const strategy *st, strategy_action *out);
 void rollout_record(rollout *r, int ok, const char *err);
 int rollout_ending(const rollout *r);
+const char *rollout_id(const rollout *r);
 
 /* Ask a running rollout to abort at its next safe point (traffic back to
  * the old version, new instances stopped). Idempotent. */
 void rollout_abort(rollout *r, const char *reason);
+/* Every running rollout of this process (Ctrl-C, SIGTERM). */
+void rollout_abort_all(const char *reason);
 
-/* Stores an event (secrets redacted) and hands it to cb: how every
- * deployment-like operation (rollouts, GitOps prunes) records its steps. */
-void rollout_record_event(store *s, double ts, const char *deployment_id, const char *target, const char *kind,
-                          const char *data_json, rollout_event_cb cb, void *payload);
-
-/* Record a user event (Lua's d:log) against the deployment. */
-void rollout_log(rollout *r, const char *kind, const char *data_json);
-
+/* Record a user event (Lua's d:log) against the deployment: -1 with err
+ * when the payload is not a JSON object or is too large. */
+int rollout_log(rollout *r, const char *kind, const char *data_json, char *err);
 
 /* One check round of the new instances, asynchronously. */
 typedef void (*rollout_health_cb)(void *payload, const rollout_health *h);

@@ -66,6 +66,23 @@ void router_split_weights(double pct, int n_old, int n_new, int *w_old,
   }
 }
 
+int router_check(const router *r, char *err) {
+  if (!r) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: no router given");
+    return DC_ERROR;
+  }
+  if (r->version != ROUTER_VERSION) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: router '%s' was built for interface version %d, this deployctl has %d",
+           r->kind ? r->kind : "?", r->version, ROUTER_VERSION);
+    return DC_ERROR;
+  }
+  if (!r->kind || !r->apply || !r->read || !r->free) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: router '%s' lacks one of apply, read, free", r->kind ? r->kind : "?");
+    return DC_ERROR;
+  }
+  return DC_OK;
+}
+
 /* ---- router_none --------------------------------------------------------- */
 
 /* A pending answer: router_none answers at once, but from the loop, never
@@ -177,6 +194,7 @@ int router_none_new(router **out, engine *e, char *err) {
   nr->tick.data = nr;
   nr->base.version = ROUTER_VERSION;
   nr->base.kind = "none";
+  nr->base.ratio_only = 1;
   nr->base.apply = none_apply;
   nr->base.read = none_read;
   nr->base.free = none_free;

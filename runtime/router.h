@@ -36,6 +36,9 @@ typedef struct router router;
 struct router {
   int version;
   const char *kind;  /* "haproxy", "none" */
+  /* The router cannot weigh servers (router none): a canary's share then
+   * follows the instance ratio. */
+  int ratio_only;
   /* Asynchronous; cb runs exactly once, from the loop. Returns -1 with err
    * filled only for an immediate refusal (then cb does not run). */
   int (*apply)(router *r, const router_server *servers, size_t n,
@@ -55,6 +58,9 @@ typedef struct router_haproxy_opts {
   double timeout;            /* per command, seconds; default 5 */
   double drain_timeout;      /* seconds to wait for sessions to end; default 30 */
 } router_haproxy_opts;
+
+/* -1 with err naming the router when its version or shape is wrong. */
+int router_check(const router *r, char *err);
 
 /* Creates the router; does not connect yet. */
 int router_haproxy_new(router **out, engine *e, const router_haproxy_opts *o,

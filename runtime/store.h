@@ -27,8 +27,8 @@
  *           duration, errors JSON, metadata JSON, owner_pid, owner_start,
  *           owner_host, user)
  *   events(id PK, deployment_id, target, ts, kind, data JSON)
- *   locks(target PK, deployment_id, pid, pid_start, host, acquired_at,
- *           expires_at)
+ *   locks(target PK, deployment_id, purpose deploy|reconcile, pid,
+ *           pid_start, host, acquired_at, expires_at)
  *   instances(id PK, target, deployment_id, version, idx, node, host, port,
  *           handle, pid, pid_start, state, weight, server, log_path,
  *           started_at)
@@ -65,7 +65,8 @@ typedef struct store_deployment {
   int64_t seq;                 /* insertion order, assigned by the store */
   char target[64];
   char version[129];
-  char from_version[129];      /* version live when it started, "" none */
+  char from_version[129];      /* version live when it started, "" none
+                                  (begin fills it in when left empty) */
   char kind[16];               /* deploy | rollback */
   char strategy[64];           /* strategy name */
   char status[16];             /* running | succeeded | failed | interrupted */
@@ -110,7 +111,8 @@ typedef struct store_instance {
 
 typedef struct store_lock {
   char target[64];
-  char deployment_id[48];
+  char deployment_id[48];      /* the holder: a deployment, or a reconcile's own id */
+  char purpose[16];            /* deploy | reconcile */
   int pid;
   uint64_t pid_start;
   char host[64];
@@ -141,7 +143,7 @@ typedef struct store_finish {
 /* What an operation came back with. Lists are valid only during the
  * callback; copy what must outlive it. */
 typedef struct store_result {
-  int rc;                      /* DC_OK, DC_LOCKED, DC_NOTFOUND or DC_ERROR */
+  int rc;                      /* DC_OK, DC_LOCKED, DC_NOTFOUND, DC_AMBIGUOUS or DC_ERROR */
   const char *err;             /* why, when rc != DC_OK: names the thing and the fix */
   int64_t id;                  /* instance_add: the new id; control_set: the control's */
   const store_target *target;  /* target_get; deployment_begin: the target as locked */
@@ -196,6 +198,16 @@ int store_target_ensure(store *s, const char *name, store_cb cb, void *payload, 
  * result carries the target row and every instance row of the target as
  * they were when the lock was taken. */
 int store_deployment_begin(store *s, const store_deployment *d, store_cb cb, void *payload, char *err);
+/* The target status a deployment of that kind sets as it begins:
+ * "running", or "rolling_back" for a rollback. For backends. */
+const char *store_begin_status(const char *kind);
+/* The target's lock for work that is not a deployment (a reconcile, which
+ * only repairs and leaves no history row), under the id `holder`: refused
+ * with DC_LOCKED as store_deployment_begin is; the result carries the
+ * target row and its instance rows as they were when the lock was taken. */
+int store_lock_take(store *s, const char *target, const char *holder, const char *purpose, store_cb cb,
+                    void *payload, char *err);
+int store_lock_release(store *s, const char *target, const char *holder, store_cb cb, void *payload, char *err);
 /* The end: status, errors, duration; the lock released; the target's status
  * and health written as given; promoted != 0 also promotes (as below). */
 int store_deployment_finish(store *s, const store_finish *f, store_cb cb, void *payload, char *err);
@@ -227,8 +239,8 @@ int store_recover(store *s, store_cb cb, void *payload, char *err);
 /* ---- reads ---- */
 
 int store_target_get(store *s, const char *name, store_cb cb, void *payload, char *err); /* DC_NOTFOUND */
-/* One deployment by id, or by a unique prefix of one (DC_NOTFOUND; DC_ERROR
- * naming the candidates when the prefix is ambiguous). */
+/* One deployment by id, or by a unique prefix of one (DC_NOTFOUND;
+ * DC_AMBIGUOUS naming the candidates when the prefix is not unique). */
 int store_deployment_get(store *s, const char *id, store_cb cb, void *payload, char *err);
 /* Newest first; target NULL: every target; limit <= 0: all. */
 int store_history(store *s, const char *target, int limit, store_cb cb, void *payload, char *err);

@@ -31,6 +31,8 @@ typedef enum {
   STORE_OP_CONTROL_SET,       /* name (target), command, by -> id, deployments[0] */
   STORE_OP_RECOVER,           /* -> deployments */
   STORE_OP_LOCK_RENEW,        /* id: extend the lease; DC_LOCKED when it was lost */
+  STORE_OP_LOCK_TAKE,         /* name, id (holder), command (purpose) -> target, instances */
+  STORE_OP_LOCK_RELEASE,      /* name, id (holder) */
   STORE_OP_WRITE_COUNT,       /* not an operation: the first read kind */
   /* reads: run by read(), no write transaction */
   STORE_OP_TARGET_GET = STORE_OP_WRITE_COUNT, /* name -> target */

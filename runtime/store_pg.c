@@ -113,9 +113,11 @@ static const char *const SCHEMA_V2[] = {
     " kind text NOT NULL,"
     " data text)",
     "CREATE INDEX events_by_deployment ON events(deployment_id, id)",
+    /* deployment_id is the holder: a deployment, or a reconcile's own id */
     "CREATE TABLE locks("
     " target text PRIMARY KEY REFERENCES targets(name),"
-    " deployment_id text NOT NULL REFERENCES deployments(id),"
+    " deployment_id text NOT NULL,"
+    " purpose text NOT NULL DEFAULT 'deploy',"
     " pid integer NOT NULL,"
     " pid_start bigint NOT NULL,"
     " host text NOT NULL,"
@@ -182,19 +184,19 @@ static const char *const SCHEMA_V2[] = {
     "  RETURN true;\n"
     "END $$",
 
-    /* BEGIN: the target's row is locked first, so BEGINs of one target from
-     * any number of runners run one after the other, each seeing the lock
-     * the previous one committed. */
-    "CREATE FUNCTION deployctl_begin(p_id text, p_target text, p_version text, p_from text,"
-    " p_kind text, p_strategy text, p_created double precision, p_errors text, p_metadata text,"
-    " p_pid integer, p_start bigint, p_host text, p_user text, p_lease double precision,"
-    " p_wall double precision)"
-    " RETURNS TABLE(o_rc text, o_deployment text, o_pid integer, o_start bigint, o_host text,"
-    " o_acquired double precision, o_expires double precision)"
+    /* Taking a target's lock, for a deployment or a reconcile: the target's
+     * row is locked first, so that takers of one target from any number of
+     * runners go one after the other, each seeing the lock the previous one
+     * committed. A live lease refuses; an expired one is taken over, its
+     * deployment interrupted. */
+    "CREATE FUNCTION deployctl_lock(p_target text, p_holder text, p_purpose text, p_pid integer,"
+    " p_start bigint, p_host text, p_lease double precision, p_taker text)"
+    " RETURNS TABLE(o_rc text, o_holder text, o_purpose text, o_pid integer, o_start bigint, o_host text,"
+    " o_acquired double precision, o_expires double precision, o_current text)"
     " LANGUAGE plpgsql AS $$\n"
     "DECLARE l record; v_now double precision;\n"
     "BEGIN\n"
-    "  PERFORM 1 FROM targets WHERE name = p_target FOR UPDATE;\n"
+    "  SELECT current_version INTO o_current FROM targets WHERE name = p_target FOR UPDATE;\n"
     "  IF NOT FOUND THEN\n"
     "    o_rc := 'notarget';\n"
     "    RETURN NEXT;\n"
@@ -204,30 +206,54 @@ static const char *const SCHEMA_V2[] = {
     "  o_rc := 'ok';\n"
     "  SELECT * INTO l FROM locks WHERE target = p_target;\n"
     "  IF FOUND THEN\n"
-    "    o_deployment := l.deployment_id; o_pid := l.pid; o_start := l.pid_start;\n"
+    "    o_holder := l.deployment_id; o_purpose := l.purpose; o_pid := l.pid; o_start := l.pid_start;\n"
     "    o_host := l.host; o_acquired := l.acquired_at; o_expires := l.expires_at;\n"
     "    IF l.expires_at > v_now THEN\n"
     "      o_rc := 'locked';\n"
     "      RETURN NEXT;\n"
     "      RETURN;\n"
     "    END IF;\n"
-    "    PERFORM deployctl_interrupt(l.deployment_id, v_now,\n"
-    "      format('deployctl (pid %s on %s) stopped renewing its lease, which expired at %s;'\n"
-    "             ' deployment %s took the target over',\n"
-    "             l.pid, l.host, deployctl_iso(l.expires_at), p_id));\n"
+    "    IF l.purpose = 'deploy' THEN\n"
+    "      PERFORM deployctl_interrupt(l.deployment_id, v_now,\n"
+    "        format('deployctl (pid %s on %s) stopped renewing its lease, which expired at %s; %s took the'\n"
+    "               ' target over', l.pid, l.host, deployctl_iso(l.expires_at), p_taker));\n"
+    "    END IF;\n"
     "    DELETE FROM locks WHERE target = p_target;\n"
     "    o_rc := 'took_over';\n"
+    "  END IF;\n"
+    "  INSERT INTO locks(target, deployment_id, purpose, pid, pid_start, host, acquired_at, expires_at)\n"
+    "    VALUES (p_target, p_holder, p_purpose, p_pid, p_start, p_host, v_now, v_now + p_lease);\n"
+    "  RETURN NEXT;\n"
+    "END $$",
+
+    /* BEGIN: the lock, then the deployment row (starting from the version
+     * live as the lock was taken, unless the caller said) and the target's
+     * status. */
+    "CREATE FUNCTION deployctl_begin(p_id text, p_target text, p_version text, p_from text,"
+    " p_kind text, p_strategy text, p_created double precision, p_errors text, p_metadata text,"
+    " p_pid integer, p_start bigint, p_host text, p_user text, p_lease double precision,"
+    " p_status text, p_wall double precision)"
+    " RETURNS TABLE(o_rc text, o_holder text, o_purpose text, o_pid integer, o_start bigint, o_host text,"
+    " o_acquired double precision, o_expires double precision, o_current text)"
+    " LANGUAGE plpgsql AS $$\n"
+    "DECLARE r record;\n"
+    "BEGIN\n"
+    "  SELECT * INTO r FROM deployctl_lock(p_target, p_id, 'deploy', p_pid, p_start, p_host, p_lease,\n"
+    "                                      'deployment ' || p_id);\n"
+    "  o_rc := r.o_rc; o_holder := r.o_holder; o_purpose := r.o_purpose; o_pid := r.o_pid;\n"
+    "  o_start := r.o_start; o_host := r.o_host; o_acquired := r.o_acquired; o_expires := r.o_expires;\n"
+    "  o_current := r.o_current;\n"
+    "  IF o_rc NOT IN ('ok', 'took_over') THEN\n"
+    "    RETURN NEXT;\n"
+    "    RETURN;\n"
     "  END IF;\n"
     "  INSERT INTO deployments(id, target, version, from_version, kind, strategy, status,\n"
     "      created_at, finished_at, duration, errors, metadata, owner_pid, owner_start,\n"
     "      owner_host, \"user\")\n"
-    "    VALUES (p_id, p_target, p_version, p_from, p_kind, p_strategy, 'running', p_created,\n"
-    "      0, 0, p_errors, p_metadata, p_pid, p_start, p_host, p_user);\n"
-    "  INSERT INTO locks(target, deployment_id, pid, pid_start, host, acquired_at, expires_at)\n"
-    "    VALUES (p_target, p_id, p_pid, p_start, p_host, v_now, v_now + p_lease);\n"
-    "  UPDATE targets SET status = CASE WHEN p_kind = 'rollback' THEN 'rolling_back' ELSE 'running' END,\n"
-    "      updated_at = p_wall\n"
-    "    WHERE name = p_target;\n"
+    "    VALUES (p_id, p_target, p_version, CASE WHEN p_from = '' THEN o_current ELSE p_from END,\n"
+    "      p_kind, p_strategy, 'running', p_created, 0, 0, p_errors, p_metadata, p_pid, p_start,\n"
+    "      p_host, p_user);\n"
+    "  UPDATE targets SET status = p_status, updated_at = p_wall WHERE name = p_target;\n"
     "  RETURN NEXT;\n"
     "END $$",
 
@@ -306,7 +332,7 @@ _Static_assert(STORE_SCHEMA_VERSION == 2, "store_pg.c: add a migration step for 
 #define INSTANCE_COLS                                                                              \
   "id, target, deployment_id, version, idx, node, host, port, handle, pid, pid_start, state, "    \
   "weight, server, log_path, started_at"
-#define LOCK_COLS "target, deployment_id, pid, pid_start, host, acquired_at, expires_at"
+#define LOCK_COLS "target, deployment_id, pid, pid_start, host, acquired_at, expires_at, purpose"
 #define CONTROL_COLS "id, deployment_id, target, command, requested_at, requested_by"
 
 /* Our table names: a schema holding any of them without our meta table
@@ -799,75 +825,77 @@ static const char *finish_id(const store_op *op) {
   return op->fin.id && op->fin.id[0] ? op->fin.id : op->id;
 }
 
-/* What an op is, for "deploy: store: <what>: <why>". */
+/* What an op is, for "deploy: store: <what>: <why>" (the words of
+ * store_sqlite.c's describe(), so both backends name an op alike). */
 static void op_what(const pg *b, const store_op *op, char *out, size_t size) {
+  (void)b;
   switch (op->kind) {
   case STORE_OP_TARGET_ENSURE:
     dc_fmt(out, size, "cannot add target '%s'", op->name);
-    break;
+    return;
   case STORE_OP_BEGIN:
     dc_fmt(out, size, "cannot insert deployment '%s'", op->dep.id);
-    break;
+    return;
   case STORE_OP_FINISH:
     dc_fmt(out, size, "cannot finish deployment '%s'", finish_id(op));
-    break;
+    return;
   case STORE_OP_PROMOTE:
     dc_fmt(out, size, "cannot promote deployment '%s'", op->id);
-    break;
+    return;
   case STORE_OP_EVENT:
     dc_fmt(out, size, "cannot add event '%s' of deployment '%s'", op->ev.kind, op->ev.deployment_id);
-    break;
+    return;
   case STORE_OP_INSTANCE_ADD:
     dc_fmt(out, size, "cannot add instance %d of deployment '%s'", op->inst.idx, op->inst.deployment_id);
-    break;
+    return;
   case STORE_OP_INSTANCE_UPDATE:
     dc_fmt(out, size, "cannot update instance %lld", (long long)op->inst.id);
-    break;
+    return;
   case STORE_OP_INSTANCE_DELETE:
     dc_fmt(out, size, "cannot delete instance %lld", (long long)op->id64);
-    break;
+    return;
   case STORE_OP_CONTROL_SET:
     dc_fmt(out, size, "cannot request '%s' for target '%s'", op->command, op->name);
-    break;
+    return;
   case STORE_OP_RECOVER:
     dc_fmt(out, size, "cannot recover interrupted deployments");
-    break;
+    return;
   case STORE_OP_LOCK_RENEW:
-    dc_fmt(out, size, "cannot renew the lease of deployment '%s'", op->id);
-    break;
+    dc_fmt(out, size, "cannot renew the lock of deployment '%s'", op->id);
+    return;
+  case STORE_OP_LOCK_TAKE:
+    dc_fmt(out, size, "cannot lock target '%s' for a %s", op->name, op->command);
+    return;
+  case STORE_OP_LOCK_RELEASE:
+    dc_fmt(out, size, "cannot release the lock of target '%s'", op->name);
+    return;
   case STORE_OP_TARGET_GET:
     dc_fmt(out, size, "cannot read target '%s'", op->name);
-    break;
+    return;
   case STORE_OP_DEPLOYMENT_GET:
     dc_fmt(out, size, "cannot read deployment '%s'", op->id);
-    break;
+    return;
   case STORE_OP_HISTORY:
-    if (op->name[0])
-      dc_fmt(out, size, "cannot read the history of target '%s'", op->name);
-    else
-      dc_fmt(out, size, "cannot read the history");
-    break;
+    dc_fmt(out, size, "cannot read the history of target '%s'", op->name[0] ? op->name : "(all)");
+    return;
   case STORE_OP_EVENTS:
     dc_fmt(out, size, "cannot read the events of deployment '%s'", op->id);
-    break;
+    return;
   case STORE_OP_INSTANCES:
-    if (op->name[0])
-      dc_fmt(out, size, "cannot read the instances of target '%s'", op->name);
-    else
-      dc_fmt(out, size, "cannot read the instances");
-    break;
+    dc_fmt(out, size, "cannot read the instances of target '%s'", op->name[0] ? op->name : "(all)");
+    return;
   case STORE_OP_PORTS_IN_USE:
-    dc_fmt(out, size, "cannot read the ports in use on %s", op->node[0] ? op->node : "this machine");
-    break;
+    dc_fmt(out, size, "cannot read the ports in use on '%s'", op->node[0] ? op->node : "this machine");
+    return;
   case STORE_OP_CONTROLS:
     dc_fmt(out, size, "cannot read operator commands");
-    break;
+    return;
   case STORE_OP_LOCK_GET:
     dc_fmt(out, size, "cannot read the lock of target '%s'", op->name);
-    break;
+    return;
   case STORE_OP_INTEGRITY:
-    dc_fmt(out, size, "cannot check the integrity of %s", b->location);
-    break;
+    dc_fmt(out, size, "cannot check the integrity of the store");
+    return;
   default:
     dc_fmt(out, size, "unknown operation %d", (int)op->kind);
   }
@@ -992,6 +1020,7 @@ static void read_lock(const PGresult *r, int row, int c, store_lock *l) {
   gtext(r, row, c + 4, l->host, sizeof l->host);
   l->acquired_at = gdbl(r, row, c + 5);
   l->expires_at = gdbl(r, row, c + 6);
+  gtext(r, row, c + 7, l->purpose, sizeof l->purpose);
 }
 
 static void read_control(const PGresult *r, int row, store_control *c) {
@@ -1086,6 +1115,18 @@ static void begin_owner(const pg *b, const store_deployment *d, int *pid, uint64
   *host = d->owner_host[0] ? d->owner_host : b->host;
 }
 
+#define LOCK_RESULT_COLS "o_rc, o_holder, o_purpose, o_pid, o_start, o_host, o_acquired, o_expires"
+
+/* Parts 1 and 2 of a lock taken: the target row and its instance rows, read
+ * under the lock just taken (the snapshot the work starts from). */
+static int send_snapshot(pg *b, pg_job *j, int k, const char *target) {
+  qp t = {.n = 0};
+  qs(&t, target);
+  if (send_q(b, j, R_OP, k, 1, "SELECT " TARGET_COLS " FROM targets WHERE name = $1", &t) != 0)
+    return -1;
+  return send_q(b, j, R_OP, k, 2, "SELECT " INSTANCE_COLS " FROM instances WHERE target = $1 ORDER BY id", &t);
+}
+
 /* The statements of one op (parts numbered from 0, read by parse_op). */
 static int send_op(pg *b, pg_job *j, size_t i) {
   store_op *op = j->ops[i];
@@ -1105,11 +1146,12 @@ static int send_op(pg *b, pg_job *j, size_t i) {
     uint64_t start;
     const char *host;
     begin_owner(b, d, &pid, &start, &host);
+    const char *kind = d->kind[0] ? d->kind : "deploy";
     qs(&p, d->id);
     qs(&p, d->target);
     qs(&p, d->version);
     qs(&p, d->from_version);
-    qs(&p, d->kind[0] ? d->kind : "deploy");
+    qs(&p, kind);
     qs(&p, d->strategy);
     qd(&p, d->created_at);
     qnull(&p, d->errors);
@@ -1119,19 +1161,39 @@ static int send_op(pg *b, pg_job *j, size_t i) {
     qs(&p, host);
     qs(&p, d->user);
     qd(&p, b->lease);
+    qs(&p, store_begin_status(kind));
     qd(&p, dc_wall_now());
-    qp t = {.n = 0};
-    qs(&t, d->target);
     if (send_q(b, j, R_OP, k, 0,
-               "SELECT o_rc, o_deployment, o_pid, o_start, o_host, o_acquired, o_expires "
-               "FROM deployctl_begin($1, $2, $3, $4, $5, $6, $7::float8, $8, $9, $10::int, "
-               "$11::bigint, $12, $13, $14::float8, $15::float8)",
-               &p) != 0 ||
-        send_q(b, j, R_OP, k, 1, "SELECT " TARGET_COLS " FROM targets WHERE name = $1", &t) != 0)
+               "SELECT " LOCK_RESULT_COLS " FROM deployctl_begin($1, $2, $3, $4, $5, $6, $7::float8, $8, $9, "
+               "$10::int, $11::bigint, $12, $13, $14::float8, $15, $16::float8)",
+               &p) != 0)
       return -1;
-    return send_q(b, j, R_OP, k, 2, "SELECT " INSTANCE_COLS " FROM instances WHERE target = $1 ORDER BY id",
-                  &t);
+    return send_snapshot(b, j, k, d->target);
   }
+  case STORE_OP_LOCK_TAKE: {
+    /* a lock for work of this process that is not a deployment */
+    int pid = (int)getpid();
+    char taker[96];
+    dc_fmt(taker, sizeof taker, "a %s (%s)", op->command, op->id);
+    qs(&p, op->name);
+    qs(&p, op->id);
+    qs(&p, op->command[0] ? op->command : "reconcile");
+    qi(&p, pid);
+    qi(&p, (long long)dc_proc_start_time(pid));
+    qs(&p, b->host);
+    qd(&p, b->lease);
+    qs(&p, taker);
+    if (send_q(b, j, R_OP, k, 0,
+               "SELECT " LOCK_RESULT_COLS " FROM deployctl_lock($1, $2, $3, $4::int, $5::bigint, $6, "
+               "$7::float8, $8)",
+               &p) != 0)
+      return -1;
+    return send_snapshot(b, j, k, op->name);
+  }
+  case STORE_OP_LOCK_RELEASE:
+    qs(&p, op->name);
+    qs(&p, op->id);
+    return send_q(b, j, R_OP, k, 0, "DELETE FROM locks WHERE target = $1 AND deployment_id = $2", &p);
   case STORE_OP_FINISH:
     qs(&p, finish_id(op));
     qs(&p, op->fin.status);
@@ -1235,7 +1297,7 @@ static int send_op(pg *b, pg_job *j, size_t i) {
       return -1;
     return send_q(b, j, R_OP, k, 1,
                   "SELECT d.target, l.deployment_id, l.pid, l.pid_start, l.host, l.acquired_at, "
-                  "l.expires_at FROM deployments d LEFT JOIN locks l ON l.target = d.target "
+                  "l.expires_at, l.purpose FROM deployments d LEFT JOIN locks l ON l.target = d.target "
                   "WHERE d.id = $1",
                   &q1);
   }
@@ -1246,7 +1308,7 @@ static int send_op(pg *b, pg_job *j, size_t i) {
     qs(&p, op->id);
     return send_q(b, j, R_OP, k, 0,
                   "SELECT " DEPLOYMENT_COLS " FROM deployments WHERE starts_with(id, $1) "
-                  "ORDER BY (id = $1) DESC, seq LIMIT 6",
+                  "ORDER BY (id = $1) DESC, seq DESC LIMIT 6",
                   &p);
   case STORE_OP_HISTORY:
     qs(&p, op->name);
@@ -1289,7 +1351,8 @@ static int send_op(pg *b, pg_job *j, size_t i) {
                   "quote_literal(l.target), quote_literal(l.deployment_id), "
                   "coalesce(d.status || ' (of target ' || quote_literal(d.target) || ')', 'missing')) "
                   "FROM locks l LEFT JOIN deployments d ON d.id = l.deployment_id "
-                  "WHERE d.status IS DISTINCT FROM 'running' OR d.target IS DISTINCT FROM l.target "
+                  "WHERE l.purpose = 'deploy' AND (d.status IS DISTINCT FROM 'running' "
+                  "OR d.target IS DISTINCT FROM l.target) "
                   "UNION ALL SELECT format('target %s is served by deployment %s, which is missing', "
                   "quote_literal(t.name), quote_literal(t.live_deployment)) FROM targets t "
                   "WHERE t.live_deployment <> '' AND NOT EXISTS "
@@ -1320,36 +1383,55 @@ static int oom(store_op *op, const pg *b) {
   return -1;
 }
 
+/* Ids are "d" + hex: anything else cannot be a prefix of one (as SQLite's
+ * backend has it). */
+static int id_prefix_ok(const char *s) {
+  if (!*s)
+    return 0;
+  for (; *s; s++)
+    if (!((*s >= '0' && *s <= '9') || (*s >= 'a' && *s <= 'f') || *s == 'd'))
+      return 0;
+  return 1;
+}
+
 /* Reads part `part` of an op's answer (a result that is not an error). */
 static void parse_op(pg *b, store_op *op, int part, PGresult *r) {
   int rows = PQntuples(r);
   switch (op->kind) {
   case STORE_OP_BEGIN:
+  case STORE_OP_LOCK_TAKE: {
+    const char *target = op->kind == STORE_OP_BEGIN ? op->dep.target : op->name;
     if (part == 0) {
       const char *rc = rows > 0 ? gv(r, 0, 0) : "";
       if (strcmp(rc, "notarget") == 0) {
-        op_err(op, DC_ERROR, "deploy: store: cannot insert deployment '%s': unknown target '%s'", op->dep.id,
-               op->dep.target);
+        op_err(op, DC_NOTFOUND, "deploy: store: unknown target '%s'", target);
       } else if (strcmp(rc, "locked") == 0) {
+        /* LOCK_RESULT_COLS: rc, holder, purpose, pid, start, host, acquired, expires */
         store_lock *l = &op->lock;
         memset(l, 0, sizeof *l);
-        dc_strlcpy(l->target, op->dep.target, sizeof l->target);
+        dc_strlcpy(l->target, target, sizeof l->target);
         gtext(r, 0, 1, l->deployment_id, sizeof l->deployment_id);
-        l->pid = (int)gint(r, 0, 2);
-        l->pid_start = (uint64_t)gint(r, 0, 3);
-        gtext(r, 0, 4, l->host, sizeof l->host);
-        l->acquired_at = gdbl(r, 0, 5);
-        l->expires_at = gdbl(r, 0, 6);
+        gtext(r, 0, 2, l->purpose, sizeof l->purpose);
+        l->pid = (int)gint(r, 0, 3);
+        l->pid_start = (uint64_t)gint(r, 0, 4);
+        gtext(r, 0, 5, l->host, sizeof l->host);
+        l->acquired_at = gdbl(r, 0, 6);
+        l->expires_at = gdbl(r, 0, 7);
         op->has_lock = 1;
         char times[96];
         lock_times(l, times, sizeof times);
-        op_err(op, DC_LOCKED,
-               "target locked: '%s' is being deployed by deployment %s (pid %d on %s, %s): wait for it to "
-               "finish",
-               op->dep.target, l->deployment_id, l->pid, l->host, times);
+        if (strcmp(l->purpose, "deploy") != 0)
+          op_err(op, DC_LOCKED, "target locked: '%s' is being %s (pid %d on %s, %s): wait for it to finish", target,
+                 strcmp(l->purpose, "reconcile") == 0 ? "reconciled" : l->purpose, l->pid, l->host, times);
+        else
+          op_err(op, DC_LOCKED,
+                 "target locked: '%s' is being deployed by deployment %s (pid %d on %s, %s): wait for it to "
+                 "finish",
+                 target, l->deployment_id, l->pid, l->host, times);
       } else if (strcmp(rc, "ok") != 0 && strcmp(rc, "took_over") != 0) {
-        op_err(op, DC_ERROR, "deploy: store: cannot insert deployment '%s': unexpected answer '%s'",
-               op->dep.id, rc);
+        char what[256];
+        op_what(b, op, what, sizeof what);
+        op_err(op, DC_ERROR, "deploy: store: %s: unexpected answer '%s'", what, rc);
       }
     } else if (op->rc == DC_OK && part == 1 && rows > 0) {
       read_target(r, 0, &op->target);
@@ -1365,6 +1447,7 @@ static void parse_op(pg *b, store_op *op, int part, PGresult *r) {
       }
     }
     return;
+  }
   case STORE_OP_FINISH:
     if (rows < 1 || strcmp(gv(r, 0, 0), "t") != 0)
       op_err(op, DC_NOTFOUND, "deploy: store: unknown deployment '%s'", finish_id(op));
@@ -1385,8 +1468,7 @@ static void parse_op(pg *b, store_op *op, int part, PGresult *r) {
     if (part != 1)
       return;
     if (rows < 1) {
-      op_err(op, DC_NOTFOUND, "deploy: store: cannot request '%s' for target '%s': no deployment of '%s' is "
-             "running", op->command, op->name, op->name);
+      op_err(op, DC_NOTFOUND, "no deployment of '%s' is running: nothing to %s", op->name, op->command);
       return;
     }
     op->out_id = gint(r, 0, 0);
@@ -1417,8 +1499,8 @@ static void parse_op(pg *b, store_op *op, int part, PGresult *r) {
     if (op->rc != DC_LOCKED)
       return;
     if (rows < 1) {
-      op_err(op, DC_NOTFOUND, "deploy: store: cannot renew the lease of deployment '%s': unknown deployment",
-             op->id);
+      op_err(op, DC_NOTFOUND, "deploy: store: cannot renew the lock of deployment '%s': unknown deployment '%s'",
+             op->id, op->id);
       return;
     }
     char target[64];
@@ -1437,10 +1519,14 @@ static void parse_op(pg *b, store_op *op, int part, PGresult *r) {
       op_err(op, DC_LOCKED, "deploy: store: the lease of deployment '%s' on '%s' expired at %s: another runner "
              "may take the target over", op->id, target, until);
     } else {
-      char times[96];
+      char times[96], holder[96];
       lock_times(l, times, sizeof times);
-      op_err(op, DC_LOCKED, "deploy: store: the lease of deployment '%s' on '%s' was lost: deployment %s (pid "
-             "%d on %s, %s) holds the target now", op->id, target, l->deployment_id, l->pid, l->host, times);
+      if (strcmp(l->purpose, "deploy") == 0)
+        dc_fmt(holder, sizeof holder, "deployment %s", l->deployment_id);
+      else
+        dc_fmt(holder, sizeof holder, "a %s", l->purpose);
+      op_err(op, DC_LOCKED, "deploy: store: the lease of deployment '%s' on '%s' was lost: %s (pid %d on %s, %s) "
+             "holds the target now", op->id, target, holder, l->pid, l->host, times);
     }
     return;
   case STORE_OP_TARGET_GET:
@@ -1453,18 +1539,23 @@ static void parse_op(pg *b, store_op *op, int part, PGresult *r) {
     return;
   case STORE_OP_DEPLOYMENT_GET: {
     int exact = rows > 0 && strcmp(gv(r, 0, 0), op->id) == 0;
-    if (rows < 1 || op->id[0] == '\0') {
+    if (!id_prefix_ok(op->id)) {
+      op_err(op, DC_NOTFOUND, "deploy: no deployment '%s': ids look like d0194c1a2b3c4d5e6f (see 'deployctl history "
+             "TARGET')", op->id);
+      return;
+    }
+    if (rows < 1) {
       op_err(op, DC_NOTFOUND, "deploy: store: unknown deployment '%s'", op->id);
       return;
     }
     if (!exact && rows > 1) {
-      char list[256] = "";
+      char list[300] = "";
       for (int i = 0; i < rows && i < 5; i++) {
         size_t n = strlen(list);
         dc_fmt(list + n, sizeof list - n, "%s%s", i ? ", " : "", gv(r, i, 0));
       }
-      op_err(op, DC_ERROR, "deploy: store: deployment id '%s' is ambiguous: it begins %s%s: give more of it",
-             op->id, list, rows > 5 ? ", ..." : "");
+      op_err(op, DC_AMBIGUOUS, "deploy: '%s' names more than one deployment (%s%s): give more of the id", op->id,
+             list, rows > 5 ? ", ..." : "");
       return;
     }
     store_deployment *d = store_op_add_deployment(op);

@@ -2,6 +2,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <math.h>
 #include <pwd.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,7 +13,7 @@
 #include <sys/random.h>
 
 volatile sig_atomic_t dc_interrupts;
-volatile sig_atomic_t dc_rollouts_waiting;
+volatile sig_atomic_t dc_interrupt_owners;
 
 char *dc_vfmt(char *dst, size_t size, const char *fmt, va_list ap) {
   if (size == 0)
@@ -87,6 +88,8 @@ int dc_proc_alive(int pid, uint64_t start_time) {
   return start_time == 0 || start == start_time;
 }
 
+double dc_round_ms(double seconds) { return (double)llround(seconds * 1000.0) / 1000.0; }
+
 double dc_wall_now(void) {
   struct timeval tv;
   gettimeofday(&tv, NULL);
@@ -158,6 +161,22 @@ int dc_expand_placeholders(char *dst, size_t size, const char *tmpl,
     p++;
   }
   return 0;
+}
+
+char *dc_expand_placeholders_dup(const char *tmpl, const char *const *pairs) {
+  dc_buf b = {0};
+  for (const char *p = tmpl; *p;) {
+    const char *close = (*p == '{') ? strchr(p + 1, '}') : NULL;
+    const char *value = close ? lookup_pair(pairs, p + 1, (size_t)(close - p - 1)) : NULL;
+    if (value && !(p > tmpl && p[-1] == '$')) {
+      dc_buf_puts(&b, value);
+      p = close + 1;
+      continue;
+    }
+    dc_buf_add(&b, p, 1);
+    p++;
+  }
+  return dc_buf_take(&b);
 }
 
 int dc_expand_env(char *dst, size_t size, const char *src, char *err) {
@@ -240,37 +259,6 @@ int dc_validate_target_name(const char *t, char *err) {
   return 0;
 }
 
-void dc_json_string(char *dst, size_t size, const char *src) {
-  size_t len = 0;
-  if (size < 3) {
-    if (size)
-      dst[0] = '\0';
-    return;
-  }
-  dst[len++] = '"';
-  for (const unsigned char *p = (const unsigned char *)(src ? src : ""); *p; p++) {
-    char esc[8];
-    size_t n;
-    if (*p == '"' || *p == '\\') {
-      esc[0] = '\\';
-      esc[1] = (char)*p;
-      n = 2;
-    } else if (*p < 0x20) {
-      dc_fmt(esc, sizeof esc, "\\u%04x", *p);
-      n = 6;
-    } else {
-      esc[0] = (char)*p;
-      n = 1;
-    }
-    if (len + n + 2 > size)
-      break;
-    memcpy(dst + len, esc, n);
-    len += n;
-  }
-  dst[len++] = '"';
-  dst[len] = '\0';
-}
-
 void dc_new_id(char *buf, size_t size) {
   unsigned char rnd[3] = {0, 0, 0};
   if (getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd) {
@@ -281,44 +269,138 @@ void dc_new_id(char *buf, size_t size) {
   dc_fmt(buf, size, "d%012llx%02x%02x%02x", ms, rnd[0], rnd[1], rnd[2]);
 }
 
-#define DC_MAX_SECRETS 64
-static char *secrets[DC_MAX_SECRETS];
-static int nsecrets;
+/* ---- secrets ---- */
 
-void dc_secret_note_refs(const char *tmpl) {
+static char **secrets;
+static size_t nsecrets, secrets_cap;
+
+size_t dc_secret_count(void) { return nsecrets; }
+
+int dc_secret_add(const char *value) {
+  if (!value || strlen(value) < 4)
+    return 0;
+  for (size_t i = 0; i < nsecrets; i++)
+    if (strcmp(secrets[i], value) == 0)
+      return 0;
+  if (nsecrets == secrets_cap) {
+    size_t cap = secrets_cap ? secrets_cap * 2 : 16;
+    char **g = realloc(secrets, cap * sizeof *g);
+    if (!g)
+      return -1;
+    secrets = g;
+    secrets_cap = cap;
+  }
+  char *copy = strdup(value);
+  if (!copy)
+    return -1;
+  /* Longest first: a secret that contains another is replaced whole. */
+  size_t at = nsecrets;
+  while (at > 0 && strlen(secrets[at - 1]) < strlen(copy)) {
+    secrets[at] = secrets[at - 1];
+    at--;
+  }
+  secrets[at] = copy;
+  nsecrets++;
+  return 0;
+}
+
+int dc_secret_note_refs(const char *tmpl) {
+  int rc = 0;
   for (const char *p = tmpl ? strstr(tmpl, "${") : NULL; p; p = strstr(p + 2, "${")) {
     const char *close = strchr(p + 2, '}');
     if (!close)
-      return;
+      break;
     char name[128];
     size_t n = (size_t)(close - p - 2);
     if (n == 0 || n >= sizeof name)
       continue;
     memcpy(name, p + 2, n);
     name[n] = '\0';
-    const char *value = getenv(name);
-    if (!value || strlen(value) < 4 || nsecrets == DC_MAX_SECRETS)
-      continue;
-    int known = 0;
-    for (int i = 0; i < nsecrets; i++)
-      known |= strcmp(secrets[i], value) == 0;
-    if (!known)
-      secrets[nsecrets++] = strdup(value);
+    if (dc_secret_add(getenv(name)) != 0)
+      rc = -1;
   }
+  return rc;
 }
 
-void dc_redact(char *s, size_t size) {
+void dc_redact(char *s) {
   if (!s)
     return;
-  for (int i = 0; i < nsecrets; i++) {
+  for (size_t i = 0; i < nsecrets; i++) {
     size_t n = strlen(secrets[i]);
     char *hit;
     while ((hit = strstr(s, secrets[i])) != NULL) {
-      size_t tail = strlen(hit + n);
-      if ((size_t)(hit - s) + 3 + tail + 1 > size)
-        break;
-      memmove(hit + 3, hit + n, tail + 1);
+      memmove(hit + 3, hit + n, strlen(hit + n) + 1);
       memcpy(hit, "***", 3);
     }
   }
+}
+
+/* ---- growable strings ---- */
+
+void dc_buf_add(dc_buf *b, const char *s, size_t n) {
+  if (b->oom)
+    return;
+  if (b->len + n + 1 > b->cap) {
+    size_t cap = b->cap ? b->cap : 64;
+    while (cap < b->len + n + 1)
+      cap *= 2;
+    char *g = realloc(b->data, cap);
+    if (!g) {
+      b->oom = 1;
+      return;
+    }
+    b->data = g;
+    b->cap = cap;
+  }
+  memcpy(b->data + b->len, s, n);
+  b->len += n;
+  b->data[b->len] = '\0';
+}
+
+void dc_buf_puts(dc_buf *b, const char *s) { dc_buf_add(b, s, strlen(s)); }
+
+void dc_buf_printf(dc_buf *b, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(NULL, 0, fmt, ap);
+  va_end(ap);
+  if (n < 0 || b->oom)
+    return;
+  char *tmp = malloc((size_t)n + 1);
+  if (!tmp) {
+    b->oom = 1;
+    return;
+  }
+  va_start(ap, fmt);
+  vsnprintf(tmp, (size_t)n + 1, fmt, ap);
+  va_end(ap);
+  dc_buf_add(b, tmp, (size_t)n);
+  free(tmp);
+}
+
+char *dc_buf_take(dc_buf *b) {
+  if (b->oom) {
+    dc_buf_free(b);
+    return NULL;
+  }
+  if (!b->data)
+    return strdup("");
+  char *s = b->data;
+  b->data = NULL;
+  b->len = b->cap = 0;
+  return s;
+}
+
+void dc_buf_free(dc_buf *b) {
+  free(b->data);
+  memset(b, 0, sizeof *b);
+}
+
+const char *dc_unprefix(const char *msg) {
+  static const char prefix[] = "deploy: ";
+  if (!msg)
+    return "";
+  while (strncmp(msg, prefix, sizeof prefix - 1) == 0)
+    msg += sizeof prefix - 1;
+  return msg;
 }

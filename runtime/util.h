@@ -15,10 +15,11 @@
 /* Interrupts (SIGINT/SIGTERM) counted by the host's signal handler
  * (deployctl); a rollout waiting in the loop aborts when it grows. */
 extern volatile sig_atomic_t dc_interrupts;
-/* How many rollouts of this process are running: while any is, an
- * interrupt aborts them (safely) instead of raising a Lua error, and the
- * store and routers stay open until they end. */
-extern volatile sig_atomic_t dc_rollouts_waiting;
+/* How many waits in this process handle SIGINT/SIGTERM themselves (a
+ * running rollout aborts safely, a GitOps watch ends cleanly). While it is
+ * 0, the host stops the Lua code that runs instead. This is its one
+ * meaning: lifetimes go through references, not through it. */
+extern volatile sig_atomic_t dc_interrupt_owners;
 
 /* Return codes shared by the runtime. */
 enum {
@@ -26,6 +27,7 @@ enum {
   DC_ERROR = -1,      /* generic failure, message in err */
   DC_LOCKED = -2,     /* target locked by another deployment */
   DC_NOTFOUND = -3,
+  DC_AMBIGUOUS = -4,  /* a prefix names more than one thing */
 };
 
 /* snprintf that always terminates and never overflows; returns dst. */
@@ -43,6 +45,9 @@ uint64_t dc_proc_start_time(int pid);
  * same process that had that start time. */
 int dc_proc_alive(int pid, uint64_t start_time);
 
+/* Seconds rounded to the millisecond: what events record of a duration. */
+double dc_round_ms(double seconds);
+
 /* Wall-clock seconds since the epoch, with sub-second precision. */
 double dc_wall_now(void);
 /* ISO-8601 UTC with milliseconds: 2026-11-27T02:00:00.123Z (buf >= 32). */
@@ -56,6 +61,8 @@ void dc_whoami(char *buf, size_t size);
  * result does not fit. */
 int dc_expand_placeholders(char *dst, size_t size, const char *tmpl,
                            const char *const *pairs);
+/* The same into a heap string (NULL when out of memory). */
+char *dc_expand_placeholders_dup(const char *tmpl, const char *const *pairs);
 /* Expand ${NAME} from the environment. Missing variables are an error naming
  * the variable. Returns 0 or -1 with err filled. */
 int dc_expand_env(char *dst, size_t size, const char *src, char *err);
@@ -70,14 +77,31 @@ int dc_validate_target_name(const char *t, char *err);
  * dc_secret_note_refs registers the current values of every ${NAME} in a
  * template (values shorter than 4 bytes are ignored: redacting "1" would
  * garble everything); dc_redact replaces each registered value in s with
- * "***", in place. Errors and events pass through it before they are stored
- * or reported. */
-void dc_secret_note_refs(const char *tmpl);
-void dc_redact(char *s, size_t size);
+ * "***", in place: a secret is longer than its replacement, so the text
+ * only ever shrinks. Errors and events pass through it before they are
+ * stored or reported. There is no limit on the number of secrets. Returns
+ * -1 when out of memory (the value is then not registered). */
+int dc_secret_note_refs(const char *tmpl);
+int dc_secret_add(const char *value);
+void dc_redact(char *s);
+size_t dc_secret_count(void);
 
-/* Writes src as a JSON string literal (with quotes) into dst; truncates
- * safely. Control characters are escaped. */
-void dc_json_string(char *dst, size_t size, const char *src);
+/* A growable string: every append checks its allocation; after a failed
+ * one `oom` is set and later appends do nothing. */
+typedef struct dc_buf {
+  char *data;      /* NUL-terminated when len > 0 */
+  size_t len, cap;
+  int oom;
+} dc_buf;
+void dc_buf_add(dc_buf *b, const char *s, size_t n);
+void dc_buf_puts(dc_buf *b, const char *s);
+void dc_buf_printf(dc_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* The text (the caller frees it), or NULL after an allocation failed. */
+char *dc_buf_take(dc_buf *b);
+void dc_buf_free(dc_buf *b);
+/* Drops a leading "deploy: " so a message can be wrapped in another that
+ * already says it. */
+const char *dc_unprefix(const char *msg);
 
 /* A fresh deployment id: "d" + 12 hex digits of milliseconds + 6 random hex
  * digits, so ids sort by creation time. buf >= 24. */

@@ -210,41 +210,41 @@ describe("the PostgreSQL store", function()
     local b = pg.probe(url)
     assert.equal(1, a.opened.lease)
     assert.equal("ok", a:send("ensure web").rc)
-    local begun = a:send("begin web d-a host=runner-a")
+    local begun = a:send("begin web d0a host=runner-a")
     assert.equal("ok", begun.rc, begun.err)
-    local renewed = a:send("renew d-a")
+    local renewed = a:send("renew d0a")
     assert.equal("ok", renewed.rc, renewed.err)
     assert.is_true(renewed.lock.expires_at > renewed.lock.acquired_at)
     -- the other runner is refused while the lease lives
-    local refused = b:send("begin web d-b host=runner-b")
+    local refused = b:send("begin web d0b host=runner-b")
     assert.equal("locked", refused.rc)
-    assert.matches("deployment d%-a %(pid %d+ on runner%-a, since [%dT:.Z-]+, until [%dT:.Z-]+%)", refused.err)
+    assert.matches("deployment d0a %(pid %d+ on runner%-a, since [%dT:.Z-]+, until [%dT:.Z-]+%)", refused.err)
     -- runner a stops renewing; runner b takes the target once it expired
     local took
     fixtures.wait_until(function()
-      took = b:send("begin web d-b host=runner-b")
+      took = b:send("begin web d0b host=runner-b")
       return took.rc ~= "locked"
-    end, 10, "the lease of d-a to expire")
+    end, 10, "the lease of d0a to expire")
     assert.equal("ok", took.rc, took.err)
-    local d = b:send("get d-a").deployments[1]
+    local d = b:send("get d0a").deployments[1]
     assert.equal("interrupted", d.status)
-    assert.matches("stopped renewing its lease, which expired at .-; deployment d%-b took the target over", d.errors)
-    local ev = b:send("events d-a").events
+    assert.matches("stopped renewing its lease, which expired at .-; deployment d0b took the target over", d.errors)
+    local ev = b:send("events d0a").events
     assert.equal("interrupted", ev[#ev].kind)
     -- runner a wakes up: its renewal says the lock is lost, and to whom
-    local lost = a:send("renew d-a")
+    local lost = a:send("renew d0a")
     assert.equal("locked", lost.rc)
-    assert.matches("the lease of deployment 'd%-a' on 'web' was lost: deployment d%-b %(pid %d+ on runner%-b", lost.err)
+    assert.matches("the lease of deployment 'd0a' on 'web' was lost: deployment d0b %(pid %d+ on runner%-b", lost.err)
     -- a renewal after expiry with nobody taking over: lost as well
     assert.equal("ok", a:send("ensure api").rc)
-    assert.equal("ok", a:send("begin api d-x").rc)
+    assert.equal("ok", a:send("begin api d0c").rc)
     fixtures.wait_until(function()
       local l = a:send("lock api").lock
       return l.expires_at < l.now
-    end, 5, "the lease of d-x to expire")
-    local late = a:send("renew d-x")
+    end, 5, "the lease of d0c to expire")
+    local late = a:send("renew d0c")
     assert.equal("locked", late.rc)
-    assert.matches("the lease of deployment 'd%-x' on 'api' expired at", late.err)
+    assert.matches("the lease of deployment 'd0c' on 'api' expired at", late.err)
     for _, h in ipairs{ a, b } do
       local code, err = h:close()
       assert.equal(0, code, err)
@@ -276,12 +276,43 @@ describe("the PostgreSQL store", function()
     end
   end)
 
+  it("locks a target for a reconcile, which a deployment waits for or takes over once its lease expired", function()
+    local p = pg.probe(c:url{ lease = 1 })
+    assert.equal("ok", p:send("ensure web").rc)
+    local taken = p:send("take web r0001")
+    assert.equal("ok", taken.rc, taken.err)
+    assert.equal("web", taken.target.name)
+    local refused = p:send("begin web d01")
+    assert.equal("locked", refused.rc)
+    assert.matches("target locked: 'web' is being reconciled %(pid %d+ on .-, since .-, until .-%): wait for it to "
+      .. "finish", refused.err)
+    assert.equal("reconcile", refused.lock.purpose)
+    assert.equal("ok", p:send("release web r0001").rc)
+    assert.equal("ok", p:send("begin web d01").rc)
+    assert.equal("ok", p:send("finish d01 succeeded promoted=1 tstatus=deployed").rc)
+    -- a reconcile that stopped renewing: taken over, and no deployment is
+    -- interrupted for it
+    assert.equal("ok", p:send("take web r0002").rc)
+    fixtures.wait_until(function()
+      local l = p:send("lock web").lock
+      return l.expires_at < l.now
+    end, 5, "the reconcile's lease to expire")
+    local begun = p:send("begin web d02 version=2.0")
+    assert.equal("ok", begun.rc, begun.err)
+    assert.equal("0", c:sql("SELECT count(*) FROM events WHERE kind = 'interrupted'"))
+    -- the version it starts from is the one live as the lock was taken
+    assert.equal("1.0", c:sql("SELECT from_version FROM deployments WHERE id = 'd02'"))
+    assert.equal("deploy", p:send("lock web").lock.purpose)
+    local code, err = p:close()
+    assert.equal(0, code, err)
+  end)
+
   it("records an operator command only for a running deployment, and reading it removes nothing", function()
     local p = pg.probe(c:url{})
     assert.equal("ok", p:send("ensure web").rc)
     local none = p:send("control web promote by=ops@laptop")
     assert.equal("notfound", none.rc)
-    assert.matches("no deployment of 'web' is running", none.err)
+    assert.equal("no deployment of 'web' is running: nothing to promote", none.err)
     assert.equal("ok", p:send("begin web d1").rc)
     local set = p:send("control web promote by=ops@laptop")
     assert.equal("ok", set.rc, set.err)
@@ -518,5 +549,39 @@ INSERT INTO controls VALUES('web','abort',1700000300,'ops');
     assert.equal("error", answers[2].rc)
     assert.matches("already holds 2 targets and 4 deployments: copy only into an empty store", answers[2].err)
     assert.equal("4", c:sql("SELECT count(*) FROM deployments"))
+  end)
+
+  it("serves deployctl itself: runners share history and status, and the password stays out of sight", function()
+    local cli = require "spec.support.cli"
+    local target, tdir = fixtures.target_config{ instances = 1 }
+    local dir = fixtures.tmpdir("runner")
+    local config = cli.write_config(dir, fixtures.config{ state = c:url{ password = true }, targets = {
+      production = target } })
+    local outputs = {}
+    local function run(...)
+      local code, out, err = cli.run({ "--config", config, ... })
+      outputs[#outputs + 1] = out .. err
+      return code, out, err
+    end
+    local code, out, err = run("deploy", "production", "v1")
+    assert.equal(0, code, out .. err)
+    -- another runner (another process, as on another machine) deploys next
+    code, out, err = run("deploy", "production", "v2")
+    assert.equal(0, code, out .. err)
+    code, out = run("history", "production")
+    assert.equal(0, code, out)
+    assert.matches("v2.-succeeded.-\n.-v1.-succeeded", out)
+    code, out = run("status", "production")
+    assert.matches("production%s+v2%s+deployed", out)
+    assert.equal("d%", c:sql("SELECT left(live_deployment, 1) || '%' FROM targets WHERE name = 'production'"))
+    for _, o in ipairs(outputs) do
+      assert.is_nil(o:find(pg.PASSWORD, 1, true), "the password appeared in: " .. o)
+    end
+    for _, pid in ipairs(fixtures.pids_matching(tdir)) do
+      for _, f in ipairs{ "environ", "cmdline" } do
+        local text = fixtures.read_file("/proc/" .. pid .. "/" .. f) or ""
+        assert.is_nil(text:find(pg.PASSWORD, 1, true), "the password appeared in /proc/" .. pid .. "/" .. f)
+      end
+    end
   end)
 end)

@@ -19,7 +19,7 @@
  *   finish ID STATUS [promoted=1 tstatus= thealth= duration= errors=JSON]
  *   promote ID | event ID T KIND [ts= data=JSON] | iadd T ID IDX [version= node= host= port= state= handle=]
  *   iupdate INST [node= host= port= handle= pid= state= weight= server=] | idel INST
- *   control T COMMAND [by=] | recover | renew ID
+ *   control T COMMAND [by=] | recover | renew ID | take T HOLDER [purpose=reconcile] | release T HOLDER
  *   batch ... commit      (the writes between, in ONE commit call)
  * Reads: target T | get ID | history [T] [limit=N] | events ID | instances [T] | ports NODE
  *   | controls [AFTER] | lock T | integrity
@@ -150,6 +150,7 @@ static void print_result(const char *cmd, const store_op *op, double ms) {
     printf(",\"lock\":{\"target\":");
     jstr(l->target);
     jkey("deployment_id"), jstr(l->deployment_id);
+    jkey("purpose"), jstr(l->purpose);
     printf(",\"pid\":%d,\"pid_start\":%llu", l->pid, (unsigned long long)l->pid_start);
     jkey("host"), jstr(l->host);
     printf(",\"acquired_at\":%.3f,\"expires_at\":%.3f,\"now\":%.3f}", l->acquired_at, l->expires_at, dc_wall_now());
@@ -385,6 +386,15 @@ static store_op *make_op(const words *ws) {
     dc_strlcpy(op->by, opt(ws, "by", "probe@test"), sizeof op->by);
   } else if (strcmp(c, "recover") == 0) {
     op->kind = STORE_OP_RECOVER;
+  } else if (strcmp(c, "take") == 0) {
+    op->kind = STORE_OP_LOCK_TAKE;
+    dc_strlcpy(op->name, arg_or(ws, 1, ""), sizeof op->name);
+    dc_strlcpy(op->id, arg_or(ws, 2, ""), sizeof op->id);
+    dc_strlcpy(op->command, opt(ws, "purpose", "reconcile"), sizeof op->command);
+  } else if (strcmp(c, "release") == 0) {
+    op->kind = STORE_OP_LOCK_RELEASE;
+    dc_strlcpy(op->name, arg_or(ws, 1, ""), sizeof op->name);
+    dc_strlcpy(op->id, arg_or(ws, 2, ""), sizeof op->id);
   } else if (strcmp(c, "renew") == 0) {
     op->kind = STORE_OP_LOCK_RENEW;
     dc_strlcpy(op->id, arg_or(ws, 1, ""), sizeof op->id);

@@ -7,14 +7,15 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "bindings.h"
+#include "lconfig.h"
+
+#include "engine.h"
+#include "lutil.h"
 #include "util.h"
 
 #define LCONFIG_MT "deploy.Config"
 
-void lconfig_free(lconfig *c) {
-  if (!c)
-    return;
+static void lconfig_free(lconfig *c) {
   for (size_t i = 0; i < c->ntargets; i++)
     target_config_free(c->targets[i]);
   free(c->targets);
@@ -22,25 +23,18 @@ void lconfig_free(lconfig *c) {
   c->ntargets = 0;
 }
 
+/* Targets not taken by a service (a config that failed half-way). */
 static int config_gc(lua_State *L) {
-  /* Providers and routers still in use by a running rollout stay. */
-  if (dc_rollouts_waiting == 0)
-    lconfig_free(luaL_checkudata(L, 1, LCONFIG_MT));
+  lconfig_free(luaL_checkudata(L, 1, LCONFIG_MT));
   return 0;
 }
 
-target_config *lconfig_target(lconfig *c, const char *name) {
-  for (size_t i = 0; i < c->ntargets; i++)
-    if (strcmp(c->targets[i]->name, name) == 0)
-      return c->targets[i];
-  return NULL;
-}
-
-void lconfig_known(const lconfig *c, char *buf, size_t size) {
-  size_t len = 0;
-  buf[0] = '\0';
-  for (size_t i = 0; i < c->ntargets && len < size; i++)
-    len += (size_t)snprintf(buf + len, size - len, "%s%s", i ? ", " : "", c->targets[i]->name);
+target_config **lconfig_take_targets(lconfig *c, size_t *n) {
+  target_config **t = c->targets;
+  *n = c->ntargets;
+  c->targets = NULL;
+  c->ntargets = 0;
+  return t;
 }
 
 /* ---- field readers: each raises naming the field path ---- */
@@ -81,14 +75,15 @@ static const char *str_field(lua_State *L, int idx, const char *path, const char
   if (len >= size || strlen(s) != len)
     fail(L, full, "is too long or holds a NUL byte%s", "");
   dc_strlcpy(buf, s, size);
-  dc_secret_note_refs(buf);
+  if (dc_secret_note_refs(buf) != 0)
+    fail(L, full, "%s", "could not be registered as holding secrets: out of memory");
   lua_pop(L, 1);
   /* ${NAME} is read from the environment now, except in the command, which
    * is expanded only when an instance starts (its values are never kept). */
   if (strcmp(k, "command") != 0 && strstr(buf, "${")) {
     char expanded[4096], err[DC_ERR_MAX];
     if (dc_expand_env(expanded, sizeof expanded, buf, err) != 0)
-      fail(L, full, "%s", strncmp(err, "deploy: ", 8) == 0 ? err + 8 : err);
+      fail(L, full, "%s", dc_unprefix(err));
     dc_strlcpy(buf, expanded, size);
   }
   return buf;
@@ -152,7 +147,8 @@ bad:
   fail(L, path, "'%s' is not a port range: write 'LOW-HIGH', e.g. '20000-20999'", s);
 }
 
-static void make_provider(lua_State *L, int idx, const char *path, target_config *t, const char *log_dir) {
+static void make_provider(lua_State *L, int idx, const char *path, target_config *t, const char *log_dir,
+                          const char *tag) {
   static const char *const allowed[] = {"kind", "command", "ports", "stop_timeout", "workdir", "env", NULL};
   char p[128], kind[32], command[4096], ports[64], workdir[1024], err[DC_ERR_MAX];
   dc_fmt(p, sizeof p, "%s.provider", path);
@@ -177,7 +173,7 @@ static void make_provider(lua_State *L, int idx, const char *path, target_config
   if (!workdir[0])
     o.workdir = NULL;
   o.log_dir = log_dir;
-  o.tag_prefix = t->tag_prefix;
+  o.tag_prefix = tag;
   /* env = { NAME = "value", ... } becomes NAME=value entries. */
   char **env = NULL;
   size_t nenv = 0;
@@ -196,6 +192,8 @@ static void make_provider(lua_State *L, int idx, const char *path, target_config
       env = grown;
       size_t n = strlen(lua_tostring(L, -2)) + strlen(lua_tostring(L, -1)) + 2;
       env[nenv] = malloc(n);
+      if (!env[nenv])
+        break;
       snprintf(env[nenv], n, "%s=%s", lua_tostring(L, -2), lua_tostring(L, -1));
       dc_secret_note_refs(lua_tostring(L, -1));
       env[++nenv] = NULL;
@@ -287,13 +285,13 @@ static void read_target(lua_State *L, lconfig *c, const char *name, int idx, con
   if (!lua_istable(L, idx))
     fail(L, path, "must be a table, got %s", luaL_typename(L, idx));
   check_keys(L, idx, path, allowed);
-  target_config *t = calloc(1, sizeof *t);
+  target_config *t = target_config_new(name);
+  if (!t)
+    lerror(L, "deploy: out of memory");
   c->targets[c->ntargets++] = t;
-  dc_strlcpy(t->name, name, sizeof t->name);
-  dc_strlcpy(t->tag_prefix, tag, sizeof t->tag_prefix);
   t->instances = (int)num_field(L, idx, path, "instances", 1, 1, 64);
   read_health(L, idx, path, &t->health);
-  make_provider(L, idx, path, t, log_dir);
+  make_provider(L, idx, path, t, log_dir, tag);
   make_router(L, idx, path, t);
 }
 
@@ -336,14 +334,35 @@ static void absolute(const char *path, char *out, size_t size) {
     dc_fmt(out, size, "%s/%s", cwd, path);
 }
 
-static int by_name(const void *a, const void *b) {
-  return strcmp((*(target_config *const *)a)->name, (*(target_config *const *)b)->name);
+static int is_url(const char *state) {
+  return strncmp(state, "postgresql://", 13) == 0 || strncmp(state, "postgres://", 11) == 0;
 }
 
-lconfig *lconfig_load(lua_State *L, int idx, engine *e) {
+/* What tags each instance (DEPLOY_INSTANCE=<tag>#<id>) and where logs go:
+ * the store's absolute path and its directory's logs/, or, for a database
+ * URL, the URL without user-info and .deploy/logs. */
+static void store_tag(const char *state, char *tag, size_t tsize, char *log_dir, size_t lsize) {
+  if (is_url(state)) {
+    const char *rest = strstr(state, "://") + 3;
+    const char *at = strchr(rest, '@');
+    const char *slash = strchr(rest, '/');
+    if (at && (!slash || at < slash))
+      rest = at + 1;
+    dc_fmt(tag, tsize, "%.*s%s", (int)(strstr(state, "://") + 3 - state), state, rest);
+    dc_strlcpy(log_dir, ".deploy/logs", lsize);
+    return;
+  }
+  const char *slash = strrchr(state, '/');
+  if (slash)
+    dc_fmt(log_dir, lsize, "%.*s/logs", (int)(slash - state), state);
+  else
+    dc_strlcpy(log_dir, "logs", lsize);
+  absolute(state, tag, tsize);
+}
+
+lconfig *lconfig_load(lua_State *L, int idx) {
   static const char *const allowed[] = {"state", "clock", "targets", NULL};
   idx = lua_absindex(L, idx);
-  (void)e;
   if (lua_type(L, idx) == LUA_TSTRING)
     load_file(L, idx);
   else if (!lua_istable(L, idx))
@@ -352,8 +371,8 @@ lconfig *lconfig_load(lua_State *L, int idx, engine *e) {
   lconfig *c = lua_newuserdatauv(L, sizeof *c, 0);
   memset(c, 0, sizeof *c);
   if (luaL_newmetatable(L, LCONFIG_MT)) {
-    lua_pushcfunction(L, config_gc);
-    lua_setfield(L, -2, "__gc");
+    static const luaL_Reg meta[] = {{"__gc", config_gc}, {NULL, NULL}};
+    luaL_setfuncs(L, meta, 0);
   }
   lua_setmetatable(L, -2);
   int ci = lua_gettop(L);
@@ -366,12 +385,7 @@ lconfig *lconfig_load(lua_State *L, int idx, engine *e) {
   c->virtual_clock = !clock[0] ? -1 : strcmp(clock, "virtual") == 0;
 
   char log_dir[1100], tag[1024];
-  const char *slash = strrchr(c->state, '/');
-  if (slash)
-    dc_fmt(log_dir, sizeof log_dir, "%.*s/logs", (int)(slash - c->state), c->state);
-  else
-    dc_strlcpy(log_dir, "logs", sizeof log_dir);
-  absolute(c->state, tag, sizeof tag);
+  store_tag(c->state, tag, sizeof tag, log_dir, sizeof log_dir);
 
   sub_table(L, idx, "", "targets", 1);
   int ti = lua_gettop(L);
@@ -394,7 +408,6 @@ lconfig *lconfig_load(lua_State *L, int idx, engine *e) {
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
-  qsort(c->targets, c->ntargets, sizeof *c->targets, by_name);
   lua_settop(L, ci);
   return c;
 }

@@ -3,10 +3,21 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "bindings.h"
+#include "lstrategy.h"
+
+#include "lutil.h"
 #include "util.h"
 
-lstrategy *lstrategy_test(lua_State *L, int idx) { return luaL_testudata(L, idx, STRATEGY_MT); }
+#define STRATEGY_MT "deploy.BuiltinStrategy"
+
+typedef struct lstrategy {
+  strategy *s;
+} lstrategy;
+
+strategy *lstrategy_test(lua_State *L, int idx) {
+  lstrategy *ls = luaL_testudata(L, idx, STRATEGY_MT);
+  return ls ? ls->s : NULL;
+}
 
 static int strategy_gc(lua_State *L) {
   lstrategy *ls = luaL_checkudata(L, 1, STRATEGY_MT);
@@ -60,6 +71,8 @@ static void push_strategy(lua_State *L, strategy *s, int params_idx) {
   lstrategy *ls = lua_newuserdatauv(L, sizeof *ls, 1);
   ls->s = s;
   luaL_setmetatable(L, STRATEGY_MT);
+  if (!params_idx)
+    return;
   if (params_idx && lua_getfield(L, params_idx, "hooks") != LUA_TNIL) {
     if (!lua_istable(L, -1)) {
       char msg[DC_ERR_MAX];
@@ -69,10 +82,12 @@ static void push_strategy(lua_State *L, strategy *s, int params_idx) {
       lerror(L, msg);
     }
     lua_setiuservalue(L, -2, 1);
-  } else if (params_idx) {
+  } else {
     lua_pop(L, 1);
   }
 }
+
+void lstrategy_push(lua_State *L, strategy *s) { push_strategy(L, s, 0); }
 
 static int read_pauses(lua_State *L, int idx, double *out, int cap) {
   int t = lua_getfield(L, idx, "pause_at");
@@ -111,9 +126,12 @@ static int opts_index(lua_State *L, const char *cls) {
   return 1;
 }
 
+static const char *const canary_allowed[] = {"initial_percentage", "increment", "interval", "health_check_url",
+                                             "pause_at", "hooks", NULL};
+static const char *const bluegreen_allowed[] = {"switch_delay", "health_check_url", "hooks", NULL};
+
 static int canary_new(lua_State *L) {
-  static const char *const allowed[] = {"initial_percentage", "increment", "interval", "health_check_url",
-                                        "pause_at", "hooks", NULL};
+  const char *const *allowed = canary_allowed;
   char url[512], err[DC_ERR_MAX];
   int idx = opts_index(L, "CanaryStrategy");
   check_fields(L, idx, "CanaryStrategy", allowed);
@@ -132,7 +150,7 @@ static int canary_new(lua_State *L) {
 }
 
 static int bluegreen_new(lua_State *L) {
-  static const char *const allowed[] = {"switch_delay", "health_check_url", "hooks", NULL};
+  const char *const *allowed = bluegreen_allowed;
   char url[512], err[DC_ERR_MAX];
   int idx = opts_index(L, "BlueGreenStrategy");
   check_fields(L, idx, "BlueGreenStrategy", allowed);
@@ -230,6 +248,8 @@ static int strategy_validate(lua_State *L) {
 static int strategy_execute(lua_State *L) {
   luaL_checkudata(L, 1, STRATEGY_MT);
   luaL_checktype(L, 2, LUA_TTABLE);
+  /* The deployment object knows how to run a built-in strategy (it holds
+   * the rollout); d._run_builtin continues the rollout it drives. */
   if (lua_getfield(L, 2, "_run_builtin") != LUA_TFUNCTION)
     return luaL_error(L, "deploy: %s:execute(d) needs a deployment handed out by DeploymentManager:deploy "
                          "(call manager:deploy(target, version, { strategy = s }) instead)",
@@ -268,21 +288,16 @@ static const char *const base_class_lua =
 
 void lstrategy_register(lua_State *L) {
   static const luaL_Reg methods[] = {{"validate", strategy_validate}, {"execute", strategy_execute}, {NULL, NULL}};
+  static const luaL_Reg meta[] = {
+      {"__index", strategy_index}, {"__gc", strategy_gc}, {"__tostring", strategy_tostring}, {NULL, NULL}};
   if (luaL_newmetatable(L, STRATEGY_MT)) {
-    lua_pushcfunction(L, strategy_index);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, strategy_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, strategy_tostring);
-    lua_setfield(L, -2, "__tostring");
+    luaL_setfuncs(L, meta, 0);
     luaL_newlib(L, methods);
     lua_setfield(L, -2, "methods");
   }
   lua_pop(L, 1);
-  lua_pushcfunction(L, canary_new);
-  lua_setfield(L, -2, "CanaryStrategy");
-  lua_pushcfunction(L, bluegreen_new);
-  lua_setfield(L, -2, "BlueGreenStrategy");
+  static const luaL_Reg classes[] = {{"CanaryStrategy", canary_new}, {"BlueGreenStrategy", bluegreen_new}, {NULL, NULL}};
+  luaL_setfuncs(L, classes, 0);
   if (luaL_loadbufferx(L, base_class_lua, strlen(base_class_lua), "=deploy.DeploymentStrategy", "t") != LUA_OK)
     lua_error(L);
   lua_call(L, 0, 1);

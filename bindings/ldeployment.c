@@ -1,11 +1,17 @@
 /* The Deployment value and the life of one run from Lua: event handlers,
  * hooks (each a coroutine with a timeout), and Lua strategies (execute(d)
- * in a coroutine whose d:* methods hand actions to the rollout and yield). */
+ * in a coroutine whose d:* methods hand actions to the rollout and yield).
+ * A Lua strategy reaches the runtime as a strategy vtable whose drive()
+ * starts that coroutine: the rollout does not know it is Lua. */
+#include "ldeployment.h"
+
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "run.h"
 #include "lsched.h"
+#include "lstrategy.h"
+#include "lutil.h"
 #include "util.h"
 
 #define DEPLOYMENT_MT "deploy.Deployment"
@@ -17,6 +23,8 @@ typedef struct lrunref {
 } lrunref;
 
 struct lrun {
+  strategy drv;            /* first: a Lua strategy drives the rollout through it */
+  char name[64];           /* drv.name */
   lua_State *L;            /* the thread that started it */
   engine *e;
   rollout *r;              /* NULL once the rollout has ended */
@@ -24,7 +32,7 @@ struct lrun {
   lrunref *ud;             /* d._run: cleared when the run is freed */
   int d_ref, strategy_ref, hooks_ref, handler_ref, handler2_ref;
   double hook_timeout;
-  lmanager_done_cb cb;
+  lrun_done_cb cb;
   void *payload;
   int is_lua;
   ltask *strategy_task;
@@ -48,36 +56,7 @@ struct lrun {
   int builtin_final;
 
   rollout_hooks hooks;     /* lives as long as the rollout (the run outlives it) */
-  lrun *next_active, *prev_active;
 };
-
-/* Runs whose rollout has not ended, for Ctrl-C. */
-static lrun *active;
-
-static void active_add(lrun *run) {
-  run->next_active = active;
-  if (active)
-    active->prev_active = run;
-  active = run;
-  dc_rollouts_waiting++;
-}
-
-static void active_remove(lrun *run) {
-  if (run->prev_active)
-    run->prev_active->next_active = run->next_active;
-  else if (active == run)
-    active = run->next_active;
-  if (run->next_active)
-    run->next_active->prev_active = run->prev_active;
-  run->next_active = run->prev_active = NULL;
-  dc_rollouts_waiting--;
-}
-
-void lrun_interrupt_all(const char *reason) {
-  for (lrun *run = active; run; run = run->next_active)
-    if (run->r)
-      rollout_abort(run->r, reason);
-}
 
 static void unref_all(lua_State *L, lrun *run) {
   int *refs[] = {&run->d_ref, &run->strategy_ref, &run->hooks_ref, &run->handler_ref, &run->handler2_ref};
@@ -113,6 +92,21 @@ void lrun_push_event(lua_State *L, const store_event *ev) {
   lua_setfield(L, -2, "data");
 }
 
+void lrun_push_result(lua_State *L, const rollout_result *r) {
+  lua_createtable(L, 0, 7);
+  lset_boolean(L, "success", r->success);
+  lset_string(L, "version", r->version);
+  lset_string(L, "target", r->target);
+  lset_string(L, "strategy", r->strategy);
+  lset_number(L, "duration", r->duration);
+  if (r->locked)
+    lset_boolean(L, "locked", 1);
+  if (r->nerrors > 0) {
+    lpush_strings(L, r->errors, r->nerrors);
+    lua_setfield(L, -2, "errors");
+  }
+}
+
 static void call_handler(lua_State *L, int ref, const store_event *ev) {
   if (ref == LUA_NOREF || ref == LUA_REFNIL)
     return;
@@ -124,11 +118,39 @@ static void call_handler(lua_State *L, int ref, const store_event *ev) {
   }
 }
 
+/* An event on its way to the handlers: they run from the scheduler, not
+ * inside the loop callback that recorded it, so a handler may read the
+ * store (m:instances()) or the router. */
+typedef struct pending_event {
+  lrun *run;
+  store_event ev;
+} pending_event;
+
+static void deliver_event(lua_State *L, void *payload) {
+  pending_event *pe = payload;
+  call_handler(L, pe->run->handler_ref, &pe->ev);
+  call_handler(L, pe->run->handler2_ref, &pe->ev);
+  run_unref(L, pe->run);
+  store_event_clear(&pe->ev);
+  free(pe);
+}
+
 static void on_event(void *payload, const store_event *ev) {
   lrun *run = payload;
-  lua_State *L = cb_state(run);
-  call_handler(L, run->handler_ref, ev);
-  call_handler(L, run->handler2_ref, ev);
+  if (run->handler_ref == LUA_NOREF && run->handler2_ref == LUA_NOREF)
+    return;
+  pending_event *pe = calloc(1, sizeof *pe);
+  if (!pe)
+    return;
+  pe->run = run;
+  pe->ev = *ev;
+  pe->ev.data = ev->data ? strdup(ev->data) : NULL;
+  run->refs++;
+  if (lsched_defer(run->L, deliver_event, pe) != 0) {
+    run->refs--;
+    free(pe->ev.data);
+    free(pe);
+  }
 }
 
 /* ---- the end of the rollout ---- */
@@ -136,7 +158,6 @@ static void on_event(void *payload, const store_event *ev) {
 static void on_done(void *payload, const rollout_result *res) {
   lrun *run = payload;
   run->r = NULL;
-  active_remove(run);
   if (run->cb)
     run->cb(run->payload, res);
   run_unref(cb_state(run), run);
@@ -169,13 +190,27 @@ static void hook_ends(lrun *run, lua_State *L, int ok, const char *err) {
   run_unref(L, run);
 }
 
+/* Text from Lua (an error, a reason) with secrets redacted, as a Lua
+ * string on co's stack: redacted before any buffer could cut a secret in
+ * half, where it would no longer be recognised. */
+static const char *redacted(lua_State *co, int idx) {
+  const char *s = lua_tostring(co, idx);
+  char *copy = strdup(s ? s : "(error object is not a string)");
+  if (!copy)
+    return "(out of memory)";
+  dc_redact(copy);
+  lua_pushstring(co, copy);
+  free(copy);
+  return lua_tostring(co, -1);
+}
+
 /* false (or "fail") fails a hook; for analysis the second value says why. */
 static void hook_finished(lua_State *L, ltask *t, int status, int nres) {
   lrun *run = t->payload;
   char msg[DC_ERR_MAX];
   const char *name = hook_names[run->hook_kind];
   if (status != LUA_OK) {
-    dc_fmt(msg, sizeof msg, "hook %s raised: %s", name, lua_tostring(t->co, -1));
+    dc_fmt(msg, sizeof msg, "hook %s raised: %s", name, redacted(t->co, -1));
     hook_ends(run, L, 0, msg);
     return;
   }
@@ -185,7 +220,7 @@ static void hook_finished(lua_State *L, ltask *t, int status, int nres) {
     failed = (lua_type(t->co, first) == LUA_TBOOLEAN && !lua_toboolean(t->co, first)) ||
              (lua_type(t->co, first) == LUA_TSTRING && strcmp(lua_tostring(t->co, first), "fail") == 0);
     if (failed && nres >= 2 && lua_type(t->co, first + 1) == LUA_TSTRING)
-      dc_fmt(msg, sizeof msg, "hook %s said fail: %s", name, lua_tostring(t->co, first + 1));
+      dc_fmt(msg, sizeof msg, "hook %s said fail: %s", name, redacted(t->co, first + 1));
     else if (failed)
       dc_fmt(msg, sizeof msg, "hook %s returned false", name);
   }
@@ -243,6 +278,7 @@ static int push_hook_args(lua_State *L, lrun *run, hook_kind kind, double pct, c
 static int hooks_run(void *payload, rollout *r, hook_kind kind, double pct, const rollout_health *h,
                      const char *reason, rollout_hook_done done) {
   lrun *run = payload;
+  run->r = r;
   if (run->hooks_ref == LUA_NOREF)
     return 0;
   lua_State *L = cb_state(run);
@@ -385,8 +421,8 @@ static int d_promote(lua_State *L) {
 static int d_abort(lua_State *L) {
   lrun *run = check_task_run(L, "abort");
   strategy_action a = {.kind = ACTION_ABORT};
-  const char *reason = luaL_optstring(L, 2, "aborted by the strategy");
-  dc_strlcpy(a.reason, reason, sizeof a.reason);
+  luaL_optstring(L, 2, NULL);
+  dc_strlcpy(a.reason, lua_isnoneornil(L, 2) ? "aborted by the strategy" : redacted(L, 2), sizeof a.reason);
   return start_action(L, run, &a, action_k);
 }
 
@@ -428,19 +464,25 @@ static int d_health(lua_State *L) {
 
 static int d_log(lua_State *L) {
   lrun *run = check_run(L, "log");
-  char *json = NULL;
+  char *json = NULL, err[DC_ERR_MAX];
   if (lua_type(L, 2) == LUA_TSTRING) {
     lua_createtable(L, 0, 1);
     lua_pushvalue(L, 2);
     lua_setfield(L, -2, "message");
-    json = ljson_encode(L, -1, "d:log(event)");
+    json = ljson_encode(L, -1, "d:log(event)", RECORD_EVENT_MAX);
   } else if (lua_type(L, 2) == LUA_TTABLE) {
-    json = ljson_encode(L, 2, "d:log(event)");
+    json = ljson_encode(L, 2, "d:log(event)", RECORD_EVENT_MAX);
+    if (json && json[0] != '{') {
+      free(json);
+      return luaL_error(L, "deploy: d:log(event): event must be a table of fields, not a list");
+    }
   } else {
     return luaL_error(L, "deploy: d:log(event): event must be a string or a table, got %s", luaL_typename(L, 2));
   }
-  rollout_log(run->r, "log", json);
+  int rc = rollout_log(run->r, "log", json, err);
   free(json);
+  if (rc != 0)
+    return lerror(L, err);
   return 0;
 }
 
@@ -477,10 +519,10 @@ static int builtin_step(lua_State *L, lrun *run) {
 
 static int d_run_builtin(lua_State *L) {
   lrun *run = check_task_run(L, "execute");
-  lstrategy *ls = lstrategy_test(L, 2);
-  if (!ls)
+  strategy *st = lstrategy_test(L, 2);
+  if (!st)
     return luaL_error(L, "deploy: only built-in strategies run through d._run_builtin");
-  run->builtin = ls->s;
+  run->builtin = st;
   run->builtin_final = 0;
   lua_settop(L, 2); /* keeps the strategy alive while it runs */
   return builtin_step(L, run);
@@ -511,13 +553,13 @@ static void strategy_finished(lua_State *L, ltask *t, int status, int nres) {
   char msg[DC_ERR_MAX];
   run->strategy_task = NULL;
   if (status != LUA_OK) {
-    dc_fmt(msg, sizeof msg, "strategy execute(d) raised: %s", lua_tostring(t->co, -1));
+    dc_fmt(msg, sizeof msg, "strategy execute(d) raised: %s", redacted(t->co, -1));
     end_with(run, ACTION_ABORT, msg);
   } else {
     int first = lua_gettop(t->co) - nres + 1;
     if (nres >= 1 && lua_type(t->co, first) == LUA_TBOOLEAN && !lua_toboolean(t->co, first)) {
       dc_fmt(msg, sizeof msg, "strategy execute(d) returned false%s%s", nres >= 2 ? ": " : "",
-             nres >= 2 && lua_isstring(t->co, first + 1) ? lua_tostring(t->co, first + 1) : "");
+             nres >= 2 && lua_isstring(t->co, first + 1) ? redacted(t->co, first + 1) : "");
       end_with(run, ACTION_ABORT, msg);
     } else {
       end_with(run, ACTION_PROMOTE, NULL);
@@ -526,12 +568,11 @@ static void strategy_finished(lua_State *L, ltask *t, int status, int nres) {
   run_unref(L, run);
 }
 
-static void lua_begun(void *payload, int ok, const char *err) {
-  lrun *run = payload;
-  if (!ok) {
-    end_with(run, ACTION_ABORT, err);
-    return;
-  }
+/* The rollout hands itself over once it is recorded and before_deploy
+ * passed: execute(d) starts as a coroutine. */
+static void lua_drive(strategy *s, rollout *r) {
+  lrun *run = (lrun *)s;
+  run->r = r;
   lua_State *L = cb_state(run);
   lua_rawgeti(L, LUA_REGISTRYINDEX, run->strategy_ref);
   lua_getfield(L, -1, "execute");
@@ -598,6 +639,8 @@ static int push_hooks(lua_State *L, int strategy_idx, int hooks_idx) {
   return any;
 }
 
+static void drv_free(strategy *s) { (void)s; /* the run owns it */ }
+
 static void push_deployment(lua_State *L, lrun *run, const char *id, const char *target, const char *version,
                             int strategy_idx, double created_at, int metadata_idx) {
   char ts[40];
@@ -643,9 +686,9 @@ static int strategy_accepts(lua_State *L, int strategy_idx, int d_idx, char *err
 }
 
 static const char *strategy_name(lua_State *L, int idx, char *buf, size_t size) {
-  lstrategy *ls = lstrategy_test(L, idx);
-  if (ls)
-    return ls->s->name;
+  strategy *st = lstrategy_test(L, idx);
+  if (st)
+    return st->name;
   lua_getfield(L, idx, "name");
   dc_strlcpy(buf, lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "custom", size);
   lua_pop(L, 1);
@@ -655,8 +698,8 @@ static const char *strategy_name(lua_State *L, int idx, char *buf, size_t size) 
 int lrun_start(lua_State *L, const lrun_spec *sp, char *err) {
   int top = lua_gettop(L);
   char id[48], name[64];
-  lstrategy *ls = lstrategy_test(L, sp->strategy_idx);
-  if (!ls) {
+  strategy *builtin = lstrategy_test(L, sp->strategy_idx);
+  if (!builtin) {
     if (!lua_istable(L, sp->strategy_idx))
       luaL_error(L, "deploy: a strategy must be deploy.CanaryStrategy{...}, deploy.BlueGreenStrategy{...} or a "
                     "DeploymentStrategy class, got %s",
@@ -668,20 +711,25 @@ int lrun_start(lua_State *L, const lrun_spec *sp, char *err) {
   }
   int any_hooks = push_hooks(L, sp->strategy_idx, sp->hooks_idx);
   int hooks_idx = lua_gettop(L);
-  /* May raise (metadata cjson refuses): before anything is allocated. */
-  char *metadata = sp->metadata_idx ? ljson_encode(L, sp->metadata_idx, "options.metadata") : NULL;
+  /* May raise (what JSON cannot hold): before anything is allocated. */
+  char *metadata = sp->metadata_idx ? ljson_encode(L, sp->metadata_idx, "options.metadata", 64 * 1024)
+                                    : sp->metadata_json ? strdup(sp->metadata_json) : NULL;
   lrun *run = calloc(1, sizeof *run);
+  if (!run) {
+    free(metadata);
+    return luaL_error(L, "deploy: out of memory");
+  }
   run->L = L;
-  run->e = sp->e;
+  run->e = service_engine(sp->svc);
   run->refs = 1;
   run->hook_timeout = sp->hook_timeout > 0 ? sp->hook_timeout : 30;
   run->cb = sp->cb;
   run->payload = sp->payload;
-  run->is_lua = ls == NULL;
+  run->is_lua = builtin == NULL;
   run->d_ref = run->strategy_ref = run->hooks_ref = run->handler_ref = run->handler2_ref = LUA_NOREF;
-  double created = engine_now(sp->e);
+  double created = engine_now(run->e);
   dc_new_id(id, sizeof id);
-  push_deployment(L, run, id, sp->t->name, sp->version, sp->strategy_idx, created, sp->metadata_idx);
+  push_deployment(L, run, id, sp->target, sp->version, sp->strategy_idx, created, sp->metadata_idx);
   int d_idx = lua_gettop(L);
   if (!strategy_accepts(L, sp->strategy_idx, d_idx, err)) {
     run->ud->run = NULL;
@@ -707,13 +755,19 @@ int lrun_start(lua_State *L, const lrun_spec *sp, char *err) {
   }
   rollout_opts o = {.id = id, .created_at = created, .version = sp->version, .kind = sp->kind,
                     .strategy_name = strategy_name(L, sp->strategy_idx, name, sizeof name),
-                    .metadata_json = metadata, .on_event = on_event, .event_payload = run};
+                    .metadata_json = metadata, .sink = {on_event, run}};
   if (any_hooks) {
     run->hooks = lua_hooks;
     run->hooks.payload = run;
     o.hooks = &run->hooks;
   }
-  int rc = rollout_start(&run->r, sp->e, sp->s, sp->t, ls ? ls->s : NULL, &o, on_done, run, err);
+  dc_strlcpy(run->name, o.strategy_name, sizeof run->name);
+  run->drv.version = STRATEGY_VERSION;
+  run->drv.name = run->name;
+  run->drv.drive = lua_drive;
+  run->drv.free = drv_free;
+  strategy *st = builtin ? builtin : &run->drv;
+  int rc = service_deploy(sp->svc, sp->target, st, &o, on_done, run, &run->r, err);
   free(metadata);
   if (rc != DC_OK) {
     run->ud->run = NULL;
@@ -722,14 +776,11 @@ int lrun_start(lua_State *L, const lrun_spec *sp, char *err) {
     lua_settop(L, top);
     return rc;
   }
-  active_add(run);
-  if (run->is_lua)
-    rollout_begin(run->r, lua_begun, run);
   lua_settop(L, top);
   return DC_OK;
 }
 
-void lrun_register(lua_State *L) {
+void ldeployment_register(lua_State *L) {
   static const luaL_Reg methods[] = {{"start", d_start},     {"set_traffic", d_set_traffic},
                                      {"wait", d_wait},       {"health", d_health},
                                      {"promote", d_promote}, {"abort", d_abort},

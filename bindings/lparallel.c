@@ -5,7 +5,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "bindings.h"
+#include "lparallel.h"
+
+#include <lauxlib.h>
+
 #include "lsched.h"
 #include "util.h"
 

@@ -1,0 +1,786 @@
+/* DeploymentManager: argument checking and conversion over the runtime's
+ * deployment service (runtime/service.c), which decides everything. */
+#include "lmanager.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "lconfig.h"
+#include "lsched.h"
+#include "lstrategy.h"
+#include "lutil.h"
+#include "util.h"
+
+#define MANAGER_MT "deploy.DeploymentManager"
+
+typedef struct lmanager {
+  service *svc; /* a reference; NULL once closed */
+} lmanager;
+
+enum { UV_STRATEGY = 1, UV_ON_EVENT = 2, UV_STRATEGIES = 3, UV_COUNT = 3 };
+
+static lmanager *manager_at(lua_State *L, int idx) {
+  lmanager *m = luaL_checkudata(L, idx, MANAGER_MT);
+  if (!m->svc)
+    luaL_error(L, "deploy: this DeploymentManager was closed");
+  return m;
+}
+
+/* Closing returns at once: rollouts still running hold the service (and
+ * through it the store, providers and routers) until they end. */
+static int manager_close(lua_State *L) {
+  lmanager *m = luaL_checkudata(L, 1, MANAGER_MT);
+  service_unref(m->svc);
+  m->svc = NULL;
+  return 0;
+}
+
+service *lmanager_service(lua_State *L, int idx) { return manager_at(L, idx)->svc; }
+
+/* ---- waiting for the service ---- */
+
+/* One call's completion: the callback converts its result onto the
+ * waiting thread's stack (it is blocked in C below), or keeps the error. */
+typedef struct lwait {
+  lua_State *L;
+  int done;
+  int ok;
+  int locked;
+  int rc;
+  char err[DC_ERR_MAX];
+  void *extra;
+} lwait;
+
+static void wait_for(lua_State *L, lwait *w, int rc) {
+  if (rc != DC_OK)
+    lerror(L, w->err);
+  lsched_block(L, &w->done);
+}
+
+static void op_done(void *payload, int ok, int locked, const char *err) {
+  lwait *w = payload;
+  w->ok = ok;
+  w->locked = locked;
+  if (err)
+    dc_strlcpy(w->err, err, sizeof w->err);
+  w->done = 1;
+}
+
+/* true, or false and why: the shape of methods whose failure is an answer. */
+static int push_outcome(lua_State *L, const lwait *w) {
+  lua_pushboolean(L, w->ok);
+  if (w->ok)
+    return 1;
+  lua_pushstring(L, w->err);
+  if (!w->locked)
+    return 2;
+  lua_pushboolean(L, 1);
+  return 3;
+}
+
+/* ---- arguments ---- */
+
+static const char *check_target(lua_State *L, lmanager *m, int arg, const char *method) {
+  const char *name = lcheck_string(L, arg, "target", method);
+  if (!service_target(m->svc, name)) {
+    char msg[DC_ERR_MAX];
+    char *known = service_known(m->svc);
+    dc_fmt(msg, sizeof msg, "deploy: unknown target '%.64s' (known: %s)", name,
+           known && *known ? known : "none configured");
+    free(known);
+    lerror(L, msg);
+  }
+  return name;
+}
+
+static const char *check_version(lua_State *L, int arg, const char *method) {
+  char err[DC_ERR_MAX], what[64];
+  const char *v = lcheck_string(L, arg, "version", method);
+  dc_fmt(what, sizeof what, "%s: version", method);
+  if (dc_validate_version(v, what, err) != 0)
+    lerror(L, err);
+  return v;
+}
+
+/* ---- deploy and rollback ---- */
+
+typedef struct deploy_wait {
+  int done;
+  int awaiting;
+  ltask *task;
+  lua_State *L;
+  int result_ref;
+} deploy_wait;
+
+static void deploy_done(void *payload, const rollout_result *res) {
+  deploy_wait *w = payload;
+  lua_State *L = lsched_callback_state(w->L);
+  lrun_push_result(L, res);
+  w->result_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  w->done = 1;
+  if (w->awaiting)
+    lsched_ready(w->task);
+}
+
+static int deploy_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  deploy_wait *w = (deploy_wait *)ctx;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->result_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, w->result_ref);
+  return 1;
+}
+
+static void check_options(lua_State *L, int idx) {
+  static const char *const allowed[] = {"strategy", "metadata", "on_event", "hooks", "hook_timeout", NULL};
+  lcheck_keys(L, idx, allowed, "deploy: deploy: unknown option '%s' (known: %s)");
+}
+
+int lmanager_push_handler(lua_State *L, int manager_idx) {
+  manager_idx = lua_absindex(L, manager_idx);
+  luaL_checkudata(L, manager_idx, MANAGER_MT);
+  return lua_getiuservalue(L, manager_idx, UV_ON_EVENT) == LUA_TFUNCTION;
+}
+
+static int manager_handler_idx(lua_State *L, int manager_idx) {
+  if (lua_getiuservalue(L, manager_idx, UV_ON_EVENT) == LUA_TFUNCTION)
+    return lua_gettop(L);
+  lua_pop(L, 1);
+  return 0;
+}
+
+/* A strategy given by name: one registered with the manager. */
+static int resolve_strategy(lua_State *L, int manager_idx, int idx) {
+  if (lua_type(L, idx) != LUA_TSTRING)
+    return idx;
+  const char *name = lua_tostring(L, idx);
+  if (lmanager_push_strategy(L, manager_idx, name) == LUA_TNIL)
+    luaL_error(L, "deploy: no strategy named '%s' is registered with this manager "
+                  "(register it with manager:register_strategy(name, strategy))", name);
+  return lua_gettop(L);
+}
+
+static const char *strategy_label(lua_State *L, int idx) {
+  strategy *st = idx ? lstrategy_test(L, idx) : NULL;
+  if (st)
+    return st->name;
+  if (idx && lua_istable(L, idx)) {
+    lua_getfield(L, idx, "name");
+    const char *n = lua_tostring(L, -1);
+    lua_pop(L, 1);
+    if (n)
+      return n;
+  }
+  return "custom";
+}
+
+/* Starts the run and waits for it: yields inside a coroutine task (so
+ * deploy.parallel rolls targets out side by side), else runs the loop. */
+static int run_and_wait(lua_State *L, lrun_spec *sp) {
+  char err[DC_ERR_MAX];
+  deploy_wait *w = lua_newuserdatauv(L, sizeof *w, 0); /* on the stack across a yield */
+  memset(w, 0, sizeof *w);
+  w->task = lsched_current(L);
+  w->L = L;
+  w->result_ref = LUA_NOREF;
+  sp->cb = deploy_done;
+  sp->payload = w;
+  if (lrun_start(L, sp, err) != DC_OK) {
+    const char *e = err;
+    rollout_result res;
+    memset(&res, 0, sizeof res);
+    dc_strlcpy(res.target, sp->target, sizeof res.target);
+    dc_strlcpy(res.version, sp->version ? sp->version : "", sizeof res.version);
+    dc_strlcpy(res.strategy, strategy_label(L, sp->strategy_idx), sizeof res.strategy);
+    res.errors = &e;
+    res.nerrors = 1;
+    lrun_push_result(L, &res);
+    return 1;
+  }
+  if (!w->done)
+    w->awaiting = 1;
+  return lsched_await(L, &w->done, (lua_KContext)w, deploy_k);
+}
+
+static int manager_deploy(lua_State *L) {
+  lsched_check_can_wait(L);
+  lmanager *m = manager_at(L, 1);
+  const char *target = check_target(L, m, 2, "deploy");
+  const char *version = check_version(L, 3, "deploy");
+  lrun_spec sp = {.svc = m->svc, .target = target, .version = version, .kind = "deploy", .hook_timeout = 30};
+  if (!lua_isnoneornil(L, 4)) {
+    if (!lua_istable(L, 4))
+      return luaL_error(L, "deploy: deploy: options must be a table, got %s", luaL_typename(L, 4));
+    check_options(L, 4);
+    if (lua_getfield(L, 4, "strategy") != LUA_TNIL) {
+      if (!lstrategy_test(L, -1) && !lua_istable(L, -1) && lua_type(L, -1) != LUA_TSTRING)
+        return luaL_error(L, "deploy: deploy: options.strategy must be a strategy (deploy.CanaryStrategy{...}, "
+                             "deploy.BlueGreenStrategy{...}, a DeploymentStrategy class or a registered name), got %s",
+                          luaL_typename(L, -1));
+      sp.strategy_idx = lua_gettop(L);
+    }
+    if (lua_getfield(L, 4, "metadata") != LUA_TNIL) {
+      if (!lua_istable(L, -1))
+        return luaL_error(L, "deploy: deploy: options.metadata must be a table, got %s", luaL_typename(L, -1));
+      sp.metadata_idx = lua_gettop(L);
+    }
+    if (lua_getfield(L, 4, "on_event") != LUA_TNIL) {
+      if (!lua_isfunction(L, -1))
+        return luaL_error(L, "deploy: deploy: options.on_event must be a function, got %s", luaL_typename(L, -1));
+      sp.on_event_idx = lua_gettop(L);
+    }
+    if (lua_getfield(L, 4, "hooks") != LUA_TNIL) {
+      if (!lua_istable(L, -1))
+        return luaL_error(L, "deploy: deploy: options.hooks must be a table of functions, got %s",
+                          luaL_typename(L, -1));
+      sp.hooks_idx = lua_gettop(L);
+    }
+    if (lua_getfield(L, 4, "hook_timeout") != LUA_TNIL) {
+      if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) > 0))
+        return luaL_error(L, "deploy: deploy: options.hook_timeout must be a number of seconds > 0");
+      sp.hook_timeout = lua_tonumber(L, -1);
+    }
+  }
+  if (!sp.strategy_idx) {
+    lua_getiuservalue(L, 1, UV_STRATEGY);
+    sp.strategy_idx = lua_gettop(L);
+  }
+  sp.strategy_idx = resolve_strategy(L, 1, sp.strategy_idx);
+  sp.on_event2_idx = manager_handler_idx(L, 1);
+  return run_and_wait(L, &sp);
+}
+
+static void version_chosen(void *payload, int rc, const char *version, const char *err) {
+  lwait *w = payload;
+  w->rc = rc;
+  if (version)
+    dc_strlcpy(w->extra, version, 129);
+  if (err)
+    dc_strlcpy(w->err, err, sizeof w->err);
+  w->done = 1;
+}
+
+/* rollback(target[, version]): blue-green, to the previous version or one
+ * from the history. The service chooses and checks the version: one never
+ * deployed there is a mistake (raised), no previous version an answer. */
+static int manager_rollback(lua_State *L) {
+  lsched_check_can_wait(L);
+  lmanager *m = manager_at(L, 1);
+  const char *target = check_target(L, m, 2, "rollback");
+  lua_settop(L, 3);
+  const char *given = lua_isnil(L, 3) ? NULL : check_version(L, 3, "rollback");
+  char version[129] = "";
+  lwait w = {.L = L, .extra = version};
+  wait_for(L, &w, service_rollback_version(m->svc, target, given, version_chosen, &w, w.err));
+  if (w.rc == DC_NOTFOUND)
+    return lerror(L, w.err);
+  if (w.rc != DC_OK) {
+    const char *e = w.err;
+    rollout_result res;
+    memset(&res, 0, sizeof res);
+    dc_strlcpy(res.target, target, sizeof res.target);
+    dc_strlcpy(res.version, version, sizeof res.version);
+    dc_strlcpy(res.strategy, "rollback", sizeof res.strategy);
+    res.errors = &e;
+    res.nerrors = 1;
+    lrun_push_result(L, &res);
+    return 1;
+  }
+  lstrategy_push_bluegreen(L);
+  lua_pushstring(L, version); /* kept alive on the stack */
+  lrun_spec sp = {.svc = m->svc, .target = target, .version = lua_tostring(L, -1), .kind = "rollback",
+                  .strategy_idx = lua_gettop(L) - 1, .hook_timeout = 30};
+  sp.on_event2_idx = manager_handler_idx(L, 1);
+  return run_and_wait(L, &sp);
+}
+
+/* ---- status ---- */
+
+static void status_seen(void *payload, const service_status *st, const char *err) {
+  lwait *w = payload;
+  lua_State *L = w->L;
+  if (!st) {
+    dc_strlcpy(w->err, err, sizeof w->err);
+  } else {
+    lua_createtable(L, 0, 5);
+    lset_string(L, "target", st->target);
+    lset_string_or_nil(L, "current_version", st->current_version);
+    lset_string(L, "status", st->status);
+    lset_string(L, "health", st->health);
+    lset_integer(L, "instances", st->instances);
+    w->ok = 1;
+  }
+  w->done = 1;
+}
+
+static int manager_get_status(lua_State *L) {
+  lsched_check_can_wait(L);
+  lmanager *m = manager_at(L, 1);
+  const char *target = check_target(L, m, 2, "get_status");
+  lwait w = {.L = L};
+  wait_for(L, &w, service_get_status(m->svc, target, status_seen, &w, w.err));
+  if (!w.ok)
+    return lerror(L, w.err);
+  return 1;
+}
+
+/* ---- reading the store ---- */
+
+static void push_deployment_row(lua_State *L, const store_deployment *d) {
+  char ts[40];
+  lua_createtable(L, 0, 16);
+  lset_string(L, "id", d->id);
+  lset_string(L, "target", d->target);
+  lset_string(L, "version", d->version);
+  lset_string(L, "from_version", d->from_version);
+  lset_string(L, "kind", d->kind);
+  lset_string(L, "strategy", d->strategy);
+  lset_string(L, "status", d->status);
+  dc_iso8601(d->created_at, ts, sizeof ts);
+  lset_string(L, "created_at", ts);
+  lset_number(L, "started", d->created_at);
+  lset_number(L, "duration", d->duration);
+  lset_string(L, "user", d->user);
+  lset_integer(L, "pid", d->owner_pid);
+  ljson_decode(L, d->errors);
+  lua_setfield(L, -2, "errors");
+  ljson_decode(L, d->metadata);
+  lua_setfield(L, -2, "metadata");
+}
+
+static void push_instance_row(lua_State *L, const store_instance *in) {
+  lua_createtable(L, 0, 14);
+  lset_integer(L, "id", in->id);
+  lset_string(L, "deployment_id", in->deployment_id);
+  lset_string(L, "version", in->version);
+  lset_integer(L, "index", in->idx);
+  lset_string_or_nil(L, "node", in->node);
+  lset_string(L, "host", in->host);
+  lset_integer(L, "port", in->port);
+  lset_integer(L, "pid", in->pid);
+  lset_string(L, "state", in->state);
+  lset_integer(L, "weight", in->weight);
+  lset_string(L, "server", in->server);
+  lset_string(L, "log", in->log_path);
+}
+
+typedef void (*rows_push)(lua_State *L, const store_result *r, void *extra);
+
+typedef struct lread {
+  lwait w;
+  rows_push push;
+} lread;
+
+static void read_done(void *payload, const store_result *r) {
+  lread *rd = payload;
+  if (r->rc == DC_OK) {
+    rd->push(rd->w.L, r, rd->w.extra);
+    rd->w.ok = 1;
+  } else {
+    rd->w.rc = r->rc;
+    dc_strlcpy(rd->w.err, r->err, sizeof rd->w.err);
+  }
+  rd->w.done = 1;
+}
+
+static void push_history(lua_State *L, const store_result *r, void *extra) {
+  (void)extra;
+  lua_createtable(L, (int)r->ndeployments, 0);
+  for (size_t i = 0; i < r->ndeployments; i++) {
+    push_deployment_row(L, &r->deployments[i]);
+    lua_rawseti(L, -2, (lua_Integer)i + 1);
+  }
+}
+
+static void push_one_deployment(lua_State *L, const store_result *r, void *extra) {
+  (void)extra;
+  push_deployment_row(L, &r->deployments[0]);
+}
+
+static void push_events(lua_State *L, const store_result *r, void *extra) {
+  (void)extra;
+  lua_createtable(L, (int)r->nevents, 0);
+  for (size_t i = 0; i < r->nevents; i++) {
+    lrun_push_event(L, &r->events[i]);
+    lua_rawseti(L, -2, (lua_Integer)i + 1);
+  }
+}
+
+static int read_and_wait(lua_State *L, lread *rd, int rc) {
+  wait_for(L, &rd->w, rc);
+  return rd->w.ok;
+}
+
+/* history(target, limit): newest first. */
+static int manager_history(lua_State *L) {
+  lmanager *m = manager_at(L, 1);
+  const char *target = check_target(L, m, 2, "history");
+  lua_Integer limit = luaL_optinteger(L, 3, 0);
+  luaL_argcheck(L, limit >= 0 && limit <= 1000000000, 3, "limit must be >= 0");
+  lread rd = {.w = {.L = L}, .push = push_history};
+  if (!read_and_wait(L, &rd, store_history(service_store(m->svc), target, (int)limit, read_done, &rd, rd.w.err)))
+    return lerror(L, rd.w.err);
+  return 1;
+}
+
+/* deployment(id): by id or a unique prefix of one; nil and why when none. */
+static int manager_deployment(lua_State *L) {
+  lmanager *m = manager_at(L, 1);
+  const char *id = lcheck_string(L, 2, "id", "deployment");
+  lread rd = {.w = {.L = L}, .push = push_one_deployment};
+  if (!read_and_wait(L, &rd, store_deployment_get(service_store(m->svc), id, read_done, &rd, rd.w.err))) {
+    /* Not found, or a prefix of several: an answer, not a failure. */
+    if (rd.w.rc != DC_NOTFOUND && rd.w.rc != DC_AMBIGUOUS)
+      return lerror(L, rd.w.err);
+    lua_pushnil(L);
+    lua_pushstring(L, rd.w.err);
+    return 2;
+  }
+  return 1;
+}
+
+static int manager_events(lua_State *L) {
+  lmanager *m = manager_at(L, 1);
+  const char *id = lcheck_string(L, 2, "id", "events");
+  lread rd = {.w = {.L = L}, .push = push_events};
+  if (!read_and_wait(L, &rd, store_events(service_store(m->svc), id, read_done, &rd, rd.w.err)))
+    return lerror(L, rd.w.err);
+  return 1;
+}
+
+/* instances(target): every instance row, with whether it is alive and live
+ * (the live set) as the service reads them now. */
+static void instances_seen(void *payload, const service_instance *v, size_t n, const char *router_err,
+                           const char *err) {
+  lwait *w = payload;
+  lua_State *L = w->L;
+  int with_router = w->extra != NULL;
+  if (!v) {
+    dc_strlcpy(w->err, err, sizeof w->err);
+    w->done = 1;
+    return;
+  }
+  lua_createtable(L, (int)n, 0);
+  for (size_t i = 0; i < n; i++) {
+    push_instance_row(L, &v[i].row);
+    lset_boolean(L, "alive", v[i].alive);
+    lset_boolean(L, "live", v[i].live);
+    if (with_router) {
+      lua_pushstring(L, v[i].healthy ? "healthy" : "unhealthy");
+      lua_setfield(L, -2, "health");
+      if (!v[i].healthy)
+        lset_string(L, "health_error", v[i].health_error);
+      if (v[i].weight >= 0)
+        lua_pushinteger(L, v[i].weight);
+      else if (v[i].weight == -1)
+        lua_pushboolean(L, 0); /* not in the proxy */
+      else
+        lua_pushnil(L);
+      lua_setfield(L, -2, "router_weight");
+    }
+    lua_rawseti(L, -2, (lua_Integer)i + 1);
+  }
+  if (router_err)
+    dc_strlcpy(w->err, router_err, sizeof w->err);
+  w->ok = 1;
+  w->done = 1;
+}
+
+static int instances(lua_State *L, int with_router) {
+  lsched_check_can_wait(L);
+  lmanager *m = manager_at(L, 1);
+  const char *target = check_target(L, m, 2, with_router ? "live_instances" : "instances");
+  lwait w = {.L = L, .extra = with_router ? (void *)L : NULL};
+  wait_for(L, &w, service_live_instances(m->svc, target, instances_seen, &w, w.err));
+  if (!w.ok)
+    return lerror(L, w.err);
+  /* A router without weights (none) cannot tell: no error to report. */
+  if (with_router && w.err[0] && !service_target(m->svc, target)->router->ratio_only) {
+    lua_pushstring(L, w.err);
+    return 2;
+  }
+  return 1;
+}
+
+static int manager_instances(lua_State *L) { return instances(L, 0); }
+
+/* live_instances(target): as instances(), with each instance's health
+ * checked now and its weight as the router reports it now (nil when the
+ * router is unreachable: then router_error says why). */
+static int manager_live_instances(lua_State *L) { return instances(L, 1); }
+
+static int manager_targets(lua_State *L) {
+  lmanager *m = manager_at(L, 1);
+  size_t n = service_ntargets(m->svc);
+  lua_createtable(L, (int)n, 0);
+  for (size_t i = 0; i < n; i++) {
+    lua_pushstring(L, service_target_at(m->svc, i)->name);
+    lua_rawseti(L, -2, (lua_Integer)i + 1);
+  }
+  return 1;
+}
+
+/* reconcile(target): back on its one live version, under its lock.
+ * true, or false and the reason (and true when it was locked). */
+static int manager_reconcile(lua_State *L) {
+  lsched_check_can_wait(L);
+  lmanager *m = manager_at(L, 1);
+  const char *target = check_target(L, m, 2, "reconcile");
+  lwait w = {.L = L};
+  wait_for(L, &w, service_reconcile(m->svc, target, NULL, op_done, &w, w.err));
+  return push_outcome(L, &w);
+}
+
+static void integrity_seen(void *payload, const store_result *r) {
+  lwait *w = payload;
+  w->ok = r->rc == DC_OK;
+  if (r->err)
+    dc_strlcpy(w->err, r->err, sizeof w->err);
+  w->done = 1;
+}
+
+/* integrity_check(): the store's own consistency check. */
+static int manager_integrity_check(lua_State *L) {
+  lmanager *m = manager_at(L, 1);
+  lwait w = {.L = L};
+  wait_for(L, &w, store_integrity_check(service_store(m->svc), integrity_seen, &w, w.err));
+  return push_outcome(L, &w);
+}
+
+static int manager_state_path(lua_State *L) {
+  lmanager *m = manager_at(L, 1);
+  lua_pushstring(L, store_location(service_store(m->svc)));
+  return 1;
+}
+
+/* promote(target) / abort(target): for the rollout of the target running
+ * now, in any process sharing the store. */
+static int control(lua_State *L, const char *command) {
+  lmanager *m = manager_at(L, 1);
+  const char *target = check_target(L, m, 2, command);
+  lwait w = {.L = L};
+  wait_for(L, &w, service_control(m->svc, target, command, op_done, &w, w.err));
+  return push_outcome(L, &w);
+}
+
+static int manager_promote(lua_State *L) { return control(L, "promote"); }
+static int manager_abort(lua_State *L) { return control(L, "abort"); }
+
+/* ---- named strategies ---- */
+
+static void check_named_strategy(lua_State *L, int idx, const char *name) {
+  if (lstrategy_test(L, idx))
+    return;
+  if (lua_istable(L, idx)) {
+    lua_getfield(L, idx, "execute");
+    int ok = lua_isfunction(L, -1);
+    lua_pop(L, 1);
+    if (ok)
+      return;
+  }
+  luaL_error(L, "deploy: strategy '%s' must be a built-in strategy or a DeploymentStrategy class, got %s", name,
+             luaL_typename(L, idx));
+}
+
+static int manager_register_strategy(lua_State *L) {
+  manager_at(L, 1);
+  const char *name = luaL_checkstring(L, 2);
+  char err[DC_ERR_MAX];
+  if (dc_validate_target_name(name, err) != 0)
+    return luaL_error(L, "deploy: register_strategy: name '%s' must be a simple word ([A-Za-z0-9_-])", name);
+  check_named_strategy(L, 3, name);
+  lua_getiuservalue(L, 1, UV_STRATEGIES);
+  lua_pushvalue(L, 3);
+  lua_setfield(L, -2, name);
+  return 0;
+}
+
+int lmanager_push_strategy(lua_State *L, int manager_idx, const char *name) {
+  manager_idx = lua_absindex(L, manager_idx);
+  luaL_checkudata(L, manager_idx, MANAGER_MT);
+  lua_getiuservalue(L, manager_idx, UV_STRATEGIES);
+  int t = lua_getfield(L, -1, name);
+  lua_remove(L, -2);
+  return t;
+}
+
+int lmanager_start(lua_State *L, int manager_idx, const char *target, const char *version, int strategy_idx,
+                   const char *metadata_json, lrun_done_cb cb, void *payload, char *err) {
+  manager_idx = lua_absindex(L, manager_idx);
+  if (strategy_idx)
+    strategy_idx = lua_absindex(L, strategy_idx);
+  lmanager *m = manager_at(L, manager_idx);
+  int top = lua_gettop(L);
+  if (!strategy_idx) {
+    lua_getiuservalue(L, manager_idx, UV_STRATEGY);
+    strategy_idx = lua_gettop(L);
+  }
+  lrun_spec sp = {.svc = m->svc, .target = target, .version = version, .kind = "deploy",
+                  .strategy_idx = resolve_strategy(L, manager_idx, strategy_idx), .hook_timeout = 30,
+                  .metadata_json = metadata_json, .cb = cb, .payload = payload};
+  sp.on_event2_idx = manager_handler_idx(L, manager_idx);
+  int rc = lrun_start(L, &sp, err);
+  lua_settop(L, top);
+  return rc;
+}
+
+/* ---- construction ---- */
+
+static void recovered(void *payload, int ok, int locked, const char *err) {
+  lwait *w = payload;
+  (void)locked;
+  w->ok = ok;
+  if (err)
+    dc_strlcpy(w->err, err, sizeof w->err);
+  w->done = 1;
+}
+
+/* Opens the store and brings back to one version every target a crashed
+ * process left midway, before anything else runs. */
+static void open_service(lua_State *L, lmanager *m, lconfig *cfg) {
+  char err[DC_ERR_MAX];
+  engine *e = lengine_get(L);
+  store *s = NULL;
+  if (store_open(&s, e, cfg->state, err) != 0)
+    lerror(L, err);
+  size_t n;
+  target_config **targets = lconfig_take_targets(cfg, &n);
+  int rc = service_new(&m->svc, e, s, targets, n, err);
+  store_unref(s); /* the service holds its own reference */
+  if (rc != DC_OK) {
+    for (size_t i = 0; i < n; i++)
+      target_config_free(targets[i]);
+    free(targets);
+    lerror(L, err);
+  }
+  lwait w = {.L = L};
+  for (size_t i = 0; i < n; i++) {
+    if (store_target_ensure(s, targets[i]->name, NULL, NULL, err) != 0)
+      lerror(L, err);
+  }
+  wait_for(L, &w, service_recover(m->svc, recovered, &w, w.err));
+  if (!w.ok)
+    fprintf(stderr, "deploy: recovering interrupted deployments: %s\n", w.err);
+}
+
+static const char *default_config(void) {
+  const char *path = getenv("DEPLOY_CONFIG");
+  return path && *path ? path : "deploy.lua";
+}
+
+static int manager_new(lua_State *L) {
+  lsched_check_can_wait(L);
+  lua_settop(L, 1);
+  if (lua_isnil(L, 1)) {
+    lua_newtable(L);
+    lua_replace(L, 1);
+  }
+  if (!lua_istable(L, 1))
+    return luaL_error(L, "deploy: DeploymentManager expects a table { strategy = ..., config = ... }, got %s",
+                      luaL_typename(L, 1));
+  static const char *const allowed[] = {"strategy", "config", "on_event", "strategies", NULL};
+  lcheck_keys(L, 1, allowed, "deploy: DeploymentManager has no option '%s' (known: %s)");
+  engine *e = lengine_get(L);
+  lua_getfield(L, 1, "config"); /* 2 */
+  if (lua_isnil(L, 2) && lua_getfield(L, LUA_REGISTRYINDEX, "deploy.default_config") == LUA_TSTRING) {
+    lua_replace(L, 2);
+  } else if (lua_isnil(L, 2)) {
+    lua_pop(L, 1);
+  }
+  if (lua_isnil(L, 2)) {
+    const char *path = default_config();
+    if (access(path, F_OK) != 0)
+      return luaL_error(L, "deploy: DeploymentManager needs config = { targets = { ... } } or the path of a config "
+                           "file (none given and %s does not exist)", path);
+    lua_pushstring(L, path);
+    lua_replace(L, 2);
+  }
+  lconfig *cfg = lconfig_load(L, 2); /* 3: config userdata */
+  if (cfg->virtual_clock >= 0 && e->virtual_clock != cfg->virtual_clock &&
+      engine_set_virtual(e, cfg->virtual_clock) != 0)
+    return luaL_error(L, "deploy: cannot switch clocks (config.clock) while timers are pending");
+  lua_getfield(L, 1, "strategy"); /* 4 */
+  if (lua_isnil(L, 4)) {
+    lua_pop(L, 1);
+    lstrategy_push_bluegreen(L);
+  } else if (!lstrategy_test(L, 4) && !lua_istable(L, 4)) {
+    return luaL_error(L, "deploy: DeploymentManager strategy must be a strategy (deploy.CanaryStrategy{...}, "
+                         "deploy.BlueGreenStrategy{...} or a DeploymentStrategy class), got %s",
+                      luaL_typename(L, 4));
+  }
+  lua_getfield(L, 1, "on_event"); /* 5 */
+  if (!lua_isnil(L, 5) && !lua_isfunction(L, 5))
+    return luaL_error(L, "deploy: DeploymentManager on_event must be a function, got %s", luaL_typename(L, 5));
+  /* The userdata exists, closed, before the service does: an error midway
+   * leaves it consistent (liolib's newprefile). */
+  lmanager *m = lua_newuserdatauv(L, sizeof *m, UV_COUNT); /* 6 */
+  m->svc = NULL;
+  luaL_setmetatable(L, MANAGER_MT);
+  lua_pushvalue(L, 4);
+  lua_setiuservalue(L, 6, UV_STRATEGY);
+  lua_pushvalue(L, 5);
+  lua_setiuservalue(L, 6, UV_ON_EVENT);
+  lua_newtable(L);
+  if (lua_getfield(L, 1, "strategies") != LUA_TNIL) {
+    if (!lua_istable(L, -1))
+      return luaL_error(L, "deploy: DeploymentManager strategies must be a table { name = strategy }, got %s",
+                        luaL_typename(L, -1));
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+      if (lua_type(L, -2) != LUA_TSTRING)
+        return luaL_error(L, "deploy: DeploymentManager strategies must be keyed by name");
+      check_named_strategy(L, lua_gettop(L), lua_tostring(L, -2));
+      lua_pushvalue(L, -2);
+      lua_insert(L, -2);
+      lua_settable(L, -5);
+    }
+  }
+  lua_pop(L, 1);
+  lua_setiuservalue(L, 6, UV_STRATEGIES);
+  open_service(L, m, cfg);
+  lua_settop(L, 6);
+  return 1;
+}
+
+void lmanager_push_default(lua_State *L, const char *what_for) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, "deploy.default_config") != LUA_TSTRING &&
+      access(default_config(), F_OK) != 0) {
+    lua_pop(L, 1);
+    luaL_error(L, "deploy: %s needs a DeploymentManager: give manager = deploy.DeploymentManager{ config = ... }, or "
+                  "a config file (--config FILE, $DEPLOY_CONFIG, or ./%s)", what_for, default_config());
+  }
+  lua_pop(L, 1);
+  lua_pushcfunction(L, manager_new);
+  lua_call(L, 0, 1);
+}
+
+void lmanager_register(lua_State *L) {
+  static const luaL_Reg methods[] = {
+      {"deploy", manager_deploy},
+      {"rollback", manager_rollback},
+      {"get_status", manager_get_status},
+      {"history", manager_history},
+      {"deployment", manager_deployment},
+      {"events", manager_events},
+      {"instances", manager_instances},
+      {"live_instances", manager_live_instances},
+      {"targets", manager_targets},
+      {"reconcile", manager_reconcile},
+      {"state_path", manager_state_path},
+      {"integrity_check", manager_integrity_check},
+      {"promote", manager_promote},
+      {"abort", manager_abort},
+      {"register_strategy", manager_register_strategy},
+      {"close", manager_close},
+      {NULL, NULL}};
+  static const luaL_Reg meta[] = {{"__index", NULL}, {"__gc", manager_close}, {"__close", manager_close},
+                                  {NULL, NULL}};
+  if (luaL_newmetatable(L, MANAGER_MT)) {
+    luaL_setfuncs(L, meta, 0);
+    luaL_newlib(L, methods);
+    lua_setfield(L, -2, "__index");
+  }
+  lua_pop(L, 1);
+  lua_pushcfunction(L, manager_new);
+  lua_setfield(L, -2, "DeploymentManager");
+}

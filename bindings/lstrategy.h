@@ -1,0 +1,20 @@
+/* CanaryStrategy and BlueGreenStrategy (C step machines in userdata) and
+ * DeploymentStrategy (the base class Lua strategies extend). */
+#ifndef DEPLOY_LSTRATEGY_H
+#define DEPLOY_LSTRATEGY_H
+
+#include <lua.h>
+
+#include "strategy.h"
+
+/* The built-in strategy at idx, or NULL. */
+strategy *lstrategy_test(lua_State *L, int idx);
+/* Pushes a userdata owning s (freed by its __gc). */
+void lstrategy_push(lua_State *L, strategy *s);
+/* Pushes a new BlueGreenStrategy with defaults (rollbacks use it). */
+strategy *lstrategy_push_bluegreen(lua_State *L);
+/* Sets CanaryStrategy, BlueGreenStrategy and DeploymentStrategy on the
+ * module table at -1. */
+void lstrategy_register(lua_State *L);
+
+#endif

@@ -1,0 +1,857 @@
+#include "service.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "health.h"
+#include "instset.h"
+#include "json.h"
+#include "util.h"
+
+struct service {
+  engine *e;
+  store *s;
+  target_config **targets; /* sorted by name */
+  size_t n;
+  int refs;
+};
+
+static int by_name(const void *a, const void *b) {
+  return strcmp((*(target_config *const *)a)->name, (*(target_config *const *)b)->name);
+}
+
+int service_new(service **out, engine *e, store *s, target_config **targets, size_t n, char *err) {
+  *out = NULL;
+  for (size_t i = 0; i < n; i++) {
+    if (provider_check(targets[i]->provider, err) != 0 || router_check(targets[i]->router, err) != 0)
+      return DC_ERROR;
+  }
+  service *svc = calloc(1, sizeof *svc);
+  if (!svc) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
+    return DC_ERROR;
+  }
+  svc->e = e;
+  svc->s = store_ref(s);
+  svc->targets = targets;
+  svc->n = n;
+  svc->refs = 1;
+  qsort(targets, n, sizeof *targets, by_name);
+  *out = svc;
+  return DC_OK;
+}
+
+service *service_ref(service *svc) {
+  svc->refs++;
+  return svc;
+}
+
+void service_unref(service *svc) {
+  if (!svc || --svc->refs > 0)
+    return;
+  for (size_t i = 0; i < svc->n; i++)
+    target_config_free(svc->targets[i]);
+  free(svc->targets);
+  store_unref(svc->s);
+  free(svc);
+}
+
+engine *service_engine(const service *svc) { return svc->e; }
+store *service_store(const service *svc) { return svc->s; }
+size_t service_ntargets(const service *svc) { return svc->n; }
+target_config *service_target_at(const service *svc, size_t i) { return i < svc->n ? svc->targets[i] : NULL; }
+
+target_config *service_target(const service *svc, const char *name) {
+  for (size_t i = 0; i < svc->n; i++)
+    if (strcmp(svc->targets[i]->name, name) == 0)
+      return svc->targets[i];
+  return NULL;
+}
+
+char *service_known(const service *svc) {
+  dc_buf b = {0};
+  for (size_t i = 0; i < svc->n; i++)
+    dc_buf_printf(&b, "%s%s", i ? ", " : "", svc->targets[i]->name);
+  return dc_buf_take(&b);
+}
+
+static target_config *check_target(const service *svc, const char *name, char *err) {
+  target_config *t = service_target(svc, name);
+  if (!t) {
+    char *known = service_known(svc);
+    dc_fmt(err, DC_ERR_MAX, "deploy: unknown target '%.64s' (known: %s)", name,
+           known && *known ? known : "none configured");
+    free(known);
+  }
+  return t;
+}
+
+/* ---- deploy ---- */
+
+typedef struct run_ref {
+  service *svc;
+  rollout_done_cb cb;
+  void *payload;
+} run_ref;
+
+static void run_done(void *payload, const rollout_result *res) {
+  run_ref *rr = payload;
+  if (rr->cb)
+    rr->cb(rr->payload, res);
+  service_unref(rr->svc);
+  free(rr);
+}
+
+int service_deploy(service *svc, const char *target, strategy *st, const rollout_opts *o, rollout_done_cb cb,
+                   void *payload, rollout **out, char *err) {
+  rollout *r = NULL;
+  target_config *t = check_target(svc, target, err);
+  if (!t)
+    return DC_ERROR;
+  run_ref *rr = malloc(sizeof *rr);
+  if (!rr) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
+    return DC_ERROR;
+  }
+  rr->svc = service_ref(svc);
+  rr->cb = cb;
+  rr->payload = payload;
+  if (rollout_start(&r, svc->e, svc->s, t, st, o, run_done, rr, err) != DC_OK) {
+    service_unref(svc);
+    free(rr);
+    return DC_ERROR;
+  }
+  if (out)
+    *out = r;
+  return DC_OK;
+}
+
+/* ---- rollback: which version ---- */
+
+typedef struct rollback_req {
+  service *svc;
+  char target[64];
+  char version[129];       /* "" previous */
+  store_target tg;
+  service_version_cb cb;
+  void *payload;
+} rollback_req;
+
+static void rollback_answer(rollback_req *rq, int rc, const char *version, const char *err) {
+  rq->cb(rq->payload, rc, version, err);
+  service_unref(rq->svc);
+  free(rq);
+}
+
+static void history_read(void *payload, const store_result *r) {
+  rollback_req *rq = payload;
+  char err[DC_ERR_MAX];
+  if (r->rc != DC_OK) {
+    rollback_answer(rq, DC_ERROR, NULL, r->err);
+    return;
+  }
+  const char *want = rq->version[0] ? rq->version : rq->tg.previous_version;
+  dc_buf known = {0};
+  int found = 0;
+  for (size_t i = 0; i < r->ndeployments; i++) {
+    const store_deployment *d = &r->deployments[i];
+    if (strcmp(d->status, "succeeded") != 0 || strcmp(d->kind, "reconcile") == 0 || !d->version[0])
+      continue;
+    found |= strcmp(d->version, want) == 0;
+    if (!known.data || !strstr(known.data, d->version))
+      dc_buf_printf(&known, "%s%s", known.len ? ", " : "", d->version);
+  }
+  if (!found)
+    dc_fmt(err, sizeof err, "deploy: rollback: version '%s' was never deployed successfully to '%s' (known: %s)", want,
+           rq->target, known.len ? known.data : "none");
+  dc_buf_free(&known);
+  rollback_answer(rq, found ? DC_OK : DC_NOTFOUND, want, found ? NULL : err);
+}
+
+static void rollback_target_read(void *payload, const store_result *r) {
+  rollback_req *rq = payload;
+  char err[DC_ERR_MAX];
+  if (r->rc != DC_OK) {
+    rollback_answer(rq, DC_ERROR, NULL, r->err);
+    return;
+  }
+  rq->tg = *r->target;
+  if (!rq->version[0] && !rq->tg.previous_version[0]) {
+    dc_fmt(err, sizeof err,
+           "deploy: '%s' has no previous version to roll back to: name one with rollback(target, version)", rq->target);
+    rollback_answer(rq, DC_ERROR, rq->tg.current_version, err);
+    return;
+  }
+  if (store_history(rq->svc->s, rq->target, 0, history_read, rq, err) != 0)
+    rollback_answer(rq, DC_ERROR, NULL, err);
+}
+
+int service_rollback_version(service *svc, const char *target, const char *version, service_version_cb cb,
+                             void *payload, char *err) {
+  if (!check_target(svc, target, err))
+    return DC_ERROR;
+  if (version && dc_validate_version(version, "rollback: version", err) != 0)
+    return DC_ERROR;
+  rollback_req *rq = calloc(1, sizeof *rq);
+  if (!rq) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
+    return DC_ERROR;
+  }
+  rq->svc = service_ref(svc);
+  dc_strlcpy(rq->target, target, sizeof rq->target);
+  dc_strlcpy(rq->version, version ? version : "", sizeof rq->version);
+  rq->cb = cb;
+  rq->payload = payload;
+  if (store_target_get(svc->s, target, rollback_target_read, rq, err) != 0) {
+    service_unref(svc);
+    free(rq);
+    return DC_ERROR;
+  }
+  return DC_OK;
+}
+
+/* ---- operations under the lock: reconcile, prune ---- */
+
+typedef struct locked_op locked_op;
+typedef void (*locked_step)(locked_op *op);
+
+struct locked_op {
+  service *svc;
+  target_config *t;
+  record rc;
+  double started;
+  store_target tg;
+  instset live, others, dead;
+  int promote;             /* prune: the row's version becomes current */
+  int lock_only;           /* reconcile: a lock, no deployment row */
+  service_cb cb;
+  void *payload;
+  char *metadata;
+};
+
+static instset_ctx op_ctx(locked_op *op) {
+  instset_ctx c = {op->svc->e, op->svc->s, op->t, &op->rc};
+  return c;
+}
+
+static void op_free(locked_op *op) {
+  instset_clear(&op->live);
+  instset_clear(&op->others);
+  instset_clear(&op->dead);
+  record_clear(&op->rc);
+  free(op->metadata);
+  service_unref(op->svc);
+  free(op);
+}
+
+static void op_finished(void *payload, const store_result *r) {
+  locked_op *op = payload;
+  if (r->rc != DC_OK)
+    record_error(&op->rc, r->err);
+  int ok = op->rc.nerrors == 0;
+  dc_buf msg = {0};
+  for (size_t i = 0; i < op->rc.nerrors; i++)
+    dc_buf_printf(&msg, "%s%s", i ? "; " : "", op->rc.errors[i]);
+  op->cb(op->payload, ok, 0, ok ? NULL : msg.data ? msg.data : "failed");
+  dc_buf_free(&msg);
+  op_free(op);
+}
+
+static void op_finish(locked_op *op) {
+  char err[DC_ERR_MAX];
+  double now = engine_now(op->svc->e);
+  int ok = op->rc.nerrors == 0;
+  /* Before the end itself, so that it is committed with it. */
+  record_event(&op->rc, "finished", json_pack("{s:b, s:o}", "success", ok, "duration", dc_json_number(dc_round_ms(now - op->started))));
+  if (op->lock_only) {
+    if (store_lock_release(op->svc->s, op->t->name, op->rc.id, op_finished, op, err) != 0) {
+      store_result res = {.rc = DC_ERROR, .err = err};
+      op_finished(op, &res);
+    }
+    return;
+  }
+  char *errors = record_errors_json(&op->rc);
+  store_finish f = {.id = op->rc.id,
+                    .status = ok ? "succeeded" : "failed",
+                    .errors_json = errors,
+                    .finished_at = now,
+                    .duration = now - op->started,
+                    .promoted = op->promote && ok,
+                    .target_status = op->promote ? "deployed" : NULL,
+                    .target_health = op->promote && ok ? "unhealthy" : NULL};
+  int rc = store_deployment_finish(op->svc->s, &f, op_finished, op, err);
+  free(errors);
+  if (rc != 0) {
+    store_result res = {.rc = DC_ERROR, .err = err};
+    op_finished(op, &res);
+  }
+}
+
+static void others_stopped(void *payload, const char *err) {
+  locked_op *op = payload;
+  if (err)
+    record_error(&op->rc, err);
+  op_finish(op);
+}
+
+static void stop_others(locked_op *op) {
+  char err[DC_ERR_MAX];
+  instset_ctx c = op_ctx(op);
+  /* The dead live instances that were replaced go with the others. */
+  for (size_t i = 0; i < op->dead.n; i++)
+    instset_push(&op->others, &op->dead.v[i]);
+  if (instset_stop(&c, &op->others, others_stopped, op, err) != 0)
+    others_stopped(op, err);
+}
+
+static void routed(void *payload, const char *err) {
+  locked_op *op = payload;
+  engine_release(op->svc->e);
+  if (err) {
+    record_errorf(&op->rc, "deploy: cannot restore the router of '%s': %s", op->t->name, err);
+    /* Instances the router may still send traffic to keep running. */
+    op_finish(op);
+    return;
+  }
+  stop_others(op);
+}
+
+static void route_live(locked_op *op) {
+  char err[DC_ERR_MAX];
+  router_server *servers = calloc(op->live.n + 1, sizeof *servers);
+  size_t n = 0;
+  if (!servers) {
+    record_error(&op->rc, "deploy: out of memory");
+    op_finish(op);
+    return;
+  }
+  for (size_t i = 0; i < op->live.n; i++) {
+    if (strcmp(op->live.v[i].state, "running") != 0)
+      continue;
+    instset one = {&op->live.v[i], 1, 1};
+    n += instset_servers(&one, op->live.v[i].weight > 0 ? op->live.v[i].weight : 1, servers + n);
+  }
+  engine_hold(op->svc->e);
+  int rc = op->t->router->apply(op->t->router, servers, n, routed, op, err);
+  free(servers);
+  if (rc != 0)
+    routed(op, err);
+}
+
+static void replaced(void *payload, const char *err) {
+  locked_op *op = payload;
+  if (err)
+    record_error(&op->rc, err);
+  route_live(op);
+}
+
+/* Which live instances died: they are replaced by new instances of the
+ * same deployment, version, node and index. */
+static void live_inspected(void *payload, const unsigned char *alive, size_t ndead, const char *detail) {
+  locked_op *op = payload;
+  char err[DC_ERR_MAX];
+  (void)detail;
+  if (ndead == 0 || !alive) {
+    route_live(op);
+    return;
+  }
+  /* The dead rows leave the live set; their replacements join it. */
+  instset still = {0};
+  for (size_t i = 0; i < op->live.n; i++)
+    instset_push(alive[i] ? &still : &op->dead, &op->live.v[i]);
+  instset_clear(&op->live);
+  op->live = still;
+  instset_ctx c = op_ctx(op);
+  if (instset_start(&c, &op->live, &op->dead, replaced, op, err) != 0)
+    replaced(op, err);
+}
+
+static void live_check(locked_op *op) {
+  char err[DC_ERR_MAX];
+  instset_ctx c = op_ctx(op);
+  if (instset_inspect(&c, &op->live, live_inspected, op, err) != 0) {
+    record_error(&op->rc, err);
+    route_live(op);
+  }
+}
+
+static void reconcile_begun(void *payload, const store_result *r) {
+  locked_op *op = payload;
+  if (r->rc != DC_OK) {
+    op->cb(op->payload, 0, r->rc == DC_LOCKED, r->err);
+    op_free(op);
+    return;
+  }
+  op->tg = *r->target;
+  if (instset_split(r->instances, r->ninstances, op->tg.live_deployment, &op->live, &op->others) != 0) {
+    record_error(&op->rc, "deploy: out of memory");
+    op_finish(op);
+    return;
+  }
+  record_event(&op->rc, "started",
+               json_pack("{s:s, s:s, s:s, s:s}", "version", op->tg.current_version, "from", op->tg.current_version,
+                         "strategy", "reconcile", "kind", "reconcile"));
+  live_check(op);
+}
+
+static locked_op *locked_op_new(service *svc, target_config *t, int lock_only, const event_sink *sink, service_cb cb,
+                                void *payload, char *err) {
+  locked_op *op = calloc(1, sizeof *op);
+  if (!op) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
+    return NULL;
+  }
+  op->svc = service_ref(svc);
+  op->t = t;
+  op->cb = cb;
+  op->payload = payload;
+  op->started = engine_now(svc->e);
+  op->lock_only = lock_only;
+  /* A reconcile only repairs: no history row, its events only reach the
+   * sink. */
+  record_init(&op->rc, svc->e, lock_only ? NULL : svc->s, t->name, NULL, sink);
+  return op;
+}
+
+static int locked_op_begin(locked_op *op, const char *version, const char *kind, const char *strategy,
+                           store_cb begun, char *err) {
+  store_deployment d;
+  record_row(&op->rc, &d, version, kind, strategy, op->started, op->metadata);
+  if (store_deployment_begin(op->svc->s, &d, begun, op, err) != 0) {
+    op_free(op);
+    return DC_ERROR;
+  }
+  return DC_OK;
+}
+
+int service_reconcile(service *svc, const char *target, const event_sink *sink, service_cb cb, void *payload,
+                      char *err) {
+  target_config *t = check_target(svc, target, err);
+  if (!t)
+    return DC_ERROR;
+  locked_op *op = locked_op_new(svc, t, 1, sink, cb, payload, err);
+  if (!op)
+    return DC_ERROR;
+  if (store_lock_take(svc->s, t->name, op->rc.id, "reconcile", reconcile_begun, op, err) != 0) {
+    op_free(op);
+    return DC_ERROR;
+  }
+  return DC_OK;
+}
+
+/* ---- prune ---- */
+
+static void prune_stopped(void *payload, const char *err) {
+  locked_op *op = payload;
+  if (err)
+    record_error(&op->rc, err);
+  op_finish(op);
+}
+
+static void prune_routed(void *payload, const char *err) {
+  locked_op *op = payload;
+  char e2[DC_ERR_MAX];
+  engine_release(op->svc->e);
+  if (err) {
+    record_errorf(&op->rc, "deploy: cannot take '%s' out of its router: %s", op->t->name, err);
+    op_finish(op);
+    return;
+  }
+  instset_ctx c = op_ctx(op);
+  for (size_t i = 0; i < op->live.n; i++)
+    instset_push(&op->others, &op->live.v[i]);
+  if (instset_stop(&c, &op->others, prune_stopped, op, e2) != 0)
+    prune_stopped(op, e2);
+}
+
+static void prune_begun(void *payload, const store_result *r) {
+  locked_op *op = payload;
+  char err[DC_ERR_MAX];
+  if (r->rc != DC_OK) {
+    op->cb(op->payload, 0, r->rc == DC_LOCKED, r->err);
+    op_free(op);
+    return;
+  }
+  op->tg = *r->target;
+  op->promote = 1;
+  if (instset_split(r->instances, r->ninstances, op->tg.live_deployment, &op->live, &op->others) != 0) {
+    record_error(&op->rc, "deploy: out of memory");
+    op_finish(op);
+    return;
+  }
+  record_event(&op->rc, "started",
+               json_pack("{s:s, s:s, s:s, s:s}", "kind", "prune", "from", op->tg.current_version, "version", "",
+                         "strategy", "prune"));
+  engine_hold(op->svc->e);
+  if (op->t->router->apply(op->t->router, NULL, 0, prune_routed, op, err) != 0)
+    prune_routed(op, err);
+}
+
+int service_prune(service *svc, const char *target, const char *metadata_json, const event_sink *sink, service_cb cb,
+                  void *payload, char *err) {
+  target_config *t = check_target(svc, target, err);
+  if (!t)
+    return DC_ERROR;
+  locked_op *op = locked_op_new(svc, t, 0, sink, cb, payload, err);
+  if (!op)
+    return DC_ERROR;
+  if (metadata_json && !(op->metadata = strdup(metadata_json))) {
+    op_free(op);
+    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
+    return DC_ERROR;
+  }
+  return locked_op_begin(op, "", "deploy", "prune", prune_begun, err);
+}
+
+/* ---- recovery ---- */
+
+typedef struct recovery {
+  service *svc;
+  int pending;
+  dc_buf errors;
+  service_cb cb;
+  void *payload;
+} recovery;
+
+static void recovery_step_done(recovery *rv) {
+  if (--rv->pending > 0)
+    return;
+  int ok = rv->errors.len == 0;
+  rv->cb(rv->payload, ok, 0, ok ? NULL : rv->errors.data);
+  dc_buf_free(&rv->errors);
+  service_unref(rv->svc);
+  free(rv);
+}
+
+static void target_recovered(void *payload, int ok, int locked, const char *err) {
+  recovery *rv = payload;
+  /* Locked: another process took the target meanwhile; its rollout (or its
+   * own recovery) brings it to one version. */
+  if (!ok && !locked)
+    dc_buf_printf(&rv->errors, "%s%s", rv->errors.len ? "; " : "", err);
+  recovery_step_done(rv);
+}
+
+static void interrupted_read(void *payload, const store_result *r) {
+  recovery *rv = payload;
+  char err[DC_ERR_MAX];
+  if (r->rc != DC_OK) {
+    dc_buf_puts(&rv->errors, r->err);
+    recovery_step_done(rv);
+    return;
+  }
+  for (size_t i = 0; i < r->ndeployments; i++) {
+    const char *target = r->deployments[i].target;
+    int seen = 0;
+    for (size_t k = 0; k < i; k++)
+      seen |= strcmp(r->deployments[k].target, target) == 0;
+    if (seen || !service_target(rv->svc, target))
+      continue;
+    rv->pending++;
+    if (service_reconcile(rv->svc, target, NULL, target_recovered, rv, err) != DC_OK)
+      target_recovered(rv, 0, 0, err);
+  }
+  recovery_step_done(rv);
+}
+
+int service_recover(service *svc, service_cb cb, void *payload, char *err) {
+  recovery *rv = calloc(1, sizeof *rv);
+  if (!rv) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
+    return DC_ERROR;
+  }
+  rv->svc = service_ref(svc);
+  rv->cb = cb;
+  rv->payload = payload;
+  rv->pending = 1;
+  if (store_recover(svc->s, interrupted_read, rv, err) != 0) {
+    service_unref(svc);
+    free(rv);
+    return DC_ERROR;
+  }
+  return DC_OK;
+}
+
+/* ---- status ---- */
+
+typedef struct status_req {
+  service *svc;
+  target_config *t;
+  service_status st;
+  char live[48];           /* the live deployment */
+  int running;             /* a rollout is under way: its observation stands */
+  instset rows, live_set, others;
+  unsigned char *alive;
+  char **urls;
+  size_t nurls;
+  service_status_cb cb;
+  service_instances_cb icb;
+  void *payload;
+  /* live_instances */
+  service_instance *v;
+  router_server *servers;
+  size_t nservers;
+  char router_err[DC_ERR_MAX];
+  int pending;
+} status_req;
+
+static void status_free(status_req *sr) {
+  for (size_t i = 0; i < sr->nurls; i++)
+    free(sr->urls[i]);
+  free(sr->urls);
+  free(sr->alive);
+  free(sr->v);
+  free(sr->servers);
+  instset_clear(&sr->rows);
+  instset_clear(&sr->live_set);
+  instset_clear(&sr->others);
+  service_unref(sr->svc);
+  free(sr);
+}
+
+static void status_fail(status_req *sr, const char *err) {
+  if (sr->cb)
+    sr->cb(sr->payload, NULL, err);
+  else
+    sr->icb(sr->payload, NULL, 0, NULL, err);
+  status_free(sr);
+}
+
+static void status_checked(void *payload, const health_result *res, size_t n) {
+  status_req *sr = payload;
+  dc_strlcpy(sr->st.health, health_state_name(health_classify(res, n)), sizeof sr->st.health);
+  sr->cb(sr->payload, &sr->st, NULL);
+  status_free(sr);
+}
+
+static void status_alive(void *payload, const unsigned char *alive, size_t dead, const char *detail) {
+  status_req *sr = payload;
+  char err[DC_ERR_MAX];
+  (void)dead;
+  (void)detail;
+  sr->urls = calloc(sr->live_set.n + 1, sizeof *sr->urls);
+  if (!sr->urls) {
+    status_fail(sr, "deploy: out of memory");
+    return;
+  }
+  for (size_t i = 0; alive && i < sr->live_set.n; i++) {
+    if (!alive[i])
+      continue;
+    sr->st.instances++;
+    sr->urls[sr->nurls] = target_instance_url(sr->t, &sr->live_set.v[i]);
+    sr->nurls += sr->urls[sr->nurls] != NULL;
+  }
+  if (sr->running) {
+    sr->cb(sr->payload, &sr->st, NULL);
+    status_free(sr);
+    return;
+  }
+  health_opts o = {.timeout = sr->t->health.timeout, .expect_status = sr->t->health.expect_status};
+  if (health_check_start(sr->svc->e, (const char *const *)sr->urls, sr->nurls, &o, status_checked, sr, err) != 0)
+    status_fail(sr, err);
+}
+
+static void status_rows(void *payload, const store_result *r);
+
+static void status_target(void *payload, const store_result *r) {
+  status_req *sr = payload;
+  char err[DC_ERR_MAX];
+  if (r->rc != DC_OK) {
+    status_fail(sr, r->err);
+    return;
+  }
+  dc_strlcpy(sr->st.target, r->target->name, sizeof sr->st.target);
+  dc_strlcpy(sr->st.current_version, r->target->current_version, sizeof sr->st.current_version);
+  dc_strlcpy(sr->st.status, r->target->status, sizeof sr->st.status);
+  dc_strlcpy(sr->st.health, r->target->health, sizeof sr->st.health);
+  dc_strlcpy(sr->live, r->target->live_deployment, sizeof sr->live);
+  sr->running = strcmp(r->target->status, "running") == 0 || strcmp(r->target->status, "rolling_back") == 0;
+  if (store_instances(sr->svc->s, sr->t->name, status_rows, sr, err) != 0)
+    status_fail(sr, err);
+}
+
+static status_req *status_new(service *svc, const char *target, char *err) {
+  target_config *t = check_target(svc, target, err);
+  if (!t)
+    return NULL;
+  status_req *sr = calloc(1, sizeof *sr);
+  if (!sr) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
+    return NULL;
+  }
+  sr->svc = service_ref(svc);
+  sr->t = t;
+  return sr;
+}
+
+int service_get_status(service *svc, const char *target, service_status_cb cb, void *payload, char *err) {
+  status_req *sr = status_new(svc, target, err);
+  if (!sr)
+    return DC_ERROR;
+  sr->cb = cb;
+  sr->payload = payload;
+  if (store_target_get(svc->s, target, status_target, sr, err) != 0) {
+    status_free(sr);
+    return DC_ERROR;
+  }
+  return DC_OK;
+}
+
+/* ---- every instance, read live ---- */
+
+static void instances_done(status_req *sr) {
+  if (--sr->pending > 0)
+    return;
+  for (size_t i = 0; i < sr->rows.n; i++) {
+    service_instance *si = &sr->v[i];
+    if (sr->router_err[0]) {
+      si->weight = -2;
+      continue;
+    }
+    si->weight = -1;
+    for (size_t k = 0; k < sr->nservers; k++)
+      if (strcmp(sr->servers[k].name, si->row.server) == 0)
+        si->weight = sr->servers[k].weight;
+  }
+  sr->icb(sr->payload, sr->v, sr->rows.n, sr->router_err[0] ? sr->router_err : NULL, NULL);
+  status_free(sr);
+}
+
+static void instances_routed(void *payload, const char *err) {
+  status_req *sr = payload;
+  if (err)
+    dc_strlcpy(sr->router_err, err, sizeof sr->router_err);
+  instances_done(sr);
+}
+
+static void instances_checked(void *payload, const health_result *res, size_t n) {
+  status_req *sr = payload;
+  for (size_t i = 0; i < n && i < sr->rows.n; i++) {
+    sr->v[i].healthy = res[i].ok;
+    if (!res[i].ok)
+      dc_strlcpy(sr->v[i].health_error, res[i].error, sizeof sr->v[i].health_error);
+  }
+  instances_done(sr);
+}
+
+static void instances_alive(void *payload, const unsigned char *alive, size_t dead, const char *detail) {
+  status_req *sr = payload;
+  (void)dead;
+  (void)detail;
+  for (size_t i = 0; alive && i < sr->rows.n; i++)
+    sr->v[i].alive = alive[i];
+  instances_done(sr);
+}
+
+static void instance_rows(status_req *sr, const store_result *r) {
+  char err[DC_ERR_MAX];
+  const char *live = sr->live;
+  sr->v = calloc(r->ninstances + 1, sizeof *sr->v);
+  sr->servers = calloc(256, sizeof *sr->servers);
+  sr->urls = calloc(r->ninstances + 1, sizeof *sr->urls);
+  if (!sr->v || !sr->servers || !sr->urls) {
+    status_fail(sr, "deploy: out of memory");
+    return;
+  }
+  for (size_t i = 0; i < r->ninstances; i++) {
+    instset_push(&sr->rows, &r->instances[i]);
+    sr->v[i].row = r->instances[i];
+    sr->v[i].live = live[0] && strcmp(r->instances[i].deployment_id, live) == 0;
+    sr->urls[i] = target_instance_url(sr->t, &r->instances[i]);
+    sr->nurls += sr->urls[i] != NULL;
+  }
+  sr->pending = 4; /* router, liveness, health, and this function */
+  router *rt = sr->t->router;
+  if (rt->read(rt, sr->servers, 256, &sr->nservers, instances_routed, sr, err) != 0)
+    instances_routed(sr, err);
+  instset_ctx c = {sr->svc->e, sr->svc->s, sr->t, NULL};
+  if (instset_inspect(&c, &sr->rows, instances_alive, sr, err) != 0)
+    instances_alive(sr, NULL, 0, NULL);
+  health_opts o = {.timeout = sr->t->health.timeout, .expect_status = sr->t->health.expect_status};
+  if (sr->nurls != sr->rows.n ||
+      health_check_start(sr->svc->e, (const char *const *)sr->urls, sr->nurls, &o, instances_checked, sr, err) != 0)
+    instances_done(sr);
+  instances_done(sr);
+}
+
+static void status_rows(void *payload, const store_result *r) {
+  status_req *sr = payload;
+  char err[DC_ERR_MAX];
+  if (r->rc != DC_OK) {
+    status_fail(sr, r->err);
+    return;
+  }
+  if (sr->icb) {
+    instance_rows(sr, r);
+    return;
+  }
+  if (instset_split(r->instances, r->ninstances, sr->live, &sr->live_set, &sr->others) != 0) {
+    status_fail(sr, "deploy: out of memory");
+    return;
+  }
+  instset_ctx c = {sr->svc->e, sr->svc->s, sr->t, NULL};
+  if (instset_inspect(&c, &sr->live_set, status_alive, sr, err) != 0)
+    status_fail(sr, err);
+}
+
+static void instances_target(void *payload, const store_result *r) {
+  status_req *sr = payload;
+  char err[DC_ERR_MAX];
+  if (r->rc != DC_OK) {
+    status_fail(sr, r->err);
+    return;
+  }
+  dc_strlcpy(sr->live, r->target->live_deployment, sizeof sr->live);
+  if (store_instances(sr->svc->s, sr->t->name, status_rows, sr, err) != 0)
+    status_fail(sr, err);
+}
+
+int service_live_instances(service *svc, const char *target, service_instances_cb cb, void *payload, char *err) {
+  status_req *sr = status_new(svc, target, err);
+  if (!sr)
+    return DC_ERROR;
+  sr->icb = cb;
+  sr->payload = payload;
+  if (store_target_get(svc->s, target, instances_target, sr, err) != 0) {
+    status_free(sr);
+    return DC_ERROR;
+  }
+  return DC_OK;
+}
+
+/* ---- operator commands ---- */
+
+typedef struct control_req {
+  service *svc;
+  service_cb cb;
+  void *payload;
+} control_req;
+
+static void control_set(void *payload, const store_result *r) {
+  control_req *cr = payload;
+  cr->cb(cr->payload, r->rc == DC_OK, 0, r->rc == DC_OK ? NULL : r->err);
+  service_unref(cr->svc);
+  free(cr);
+}
+
+int service_control(service *svc, const char *target, const char *command, service_cb cb, void *payload, char *err) {
+  char who[128];
+  if (!check_target(svc, target, err))
+    return DC_ERROR;
+  control_req *cr = calloc(1, sizeof *cr);
+  if (!cr) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
+    return DC_ERROR;
+  }
+  cr->svc = service_ref(svc);
+  cr->cb = cb;
+  cr->payload = payload;
+  dc_whoami(who, sizeof who);
+  if (store_control_set(svc->s, target, command, who, control_set, cr, err) != 0) {
+    service_unref(svc);
+    free(cr);
+    return DC_ERROR;
+  }
+  return DC_OK;
+}
