@@ -3127,3 +3127,41 @@ int store_pg_import(store_backend *base, const char *sqlite_path, store_pg_impor
   enqueue(b, j);
   return DC_OK;
 }
+
+typedef struct copy_file {
+  store_backend *b;
+  store_pg_import_cb cb;
+  void *payload;
+} copy_file;
+
+static void file_copied(void *payload, int rc, const char *err, const store_pg_import_counts *counts) {
+  copy_file *x = payload;
+  if (x->cb)
+    x->cb(x->payload, rc, err, counts);
+  /* safe from inside the backend's callback: its memory goes when its
+   * handles have closed, on a later turn of the loop */
+  x->b->free(x->b);
+  free(x);
+}
+
+int store_pg_copy_file(engine *e, const char *sqlite_path, const char *url, store_pg_import_cb cb, void *payload,
+                       char *err) {
+  store_backend *b = NULL;
+  if (store_pg_open(&b, e, url, err) != DC_OK)
+    return DC_ERROR;
+  copy_file *x = calloc(1, sizeof *x);
+  if (!x) {
+    b->free(b);
+    set_err(err, "deploy: store: cannot copy %s: out of memory", nz(sqlite_path));
+    return DC_ERROR;
+  }
+  x->b = b;
+  x->cb = cb;
+  x->payload = payload;
+  if (store_pg_import(b, sqlite_path, file_copied, x, err) != DC_OK) {
+    b->free(b);
+    free(x);
+    return DC_ERROR;
+  }
+  return DC_OK;
+}

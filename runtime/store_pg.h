@@ -51,4 +51,12 @@ typedef void (*store_pg_import_cb)(void *payload, int rc, const char *err,
 int store_pg_import(store_backend *b, const char *sqlite_path, store_pg_import_cb cb, void *payload,
                     char *err);
 
+/* The whole of `deployctl store migrate --to URL`: opens the PostgreSQL
+ * store at url (creating its schema), copies the SQLite store at
+ * sqlite_path into it as store_pg_import does, and closes it again after
+ * cb has run. Run the engine's loop until cb has run. Returns 0 when
+ * started, or -1 with err filled (a bad URL, a file that cannot be read). */
+int store_pg_copy_file(engine *e, const char *sqlite_path, const char *url, store_pg_import_cb cb, void *payload,
+                       char *err);
+
 #endif

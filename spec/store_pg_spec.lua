@@ -551,6 +551,36 @@ INSERT INTO controls VALUES('web','abort',1700000300,'ops');
     assert.equal("4", c:sql("SELECT count(*) FROM deployments"))
   end)
 
+  it("copies a store deployctl wrote with SQLite (schema 2) and deployctl goes on from it", function()
+    local cli = require "spec.support.cli"
+    local target = fixtures.target_config{ instances = 2 }
+    local dir = fixtures.tmpdir("tosql")
+    local file = dir .. "/state.db"
+    local config = cli.write_config(dir, fixtures.config{ state = file, targets = { production = target } })
+    for _, v in ipairs{ "v1", "v2" } do
+      local code, out, err = cli.run({ "--config", config, "deploy", "production", v })
+      assert.equal(0, code, out .. err)
+    end
+    local _, sqlite_history = cli.run({ "--config", config, "history", "production" })
+    local answers, code, out, err = pg.run_probe(c:url{}, { "copyfile " .. file, "history production" })
+    assert_clean(code, err, out)
+    assert.equal("ok", answers[2].rc, answers[2].err)
+    assert.same({ targets = 1, deployments = 2, locks = 0, controls = 0 },
+      { targets = answers[2].counts.targets, deployments = answers[2].counts.deployments,
+        locks = answers[2].counts.locks, controls = answers[2].counts.controls })
+    assert.is_true(answers[2].counts.events > 10)
+    assert.equal(2, answers[2].counts.instances)
+    assert.equal("2", c:sql("SELECT count(*) FROM instances WHERE handle <> ''"))
+    -- the same history, read by deployctl from PostgreSQL, and it deploys on
+    local pconfig = cli.write_config(fixtures.tmpdir("topg"), fixtures.config{ state = c:url{},
+      targets = { production = target } })
+    local _, pg_history = cli.run({ "--config", pconfig, "history", "production" })
+    assert.equal(sqlite_history, pg_history)
+    local code3, out3, err3 = cli.run({ "--config", pconfig, "deploy", "production", "v3" })
+    assert.equal(0, code3, out3 .. err3)
+    assert.equal("v3|v2", c:sql("SELECT current_version || '|' || previous_version FROM targets"))
+  end)
+
   it("serves deployctl itself: runners share history and status, and the password stays out of sight", function()
     local cli = require "spec.support.cli"
     local target, tdir = fixtures.target_config{ instances = 1 }

@@ -23,7 +23,8 @@
  *   batch ... commit      (the writes between, in ONE commit call)
  * Reads: target T | get ID | history [T] [limit=N] | events ID | instances [T] | ports NODE
  *   | controls [AFTER] | lock T | integrity
- * Other: import SQLITE_PATH | stats | barrier PATH [timeout=S] | quit
+ * Other: import SQLITE_PATH | copyfile SQLITE_PATH (store_pg_copy_file: its own connection)
+ *   | stats | barrier PATH [timeout=S] | quit
  *
  * Every answer has "cmd", "rc" (ok | locked | notfound | error), "err" when
  * not ok, "ms" (milliseconds it took) and the rows the operation returned. */
@@ -548,9 +549,11 @@ int main(int argc, char **argv) {
       print_simple("barrier", ok ? DC_OK : DC_ERROR, "timed out", now_ms() - t0);
       continue;
     }
-    if (strcmp(c, "import") == 0) {
+    if (strcmp(c, "import") == 0 || strcmp(c, "copyfile") == 0) {
       import_done_flag = 0;
-      if (store_pg_import(B, arg_or(&ws, 1, ""), on_import, &t0, err) != DC_OK) {
+      int rc = c[0] == 'i' ? store_pg_import(B, arg_or(&ws, 1, ""), on_import, &t0, err)
+                           : store_pg_copy_file(&E, arg_or(&ws, 1, ""), argv[1], on_import, &t0, err);
+      if (rc != DC_OK) {
         print_simple("import", DC_ERROR, err, now_ms() - t0);
         continue;
       }
