@@ -400,6 +400,8 @@ lconfig *lconfig_load(lua_State *L, int idx) {
   if (n == 0)
     fail(L, ".targets", "is empty: %s", "declare at least one target, e.g. targets = { production = { ... } }");
   c->targets = calloc(n, sizeof *c->targets);
+  if (!c->targets)
+    lerror(L, "deploy: out of memory reading the config");
   lua_pushnil(L);
   while (lua_next(L, ti)) {
     char name[128];

@@ -290,6 +290,10 @@ static int hooks_run(void *payload, rollout *r, hook_kind kind, double pct, cons
   lua_remove(L, -2);
   int nargs = push_hook_args(L, run, kind, pct, h, reason);
   ltask *t = lsched_spawn(L, nargs, hook_finished, run);
+  if (!t) {
+    done(r, 0, "out of memory starting the hook");
+    return 1;
+  }
   run->refs++;
   run->hook_task = t;
   run->hook_done = done;
@@ -579,6 +583,10 @@ static void lua_drive(strategy *s, rollout *r) {
   lua_insert(L, -2);
   lua_rawgeti(L, LUA_REGISTRYINDEX, run->d_ref);
   run->strategy_task = lsched_spawn(L, 2, strategy_finished, run);
+  if (!run->strategy_task) {
+    end_with(run, ACTION_ABORT, "out of memory starting the strategy's execute(d)");
+    return;
+  }
   run->refs++;
   lsched_ready(run->strategy_task);
 }

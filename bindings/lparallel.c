@@ -98,10 +98,17 @@ static int deploy_parallel(lua_State *L) {
   p->waiter = lsched_current(L);
   for (lua_Integer i = 1; i <= n; i++) {
     par_slot *slot = malloc(sizeof *slot);
+    if (!slot)
+      return luaL_error(L, "deploy.parallel: out of memory");
     slot->p = p;
     slot->index = (int)i;
     lua_rawgeti(L, 1, i);
-    lsched_ready(lsched_spawn(L, 0, finished, slot));
+    ltask *t = lsched_spawn(L, 0, finished, slot);
+    if (!t) {
+      free(slot);
+      return luaL_error(L, "deploy.parallel: out of memory");
+    }
+    lsched_ready(t);
   }
   if (!p->done)
     p->awaiting = 1;

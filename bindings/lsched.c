@@ -78,8 +78,12 @@ lua_State *lsched_callback_state(lua_State *L) {
 
 
 ltask *lsched_spawn(lua_State *L, int nargs, ltask_finish finish, void *payload) {
-  lua_State *co = lua_newthread(L);
   ltask *t = calloc(1, sizeof *t);
+  if (!t) {
+    lua_pop(L, nargs + 1);
+    return NULL;
+  }
+  lua_State *co = lua_newthread(L);
   t->co = co;
   t->finish = finish;
   t->payload = payload;

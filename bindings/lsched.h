@@ -28,7 +28,8 @@ struct ltask {
 };
 
 /* The function and nargs arguments on top of L become a task (popped); it
- * does not run until lsched_start or lsched_ready. */
+ * does not run until lsched_ready. NULL when out of memory (they are
+ * popped all the same): callers inside loop callbacks cannot raise. */
 ltask *lsched_spawn(lua_State *L, int nargs, ltask_finish finish, void *payload);
 void lsched_ready(ltask *t);                 /* resume it at the next chance (from callbacks) */
 void lsched_cancel(lua_State *L, ltask *t);  /* never resume it again */
