@@ -2458,11 +2458,14 @@ static void setup_start(pg *b) {
   round_reset(j);
   /* The server gives up on a lock wait, then on any statement, before this
    * end gives up on the server: an op waiting behind another runner fails
-   * alone, with PostgreSQL's reason, instead of taking the connection down. */
+   * alone, with PostgreSQL's reason, instead of taking the connection down.
+   * A transaction of ours is never idle longer than a round trip, so one
+   * left open by a runner that vanished between two rounds (holding row
+   * locks other runners wait for) is ended after twice the timeout. */
   qp p = {.n = 0};
   qi(&p, (long long)(b->timeout * 500));
   qi(&p, (long long)(b->timeout * 800));
-  qi(&p, (long long)fmax(60000, b->timeout * 3000));
+  qi(&p, (long long)fmax(10000, b->timeout * 2000));
   qp k = {.n = 0};
   qs(&k, SCHEMA_LOCK_KEY);
   qp t = {.n = 0};
