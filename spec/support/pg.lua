@@ -41,6 +41,8 @@ local function capture(cmd)
   return out, ok == true, code
 end
 
+local is_root = capture("id -u"):match("^0") ~= nil
+
 -- true, or false and why PostgreSQL cannot be used here.
 function pg.available()
   for _, b in ipairs{ "initdb", "pg_ctl", "postgres", "psql" } do
@@ -49,7 +51,7 @@ function pg.available()
     end
   end
   local _, ok = capture("id -u postgres >/dev/null 2>&1")
-  if not ok then return false, "there is no 'postgres' user to run PostgreSQL as" end
+  if is_root and not ok then return false, "there is no 'postgres' user to run PostgreSQL as (it refuses to run as root)" end
   if not exists(fixtures.build_dir() .. "/store-probe") then
     return false, fixtures.build_dir() .. "/store-probe is not built: cmake --build " .. fixtures.build_dir()
       .. " --target store-probe"
@@ -57,8 +59,15 @@ function pg.available()
   return true
 end
 
+-- PostgreSQL refuses to run as root: as root, run it as the postgres user;
+-- as anyone else, as oneself.
 local function as_postgres(cmd)
-  return "runuser -u postgres -- " .. cmd
+  return is_root and ("runuser -u postgres -- " .. cmd) or cmd
+end
+
+local function own(dir)
+  if is_root then assert(os.execute("chown postgres " .. q(dir))) end
+  assert(os.execute("chmod 700 " .. q(dir)))
 end
 
 -- initdb takes seconds: it runs once per process, into a template that
@@ -70,7 +79,7 @@ local function template_dir()
   local out, ok = capture("mktemp -d /tmp/deployctl-pgtemplate-XXXXXX")
   local dir = out:gsub("%s+$", "")
   assert(ok and dir ~= "", "pg: mktemp failed")
-  assert(os.execute("chown postgres " .. q(dir) .. " && chmod 700 " .. q(dir)))
+  own(dir)
   out, ok = capture(as_postgres(q(pg.BIN .. "/initdb") .. " -D " .. q(dir .. "/data")
     .. " -U postgres --auth-local=trust --auth-host=scram-sha-256 --no-sync --no-instructions -E UTF8 --locale=C")
     .. " 2>&1")
@@ -157,7 +166,7 @@ end
 function pg.cluster()
   local dir = fixtures.tmpdir("pg")
   local c = setmetatable({ dir = dir, data = dir .. "/data", port = fixtures.free_port() }, Cluster)
-  assert(os.execute("chown postgres " .. q(dir) .. " && chmod 700 " .. q(dir)))
+  own(dir)
   local out, ok = capture("cp -a " .. q(template_dir() .. "/data") .. " " .. q(c.data) .. " 2>&1")
   if not ok then error("pg: cannot copy the template cluster: " .. out, 2) end
   clusters[#clusters + 1] = c
