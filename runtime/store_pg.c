@@ -2587,7 +2587,9 @@ static void setup_round_done(pg *b, pg_job *j) {
     const char *s = j->sqlstate;
     int transient = strncmp(s, "55", 2) == 0 || strncmp(s, "57", 2) == 0 || strncmp(s, "40", 2) == 0 ||
                     strncmp(s, "08", 2) == 0 || strncmp(s, "53", 2) == 0;
-    dc_fmt(tail, sizeof tail, "cannot set up the PostgreSQL store at %s: %s", b->location, clean);
+    dc_fmt(tail, sizeof tail, "cannot set up the PostgreSQL store at %s: %s%s", b->location, clean,
+           strcmp(s, "42501") == 0 ? ": grant the role CREATE on that schema, or give deployctl a database it owns"
+                                   : "");
     attempt_failed(b, tail, !transient);
     return;
   }
