@@ -465,6 +465,7 @@ struct pg {
   char last_error[DC_ERR_MAX]; /* why the last attempt failed, as an op's message ends */
   int last_permanent;
   char notice[REASON_MAX];      /* a FATAL the server sent while we were idle */
+  char resolve_err[REASON_MAX]; /* why a host name of this attempt did not resolve */
   int eager;                    /* connect before any job asks (at open) */
   /* jobs */
   pg_job *head, *tail;        /* waiting */
@@ -1901,7 +1902,7 @@ static void begin_connect(pg *b) {
     if (entries == 0) {
       free(kw), free(val), free(hl), free(al), free(pl);
       dc_fmt(tail, sizeof tail, "the PostgreSQL database at %s is unreachable (%s)", b->location,
-             b->last_error[0] ? b->last_error : "no address");
+             b->resolve_err[0] ? b->resolve_err : "no address");
       attempt_failed(b, tail, 0);
       return;
     }
@@ -1955,7 +1956,8 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
         dc_strlcpy(x->addrs[x->naddrs++], addr, sizeof x->addrs[0]);
     }
   } else {
-    dc_fmt(b->last_error, sizeof b->last_error, "could not resolve host \"%s\": %s", x->name, uv_strerror(status));
+    dc_fmt(b->resolve_err, sizeof b->resolve_err, "could not resolve host \"%s\": %s", x->name,
+           uv_strerror(status));
   }
   uv_freeaddrinfo(res);
   b->host_resolving++;
@@ -1988,7 +1990,7 @@ static void resolve_next(pg *b) {
   if (rc != 0) {
     b->resolving = NULL;
     free(r);
-    dc_fmt(b->last_error, sizeof b->last_error, "could not resolve host \"%s\": %s", x->name, uv_strerror(rc));
+    dc_fmt(b->resolve_err, sizeof b->resolve_err, "could not resolve host \"%s\": %s", x->name, uv_strerror(rc));
     b->host_resolving++;
     resolve_next(b);
   }
@@ -1997,7 +1999,7 @@ static void resolve_next(pg *b) {
 static void start_attempt(pg *b) {
   char err[DC_ERR_MAX];
   b->reached_server = 0;
-  b->last_error[0] = '\0';
+  b->resolve_err[0] = '\0'; /* last_error stays: the reason jobs get until this attempt says more */
   b->attempt_deadline = uv_now(b->loop) + ms_from_s(b->timeout);
   b->state = S_RESOLVING;
   if (plan_hosts(b, err) != DC_OK) {
