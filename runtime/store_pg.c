@@ -375,6 +375,15 @@ typedef struct import_job {
 
 typedef struct pg pg;
 
+/* A lease this process holds: sure to be valid until valid_until (local
+ * uv_now() ms): the server set its expiry after the round that took or
+ * renewed it was sent, so sent + lease is never later than the expiry. */
+typedef struct lease {
+  char id[48];
+  uint64_t valid_until;
+  struct lease *next;
+} lease;
+
 typedef struct pg_job {
   job_kind kind;
   store_op **ops;
@@ -390,6 +399,7 @@ typedef struct pg_job {
   int cur_got;           /* a result of ex[cur] was seen */
   int round;
   int sent_commit;       /* a COMMIT went out in this round */
+  uint64_t sent_at;      /* uv_now() ms when its first round went out */
   int aborted;           /* the server said this transaction is rolled back */
   /* commit */
   size_t resume;         /* first op to send in the next round */
@@ -475,6 +485,7 @@ struct pg {
   int in_done;                /* inside a done callback: do not pump */
   store_pg_stats stats;
   uint64_t rng;
+  struct lease *leases;        /* deployments this process began, while not finished */
 };
 
 /* ---- small helpers ------------------------------------------------------------ */
@@ -1723,13 +1734,57 @@ static void schedule_backoff(pg *b) {
   b->backoff = fmin(b->backoff * 2, BACKOFF_MAX_S);
 }
 
-/* Fails every op of a job with "deploy: store: <what>: [not recorded: ]<tail>". */
+static lease **lease_find(pg *b, const char *id) {
+  lease **pp = &b->leases;
+  while (*pp && strcmp((*pp)->id, id) != 0)
+    pp = &(*pp)->next;
+  return pp;
+}
+
+/* After a commit: the leases it took or renewed are sure until sent_at +
+ * lease; the ones it gave back are forgotten. */
+static void leases_committed(pg *b, pg_job *j) {
+  uint64_t until = j->sent_at + ms_from_s(b->lease);
+  for (size_t i = 0; i < j->n; i++) {
+    const store_op *op = j->ops[i];
+    const char *id = op->kind == STORE_OP_BEGIN ? op->dep.id : op->kind == STORE_OP_FINISH ? finish_id(op) : op->id;
+    if (op->rc != DC_OK && op->kind != STORE_OP_LOCK_RENEW)
+      continue;
+    lease **pp = lease_find(b, id);
+    if ((op->kind == STORE_OP_BEGIN && op->rc == DC_OK) || (op->kind == STORE_OP_LOCK_RENEW && op->rc == DC_OK)) {
+      if (!*pp && (*pp = calloc(1, sizeof **pp)) != NULL)
+        dc_strlcpy((*pp)->id, id, sizeof (*pp)->id);
+      if (*pp && until > (*pp)->valid_until)
+        (*pp)->valid_until = until;
+    } else if ((op->kind == STORE_OP_FINISH || op->kind == STORE_OP_LOCK_RENEW) && *pp) {
+      /* finished, or the server said the lease is gone */
+      lease *l = *pp;
+      *pp = l->next;
+      free(l);
+    }
+  }
+}
+
+/* Fails every op of a job with "deploy: store: <what>: [not recorded: ]<tail>".
+ * A renewal that cannot reach the database while the lease it renews may
+ * have run out says DC_LOCKED: this runner must stop acting on the target,
+ * which another runner may have taken over meanwhile. */
 static void fail_ops(pg *b, pg_job *j, const char *tail, int not_recorded) {
+  uint64_t now = uv_now(b->loop);
   for (size_t i = 0; i < j->n; i++) {
     store_op *op = j->ops[i];
     char what[256];
     op_what(b, op, what, sizeof what);
     op_reset(op);
+    lease **pp = op->kind == STORE_OP_LOCK_RENEW ? lease_find(b, op->id) : NULL;
+    if (pp && *pp && now >= (*pp)->valid_until) {
+      op_err(op, DC_LOCKED, "deploy: store: the lease of deployment '%s' may have run out while %s: another "
+             "runner may take its target over", op->id, tail);
+      lease *l = *pp;
+      *pp = l->next;
+      free(l);
+      continue;
+    }
     op_err(op, DC_ERROR, "deploy: store: %s: %s%s", what,
            not_recorded && store_op_is_write(op->kind) ? "not recorded: " : "", tail);
   }
@@ -2053,6 +2108,7 @@ static const char *send_failure(pg *b) {
 
 static void start_job(pg *b, pg_job *j) {
   b->active = j;
+  j->sent_at = uv_now(b->loop);
   j->round = 0;
   j->failed_at = -1;
   int rc;
@@ -2213,6 +2269,7 @@ static void commit_round_done(pg *b, pg_job *j) {
   }
   if (j->committed) {
     b->stats.transactions++;
+    leases_committed(b, j);
     finish_job(b, j);
     return;
   }
@@ -2766,6 +2823,11 @@ static void pg_free(store_backend *base) {
   }
   close_conn(b);
   free_kw(b);
+  while (b->leases) {
+    lease *l = b->leases;
+    b->leases = l->next;
+    free(l);
+  }
   explicit_bzero(b->secret, sizeof b->secret);
   explicit_bzero(b->secret_dec, sizeof b->secret_dec);
   uv_close((uv_handle_t *)&b->deadline_timer, timer_closed);

@@ -362,6 +362,30 @@ describe("the PostgreSQL store", function()
     assert.equal(0, code, err)
   end)
 
+  it("reports a lease as lost when it may have run out while the database was unreachable", function()
+    local p = pg.probe(c:url{ lease = 2, timeout = 1 })
+    assert.equal("ok", p:send("ensure web").rc)
+    assert.equal("ok", p:send("begin web d01").rc)
+    c:stop("fast")
+    -- within the lease: an error, the lease still this runner's
+    local first = p:send("renew d01")
+    assert.equal("error", first.rc)
+    assert.matches("cannot renew the lock of deployment 'd01': not recorded: the PostgreSQL database at .- is "
+      .. "unreachable", first.err)
+    -- past it: lost, so that the runner stops acting on the target
+    local lost
+    fixtures.wait_until(function()
+      lost = p:send("renew d01")
+      return lost.rc ~= "error"
+    end, 10, "the lease to run out")
+    assert.equal("locked", lost.rc)
+    assert.matches("the lease of deployment 'd01' may have run out while the PostgreSQL database at .- is "
+      .. "unreachable .-: another runner may take its target over", lost.err)
+    c:start()
+    local code, err = p:close()
+    assert.equal(0, code, err)
+  end)
+
   it("gives up on a server that stops answering at the timeout, and says the write may have landed", function()
     local p = pg.probe(c:url{ timeout = 2 })
     assert.equal("ok", p:send("ensure web").rc)
