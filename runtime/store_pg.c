@@ -12,11 +12,15 @@
  *     at once. An op whose statement fails aborts the rest of the pipeline;
  *     the next round rolls back to its savepoint (undoing it alone) and sends
  *     the ops after it again, then COMMIT;
- *   - ops whose effect depends on what they read (BEGIN, FINISH, RECOVER)
- *     are PL/pgSQL functions created with the schema, so each stays one
+ *   - ops whose effect depends on what they read (BEGIN, LOCK_TAKE, FINISH,
+ *     RECOVER) are PL/pgSQL functions created with the schema, so each stays one
  *     statement and is decided on the server, next to the rows it locks;
  *   - one job (a batch, a read, the setup) is in flight at a time; each has
- *     a deadline (timeout=S, default 10 s) counted from when it was queued;
+ *     a deadline (timeout=S, default 10 s) counted from when it was queued.
+ *     One connection per runner rather than a second one for reads: a
+ *     shared server counts its connections (max_connections is 100 by
+ *     default), and a read waits behind a commit only while that commit
+ *     waits for another runner's row (at most lock_timeout);
  *   - a lost connection fails the job in flight, and the connection is
  *     made again with backoff (0.2 s doubling to 5 s) while jobs wait; a
  *     job waiting for a connection fails at its deadline, or at once when
@@ -24,9 +28,11 @@
  *     store, a newer schema).
  *
  * Locks are leases (store_pg.h: lease=S, default 15 s) in server time: a
- * BEGIN takes over a lease that expired (interrupting its deployment),
- * LOCK_RENEW extends only an unexpired lease still naming the deployment,
- * RECOVER interrupts running deployments whose lease expired.
+ * BEGIN or LOCK_TAKE takes over a lease that expired (interrupting its
+ * deployment), LOCK_RENEW extends only an unexpired lease still naming the
+ * deployment (and answers DC_LOCKED, too, when it cannot reach the server
+ * once the lease may have run out), RECOVER interrupts running deployments
+ * whose lease expired.
  *
  * The schema is versioned in meta.schema_version; setup reads it and
  * migrates inside one transaction holding an advisory lock, so runners
