@@ -1313,10 +1313,14 @@ static int send_op(pg *b, pg_job *j, size_t i) {
                "WHERE deployment_id = $1 AND expires_at > deployctl_now() RETURNING " LOCK_COLS,
                &p) != 0)
       return -1;
+    /* who holds the target now; the holder may be a reconcile, with no
+     * deployment row */
     return send_q(b, j, R_OP, k, 1,
-                  "SELECT d.target, l.deployment_id, l.pid, l.pid_start, l.host, l.acquired_at, "
-                  "l.expires_at, l.purpose FROM deployments d LEFT JOIN locks l ON l.target = d.target "
-                  "WHERE d.id = $1",
+                  "SELECT t.target, l.deployment_id, l.pid, l.pid_start, l.host, l.acquired_at, l.expires_at, "
+                  "l.purpose, EXISTS (SELECT 1 FROM deployments WHERE id = $1) "
+                  "FROM (SELECT target FROM locks WHERE deployment_id = $1 "
+                  "UNION ALL SELECT target FROM deployments WHERE id = $1) t "
+                  "LEFT JOIN locks l ON l.target = t.target LIMIT 1",
                   &q1);
   }
   case STORE_OP_TARGET_GET:
@@ -1516,16 +1520,16 @@ static void parse_op(pg *b, store_op *op, int part, PGresult *r) {
     }
     if (op->rc != DC_LOCKED)
       return;
+    char who[96], target[64];
     if (rows < 1) {
-      op_err(op, DC_NOTFOUND, "deploy: store: cannot renew the lock of deployment '%s': unknown deployment '%s'",
-             op->id, op->id);
+      op_err(op, DC_LOCKED, "deploy: store: the lease of '%s' was lost: nothing is locked under that id", op->id);
       return;
     }
-    char target[64];
+    dc_fmt(who, sizeof who, strcmp(gv(r, 0, 8), "t") == 0 ? "deployment '%s'" : "'%s'", op->id);
     gtext(r, 0, 0, target, sizeof target);
     if (PQgetisnull(r, 0, 1)) {
-      op_err(op, DC_LOCKED, "deploy: store: the lease of deployment '%s' on '%s' was lost: '%s' is not locked "
-             "any more", op->id, target, target);
+      op_err(op, DC_LOCKED, "deploy: store: the lease of %s on '%s' was lost: '%s' is not locked any more", who,
+             target, target);
       return;
     }
     store_lock *l = &op->lock;
@@ -1534,8 +1538,8 @@ static void parse_op(pg *b, store_op *op, int part, PGresult *r) {
     char until[32];
     dc_iso8601(l->expires_at, until, sizeof until);
     if (strcmp(l->deployment_id, op->id) == 0) {
-      op_err(op, DC_LOCKED, "deploy: store: the lease of deployment '%s' on '%s' expired at %s: another runner "
-             "may take the target over", op->id, target, until);
+      op_err(op, DC_LOCKED, "deploy: store: the lease of %s on '%s' expired at %s: another runner may take the "
+             "target over", who, target, until);
     } else {
       char times[96], holder[96];
       lock_times(l, times, sizeof times);
@@ -1543,8 +1547,8 @@ static void parse_op(pg *b, store_op *op, int part, PGresult *r) {
         dc_fmt(holder, sizeof holder, "deployment %s", l->deployment_id);
       else
         dc_fmt(holder, sizeof holder, "a %s", l->purpose);
-      op_err(op, DC_LOCKED, "deploy: store: the lease of deployment '%s' on '%s' was lost: %s (pid %d on %s, %s) "
-             "holds the target now", op->id, target, holder, l->pid, l->host, times);
+      op_err(op, DC_LOCKED, "deploy: store: the lease of %s on '%s' was lost: %s (pid %d on %s, %s) holds the "
+             "target now", who, target, holder, l->pid, l->host, times);
     }
     return;
   case STORE_OP_TARGET_GET:

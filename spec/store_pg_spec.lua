@@ -287,7 +287,14 @@ describe("the PostgreSQL store", function()
     assert.matches("target locked: 'web' is being reconciled %(pid %d+ on .-, since .-, until .-%): wait for it to "
       .. "finish", refused.err)
     assert.equal("reconcile", refused.lock.purpose)
+    -- a reconcile's lock is renewed by its holder id as a deployment's is
+    local renewed = p:send("renew r0001")
+    assert.equal("ok", renewed.rc, renewed.err)
+    assert.equal("reconcile", renewed.lock.purpose)
     assert.equal("ok", p:send("release web r0001").rc)
+    local gone = p:send("renew r0001")
+    assert.equal("locked", gone.rc)
+    assert.equal("deploy: store: the lease of 'r0001' was lost: nothing is locked under that id", gone.err)
     assert.equal("ok", p:send("begin web d01").rc)
     assert.equal("ok", p:send("finish d01 succeeded promoted=1 tstatus=deployed").rc)
     -- a reconcile that stopped renewing: taken over, and no deployment is
