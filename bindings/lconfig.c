@@ -379,15 +379,19 @@ static int is_url(const char *state) {
 
 /* What tags each instance (DEPLOY_INSTANCE=<tag>#<id>) and where logs go:
  * the store's absolute path and its directory's logs/, or, for a database
- * URL, the URL without user-info and .deploy/logs. */
+ * URL, scheme://host[:port]/database alone (no user-info, no parameters: a
+ * password there must never reach an instance's environment) and
+ * .deploy/logs. */
 static void store_tag(const char *state, char *tag, size_t tsize, char *log_dir, size_t lsize) {
   if (is_url(state)) {
-    const char *rest = strstr(state, "://") + 3;
-    const char *at = strchr(rest, '@');
+    const char *scheme_end = strstr(state, "://") + 3;
+    const char *rest = scheme_end;
     const char *slash = strchr(rest, '/');
+    const char *at = strchr(rest, '@');
     if (at && (!slash || at < slash))
       rest = at + 1;
-    dc_fmt(tag, tsize, "%.*s%s", (int)(strstr(state, "://") + 3 - state), state, rest);
+    size_t keep = strcspn(rest, "?#");
+    dc_fmt(tag, tsize, "%.*s%.*s", (int)(scheme_end - state), state, (int)keep, rest);
     dc_strlcpy(log_dir, ".deploy/logs", lsize);
     return;
   }
