@@ -552,6 +552,44 @@ static int manager_integrity_check(lua_State *L) {
   return push_outcome(L, &w);
 }
 
+static void lock_seen(void *payload, const store_result *r) {
+  lwait *w = payload;
+  lua_State *L = w->L;
+  if (r->rc != DC_OK) {
+    dc_strlcpy(w->err, r->err, sizeof w->err);
+  } else if (!r->lock) {
+    lua_pushnil(L);
+    w->ok = 1;
+  } else {
+    char ts[40];
+    lua_createtable(L, 0, 7);
+    lset_string(L, "purpose", r->lock->purpose);
+    lset_string(L, "deployment_id", r->lock->deployment_id);
+    lset_string(L, "host", r->lock->host);
+    lset_integer(L, "pid", r->lock->pid);
+    dc_iso8601(r->lock->acquired_at, ts, sizeof ts);
+    lset_string(L, "since", ts);
+    if (r->lock->expires_at > 0) {
+      dc_iso8601(r->lock->expires_at, ts, sizeof ts);
+      lset_string(L, "until", ts);
+    }
+    w->ok = 1;
+  }
+  w->done = 1;
+}
+
+/* lock(target): who holds the target now (purpose, deployment_id, host,
+ * pid, since, and until for a lease), or nil. */
+static int manager_lock(lua_State *L) {
+  lmanager *m = manager_at(L, 1);
+  const char *target = check_target(L, m, 2, "manager:lock()");
+  lwait w = {.L = L};
+  wait_for(L, &w, store_lock_get(service_store(m->svc), target, lock_seen, &w, w.err));
+  if (!w.ok)
+    return lerror(L, w.err);
+  return 1;
+}
+
 static int manager_state_path(lua_State *L) {
   lmanager *m = manager_at(L, 1);
   lua_pushstring(L, store_location(service_store(m->svc)));
@@ -774,6 +812,7 @@ void lmanager_register(lua_State *L) {
       {"targets", manager_targets},
       {"reconcile", manager_reconcile},
       {"state_path", manager_state_path},
+      {"lock", manager_lock},
       {"integrity_check", manager_integrity_check},
       {"promote", manager_promote},
       {"abort", manager_abort},
