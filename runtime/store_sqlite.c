@@ -18,6 +18,7 @@
 #include "store_backend.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -200,10 +201,48 @@ static void set_err(char *err, const char *fmt, ...) {
   va_end(ap);
 }
 
+/* An I/O error that came without a useful errno (a failed fsync, a journal
+ * the kernel aborted): creating a file beside the store says what the disk
+ * does now (EROFS: it turned read-only; ENOSPC: it is full). */
+static int probe_dir(const char *path, int sys) {
+  char probe[4096];
+  const char *slash = strrchr(path, '/');
+  if (slash)
+    dc_fmt(probe, sizeof probe, "%.*s/.deployctl-probe-%d", (int)(slash - path), path, (int)getpid());
+  else
+    dc_fmt(probe, sizeof probe, ".deployctl-probe-%d", (int)getpid());
+  int fd = open(probe, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd >= 0) {
+    close(fd);
+    unlink(probe);
+    return sys;
+  }
+  return errno == EROFS || errno == ENOSPC || errno == EDQUOT || errno == EIO ? errno : sys;
+}
+
 /* `what` names the operation; SQLite's message says why. Must run before
  * any rollback, which resets it. */
 static int db_fail(sqlite3 *db, char *err, const char *what) {
-  set_err(err, "deploy: store: %s: %s", what, sqlite3_errmsg(db));
+  int code = sqlite3_extended_errcode(db), sys = sqlite3_system_errno(db);
+  const char *path = sqlite3_db_filename(db, "main");
+  const char *hint = "";
+  char sysmsg[160] = "", buf[128];
+  /* SQLite says "disk I/O error" for most of what a disk does wrong: the
+   * system's own reason says which, and what to do about it. */
+  if ((code & 0xff) == SQLITE_IOERR && sys != 0)
+    dc_fmt(sysmsg, sizeof sysmsg, " (%s)", strerror_r(sys, buf, sizeof buf)); /* GNU: thread-safe */
+  if ((code & 0xff) == SQLITE_IOERR && (sys == 0 || sys == EIO) && path && *path)
+    sys = probe_dir(path, sys);
+  if ((code & 0xff) == SQLITE_FULL || sys == ENOSPC || sys == EDQUOT)
+    hint = ": the disk is full: free space on it";
+  else if ((code & 0xff) == SQLITE_READONLY || sys == EROFS)
+    hint = ": the disk is read-only: check it (dmesg), and remount it read-write";
+  else if ((code & 0xff) == SQLITE_BUSY)
+    hint = ": another process has held the store's write lock for over 10 s (a stuck sqlite3 shell?)";
+  else if ((code & 0xff) == SQLITE_IOERR)
+    hint = ": check the disk (dmesg)";
+  set_err(err, "deploy: store %s: %s: %s%s%s", path && *path ? path : "(memory)", what, sqlite3_errmsg(db), sysmsg,
+          hint);
   return DC_ERROR;
 }
 
