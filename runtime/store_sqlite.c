@@ -745,6 +745,24 @@ static int op_recover(sqlite_backend *b, store_op *op, const char *what) {
   return rc;
 }
 
+/* Events and commands first, then the rows: the same kept set each time
+ * (nothing else writes inside the transaction). */
+static int op_prune(sqlite3 *db, store_op *op, const char *what) {
+  static const char *const deletes[] = {
+      "DELETE FROM events WHERE target = ?1 AND deployment_id NOT IN "
+      "(SELECT id FROM (" STORE_PRUNE_KEEP("?1", "?2") ") WHERE id IS NOT NULL)",
+      "DELETE FROM controls WHERE target = ?1 AND deployment_id NOT IN "
+      "(SELECT id FROM (" STORE_PRUNE_KEEP("?1", "?2") ") WHERE id IS NOT NULL)",
+      "DELETE FROM deployments WHERE target = ?1 AND id NOT IN "
+      "(SELECT id FROM (" STORE_PRUNE_KEEP("?1", "?2") ") WHERE id IS NOT NULL)",
+  };
+  for (size_t i = 0; i < sizeof deletes / sizeof *deletes; i++)
+    if (run(db, op->err, what, deletes[i], "si", op->name, op->limit) != DC_OK)
+      return DC_ERROR;
+  op->out_id = sqlite3_changes(db);
+  return DC_OK;
+}
+
 static int op_instance_add(sqlite3 *db, store_op *op, const char *what) {
   const store_instance *in = &op->inst;
   int rc = run(db, op->err, what,
@@ -769,78 +787,6 @@ static int op_instance_update(sqlite3 *db, store_op *op, const char *what) {
     return DC_NOTFOUND;
   }
   return rc;
-}
-
-static void describe(const store_op *op, char *what, size_t size) {
-  switch (op->kind) {
-  case STORE_OP_TARGET_ENSURE:
-    dc_fmt(what, size, "cannot add target '%s'", op->name);
-    return;
-  case STORE_OP_BEGIN:
-    dc_fmt(what, size, "cannot insert deployment '%s'", op->dep.id);
-    return;
-  case STORE_OP_FINISH:
-    dc_fmt(what, size, "cannot finish deployment '%s'", op->id);
-    return;
-  case STORE_OP_PROMOTE:
-    dc_fmt(what, size, "cannot promote deployment '%s'", op->id);
-    return;
-  case STORE_OP_EVENT:
-    dc_fmt(what, size, "cannot add event '%s' of deployment '%s'", op->ev.kind, op->ev.deployment_id);
-    return;
-  case STORE_OP_INSTANCE_ADD:
-    dc_fmt(what, size, "cannot add instance %d of deployment '%s'", op->inst.idx, op->inst.deployment_id);
-    return;
-  case STORE_OP_INSTANCE_UPDATE:
-    dc_fmt(what, size, "cannot update instance %lld", (long long)op->inst.id);
-    return;
-  case STORE_OP_INSTANCE_DELETE:
-    dc_fmt(what, size, "cannot delete instance %lld", (long long)op->id64);
-    return;
-  case STORE_OP_CONTROL_SET:
-    dc_fmt(what, size, "cannot request '%s' for target '%s'", op->command, op->name);
-    return;
-  case STORE_OP_RECOVER:
-    dc_fmt(what, size, "cannot recover interrupted deployments");
-    return;
-  case STORE_OP_LOCK_RENEW:
-    dc_fmt(what, size, "cannot renew the lock of deployment '%s'", op->id);
-    return;
-  case STORE_OP_LOCK_TAKE:
-    dc_fmt(what, size, "cannot lock target '%s' for a %s", op->name, op->command);
-    return;
-  case STORE_OP_LOCK_RELEASE:
-    dc_fmt(what, size, "cannot release the lock of target '%s'", op->name);
-    return;
-  case STORE_OP_TARGET_GET:
-    dc_fmt(what, size, "cannot read target '%s'", op->name);
-    return;
-  case STORE_OP_DEPLOYMENT_GET:
-    dc_fmt(what, size, "cannot read deployment '%s'", op->id);
-    return;
-  case STORE_OP_HISTORY:
-    dc_fmt(what, size, "cannot read the history of target '%s'", op->name[0] ? op->name : "(all)");
-    return;
-  case STORE_OP_EVENTS:
-    dc_fmt(what, size, "cannot read the events of deployment '%s'", op->id);
-    return;
-  case STORE_OP_INSTANCES:
-    dc_fmt(what, size, "cannot read the instances of target '%s'", op->name[0] ? op->name : "(all)");
-    return;
-  case STORE_OP_PORTS_IN_USE:
-    dc_fmt(what, size, "cannot read the ports in use on '%s'", op->node[0] ? op->node : "this machine");
-    return;
-  case STORE_OP_CONTROLS:
-    dc_fmt(what, size, "cannot read operator commands");
-    return;
-  case STORE_OP_LOCK_GET:
-    dc_fmt(what, size, "cannot read the lock of target '%s'", op->name);
-    return;
-  case STORE_OP_INTEGRITY:
-    dc_fmt(what, size, "cannot check the integrity of the store");
-    return;
-  }
-  dc_fmt(what, size, "unknown operation %d", (int)op->kind);
 }
 
 /* One write, inside the batch's transaction (on the thread pool). */
@@ -877,6 +823,8 @@ static int run_write(sqlite_backend *b, store_op *op, const char *what) {
     return op_lock_take(b, op, what);
   case STORE_OP_LOCK_RELEASE:
     return run(db, op->err, what, "DELETE FROM locks WHERE target = ? AND deployment_id = ?", "ss", op->name, op->id);
+  case STORE_OP_PRUNE:
+    return op_prune(db, op, what);
   default:
     set_err(op->err, "deploy: store: %s: not a write", what);
     return DC_ERROR;
@@ -906,7 +854,7 @@ static void commit_work(uv_work_t *w) {
   for (size_t i = 0; i < b->nops; i++) {
     store_op *op = b->ops[i];
     char what[WHAT_SIZE];
-    describe(op, what, sizeof what);
+    store_op_describe(op, what, sizeof what);
     if (exec(db, "SAVEPOINT op") != SQLITE_OK) {
       op->rc = db_fail(db, op->err, what);
       continue;
@@ -1096,7 +1044,7 @@ static int run_read(sqlite_backend *b, store_op *op, const char *what) {
 static void sq_read(store_backend *base, store_op *op, store_backend_done done, void *ctx) {
   sqlite_backend *b = (sqlite_backend *)base;
   char what[WHAT_SIZE];
-  describe(op, what, sizeof what);
+  store_op_describe(op, what, sizeof what);
   /* One read transaction, so multi-statement reads see one snapshot. */
   if (exec(b->rdb, "BEGIN") != SQLITE_OK) {
     op->rc = db_fail(b->rdb, op->err, what);
