@@ -115,6 +115,7 @@ struct ssh_ctx {
   ssh_host *hosts;
   ssh_op ops;            /* list sentinel */
   int closing;
+  char scratch[READ_CHUNK];  /* every read lands here first */
 };
 
 /* ---- small helpers ---------------------------------------------------- */
@@ -187,7 +188,7 @@ static void printable(char *dst, size_t size, const char *s, size_t max) {
   size_t n = 0;
   for (; s && *s && n + 1 < size && n < max; s++)
     dst[n++] = ((unsigned char)*s < 0x20 || *s == 0x7f) ? '?' : *s;
-  dst[size ? n : 0] = '\0';
+  dst[n] = '\0';
 }
 
 /* argv under construction; every entry is owned. */
@@ -797,11 +798,10 @@ static void maybe_done(ssh_op *op) {
 }
 
 static void on_alloc(uv_handle_t *handle, size_t hint, uv_buf_t *b) {
-  static char scratch[READ_CHUNK];
-  (void)handle;
+  ssh_op *op = handle->data;
   (void)hint;
   /* Copied out at once in on_read: one buffer serves every pipe. */
-  *b = uv_buf_init(scratch, sizeof scratch);
+  *b = uv_buf_init(op->c->scratch, sizeof op->c->scratch);
 }
 
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
@@ -835,6 +835,8 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
   }
 }
 
+static void on_timer(uv_timer_t *t);
+
 static void on_exit_cb(uv_process_t *p, int64_t status, int sig) {
   ssh_op *op = p->data;
   op->exited = 1;
@@ -853,7 +855,7 @@ static void on_exit_cb(uv_process_t *p, int64_t status, int sig) {
   /* The pipes may lag a little (a master still holding a mux client's
    * descriptors): wait for them, not forever. */
   uv_timer_stop(&op->timer);
-  uv_timer_start(&op->timer, (uv_timer_cb)op_done, DRAIN_MS, 0);
+  uv_timer_start(&op->timer, on_timer, DRAIN_MS, 0);
 }
 
 static void on_timer(uv_timer_t *t) {
