@@ -144,6 +144,42 @@ describe("ssh to hosts in network namespaces", function()
         assert.matches(net.hosts[i].addr, res.out, 1, true)
       end
       for _, d in ipairs(dests) do assert.equal(1, r.connections[d], d) end
+      -- ssh_ctx_free asked the masters to exit (they would persist 600 s).
+      fixtures.wait_until(function()
+        for pid in net:exec("ip netns pids " .. q(net.ctl)):gmatch("%d+") do
+          if fixtures.alive(tonumber(pid)) then return false end
+        end
+        return true
+      end, 5, "the ssh masters to exit")
+    end)
+
+    it("opens a new connection when the master has gone, and removes its directory", function()
+      local cdir = "/tmp/dssh-ctl-" .. fixtures.free_port()
+      finally(function() os.execute("rm -rf " .. q(cdir)) end)
+      -- The first destination's socket is <dir>/1; the master is SIGKILLed
+      -- between the rounds, leaving a stale socket behind.
+      local kill = string.format("kill -9 $(ssh -o ControlPath=%s/1 -O check h1 2>&1 | sed -n 's/.*pid=\\([0-9]*\\).*/\\1/p')", cdir)
+      local r = probe(string.format("run --rounds 2 --between %s h1 'echo alive'", q(kill)),
+                      { ctx = string.format("--config %s --known-hosts %s --key %s --control-dir %s",
+                                            q(net.ssh_config), q(net.known_hosts), q(net.client_key), q(cdir)) })
+      for _, res in ipairs(r.results) do
+        assert.equal("ok", res.status, res.error)
+        assert.equal("alive\n", res.out)
+      end
+      assert.equal(2, r.connections.h1)
+      assert.is_false(os.execute("test -e " .. q(cdir)) == true)
+      -- A control directory others can read is refused: its sockets give access to the hosts.
+      assert(os.execute("mkdir -m 0755 " .. q(cdir)))
+      r = probe("run h1 true", { ctx = "--control-dir " .. q(cdir) })
+      assert.matches("must be ours and private", r.ctx_error, 1, true)
+    end)
+
+    it("refuses output beyond its cap instead of truncating it", function()
+      local r = run({ { "h1", "head -c 5000000 /dev/zero" }, { "h1", "head -c 4000000 /dev/zero | wc -c" } })
+      assert.equal("too-big", r.results[1].status)
+      assert.matches("passed 4194304 bytes", r.results[1].error, 1, true)
+      assert.equal("ok", r.results[2].status)
+      assert.equal("4000000\n", r.results[2].out)
     end)
 
     it("passes stdin, and keeps the command's exit status, stdout and stderr apart", function()

@@ -12,7 +12,8 @@
  *   run [--timeout S] [--timeouts S,S,...] [--rounds N] [--stdin TEXT]
  *       DEST CMD [DEST CMD...]
  *       Each round runs every (DEST, CMD) at once; rounds run one after
- *       another. --timeouts: one per pair, instead of --timeout for all. {"results": [...], "connections": {DEST: n}, "seconds": s}
+ *       another. --timeouts: one per pair, instead of --timeout for all.
+ *       --between CMD: a shell command run between rounds (the loop waits). {"results": [...], "connections": {DEST: n}, "seconds": s}
  *   agent-start DEST --tag T --ports LOW-HIGH [--exclude P,P] --log PATH
  *       --version V --target T [--workdir D] [--env-from NAME]... -- CMD
  *       --env-from passes NAME=<value of NAME in our environment>, so a
@@ -165,7 +166,7 @@ static void print_connections(const char *const *dests, int n) {
 static int mode_run(int argc, char **argv) {
   double timeout = 30;
   int rounds = 1;
-  const char *input = NULL, *timeouts = NULL;
+  const char *input = NULL, *timeouts = NULL, *between = NULL;
   int i = 0;
   for (; i < argc && strncmp(argv[i], "--", 2) == 0; i += 2) {
     if (i + 1 >= argc)
@@ -178,6 +179,8 @@ static int mode_run(int argc, char **argv) {
       input = argv[i + 1];
     else if (strcmp(argv[i], "--timeouts") == 0)
       timeouts = argv[i + 1];
+    else if (strcmp(argv[i], "--between") == 0)
+      between = argv[i + 1];
     else
       usage("run: unknown option");
   }
@@ -190,6 +193,8 @@ static int mode_run(int argc, char **argv) {
   double t0 = dc_wall_now();
   printf("{\"results\":[");
   for (int r = 0; r < rounds; r++) {
+    if (r > 0 && between && system(between) != 0)
+      fprintf(stderr, "ssh_probe: --between command failed\n");
     for (int p = 0; p < pairs; p++) {
       job *j = &jobs[r * pairs + p];
       j->dest = dests[p] = argv[i + 2 * p];
