@@ -267,6 +267,8 @@ do_start() {
     fail usage "start: --ports '$ports' is not LOW-HIGH within 1-65535"
   fi
   case $exclude in *[!0-9,]*) fail usage "start: --exclude must be ports separated by commas";; esac
+  command -v setsid >/dev/null 2>&1 ||
+    fail setsid "setsid is missing on this host: install util-linux (or busybox)"
   if [ -n "$workdir" ] && [ ! -d "$workdir" ]; then
     fail workdir "working directory '$workdir' does not exist on this host"
   fi
