@@ -29,6 +29,14 @@
  * Exit status 255 is ssh's own failure; anything else is the remote
  * command's (remote commands must not exit 255; the agent never does).
  *
+ * A timeout kills the local ssh only: without a pty, sshd does not signal
+ * the remote command, which runs on until it writes to the closed channel
+ * (agent verbs are bounded; `logs --follow` ends on stdin EOF).
+ *
+ * Commands are real work: on the virtual clock, callers hold it
+ * (engine_hold/engine_release) around them, as rollout.c does for
+ * provider calls.
+ *
  * The host process must ignore SIGPIPE (deployctl does): writing a
  * command's stdin after ssh exited would otherwise kill it. */
 #ifndef DEPLOY_SSH_H

@@ -85,6 +85,8 @@ int ssh_agent_start_command(char **cmd, char **input, size_t *input_len,
 /* known may be NULL (pid never recorded): then only the tag is searched. */
 int ssh_agent_inspect_command(char **cmd, const char *tag,
                               const ssh_agent_instance *known, char *err);
+/* timeout: seconds from SIGTERM to SIGKILL. The agent then waits up to
+ * 5 s more: give ssh_run at least timeout + 10. */
 int ssh_agent_stop_command(char **cmd, const ssh_agent_instance *inst,
                            double timeout, char *err);
 int ssh_agent_logs_command(char **cmd, const char *log_path, int lines,
