@@ -733,8 +733,6 @@ static void host_fail_queue(ssh_host *h, ssh_status s, const char *err) {
     op_finish(op, s, err);
 }
 
-static void spawn_exit(ssh_host *h);
-
 static void master_done(ssh_op *op) {
   ssh_host *h = op->h;
   ssh_ctx *c = op->c;
@@ -742,10 +740,7 @@ static void master_done(ssh_op *op) {
   if (op->exit_status == 0 && op->term_signal == 0) {
     h->state = HOST_READY;
     op_finish(op, SSH_OK, NULL);
-    if (c->closing)
-      spawn_exit(h);
-    else
-      host_pump(h);
+    host_pump(h);
     return;
   }
   redact_key(c, &op->errb);
@@ -1409,8 +1404,10 @@ void ssh_ctx_free(ssh_ctx *c) {
     if (op->kind != OP_EXIT)
       op_finish(op, SSH_ECANCELLED, err);
   }
+  /* A master still connecting was killed above, but may already have
+   * forked its background half (which listens before it forks). */
   for (ssh_host *h = c->hosts; h; h = h->next) {
-    if (h->state == HOST_READY)
+    if (h->state != HOST_IDLE)
       spawn_exit(h);
   }
   if (c->ops.next == &c->ops)
