@@ -158,7 +158,12 @@ describe("ssh to hosts in network namespaces", function()
       finally(function() os.execute("rm -rf " .. q(cdir)) end)
       -- The first destination's socket is <dir>/1; the master is SIGKILLed
       -- between the rounds, leaving a stale socket behind.
-      local kill = string.format("kill -9 $(ssh -o ControlPath=%s/1 -O check h1 2>&1 | sed -n 's/.*pid=\\([0-9]*\\).*/\\1/p')", cdir)
+      -- Then it polls (5 s at most) until the master no longer answers:
+      -- SIGKILL is not instant.
+      local check = string.format("ssh -F /dev/null -o ControlPath=%s/1 -O check h1", cdir)
+      local kill = string.format("kill -9 $(%s 2>&1 | sed -n 's/.*pid=\\([0-9]*\\).*/\\1/p'); "
+                                 .. "for i in $(seq 250); do %s 2>/dev/null || break; sleep 0.02; done",
+                                 check, check)
       local r = probe(string.format("run --rounds 2 --between %s h1 'echo alive'", q(kill)),
                       { ctx = string.format("--config %s --known-hosts %s --key %s --control-dir %s",
                                             q(net.ssh_config), q(net.known_hosts), q(net.client_key), q(cdir)) })
