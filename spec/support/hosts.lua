@@ -156,7 +156,9 @@ local function sshd_config(h, net)
     -- bash reads ~/.bashrc when run by sshd unless SHLVL says it is nested;
     -- these hosts share this machine's /root, whose .bashrc may be slow
     -- (pyenv init here: 0.5 s a command). The agent must not depend on it.
-    "SetEnv SHLVL=1",
+    -- Each host's own TMPDIR (the agent keeps port reservations there),
+    -- removed with the rest at destroy().
+    "SetEnv SHLVL=1 TMPDIR=" .. h.dir .. "/tmp",
     "LogLevel VERBOSE",
   }, "\n") .. "\n"
 end
@@ -212,7 +214,7 @@ function Net:_add_host(i)
   h.dest = "root@" .. h.addr
   h.log = h.dir .. "/sshd.log"
   self.hosts[i] = h
-  must("mkdir -p " .. q(h.dir))
+  must("mkdir -p " .. q(h.dir .. "/tmp"))
   must("ip netns add " .. q(h.ns))
   self.namespaces[#self.namespaces + 1] = h.ns
   must("ip -n " .. q(h.ns) .. " link set lo up")
