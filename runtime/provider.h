@@ -25,7 +25,7 @@
 #include "engine.h"
 #include "store.h"
 
-#define PROVIDER_VERSION 2
+#define PROVIDER_VERSION 3
 
 /* What a provider reports about one instance it started or found. */
 typedef struct provider_instance {
@@ -50,8 +50,12 @@ typedef void (*provider_cb)(void *payload, const char *err);
  * the instance was found by its tag, where it is (else NULL). err: the
  * provider could not tell (a host unreachable); alive is then 0. */
 typedef void (*provider_inspect_cb)(void *payload, int alive, const provider_instance *found, const char *err);
-/* The last lines of the instance's output; text valid during the call. */
-typedef void (*provider_logs_cb)(void *payload, const char *text, size_t len, const char *err);
+/* An instance's output: called with each chunk as it comes (len > 0; text
+ * valid during the call), then exactly once with done = 1, err set when
+ * the log could not be read. */
+typedef void (*provider_logs_cb)(void *payload, const char *text, size_t len, int done, const char *err);
+/* A logs call in progress (for logs_stop); the provider's own type. */
+typedef struct provider_stream provider_stream;
 
 typedef struct provider provider;
 struct provider {
@@ -65,7 +69,18 @@ struct provider {
    * at once without a signal. */
   int (*stop)(provider *p, const store_instance *inst, provider_cb cb, void *payload, char *err);
   int (*inspect)(provider *p, const store_instance *inst, provider_inspect_cb cb, void *payload, char *err);
-  int (*logs)(provider *p, const store_instance *inst, int lines, provider_logs_cb cb, void *payload, char *err);
+  /* The last `lines` lines of the instance's log; with follow, then what
+   * is written to it, until logs_stop. *out (may be NULL) names the call
+   * for logs_stop until cb has run with done = 1. */
+  int (*logs)(provider *p, const store_instance *inst, int lines, int follow, provider_logs_cb cb, void *payload,
+              provider_stream **out, char *err);
+  /* Ends a logs call early: cb runs once more, with done = 1, from the
+   * loop. */
+  void (*logs_stop)(provider *p, provider_stream *s);
+  /* Optional (NULL: nothing can be checked in advance). Can instances
+   * start on every one of these nodes now? Called before a rollout starts
+   * anything; cb's err names each node that cannot, and why. */
+  int (*preflight)(provider *p, const char *const *nodes, size_t n, provider_cb cb, void *payload, char *err);
   void (*free)(provider *p);
 };
 
