@@ -6,6 +6,7 @@
 
 #include "ssh_agent.h"
 
+#include <arpa/inet.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -277,6 +278,41 @@ int ssh_agent_inspect_command(char **cmd, const char *tag,
   return sb_end(&b, cmd, err);
 }
 
+int ssh_agent_inspect_many_command(char **cmd, const ssh_agent_query *q, size_t n, char *err) {
+  *cmd = NULL;
+  if (n == 0) {
+    dc_fmt(err, DC_ERR_MAX, "agent: inspect needs at least one instance");
+    return -1;
+  }
+  for (size_t i = 0; i < n; i++) {
+    if (check_text("the instance tag", q[i].tag, TAG_MAX, err) != 0 ||
+        (q[i].known && check_instance(q[i].known, err) != 0))
+      return -1;
+  }
+  sb b = {0};
+  sb_begin(&b, "inspect");
+  for (size_t i = 0; i < n; i++) {
+    sb_arg(&b, "--tag");
+    sb_arg(&b, q[i].tag);
+    if (q[i].known) {
+      sb_arg(&b, "--pid");
+      sb_int(&b, q[i].known->pid);
+      sb_arg(&b, "--starttime");
+      sb_int(&b, (long long)q[i].known->start_time);
+      sb_arg(&b, "--boot");
+      sb_arg(&b, q[i].known->boot_id);
+    }
+  }
+  return sb_end(&b, cmd, err);
+}
+
+int ssh_agent_hello_command(char **cmd, char *err) {
+  sb b = {0};
+  *cmd = NULL;
+  sb_begin(&b, "hello");
+  return sb_end(&b, cmd, err);
+}
+
 int ssh_agent_stop_command(char **cmd, const ssh_agent_instance *inst,
                            double timeout, char *err) {
   *cmd = NULL;
@@ -510,13 +546,11 @@ int ssh_agent_parse_start(ssh_agent_instance *out, const ssh_result *r, char *er
   return 0;
 }
 
-int ssh_agent_parse_inspect(ssh_agent_state *out, const ssh_result *r, char *err) {
+/* One inspect answer line; 0, or -1 (out zeroed). */
+static int inspect_line(ssh_agent_state *out, const char *line) {
   static const char *const states[] = {"dead", "alive", NULL};
   static const char *const founds[] = {"none", "pid", "tag", NULL};
-  char line[512];
   memset(out, 0, sizeof *out);
-  if (answered(r, "inspect", line, sizeof line, err) != 0)
-    return -1;
   cursor c = {line, 0};
   expect(&c, SSH_AGENT_PROTO " inspect ");
   int alive = word(&c, "state=", 0, states);
@@ -529,13 +563,74 @@ int ssh_agent_parse_inspect(ssh_agent_state *out, const ssh_result *r, char *err
     c.bad = 1;
   if (c.bad) {
     memset(out, 0, sizeof *out);
-    unexpected(err, r, "inspect");
     return -1;
   }
   out->alive = alive;
   out->found_by_tag = found == 2;
   out->pid = (int)pid;
   out->start_time = st;
+  return 0;
+}
+
+int ssh_agent_parse_inspect(ssh_agent_state *out, const ssh_result *r, char *err) {
+  char line[512];
+  memset(out, 0, sizeof *out);
+  if (answered(r, "inspect", line, sizeof line, err) != 0)
+    return -1;
+  if (inspect_line(out, line) != 0) {
+    unexpected(err, r, "inspect");
+    return -1;
+  }
+  return 0;
+}
+
+int ssh_agent_parse_inspect_many(ssh_agent_state *out, size_t n, const ssh_result *r, char *err) {
+  char line[512];
+  memset(out, 0, n * sizeof *out);
+  if (answered(r, "inspect", NULL, 0, err) != 0)
+    return -1;
+  const char *p = r->out, *end = r->out + r->out_len;
+  for (size_t i = 0; i < n; i++) {
+    const char *nl = memchr(p, '\n', (size_t)(end - p));
+    if (!nl || one_line(line, sizeof line, p, (size_t)(nl - p) + 1) != 0 || inspect_line(&out[i], line) != 0) {
+      memset(out, 0, n * sizeof *out);
+      unexpected(err, r, "inspect");
+      return -1;
+    }
+    p = nl + 1;
+  }
+  if (p != end) {
+    memset(out, 0, n * sizeof *out);
+    unexpected(err, r, "inspect");
+    return -1;
+  }
+  return 0;
+}
+
+int ssh_agent_parse_hello(ssh_agent_hello *out, const ssh_result *r, char *err) {
+  char line[512];
+  memset(out, 0, sizeof *out);
+  if (answered(r, "hello", line, sizeof line, err) != 0)
+    return -1;
+  cursor c = {line, 0};
+  expect(&c, SSH_AGENT_PROTO " hello ");
+  const char *addr = NULL;
+  size_t n = value(&c, "addr=", 0, &addr);
+  boot(&c, 1, out->boot_id);
+  unsigned char bin[16];
+  if (!c.bad && n < sizeof out->addr) {
+    memcpy(out->addr, addr, n);
+    out->addr[n] = '\0';
+    if (inet_pton(AF_INET, out->addr, bin) != 1 && inet_pton(AF_INET6, out->addr, bin) != 1)
+      c.bad = 1;
+  } else {
+    c.bad = 1;
+  }
+  if (c.bad) {
+    memset(out, 0, sizeof *out);
+    unexpected(err, r, "hello");
+    return -1;
+  }
   return 0;
 }
 

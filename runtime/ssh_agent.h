@@ -4,8 +4,10 @@
  * the hosts). This file builds those command lines and reads the answers.
  *
  * Verbs and answers (one line each; the script's header has the details):
+ *   hello    DEPLOYCTL-AGENT/1 hello addr=A boot=B
  *   start    DEPLOYCTL-AGENT/1 start port=P pid=N starttime=T boot=B log=PATH
  *   inspect  DEPLOYCTL-AGENT/1 inspect state=alive|dead pid=N starttime=T found=pid|tag|none boot=B
+ *            (one line per instance asked about)
  *   stop     DEPLOYCTL-AGENT/1 stop result=stopped|killed|gone pid=N
  *   logs     the log's last lines, as they are
  *   failure  DEPLOYCTL-AGENT/1 error CODE MESSAGE, exit status 3
@@ -76,6 +78,19 @@ typedef enum ssh_agent_stop_result {
   SSH_AGENT_GONE,         /* was not running (or the pid is another's now): nothing signalled */
 } ssh_agent_stop_result;
 
+/* hello: the host can run instances; where the ssh client reached it. */
+typedef struct ssh_agent_hello {
+  char addr[64];          /* an IPv4 or IPv6 address, from SSH_CONNECTION */
+  char boot_id[SSH_AGENT_BOOT_ID_LEN + 1];
+} ssh_agent_hello;
+
+/* One instance asked about by inspect: its tag, and what was recorded of
+ * it (NULL: never recorded, look by tag only). */
+typedef struct ssh_agent_query {
+  const char *tag;
+  const ssh_agent_instance *known;
+} ssh_agent_query;
+
 /* The remote command line for each verb (*cmd: heap, caller frees). start
  * also gives the stdin to send (*input: heap, may hold secrets: free it
  * with ssh_agent_free_input once ssh_run has copied it). -1 with err when
@@ -85,6 +100,9 @@ int ssh_agent_start_command(char **cmd, char **input, size_t *input_len,
 /* known may be NULL (pid never recorded): then only the tag is searched. */
 int ssh_agent_inspect_command(char **cmd, const char *tag,
                               const ssh_agent_instance *known, char *err);
+/* Several instances in one command: one answer line each, in order. */
+int ssh_agent_inspect_many_command(char **cmd, const ssh_agent_query *q, size_t n, char *err);
+int ssh_agent_hello_command(char **cmd, char *err);
 /* timeout: seconds from SIGTERM to SIGKILL. The agent then waits up to
  * 5 s more: give ssh_run at least timeout + 10. */
 int ssh_agent_stop_command(char **cmd, const ssh_agent_instance *inst,
@@ -99,6 +117,9 @@ void ssh_agent_free_input(char *input, size_t len);
  * parse. */
 int ssh_agent_parse_start(ssh_agent_instance *out, const ssh_result *r, char *err);
 int ssh_agent_parse_inspect(ssh_agent_state *out, const ssh_result *r, char *err);
+/* Exactly n answer lines, into out[0..n). */
+int ssh_agent_parse_inspect_many(ssh_agent_state *out, size_t n, const ssh_result *r, char *err);
+int ssh_agent_parse_hello(ssh_agent_hello *out, const ssh_result *r, char *err);
 int ssh_agent_parse_stop(ssh_agent_stop_result *out, int *pid, const ssh_result *r,
                          char *err);
 /* logs: the text is r->out itself; this checks it is not an error. */

@@ -8,8 +8,10 @@
 # fractions (GNU or busybox; else it polls once a second).
 #
 # Answers (stdout, one line, fields separated by single spaces):
+#   DEPLOYCTL-AGENT/1 hello addr=A boot=B
 #   DEPLOYCTL-AGENT/1 start port=P pid=N starttime=T boot=B log=PATH
 #   DEPLOYCTL-AGENT/1 inspect state=alive|dead pid=N starttime=T found=pid|tag|none boot=B
+#                     (one such line per instance asked about, in order)
 #   DEPLOYCTL-AGENT/1 stop result=stopped|killed|gone pid=N
 #   DEPLOYCTL-AGENT/1 error CODE MESSAGE          (exit status 3)
 # `logs` prints the log's lines themselves (exit 0), or the error line.
@@ -18,6 +20,10 @@
 # The agent never exits 255, which is ssh's own failure status.
 #
 # Verbs:
+#   hello
+#     Checks that this host can run instances (setsid, tail, grep, /proc)
+#     and answers the address the ssh client reached it on (the third
+#     field of SSH_CONNECTION) and the boot id.
 #   start --tag TAG --ports LOW-HIGH [--exclude P,P,...] --log PATH
 #         --version V --target T [--workdir DIR] -- COMMAND
 #     Picks a port in LOW-HIGH that no TCP socket uses (from /proc/net/tcp
@@ -32,9 +38,11 @@
 #     Secrets therefore travel on stdin, never in an argv that `ps` shows,
 #     and ${NAME} in COMMAND is expanded by the instance's own shell from
 #     its environment.
-#   inspect --tag TAG [--pid N --starttime T --boot B]
+#   inspect --tag TAG [--pid N --starttime T --boot B] [--tag TAG ...]
 #     alive when that process still runs; else the live process carrying
 #     DEPLOY_INSTANCE=TAG (the session leader first), found=tag; else dead.
+#     Each --tag begins the next instance: one answer line each, in order
+#     (all of them checked before any is answered).
 #   stop --pid N --starttime T --boot B [--timeout-ms MS]
 #     SIGTERM to the process group, SIGKILL after MS (default 10000), until
 #     no member is left. A pid that now names another process (start time
@@ -337,32 +345,68 @@ find_by_tag() {
   [ -n "$found_pid" ]
 }
 
-do_inspect() {
-  tag= pid= start= boot=
-  while [ $# -gt 0 ]; do
-    case $1 in
-      --tag|--pid|--starttime|--boot)
-        [ $# -ge 2 ] || fail usage "$1 needs a value"
-        check_value "$1" "$2"
-        case $1 in
-          --tag) tag=$2;; --pid) pid=$2;; --starttime) start=$2;; --boot) boot=$2;;
-        esac
-        shift 2;;
-      *) fail usage "inspect: unknown option '$1'";;
-    esac
-  done
-  [ -n "$tag" ] || fail usage "inspect: --tag is required"
-  if [ -n "$pid" ] && { ! is_uint "$pid" || ! is_uint "$start"; }; then
-    fail usage "inspect: --pid and --starttime must be numbers"
+# One instance: check (pass 1) or answer (pass 2).
+inspect_one() {
+  if [ "$1" = check ]; then
+    if [ -n "$q_pid" ] && { ! is_uint "$q_pid" || ! is_uint "$q_start"; }; then
+      fail usage "inspect: --pid and --starttime must be numbers"
+    fi
+    return 0
   fi
-  b=$(boot_id)
-  if [ -n "$pid" ] && [ "$pid" -gt 1 ] && [ "$boot" = "$b" ] && alive_as "$pid" "$start"; then
-    printf '%s inspect state=alive pid=%s starttime=%s found=pid boot=%s\n' "$PROTO" "$pid" "$start" "$b"
-  elif find_by_tag "$tag"; then
+  if [ -n "$q_pid" ] && [ "$q_pid" -gt 1 ] && [ "$q_boot" = "$b" ] && alive_as "$q_pid" "$q_start"; then
+    printf '%s inspect state=alive pid=%s starttime=%s found=pid boot=%s\n' "$PROTO" "$q_pid" "$q_start" "$b"
+  elif find_by_tag "$q_tag"; then
     printf '%s inspect state=alive pid=%s starttime=%s found=tag boot=%s\n' "$PROTO" "$found_pid" "$found_start" "$b"
   else
     printf '%s inspect state=dead pid=0 starttime=0 found=none boot=%s\n' "$PROTO" "$b"
   fi
+}
+
+do_inspect() {
+  b=$(boot_id)
+  for pass in check answer; do
+    q_tag= q_pid= q_start= q_boot= want=
+    for a in "$@"; do
+      if [ -n "$want" ]; then
+        check_value "--$want" "$a"
+        case $want in
+          tag)
+            [ -z "$q_tag" ] || inspect_one $pass
+            q_tag=$a q_pid= q_start= q_boot=;;
+          pid) q_pid=$a;;
+          starttime) q_start=$a;;
+          boot) q_boot=$a;;
+        esac
+        want=
+        continue
+      fi
+      case $a in
+        --tag) want=tag;;
+        --pid|--starttime|--boot)
+          [ -n "$q_tag" ] || fail usage "inspect: each instance begins with --tag"
+          want=${a#--};;
+        *) fail usage "inspect: unknown option '$a'";;
+      esac
+    done
+    [ -z "$want" ] || fail usage "--$want needs a value"
+    [ -n "$q_tag" ] || fail usage "inspect: --tag is required"
+    inspect_one $pass
+  done
+}
+
+# ---- hello ----
+
+do_hello() {
+  [ $# -eq 0 ] || fail usage "hello takes no options"
+  for c in setsid tail grep; do
+    command -v $c >/dev/null 2>&1 ||
+      fail missing "$c is missing on this host: install util-linux, coreutils and grep (or busybox)"
+  done
+  [ -r /proc/self/stat ] || fail proc "/proc is not mounted here: the agent needs Linux /proc"
+  # shellcheck disable=SC2086
+  set -- ${SSH_CONNECTION:-}
+  [ $# -eq 4 ] || fail env "SSH_CONNECTION is not set: the agent runs through ssh"
+  printf '%s hello addr=%s boot=%s\n' "$PROTO" "$3" "$(boot_id)"
 }
 
 # ---- stop ----
@@ -462,10 +506,11 @@ do_logs() {
 verb=${1:-}
 [ $# -gt 0 ] && shift
 case $verb in
+  hello) do_hello "$@";;
   start) do_start "$@";;
   inspect) do_inspect "$@";;
   stop) do_stop "$@";;
   logs) do_logs "$@";;
-  *) fail usage "unknown verb '$verb' (start, inspect, stop, logs)";;
+  *) fail usage "unknown verb '$verb' (hello, start, inspect, stop, logs)";;
 esac
 exit 0

@@ -80,6 +80,21 @@ describe("the ssh agent's answers", function()
     assert.is_false(parse("inspect", 0, alive_without_pid).ok)
   end)
 
+  it("read several inspect lines in order, and a hello with an IPv4 or IPv6 address", function()
+    local boot = "boot=0b7c6f4e-1234-4abc-9def-0123456789ab"
+    local alive = "DEPLOYCTL-AGENT/1 inspect state=alive pid=4242 starttime=99 found=pid " .. boot .. "\n"
+    local dead = "DEPLOYCTL-AGENT/1 inspect state=dead pid=0 starttime=0 found=none " .. boot .. "\n"
+    assert.is_true(parse("inspect-2", 0, alive .. dead).ok)
+    assert.is_false(parse("inspect-2", 0, alive).ok)               -- one line short
+    assert.is_false(parse("inspect-2", 0, alive .. dead .. dead).ok) -- one too many
+    assert.is_false(parse("inspect-2", 0, alive .. "noise\n").ok)
+    assert.is_true(parse("hello", 0, "DEPLOYCTL-AGENT/1 hello addr=10.0.0.5 " .. boot .. "\n").ok)
+    assert.is_true(parse("hello", 0, "DEPLOYCTL-AGENT/1 hello addr=fd42:d55::11 " .. boot .. "\n").ok)
+    local r = parse("hello", 0, "DEPLOYCTL-AGENT/1 hello addr=app1.example.com " .. boot .. "\n")
+    assert.is_false(r.ok)
+    assert.matches("unexpected answer to hello", r.error, 1, true)
+  end)
+
   it("pass on the agent's own error with its code, and name a failed shell", function()
     local r = parse("start", 3, "DEPLOYCTL-AGENT/1 error no-free-port no free port in 20000-20001 on this host\n")
     assert.is_false(r.ok)

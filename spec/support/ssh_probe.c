@@ -23,7 +23,7 @@
  *   agent-logs DEST --log PATH [--lines N]
  *   agent-follow DEST --log PATH --lines N --until TEXT [--timeout S]
  *       Streams the log until TEXT has arrived, then cancels.
- *   parse start|inspect|stop|logs EXIT_STATUS   (the answer on stdin)
+ *   parse start|inspect|inspect-N|hello|stop|logs EXIT_STATUS   (the answer on stdin)
  *       Runs the parser alone on a made-up answer.
  *   Agent modes accept --timeout S (default 30) before DEST's options. */
 #include <signal.h>
@@ -525,6 +525,14 @@ static int mode_parse(int argc, char **argv) {
   } else if (strcmp(argv[0], "inspect") == 0) {
     ssh_agent_state s;
     ok = ssh_agent_parse_inspect(&s, &r, err) == 0;
+  } else if (strncmp(argv[0], "inspect-", 8) == 0) {
+    /* inspect-N: N answer lines */
+    ssh_agent_state s[8];
+    size_t want = (size_t)num(argv[0] + 8, "inspect-N");
+    ok = want >= 1 && want <= 8 && ssh_agent_parse_inspect_many(s, want, &r, err) == 0;
+  } else if (strcmp(argv[0], "hello") == 0) {
+    ssh_agent_hello h;
+    ok = ssh_agent_parse_hello(&h, &r, err) == 0;
   } else if (strcmp(argv[0], "stop") == 0) {
     ssh_agent_stop_result s;
     int pid;
