@@ -99,4 +99,24 @@ typedef struct provider_process_opts {
 
 int provider_process_new(provider **out, engine *e, const provider_process_opts *o, char *err);
 
+typedef struct ssh_ctx ssh_ctx;
+
+/* The ssh provider (ssh_provider.c): instances on the target's hosts (the
+ * nodes), started through ssh.c by the remote agent (ssh_agent.h). */
+typedef struct provider_ssh_opts {
+  const char *command;       /* run by the host's /bin/sh: {port} {version} {target} {instance} {host};
+                                ${NAME} is expanded there, from values sent on stdin */
+  int port_min, port_max;    /* inclusive, on each host */
+  double stop_timeout;       /* seconds before SIGKILL; default 10 */
+  const char *log_dir;       /* on the hosts; relative: under the remote user's home;
+                                default ".deployctl/logs" */
+  const char *workdir;       /* on the hosts; NULL: the remote user's home */
+  const char *const *env;    /* extra NAME=value entries, NULL-terminated, may be NULL */
+  const char *tag_prefix;    /* the store's location (see provider_process_opts) */
+  ssh_ctx *ssh;              /* the target's connections; must outlive the provider */
+  double connect_timeout;    /* as given to ssh_ctx_new (0: its default, 10): bounds each command */
+} provider_ssh_opts;
+
+int provider_ssh_new(provider **out, engine *e, const provider_ssh_opts *o, char *err);
+
 #endif
