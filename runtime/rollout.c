@@ -74,6 +74,13 @@ struct rollout {
   int promote_pending;     /* a promote that came while no wait was on */
   int lease_lost;
 
+  /* boot waves: the rows of a START not started yet, a wave at a time */
+  instset waves;
+  size_t wave_next;        /* first row of waves of the next wave */
+  int wave, nwaves;
+  size_t wave_rows;        /* rows per wave */
+  void (*after_start)(rollout *r); /* after_healthy of the START as a whole */
+
   int routed_new;          /* the router once gave the new version traffic */
   int abort_attempts;      /* router applies tried while aborting */
   rollout *next_active, *prev_active;
@@ -231,6 +238,7 @@ typedef struct check_round {
   rollout *r;
   size_t n;
   char **urls;
+  char **nodes;              /* the host of each url's instance ("" this machine) */
   int waiting;               /* the health checks and the liveness look */
   size_t dead;
   char dead_detail[DC_ERR_MAX];
@@ -239,9 +247,12 @@ typedef struct check_round {
 } check_round;
 
 static void round_free(check_round *rd) {
-  for (size_t i = 0; i < rd->n; i++)
+  for (size_t i = 0; i < rd->n; i++) {
     free(rd->urls[i]);
+    free(rd->nodes ? rd->nodes[i] : NULL);
+  }
   free(rd->urls);
+  free(rd->nodes);
   for (size_t i = 0; i < rd->nresults; i++)
     free((char *)rd->results[i].url);
   free(rd->results);
@@ -261,7 +272,10 @@ static void round_end(check_round *rd) {
       h->ok++;
     else if (res->status > 0)
       h->answered_bad = 1;
-    if (!res->ok && !h->detail[0])
+    const char *node = i < rd->n && rd->nodes && rd->nodes[i] ? rd->nodes[i] : "";
+    if (!res->ok && !h->detail[0] && node[0])
+      dc_fmt(h->detail, sizeof h->detail, "%s (host '%s'): %s", res->url, node, res->error);
+    else if (!res->ok && !h->detail[0])
       dc_fmt(h->detail, sizeof h->detail, "%s: %s", res->url, res->error);
   }
   h->state = health_classify(rd->results, rd->nresults);
@@ -302,11 +316,14 @@ static void round_alive(void *payload, const unsigned char *alive, size_t dead, 
   round_end(rd);
 }
 
-static int add_url(check_round *rd, size_t cap, char *url) {
-  if (!url || rd->n >= cap) {
+static int add_url(check_round *rd, size_t cap, char *url, const char *node) {
+  char *n = strdup(node);
+  if (!url || !n || rd->n >= cap) {
     free(url);
+    free(n);
     return -1;
   }
+  rd->nodes[rd->n] = n;
   rd->urls[rd->n++] = url;
   return 0;
 }
@@ -315,13 +332,19 @@ void rollout_check_health(rollout *r, rollout_health_cb cb, void *payload) {
   char err[DC_ERR_MAX];
   check_round *rd = calloc(1, sizeof *rd);
   size_t cap = r->fresh.n * 2 + 1;
-  if (rd)
+  if (rd) {
     rd->urls = calloc(cap, sizeof *rd->urls);
+    rd->nodes = calloc(cap, sizeof *rd->nodes);
+  }
   r->health_cb = cb;
   r->health_payload = payload;
   r->rounds++;
   engine_hold(r->e);
-  if (!rd || !rd->urls) {
+  if (!rd || !rd->urls || !rd->nodes) {
+    if (rd) {
+      free(rd->urls);
+      free(rd->nodes);
+    }
     free(rd);
     r->rounds--;
     engine_release(r->e);
@@ -334,12 +357,12 @@ void rollout_check_health(rollout *r, rollout_health_cb cb, void *payload) {
   rd->r = r;
   for (size_t i = 0; i < r->fresh.n; i++) {
     const store_instance *in = &r->fresh.v[i];
-    add_url(rd, cap, target_instance_url(r->t, in));
+    add_url(rd, cap, target_instance_url(r->t, in), in->node);
     if (r->st && r->st->health_check_url[0]) {
       char port[16];
       dc_fmt(port, sizeof port, "%d", in->port);
       const char *pairs[] = {"host", in->host, "port", port, "target", r->t->name, "version", r->version, NULL};
-      add_url(rd, cap, dc_expand_placeholders_dup(r->st->health_check_url, pairs));
+      add_url(rd, cap, dc_expand_placeholders_dup(r->st->health_check_url, pairs), in->node);
     }
   }
   rd->waiting = 2;
@@ -517,15 +540,97 @@ static void started_set(void *payload, const char *err) {
     complete(r, 1, NULL);
 }
 
-/* Starts `per_node` more instances on every node. */
+/* ---- boot waves ----
+ *
+ * With a boot limit, the new instances start on that many hosts at a time
+ * (Kamal's boot.limit): a wave's hosts start theirs, the rollout waits
+ * until every new instance is healthy, then boot_wait seconds, then the
+ * next wave. A wave that fails ends the START: later waves never start. */
+
+static void wave_start(rollout *r);
+
+static void wave_waited(void *payload) {
+  rollout *r = payload;
+  r->timer = NULL;
+  if (r->abort_requested) {
+    complete(r, 0, r->abort_reason);
+    return;
+  }
+  wave_start(r);
+}
+
+static void wave_healthy(rollout *r) {
+  if (r->abort_requested) {
+    complete(r, 0, r->abort_reason);
+    return;
+  }
+  if (r->t->boot_wait > 0) {
+    emit(r, "boot_wait", json_pack("{s:o, s:i}", "seconds", dc_json_number(r->t->boot_wait), "next_wave", r->wave + 1));
+    r->timer = engine_timer_start(r->e, r->t->boot_wait, wave_waited, r);
+    return;
+  }
+  wave_start(r);
+}
+
+static void wave_started(void *payload, const char *err) {
+  rollout *r = payload;
+  if (err || r->wave_next >= r->waves.n) {
+    /* The last wave (or a failed one): the START ends as a whole. */
+    r->after_healthy = r->after_start;
+    r->after_start = NULL;
+    instset_clear(&r->waves);
+    started_set(r, err);
+    return;
+  }
+  r->after_healthy = wave_healthy;
+  monitor_start(r, MON_HEALTHY, r->t->health.start_timeout);
+}
+
+static void wave_start(rollout *r) {
+  char err[DC_ERR_MAX];
+  size_t from = r->wave_next, to = from + r->wave_rows;
+  if (to > r->waves.n)
+    to = r->waves.n;
+  r->wave_next = to;
+  r->wave++;
+  json_t *hosts = json_array();
+  for (size_t i = from; i < to; i++) {
+    const char *node = r->waves.v[i].node;
+    if (i == from || strcmp(node, r->waves.v[i - 1].node) != 0)
+      json_array_append_new(hosts, dc_json_text(node));
+  }
+  emit(r, "boot_wave", json_pack("{s:i, s:i, s:o, s:i}", "wave", r->wave, "waves", r->nwaves, "hosts", hosts,
+                                 "instances", (int)(to - from)));
+  instset one = {r->waves.v + from, to - from, to - from};
+  instset_ctx c = ctx_of(r);
+  if (instset_start(&c, &r->fresh, &one, wave_started, r, err) != 0)
+    wave_started(r, err);
+}
+
+/* Starts `per_node` more instances on every node, in waves when the
+ * target has a boot limit below its number of nodes. */
 static void start_more(rollout *r, int per_node) {
   char err[DC_ERR_MAX];
   instset plan = {0};
   instset_ctx c = ctx_of(r);
-  if (instset_plan(r->t, r->rc.id, r->version, per_node, (int)r->fresh.n, &plan) != 0)
+  size_t per_wave = target_wave_size(r->t);
+  if (instset_plan(r->t, r->rc.id, r->version, per_node, (int)r->fresh.n, &plan) != 0) {
     complete(r, 0, "deploy: out of memory");
-  else if (instset_start(&c, &r->fresh, &plan, started_set, r, err) != 0)
+  } else if (per_wave < r->t->nnodes) {
+    /* The plan lists the rows node by node, per_node each. */
+    instset_clear(&r->waves);
+    r->waves = plan;
+    memset(&plan, 0, sizeof plan);
+    r->wave_next = 0;
+    r->wave = 0;
+    r->nwaves = (int)((r->t->nnodes + per_wave - 1) / per_wave);
+    r->wave_rows = per_wave * (size_t)per_node;
+    r->after_start = r->after_healthy;
+    r->after_healthy = NULL;
+    wave_start(r);
+  } else if (instset_start(&c, &r->fresh, &plan, started_set, r, err) != 0) {
     complete(r, 0, err);
+  }
   instset_clear(&plan);
 }
 
@@ -894,6 +999,7 @@ static void release(rollout *r) {
   instset_clear(&r->old);
   instset_clear(&r->fresh);
   instset_clear(&r->strays);
+  instset_clear(&r->waves);
   record_clear(&r->rc);
   free(r->metadata);
   store_unref(r->s);
@@ -1059,6 +1165,38 @@ static void begin_after_hook(rollout *r, int ok, const char *err) {
     r->st->drive(r->st, r);
 }
 
+/* Every host can take instances, or the rollout ends before anything
+ * starts, its error naming each host that cannot. */
+static void preflight_done(void *payload, const char *err) {
+  rollout *r = payload;
+  engine_release(r->e);
+  if (err) {
+    strategy_action a;
+    memset(&a, 0, sizeof a);
+    a.kind = ACTION_ABORT;
+    dc_fmt(a.reason, sizeof a.reason, "preflight failed, nothing was started: %s", dc_unprefix(err));
+    rollout_action(r, &a, r->st->step ? stepped : NULL, r);
+    return;
+  }
+  json_t *hosts = json_array();
+  for (size_t i = 0; i < r->t->nnodes; i++)
+    json_array_append_new(hosts, dc_json_text(r->t->nodes[i]));
+  emit(r, "preflight", json_pack("{s:o}", "hosts", hosts));
+  with_hook(r, HOOK_BEFORE_DEPLOY, 0, NULL, begin_after_hook);
+}
+
+static void preflight(rollout *r) {
+  char err[DC_ERR_MAX];
+  provider *p = r->t->provider;
+  if (!p->preflight) {
+    with_hook(r, HOOK_BEFORE_DEPLOY, 0, NULL, begin_after_hook);
+    return;
+  }
+  engine_hold(r->e);
+  if (p->preflight(p, (const char *const *)r->t->nodes, r->t->nnodes, preflight_done, r, err) != 0)
+    preflight_done(r, err);
+}
+
 void rollout_next_action(rollout *r, const strategy *st, strategy_action *out) { st->step(st, &r->run, out); }
 
 void rollout_record(rollout *r, int ok, const char *err) {
@@ -1114,7 +1252,7 @@ static void begun(void *payload, const store_result *res) {
   r->watch = store_controls_watch(r->s, r->rc.id, on_control, r, err);
   if (!r->watch)
     fprintf(stderr, "%s: operator commands will not reach this rollout\n", err);
-  with_hook(r, HOOK_BEFORE_DEPLOY, 0, NULL, begin_after_hook);
+  preflight(r);
 }
 
 int rollout_start(rollout **out, engine *e, store *s, target_config *t, strategy *st, const rollout_opts *o,

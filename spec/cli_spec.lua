@@ -179,7 +179,8 @@ describe("deployctl output", function()
     assert.equal(0, code)
     local m = deploy.DeploymentManager{ config = config }
     local inst = m:instances("production")[1]
-    assert.matches(inst.server .. "%s+1%.0%.0%s+" .. inst.port .. "%s+" .. inst.pid .. "%s+healthy%s+1%s+running%s+yes", out)
+    assert.matches(inst.server .. "%s+local%s+1%.0%.0%s+127%.0%.0%.1%s+" .. inst.port .. "%s+" .. inst.pid
+                   .. "%s+healthy%s+1%s+running%s+yes", out)
     -- the weight is read from HAProxy, not from the store
     h:cmd("set server app/" .. inst.server .. " weight 7")
     code, out = cli.run({ "--config", config, "status", "production", "--json" })
