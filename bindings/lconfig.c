@@ -414,6 +414,16 @@ static void make_router(lua_State *L, int idx, const char *path, target_config *
       fail(L, p, "backend is empty: %s", "name the HAProxy backend that serves this target");
     str_field(L, ri, p, "prefix", "dc_", prefix, sizeof prefix);
     o.socket = expanded;
+    /* Over ssh, the target's own connections when it has them (one
+     * master per host even when the balancer is also an app host), else
+     * ssh's defaults: the user's config, agent and keys, DEPLOY_SSH_KEY. */
+    if (strncmp(expanded, "ssh://", 6) == 0 && !t->ssh) {
+      ssh_opts so;
+      memset(&so, 0, sizeof so);
+      if (ssh_ctx_new(&t->ssh, e, &so, err) != 0)
+        fail(L, p, "socket over ssh: %s", strncmp(err, "ssh: ", 5) == 0 ? err + 5 : err);
+    }
+    o.ssh = t->ssh;
     o.backend = backend;
     o.prefix = prefix;
     o.timeout = num_field(L, ri, p, "timeout", 5, 0.01, 600);

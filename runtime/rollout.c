@@ -81,6 +81,12 @@ struct rollout {
   size_t wave_rows;        /* rows per wave */
   void (*after_start)(rollout *r); /* after_healthy of the START as a whole */
 
+  /* preflight */
+  int preflight_pending;
+  char preflight_err[DC_ERR_MAX];
+  router_server probe;     /* the router's read needs somewhere to write */
+  size_t nprobe;
+
   int routed_new;          /* the router once gave the new version traffic */
   int abort_attempts;      /* router applies tried while aborting */
   rollout *next_active, *prev_active;
@@ -1165,36 +1171,51 @@ static void begin_after_hook(rollout *r, int ok, const char *err) {
     r->st->drive(r->st, r);
 }
 
-/* Every host can take instances, or the rollout ends before anything
- * starts, its error naming each host that cannot. */
-static void preflight_done(void *payload, const char *err) {
-  rollout *r = payload;
+/* Before anything starts: the router answers (a read of what it serves),
+ * and every host can take instances (the provider's preflight, for
+ * providers that have one). Either failing ends the rollout with nothing
+ * started, its error naming what failed: the proxy, or each host. */
+static void preflight_step(rollout *r, const char *err) {
+  if (err)
+    dc_fmt(r->preflight_err + strlen(r->preflight_err), sizeof r->preflight_err - strlen(r->preflight_err), "%s%s",
+           r->preflight_err[0] ? "; " : "", dc_unprefix(err));
   engine_release(r->e);
-  if (err) {
+  if (--r->preflight_pending > 0)
+    return;
+  if (r->preflight_err[0]) {
     strategy_action a;
     memset(&a, 0, sizeof a);
     a.kind = ACTION_ABORT;
-    dc_fmt(a.reason, sizeof a.reason, "preflight failed, nothing was started: %s", dc_unprefix(err));
+    dc_fmt(a.reason, sizeof a.reason, "preflight failed, nothing was started: %s", r->preflight_err);
     rollout_action(r, &a, r->st->step ? stepped : NULL, r);
     return;
   }
-  json_t *hosts = json_array();
-  for (size_t i = 0; i < r->t->nnodes; i++)
-    json_array_append_new(hosts, dc_json_text(r->t->nodes[i]));
-  emit(r, "preflight", json_pack("{s:o}", "hosts", hosts));
+  if (r->t->provider->preflight) {
+    json_t *hosts = json_array();
+    for (size_t i = 0; i < r->t->nnodes; i++)
+      json_array_append_new(hosts, dc_json_text(r->t->nodes[i]));
+    emit(r, "preflight", json_pack("{s:o}", "hosts", hosts));
+  }
   with_hook(r, HOOK_BEFORE_DEPLOY, 0, NULL, begin_after_hook);
 }
+
+static void preflight_hosts(void *payload, const char *err) { preflight_step(payload, err); }
+static void preflight_router(void *payload, const char *err) { preflight_step(payload, err); }
 
 static void preflight(rollout *r) {
   char err[DC_ERR_MAX];
   provider *p = r->t->provider;
-  if (!p->preflight) {
-    with_hook(r, HOOK_BEFORE_DEPLOY, 0, NULL, begin_after_hook);
-    return;
-  }
+  router *rt = r->t->router;
+  r->preflight_pending = p->preflight ? 2 : 1;
+  r->preflight_err[0] = '\0';
   engine_hold(r->e);
-  if (p->preflight(p, (const char *const *)r->t->nodes, r->t->nnodes, preflight_done, r, err) != 0)
-    preflight_done(r, err);
+  if (rt->read(rt, &r->probe, 1, &r->nprobe, preflight_router, r, err) != 0)
+    preflight_router(r, err);
+  if (!p->preflight)
+    return;
+  engine_hold(r->e);
+  if (p->preflight(p, (const char *const *)r->t->nodes, r->t->nnodes, preflight_hosts, r, err) != 0)
+    preflight_hosts(r, err);
 }
 
 void rollout_next_action(rollout *r, const strategy *st, strategy_action *out) { st->step(st, &r->run, out); }

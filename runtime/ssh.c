@@ -71,6 +71,7 @@ struct ssh_op {
   void *payload;
   ssh_output_cb on_output;
   char *command;
+  char *forward;         /* ssh_forward: "LOCAL:REMOTE" for -O forward -L, instead of a command */
   char *input;           /* wiped once written, or when freed */
   size_t input_len;
   double timeout;
@@ -112,6 +113,7 @@ struct ssh_ctx {
   char dir[SSH_CONTROL_DIR_MAX + 1];
   int dir_is_ours;
   int nhosts;
+  int nforwards;         /* local sockets made by ssh_forward: <dir>/f1, f2, ... */
   ssh_host *hosts;
   ssh_op ops;            /* list sentinel */
   int closing;
@@ -393,6 +395,11 @@ static void ctx_destroy(ssh_ctx *c) {
   }
   if (c->key_is_ours && c->key)
     unlink(c->key);
+  for (int i = 1; i <= c->nforwards; i++) {
+    char path[SSH_CONTROL_DIR_MAX + 16];
+    dc_fmt(path, sizeof path, "%s/f%d", c->dir, i);
+    unlink(path);  /* a master that exited may leave its listener behind */
+  }
   if (c->dir_is_ours)
     rmdir(c->dir);
   free(c->ssh_path);
@@ -416,6 +423,7 @@ static void op_free(ssh_op *op) {
   op->next->prev = op->prev;
   wipe_free(op->input, op->input_len);
   free(op->command);
+  free(op->forward);
   free(op->out.p);
   free(op->errb.p);
   free(op);
@@ -970,6 +978,16 @@ static int build_argv(ssh_op *op, strv *s) {
     dest_args(h, s);
     break;
   case OP_COMMAND:
+    if (op->forward) {
+      /* Asks the master: no session, no remote command. */
+      control_args(h, s);
+      sv_add(s, "-O");
+      sv_add(s, "forward");
+      sv_add(s, "-L");
+      sv_add(s, op->forward);
+      dest_args(h, s);
+      break;
+    }
     if (c->no_sharing) {
       sv_opt(s, "ControlMaster=no");
       sv_opt(s, "ControlPath=none");
@@ -1185,6 +1203,65 @@ int ssh_run(ssh_op **out, ssh_ctx *c, const ssh_request *req, ssh_cb cb,
   op->payload = payload;
   op->on_output = req->on_output;
   op->timeout = req->timeout;
+  start_timer(op);
+  queue_push(h, op);
+  if (out)
+    *out = op;
+  host_pump(h);
+  return 0;
+}
+
+static int plain_path(const char *what, const char *path, char *err);
+
+int ssh_forward(ssh_op **out, ssh_ctx *c, const char *dest, const char *remote_socket, char *local,
+                size_t local_size, double timeout, ssh_cb cb, void *payload, char *err) {
+  if (out)
+    *out = NULL;
+  if (c->closing || c->no_sharing) {
+    dc_fmt(err, DC_ERR_MAX, "ssh: %s: no forward to '%s'",
+           c->closing ? "the ssh context is closing" : "forwarding needs connection sharing", dest ? dest : "");
+    return -1;
+  }
+  /* ssh splits LOCAL:REMOTE at the colon and -L's value at whitespace. */
+  if (!remote_socket || remote_socket[0] != '/' || strchr(remote_socket, ':') ||
+      strlen(remote_socket) >= sizeof(((struct sockaddr_un *)0)->sun_path) ||
+      plain_path("the remote socket path", remote_socket, err) != 0) {
+    dc_fmt(err, DC_ERR_MAX, "ssh: the socket to reach on '%s' must be an absolute path of at most %zu bytes, "
+           "without ':', quotes or whitespace", dest ? dest : "", sizeof(((struct sockaddr_un *)0)->sun_path) - 1);
+    return -1;
+  }
+  if (!cb || !(timeout >= 0) || timeout > 1e6) {
+    dc_fmt(err, DC_ERR_MAX, "ssh: ssh_forward needs a callback and a timeout of 0-1000000 s");
+    return -1;
+  }
+  ssh_host *h = host_get(c, dest, err);
+  if (!h)
+    return -1;
+  char path[SSH_CONTROL_DIR_MAX + 16];
+  dc_fmt(path, sizeof path, "%s/f%d", c->dir, c->nforwards + 1);
+  if (strlen(path) + 1 > local_size) {
+    dc_fmt(err, DC_ERR_MAX, "ssh: no room for the forward's path");
+    return -1;
+  }
+  ssh_op *op = op_new(c, h, OP_COMMAND);
+  buf spec = {0};
+  int bad = !op || buf_adds(&spec, path) != 0 || buf_adds(&spec, ":") != 0 || buf_adds(&spec, remote_socket) != 0;
+  if (bad) {
+    free(spec.p);
+    if (op) {
+      op->finishing = 1;
+      close_handle(op, (uv_handle_t *)&op->timer);
+    }
+    dc_fmt(err, DC_ERR_MAX, "ssh: out of memory forwarding to '%s'", dest);
+    return -1;
+  }
+  c->nforwards++;
+  unlink(path);
+  dc_strlcpy(local, path, local_size);
+  op->forward = spec.p;
+  op->cb = cb;
+  op->payload = payload;
+  op->timeout = timeout;
   start_timer(op);
   queue_push(h, op);
   if (out)

@@ -145,6 +145,15 @@ void ssh_ctx_free(ssh_ctx *c);
  * anything is spawned). */
 int ssh_run(ssh_op **out, ssh_ctx *c, const ssh_request *req, ssh_cb cb,
             void *payload, char *err);
+/* Makes dest's master connection listen on a new unix socket of this
+ * machine (in the control directory; its path goes to local at once) and
+ * carry every connection to it to remote_socket, a unix socket on the host
+ * (OpenSSH's stream-local forwarding: `ssh -O forward -L LOCAL:REMOTE`).
+ * The socket accepts connections once cb reports SSH_OK with exit status
+ * 0; it lasts as long as the master. Needs connection sharing. cb and
+ * *out as for ssh_run (r->out is empty). */
+int ssh_forward(ssh_op **out, ssh_ctx *c, const char *dest, const char *remote_socket, char *local,
+                size_t local_size, double timeout, ssh_cb cb, void *payload, char *err);
 /* Kills the command's ssh; cb runs with SSH_ECANCELLED. */
 void ssh_cancel(ssh_op *op);
 
