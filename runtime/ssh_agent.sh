@@ -162,7 +162,9 @@ used_ports() {
 }
 
 # A port handed out here stays reserved for RESERVE_S seconds, so two
-# starts at once (before either program listens) never share one.
+# starts at once (before either program listens) never share one. Called
+# with the lock held: replacing a stale reservation is a read, a remove
+# and a create, which two starts must not interleave.
 reserve_port() {
   now=$(date +%s)
   f="$resdir/port-$1"
@@ -184,9 +186,35 @@ reservation_dir() {
   fi
 }
 
+# mkdir is atomic: the lock is the directory. One left by a start that
+# was killed while holding it (it is held for milliseconds) is taken over
+# after 5 s.
+lock_ports() {
+  deadline=$(($(now_cs) + 500))
+  while ! mkdir -- "$resdir/lock" 2>/dev/null; do
+    if [ "$(now_cs)" -ge "$deadline" ]; then
+      rmdir -- "$resdir/lock" 2>/dev/null
+      deadline=$(($(now_cs) + 500))
+    fi
+    nap
+  done
+}
+
+unlock_ports() {
+  rmdir -- "$resdir/lock" 2>/dev/null
+}
+
 pick_port() {
   used_ports
   reservation_dir
+  lock_ports
+  pick_locked
+  r=$?
+  unlock_ports
+  return $r
+}
+
+pick_locked() {
   p=$lo
   while [ "$p" -le "$hi" ]; do
     case "$used" in
