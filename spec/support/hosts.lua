@@ -222,6 +222,9 @@ function Net:_add_host(i)
   must(string.format("ip link add name %s netns %s type veth peer name eth0 netns %s",
                      h.name, q(self.ctl), q(h.ns)))
   must(string.format("ip -n %s link set %s master br0 up", q(self.ctl), h.name))
+  -- Linux flushes an interface's IPv6 addresses when its link goes down:
+  -- cut() and restore() must leave the host as it was.
+  must(string.format("ip netns exec %s sysctl -qw net.ipv6.conf.eth0.keep_addr_on_down=1", q(h.ns)))
   must(string.format("ip -n %s addr add %s/24 dev eth0", q(h.ns), h.addr))
   -- nodad: usable at once, no duplicate address detection delay.
   must(string.format("ip -n %s addr add %s/64 dev eth0 nodad", q(h.ns), h.addr6))
