@@ -70,6 +70,12 @@ struct node {
   char addr[64];       /* where instances are reached, once hello answered */
   char boot[SSH_AGENT_BOOT_ID_LEN + 1];
   int reached;         /* hello answered in this run: commands get the short deadline */
+  /* The host failed a command (unreachable, connection lost, ...): other
+   * commands fail at once until down_until (uv_now ms), instead of each
+   * waiting out its deadline. A hello always tries, and any success ends
+   * it. */
+  uint64_t down_until;
+  char down_err[DC_ERR_MAX];
   int hello_running;
   op *waiting;         /* starts waiting for the address */
   inspect_req *batch, *batch_tail;
@@ -100,6 +106,8 @@ struct op {
   /* logs */
   provider_stream *stream;
   void *payload;
+  op *lnext;           /* the provider's list of ops failed before they ran */
+  char late_err[DC_ERR_MAX];
 };
 
 struct provider_stream {
@@ -133,7 +141,8 @@ struct ssh_provider {
   double stop_timeout, connect_timeout;
   node *nodes;
   op ops;              /* list sentinel */
-  uv_timer_t flush;    /* sends the inspect batches */
+  uv_timer_t flush;    /* sends the inspect batches, reports the late failures */
+  op *late, *late_tail;
   int flush_open;
   int closing;
 };
@@ -237,27 +246,76 @@ static void op_free(op *o) {
 }
 
 static void on_ssh_done(void *payload, const ssh_result *r, const char *err);
+static void on_flush(uv_timer_t *t);
 
-/* Runs cmd on o's node; input (may be NULL) is wiped and freed here. -1
- * with err when ssh refused it at once. */
-static int run(op *o, char *cmd, char *input, size_t input_len, double timeout, ssh_output_cb on_output,
-               char *err) {
-  ssh_request req = {.dest = o->n->dest,
+#define DOWN_MS 30000
+
+/* o fails with err, from the loop (the flush timer), as if ssh had
+ * reported it: never inside the call that started it. */
+static void fail_later(op *o, const char *err) {
+  ssh_provider *p = o->p;
+  dc_strlcpy(o->late_err, err, sizeof o->late_err);
+  o->lnext = NULL;
+  if (p->late_tail)
+    p->late_tail->lnext = o;
+  else
+    p->late = o;
+  p->late_tail = o;
+  if (!uv_is_active((uv_handle_t *)&p->flush))
+    uv_timer_start(&p->flush, on_flush, 0, 0);
+}
+
+/* Runs cmd (freed here) on o's node; input (may be NULL) is wiped and
+ * freed here. The outcome always comes through on_ssh_done, from the
+ * loop; a command ssh refuses, or one for a host that is down, fails
+ * there. Holds the virtual clock until then. */
+static void run(op *o, char *cmd, char *input, size_t input_len, double timeout, ssh_output_cb on_output) {
+  ssh_provider *p = o->p;
+  node *n = o->n;
+  char err[DC_ERR_MAX];
+  ssh_request req = {.dest = n->dest,
                      .command = cmd,
                      .stdin_data = input,
                      .stdin_len = input_len,
                      .timeout = timeout,
                      .on_output = on_output};
-  int rc = ssh_run(&o->ssh, o->p->ssh, &req, on_ssh_done, o, err);
+  o->held = 1;
+  engine_hold(p->e);
+  int down = o->kind != OP_HELLO && n->down_until > uv_now(p->e->loop);
+  if (down)
+    dc_fmt(err, sizeof err, "%s (it failed %g s ago: not tried again for %d s)", n->down_err,
+           (double)(uv_now(p->e->loop) + DOWN_MS - n->down_until) / 1000.0, DOWN_MS / 1000);
+  int rc = down ? -1 : ssh_run(&o->ssh, p->ssh, &req, on_ssh_done, o, err);
   free(cmd);
   if (input)
     ssh_agent_free_input(input, input_len);
-  if (rc != 0)
-    return -1;
+  if (rc != 0) {
+    fail_later(o, err);
+    return;
+  }
   o->in_flight = 1;
-  o->held = 1;
-  engine_hold(o->p->e);
-  return 0;
+}
+
+/* What a command's outcome says about its host. */
+static void note_host(ssh_provider *p, node *n, const ssh_result *r, const char *err) {
+  if (!r || r->status == SSH_OK) {
+    n->down_until = 0;
+    return;
+  }
+  switch (r->status) {
+  case SSH_EHOSTKEY_CHANGED:
+  case SSH_EHOSTKEY_UNKNOWN:
+  case SSH_EUNREACHABLE:
+  case SSH_EAUTH:
+  case SSH_ETIMEOUT:
+  case SSH_ECONNLOST:
+  case SSH_ETRANSPORT:
+    n->down_until = uv_now(p->e->loop) + DOWN_MS;
+    dc_strlcpy(n->down_err, err ? err : ssh_status_name(r->status), sizeof n->down_err);
+    return;
+  default:
+    return;  /* ours (cancelled, too much output): nothing about the host */
+  }
 }
 
 /* "<pid>:<start>:<boot>" back into what the agent needs; 0 when the row
@@ -333,12 +391,9 @@ static int hello_send(ssh_provider *p, node *n, preflight *pf, char *err) {
     return -1;
   }
   o->pf = pf;
-  if (run(o, cmd, NULL, 0, deadline(p, n, 10), NULL, err) != 0) {
-    op_free(o);
-    return -1;
-  }
   if (!pf)
     n->hello_running = 1;
+  run(o, cmd, NULL, 0, deadline(p, n, 5), NULL);
   return 0;
 }
 
@@ -506,10 +561,11 @@ static void start_now(op *o) {
   }
   free(command);
   env_free(&env);
-  if (rc == 0)
-    rc = run(o, cmd, input, input_len, deadline(p, n, 30), NULL, why);
-  if (rc != 0)
-    start_fail(o, why);
+  if (rc != 0) {
+    fail_later(o, why);
+    return;
+  }
+  run(o, cmd, input, input_len, deadline(p, n, 30), NULL);
 }
 
 static void start_done(op *o, const ssh_result *r, const char *err) {
@@ -593,12 +649,14 @@ static void stop_send(op *o, const ssh_agent_instance *ai) {
   char *cmd, why[DC_ERR_MAX];
   o->kind = OP_STOP;
   /* The agent waits stop_timeout, then up to 5 s after SIGKILL. */
-  if (ssh_agent_stop_command(&cmd, ai, o->p->stop_timeout, why) != 0 ||
-      run(o, cmd, NULL, 0, deadline(o->p, o->n, o->p->stop_timeout + 10), NULL, why) != 0)
-    stop_finish(o, why);
+  if (ssh_agent_stop_command(&cmd, ai, o->p->stop_timeout, why) != 0) {
+    fail_later(o, why);
+    return;
+  }
+  run(o, cmd, NULL, 0, deadline(o->p, o->n, o->p->stop_timeout + 10), NULL);
 }
 
-static int inspect_send(ssh_provider *p, node *n, op *o, const ssh_agent_query *q, size_t nq, char *err);
+static void inspect_send(ssh_provider *p, node *n, op *o, const ssh_agent_query *q, size_t nq);
 
 static void stop_done(op *o, const ssh_result *r, const char *err) {
   char why[DC_ERR_MAX];
@@ -648,20 +706,19 @@ static int sp_stop(provider *base, const store_instance *inst, provider_cb cb, v
   tag_of(p, inst, tag, sizeof tag);
   ssh_agent_query q = {.tag = tag, .known = NULL};
   o->kind = OP_STOP_FIND;
-  if (inspect_send(p, n, o, &q, 1, err) != 0) {
-    op_free(o);
-    return -1;
-  }
+  inspect_send(p, n, o, &q, 1);
   return 0;
 }
 
 /* ---- inspect, in batches per node ---- */
 
-static int inspect_send(ssh_provider *p, node *n, op *o, const ssh_agent_query *q, size_t nq, char *err) {
-  char *cmd;
-  if (ssh_agent_inspect_many_command(&cmd, q, nq, err) != 0)
-    return -1;
-  return run(o, cmd, NULL, 0, deadline(p, n, 5), NULL, err);
+static void inspect_send(ssh_provider *p, node *n, op *o, const ssh_agent_query *q, size_t nq) {
+  char *cmd, err[DC_ERR_MAX];
+  if (ssh_agent_inspect_many_command(&cmd, q, nq, err) != 0) {
+    fail_later(o, err);
+    return;
+  }
+  run(o, cmd, NULL, 0, deadline(p, n, 5), NULL);
 }
 
 static void inspect_answer(ssh_provider *p, const inspect_req *rq, const ssh_agent_state *st, const char *err) {
@@ -745,8 +802,7 @@ static void batch_send(ssh_provider *p, node *n) {
   }
   o->reqs = taken;
   o->nreqs = nq;
-  if (inspect_send(p, n, o, q, nq, err) != 0)
-    inspect_done(o, NULL, err);
+  inspect_send(p, n, o, q, nq);
 }
 
 static void on_flush(uv_timer_t *t) {
@@ -754,6 +810,20 @@ static void on_flush(uv_timer_t *t) {
   for (node *n = p->nodes; n; n = n->next)
     while (n->batch)
       batch_send(p, n);
+  /* Failures found before a command ran, reported as ssh reports its own. */
+  while (p->late) {
+    op *o = p->late;
+    p->late = o->lnext;
+    if (!p->late)
+      p->late_tail = NULL;
+    ssh_result r;
+    memset(&r, 0, sizeof r);
+    r.status = SSH_ESPAWN;
+    r.dest = o->n->dest;
+    r.exit_status = -1;
+    r.out = r.err_text = "";
+    on_ssh_done(o, &r, o->late_err);
+  }
 }
 
 static int sp_inspect(provider *base, const store_instance *inst, provider_inspect_cb cb, void *payload, char *err) {
@@ -867,10 +937,7 @@ static int sp_logs(provider *base, const store_instance *inst, int lines, int fo
   s->payload = payload;
   s->follow = follow;
   /* Following has no end of its own: only logs_stop ends it. */
-  if (run(o, cmd, NULL, 0, follow ? 0 : deadline(p, n, 30), follow ? on_log_output : NULL, err) != 0) {
-    op_free(o);
-    return -1;
-  }
+  run(o, cmd, NULL, 0, follow ? 0 : deadline(p, n, 30), follow ? on_log_output : NULL);
   if (follow) {
     /* A follow may last for hours: it does not hold the virtual clock. */
     o->held = 0;
@@ -943,6 +1010,8 @@ static void on_ssh_done(void *payload, const ssh_result *r, const char *err) {
   op *o = payload;
   o->ssh = NULL;
   o->in_flight = 0;
+  if (!o->p->closing && !(o->stream && o->stream->stopped))
+    note_host(o->p, o->n, r, err);
   switch (o->kind) {
   case OP_HELLO:
     hello_done(o, r, err);
@@ -993,6 +1062,9 @@ static void sp_free(provider *base) {
   for (op *o = p->ops.next; o != &p->ops; o = o->next)
     if (o->in_flight)
       ssh_cancel(o->ssh);
+  /* Failures not reported yet end their ops now (no one listens: closing
+   * keeps every callback of the caller's from running). */
+  on_flush(&p->flush);
   uv_close((uv_handle_t *)&p->flush, flush_closed);
 }
 
