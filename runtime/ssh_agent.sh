@@ -79,9 +79,12 @@ is_uint() {
   [ ${#1} -le 18 ]
 }
 
+# Helpers set variables instead of printing: a $(...) would fork, and a
+# fork costs more than everything else a verb does.
+
+# Sets boot_now.
 boot_id() {
-  read -r b < /proc/sys/kernel/random/boot_id 2>/dev/null || b=unknown
-  printf '%s' "$b"
+  read -r boot_now < /proc/sys/kernel/random/boot_id 2>/dev/null || boot_now=unknown
 }
 
 # Sets st_state, st_pgrp, st_sid, st_start from /proc/PID/stat; fails when
@@ -124,13 +127,13 @@ group_alive() {
   return 1
 }
 
-# Centiseconds since boot, without forking.
+# Sets cs: centiseconds since boot.
 now_cs() {
-  read -r up _ < /proc/uptime
-  s=${up%.*}
-  f=${up#*.}
-  f=${f#0}
-  echo $((s * 100 + f))
+  read -r cs_up _ < /proc/uptime
+  cs_s=${cs_up%.*}
+  cs_f=${cs_up#*.}
+  cs_f=${cs_f#0}
+  cs=$((cs_s * 100 + cs_f))
 }
 
 nap() {
@@ -166,21 +169,27 @@ used_ports() {
 # with the lock held: replacing a stale reservation is a read, a remove
 # and a create, which two starts must not interleave.
 reserve_port() {
-  now=$(date +%s)
+  # Seconds since boot: a stamp from before a reboot is larger, and stale.
+  now_cs
+  now=$((cs / 100))
   f="$resdir/port-$1"
   if (set -C; echo "$now" > "$f") 2>/dev/null; then
     return 0
   fi
   read -r then < "$f" 2>/dev/null || then=0
   is_uint "$then" || then=0
-  [ $((now - then)) -gt $RESERVE_S ] || return 1
+  [ "$then" -gt "$now" ] || [ $((now - then)) -gt $RESERVE_S ] || return 1
   rm -f -- "$f"
   (set -C; echo "$now" > "$f") 2>/dev/null
 }
 
 reservation_dir() {
-  resdir="${TMPDIR:-/tmp}/deployctl-agent-$(id -u)"
-  mkdir -m 700 -- "$resdir" 2>/dev/null
+  uid=
+  while read -r k v _; do
+    if [ "$k" = "Uid:" ]; then uid=$v; break; fi
+  done < /proc/self/status
+  resdir="${TMPDIR:-/tmp}/deployctl-agent-$uid"
+  [ -d "$resdir" ] || mkdir -m 700 -- "$resdir" 2>/dev/null
   if [ ! -d "$resdir" ] || [ -L "$resdir" ] || [ ! -O "$resdir" ]; then
     fail ports "cannot use '$resdir' for port reservations (not a directory of ours): remove it"
   fi
@@ -190,11 +199,13 @@ reservation_dir() {
 # was killed while holding it (it is held for milliseconds) is taken over
 # after 5 s.
 lock_ports() {
-  deadline=$(($(now_cs) + 500))
+  now_cs
+  deadline=$((cs + 500))
   while ! mkdir -- "$resdir/lock" 2>/dev/null; do
-    if [ "$(now_cs)" -ge "$deadline" ]; then
+    now_cs
+    if [ "$cs" -ge "$deadline" ]; then
       rmdir -- "$resdir/lock" 2>/dev/null
-      deadline=$(($(now_cs) + 500))
+      deadline=$((cs + 500))
     fi
     nap
   done
@@ -309,12 +320,14 @@ do_start() {
     fail workdir "working directory '$workdir' does not exist on this host"
   fi
 
-  env_input=$(cat)
+  env_input= line=
+  while IFS= read -r line; do env_input="$env_input$line$NL"; done
+  env_input="$env_input$line"
   check_env
 
   case $log in /*) ;; *) log="$PWD/$log";; esac
   logdir=${log%/*}
-  mkdir -p -- "${logdir:-/}" 2>/dev/null || fail log "cannot create log directory '$logdir'"
+  [ -d "${logdir:-/}" ] || mkdir -p -- "${logdir:-/}" 2>/dev/null || fail log "cannot create log directory '$logdir'"
   { : >> "$log"; } 2>/dev/null || fail log "cannot write log '$log'"
 
   pick_port || fail no-free-port "no free port in $lo-$hi on this host: widen the port range or stop old instances"
@@ -338,15 +351,25 @@ do_start() {
   start=$st_start
   # Wait until it leads its own session (setsid has run): stop signals
   # that group.
-  deadline=$(($(now_cs) + 500))
+  # setsid takes about a millisecond: look again at once a hundred times
+  # before napping.
+  now_cs
+  deadline=$((cs + 500))
+  spins=0
   while [ "$st_sid" != "$pid" ]; do
     case $st_state in Z|X) break;; esac
-    [ "$(now_cs)" -lt "$deadline" ] || fail spawn "the instance (pid $pid) did not start its own session: is setsid installed?"
-    nap
+    if [ $spins -lt 100 ]; then
+      spins=$((spins + 1))
+    else
+      now_cs
+      [ "$cs" -lt "$deadline" ] || fail spawn "the instance (pid $pid) did not start its own session: is setsid installed?"
+      nap
+    fi
     read_stat "$pid" || break
   done
+  boot_id
   printf '%s start port=%s pid=%s starttime=%s boot=%s log=%s\n' \
-    "$PROTO" "$port" "$pid" "$start" "$(boot_id)" "$log"
+    "$PROTO" "$port" "$pid" "$start" "$boot_now" "$log"
 }
 
 # ---- inspect ----
@@ -391,7 +414,8 @@ inspect_one() {
 }
 
 do_inspect() {
-  b=$(boot_id)
+  boot_id
+  b=$boot_now
   for pass in check answer; do
     q_tag= q_pid= q_start= q_boot= want=
     for a in "$@"; do
@@ -434,7 +458,8 @@ do_hello() {
   # shellcheck disable=SC2086
   set -- ${SSH_CONNECTION:-}
   [ $# -eq 4 ] || fail env "SSH_CONNECTION is not set: the agent runs through ssh"
-  printf '%s hello addr=%s boot=%s\n' "$PROTO" "$3" "$(boot_id)"
+  boot_id
+  printf '%s hello addr=%s boot=%s\n' "$PROTO" "$3" "$boot_now"
 }
 
 # ---- stop ----
@@ -479,18 +504,22 @@ do_stop() {
   # kill -- -1 would signal everything we may signal.
   [ "$pid" -gt 1 ] || fail usage "stop: pid $pid is not an instance"
   # A pid from another boot names nobody of ours.
-  if [ "$boot" != "$(boot_id)" ] || instance_gone; then
+  boot_id
+  if [ "$boot" != "$boot_now" ] || instance_gone; then
     printf '%s stop result=gone pid=%s\n' "$PROTO" "$pid"
     return 0
   fi
   send TERM
-  deadline=$(($(now_cs) + timeout_ms / 10))
+  now_cs
+  deadline=$((cs + timeout_ms / 10))
   while ! instance_gone; do
-    if [ "$(now_cs)" -ge "$deadline" ]; then
+    now_cs
+    if [ "$cs" -ge "$deadline" ]; then
       send KILL
-      deadline=$(($(now_cs) + 500))
+      deadline=$((cs + 500))
       while ! instance_gone; do
-        [ "$(now_cs)" -lt "$deadline" ] || fail stuck "process group $pid is still there 5 s after SIGKILL"
+        now_cs
+        [ "$cs" -lt "$deadline" ] || fail stuck "process group $pid is still there 5 s after SIGKILL"
         nap
       done
       printf '%s stop result=killed pid=%s\n' "$PROTO" "$pid"
