@@ -61,6 +61,10 @@ typedef struct provider provider;
 struct provider {
   int version;          /* PROVIDER_VERSION */
   const char *kind;     /* "process", "ssh" */
+  /* Seconds: a rollout's health rounds ask inspect about the new instances
+   * at most this often and reuse the last answer in between (0: every
+   * round). A remote inspect is a command on every host. */
+  double inspect_every;
   /* Start one instance (its row exists): choose a port not in req->taken,
    * start it detached so it outlives deployctl, and report where. */
   int (*start)(provider *p, const provider_start_req *req, provider_start_cb cb, void *payload, char *err);

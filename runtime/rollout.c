@@ -57,6 +57,12 @@ struct rollout {
   rollout_health_cb health_cb;
   void *health_payload;
   int rounds;              /* health rounds in flight */
+  /* the last liveness answer, reused for provider->inspect_every */
+  int alive_seen;
+  uint64_t alive_at;       /* uv_now ms */
+  size_t alive_n;          /* new instances it covered */
+  size_t alive_dead;
+  char alive_detail[DC_ERR_MAX];
   int freed_later;         /* ended; free when the last round comes back */
 
   int promoted;
@@ -243,6 +249,7 @@ static void act_pause(rollout *r) {
 typedef struct check_round {
   rollout *r;
   size_t n;
+  size_t inspected;          /* new instances the liveness look covers */
   char **urls;
   char **nodes;              /* the host of each url's instance ("" this machine) */
   int waiting;               /* the health checks and the liveness look */
@@ -316,10 +323,23 @@ static void round_checked(void *payload, const health_result *res, size_t n) {
 
 static void round_alive(void *payload, const unsigned char *alive, size_t dead, const char *detail) {
   check_round *rd = payload;
+  rollout *r = rd->r;
   (void)alive;
   rd->dead = dead;
   dc_strlcpy(rd->dead_detail, detail ? detail : "", sizeof rd->dead_detail);
+  r->alive_seen = 1;
+  r->alive_at = uv_now(r->e->loop);
+  r->alive_n = rd->inspected;
+  r->alive_dead = dead;
+  dc_strlcpy(r->alive_detail, rd->dead_detail, sizeof r->alive_detail);
   round_end(rd);
+}
+
+/* The last liveness answer still stands (see provider.inspect_every). */
+static int alive_fresh(const rollout *r) {
+  double every = r->t->provider->inspect_every;
+  return every > 0 && r->alive_seen && r->alive_n == r->fresh.n &&
+         uv_now(r->e->loop) - r->alive_at < (uint64_t)(every * 1000);
 }
 
 static int add_url(check_round *rd, size_t cap, char *url, const char *node) {
@@ -371,7 +391,12 @@ void rollout_check_health(rollout *r, rollout_health_cb cb, void *payload) {
       add_url(rd, cap, dc_expand_placeholders_dup(r->st->health_check_url, pairs), in->node);
     }
   }
-  rd->waiting = 2;
+  int look = !alive_fresh(r);
+  rd->waiting = look ? 2 : 1;
+  if (!look) {
+    rd->dead = r->alive_dead;
+    dc_strlcpy(rd->dead_detail, r->alive_detail, sizeof rd->dead_detail);
+  }
   health_opts o = {.timeout = r->t->health.timeout, .expect_status = r->t->health.expect_status};
   if (health_check_start(r->e, (const char *const *)rd->urls, rd->n, &o, round_checked, rd, err) != 0) {
     health_result none;
@@ -380,6 +405,9 @@ void rollout_check_health(rollout *r, rollout_health_cb cb, void *payload) {
     dc_strlcpy(none.error, err, sizeof none.error);
     round_checked(rd, &none, 1);
   }
+  if (!look)
+    return;
+  rd->inspected = r->fresh.n;
   instset_ctx c = ctx_of(r);
   if (instset_inspect(&c, &r->fresh, round_alive, rd, err) != 0)
     round_alive(rd, NULL, 0, NULL);

@@ -1164,6 +1164,9 @@ int provider_ssh_new(provider **out, engine *e, const provider_ssh_opts *o, char
   p->flush_open = 1;
   p->base.version = PROVIDER_VERSION;
   p->base.kind = "ssh";
+  /* Health checks notice a dead instance too (refused connections); the
+   * inspect adds "no use waiting", which can wait a second. */
+  p->base.inspect_every = 1.0;
   p->base.start = sp_start;
   p->base.stop = sp_stop;
   p->base.inspect = sp_inspect;
