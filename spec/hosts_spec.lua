@@ -291,10 +291,10 @@ local r = m:deploy("production", "v2", {
   end })
 print(cjson.encode({ kind = "result", success = r.success, errors = r.errors or {} }))
 ]])
-    local load = fixtures.load(8, e.lb:url("/"), 16, in_ctl)
+    local load = fixtures.load(8, e.lb:url("/"), 120, in_ctl)
     wait_for_load(e)
     local code, out, err = dctl(e, { "run", pipeline, e.lb.socket })
-    local res = load:wait()
+    local res = load:finish()
     assert.equal(0, code, out .. err)
     local snaps, result = {}, nil
     for line in out:gmatch("[^\n]+") do
@@ -346,10 +346,10 @@ print(cjson.encode({ kind = "result", success = r.success, errors = r.errors or 
     local e = env{ socket = "tcp" }
     deployed(e, "v1")
     local before = { sshd_accepts(1), sshd_accepts(2), sshd_accepts(3), sshd_accepts(4) }
-    local load = fixtures.load(8, e.lb:url("/"), 8, in_ctl)
+    local load = fixtures.load(8, e.lb:url("/"), 120, in_ctl)
     wait_for_load(e)
     local code, out, err = dctl(e, { "deploy", "production", "v2", "--json" })
-    local res = load:wait()
+    local res = load:finish()
     assert.equal(0, code, out .. err)
     local traffic = {}
     for _, ev in ipairs(events(out)) do

@@ -572,6 +572,13 @@ function Load:wait()
   return result
 end
 
+-- Ends the load now (wrk prints its summary on SIGINT) and returns the
+-- same as wait(): for a load that must last as long as something else.
+function Load:finish()
+  fixtures.kill(self.pid, "INT")
+  return self:wait()
+end
+
 function Load:kill()
   fixtures.stop(self.pid, 1)
 end
