@@ -240,7 +240,7 @@ describe("targets across hosts", function()
     local log = err:match("see (/%S+%.log)")
     local dump = ""
     if code ~= 0 then
-      for i = 1, 3 do dump = dump .. "\nh" .. i .. ":\n" .. (net:host_exec(i, "ss -tanpe")) end
+      for i = 1, 3 do dump = dump .. "\nh" .. i .. ":\n" .. (net:host_exec(i, "ss -Htan")) end
     end
     assert.equal(0, code, out .. err .. (log and ("\n" .. log .. ":\n" .. (fixtures.read_file(log) or "")) or "") .. dump)
     assert.same({ 2, 2, 2, 0 }, instances_on(e, version))
