@@ -15,8 +15,10 @@
 -- "Accepted publickey" lines of each host's sshd log.
 --
 -- Prints, per host count, the median wall time, its ratio to one host
--- (target: 10 hosts <= 1.5x) and the SSH connections per host per
--- deployment (target: 1).
+-- (target: 10 hosts <= 1.5x), the SSH connections per host per
+-- deployment (target: 1), how busy the machine's CPUs were (every "host"
+-- shares them here) and the CPU time of deployctl itself with the ssh
+-- clients it ran (the deploy machine's share of the work).
 package.path = "./?.lua;./spec/?.lua;" .. package.path
 
 local build = arg[1] or "build"
@@ -99,17 +101,23 @@ local function run()
       } },
     }
     local config = cli.write_config(dir, cfg)
-    local busy = {}
+    local busy, own = {}, {}
     local function deploy(version)
       local b0, t0j = cpu()
       local t0 = now()
-      local cmd = net:wrap(q(cli.bin()) .. " --config " .. q(config) .. " deploy production " .. version .. " --quiet")
+      -- bash's `times`: the CPU of deployctl and of what it waited for
+      -- (the ssh clients of its commands; not the masters' background
+      -- halves).
+      local cmd = net:wrap("bash -c " .. q(q(cli.bin()) .. " --config " .. q(config) .. " deploy production "
+                                           .. version .. " --quiet && times"))
       local out = io.popen(cmd .. " 2>&1")
       local text = out:read("a")
       local good = out:close()
       if not good then error("deploy " .. version .. " on " .. n .. " hosts failed: " .. text) end
       local b1, t1j = cpu()
       busy[#busy + 1] = (b1 - b0) / (t1j - t0j)
+      local um, us, sm, ss = text:match("\n(%d+)m([%d.]+)s (%d+)m([%d.]+)s%s*$")
+      own[#own + 1] = tonumber(um) * 60 + tonumber(us) + tonumber(sm) * 60 + tonumber(ss)
       return now() - t0
     end
     deploy("v0")  -- the blue side
@@ -124,7 +132,9 @@ local function run()
     end
     local m = median(times)
     table.remove(busy, 1)  -- the blue side's
-    results[#results + 1] = { hosts = n, seconds = m, conns = median(conns), all = times, busy = median(busy) }
+    table.remove(own, 1)
+    results[#results + 1] = { hosts = n, seconds = m, conns = median(conns), all = times, busy = median(busy),
+                              own = median(own) }
     lb:stop()
     for _, pid in ipairs(fixtures.pids_matching(dir)) do fixtures.kill(pid, "KILL") end
   end
@@ -138,14 +148,15 @@ if not ran then
 end
 
 print(string.format("blue-green, %d instances per host, median of %d rounds (no boot limit)", per_host, rounds))
-print(string.format("%-6s %-10s %-12s %-22s %-10s %s", "hosts", "seconds", "ratio to 1", "ssh conns/host/deploy",
-                    "CPU busy", "rounds"))
+print(string.format("%-6s %-9s %-11s %-22s %-9s %-16s %s", "hosts", "seconds", "ratio to 1", "ssh conns/host/deploy",
+                    "CPU busy", "deployctl CPU s", "rounds"))
 local base = results[1].seconds
 for _, r in ipairs(results) do
   local all = {}
   for i, t in ipairs(r.all) do all[i] = string.format("%.2f", t) end
-  print(string.format("%-6d %-10.2f %-12s %-22s %-10s %s", r.hosts, r.seconds, string.format("%.2fx", r.seconds / base),
-                      string.format("%.2f", r.conns), string.format("%.0f %%", 100 * r.busy), table.concat(all, " ")))
+  print(string.format("%-6d %-9.2f %-11s %-22s %-9s %-16s %s", r.hosts, r.seconds, string.format("%.2fx", r.seconds / base),
+                      string.format("%.2f", r.conns), string.format("%.0f %%", 100 * r.busy),
+                      string.format("%.2f", r.own), table.concat(all, " ")))
 end
 local ten = results[#results]
 print(string.format("target: 10 hosts <= 1.5x one host: %s (%.2fx); 1 ssh connection per host per deployment: %s",
