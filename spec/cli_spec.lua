@@ -198,6 +198,34 @@ describe("deployctl output", function()
     assert.matches("router: haproxy: cannot connect", err)
   end)
 
+  it("logs prints each local instance's output with its version and index, filters, and follows", function()
+    local dir = fixtures.tmpdir("logs")
+    local target = fixtures.target_config{ instances = 2 }
+    local config = cli.write_config(dir, fixtures.config{ state = dir .. "/state.db", targets = { production = target } })
+    assert.equal(0, (cli.run({ "--config", config, "deploy", "production", "1.0.0", "--quiet" })))
+    local code, out, err = cli.run({ "--config", config, "logs", "production", "--lines", "1" })
+    assert.equal(0, code, err)
+    assert.matches("^%[1%.0%.0#0%] demo%-app 1%.0%.0 listening on 127%.0%.0%.1:%d+\n%[1%.0%.0#1%] demo%-app 1%.0%.0 "
+                   .. "listening on 127%.0%.0%.1:%d+\n$", out)
+    code, _, err = cli.run({ "--config", config, "logs", "production", "--version", "9.9" })
+    assert.equal(1, code)
+    assert.matches("no instance of 'production' at version 9%.9 runs", err)
+    code, _, err = cli.run({ "--config", config, "logs", "production", "--host", "app1" })
+    assert.equal(2, code)
+    assert.matches("'app1' is not a host of 'production' %(its hosts: this machine%)", err)
+    local follow = cli.spawn({ "--config", config, "logs", "production", "--follow", "--lines", "1" })
+    fixtures.wait_until(function() return select(2, follow:output():gsub("listening", "")) == 2 end, 10, "the tails")
+    local deploy = require "deploy"
+    local log = deploy.DeploymentManager{ config = config }:instances("production")[2].log
+    local f = assert(io.open(log, "a"))
+    f:write("written after the follow began\n")
+    f:close()
+    fixtures.wait_until(function() return follow:output():find("[1.0.0#1] written after the follow began", 1, true) end,
+                        10, "the followed line")
+    fixtures.kill(follow.pid, "INT")
+    assert.equal(0, (follow:wait(10)))
+  end)
+
   it("status notices servers a restarted HAProxy forgot, and reconcile puts them back", function()
     local h = fixtures.haproxy{}
     local config = setup{ haproxy = h }
