@@ -19,13 +19,19 @@ typedef struct target_health {
   double start_timeout;     /* seconds new instances get to turn healthy, 60 */
 } target_health;
 
+#define TARGET_ROUTERS_MAX 8
+
 typedef struct target_config {
   char name[64];
   int instances;            /* per node, >= 1 */
   char **nodes;             /* where instances run: "" is this machine */
   size_t nnodes;            /* >= 1 */
   provider *provider;       /* owned */
-  router *router;           /* owned */
+  router *router;           /* owned: the target's router, or a group of them */
+  /* Each load balancer of the target, for a view of each (status): the
+   * router itself, or the members of its group (owned by the group). */
+  router *routers[TARGET_ROUTERS_MAX];
+  size_t nrouters;
   target_health health;
   /* Boot waves: a rollout starts the new instances on this many nodes at
    * a time (0: all at once), or on this share of them (boot_limit_pct,
