@@ -8,7 +8,9 @@
 
 #include <stddef.h>
 
-#define STRATEGY_VERSION 2
+#include "routes.h"
+
+#define STRATEGY_VERSION 3
 
 typedef enum {
   ACTION_START,        /* start the new instances beside the old ones */
@@ -57,6 +59,10 @@ struct strategy {
   void (*step)(const strategy *s, strategy_run *run, strategy_action *out);
   void (*drive)(strategy *s, rollout *r);
   void (*free)(strategy *s);
+  /* Routes the rollout asks of the router besides weights (version 3):
+   * sticky canaries (affinity_*) and testers' routes (test_*); the rest
+   * of route_rules is the rollout's to fill. Zeroed: none. */
+  route_rules routes;
 };
 
 /* -1 with err naming the strategy when its version or shape is wrong: a

@@ -94,6 +94,8 @@ struct rollout {
   size_t nprobe;
 
   int routed_new;          /* the router once gave the new version traffic */
+  int tested;              /* testers' route set up (once the new version is healthy) */
+  route_rules maintenance; /* the target's maintenance as the lock was taken (its fields only) */
   int abort_attempts;      /* router applies tried while aborting */
   rollout *next_active, *prev_active;
 };
@@ -441,6 +443,67 @@ static json_t *health_json(const rollout_health *h, int consecutive) {
                    h->ok, "checked", h->checked, "detail", dc_json_text(h->detail));
 }
 
+/* The new version is healthy: what waited for it goes on. */
+static void healthy_go_on(rollout *r) {
+  if (r->after_healthy) {
+    void (*next)(rollout *) = r->after_healthy;
+    r->after_healthy = NULL;
+    next(r);
+    return;
+  }
+  complete(r, 1, NULL);
+}
+
+static void split(rollout *r, double pct, int *w_old, int *w_new);
+static size_t running_fresh(const rollout *r);
+static router_server *build_servers(rollout *r, int w_old, int w_new, int with_old, int with_new, size_t *n);
+static router_plan plan_of(const rollout *r, const router_server *servers, size_t n, int with_routes,
+                           int all_or_nothing);
+
+static void testers_routed(void *payload, const char *err) {
+  rollout *r = payload;
+  char msg[DC_ERR_MAX];
+  engine_release(r->e);
+  if (err) {
+    dc_fmt(msg, sizeof msg, "cannot route testers to %s: %s", r->version, err);
+    complete(r, 0, msg);
+    return;
+  }
+  /* Testers reach the new instances from now on: an abort whose router
+   * fails keeps them running. */
+  r->routed_new = 1;
+  const route_rules *t = &r->st->routes;
+  emit(r, "test_route", json_pack("{s:s, s:s, s:s, s:i}", t->test_header[0] ? "header" : "cookie",
+                                  t->test_header[0] ? t->test_header : t->test_cookie, "value", t->test_value,
+                                  "version", r->version, "new", (int)running_fresh(r)));
+  if (r->abort_requested) {
+    complete(r, 0, r->abort_reason);
+    return;
+  }
+  healthy_go_on(r);
+}
+
+/* Testers' requests reach the new version as soon as it is healthy, while
+ * everyone else's share stays where it is. */
+static void route_testers(rollout *r) {
+  char err[DC_ERR_MAX];
+  int w_old, w_new;
+  size_t n;
+  r->tested = 1;
+  split(r, r->run.pct, &w_old, &w_new);
+  router_server *servers = build_servers(r, w_old, w_new, 1, 1, &n);
+  if (!servers) {
+    complete(r, 0, "deploy: out of memory");
+    return;
+  }
+  engine_hold(r->e);
+  router_plan plan = plan_of(r, servers, n, 1, 1);
+  int rc = r->t->router->apply(r->t->router, &plan, testers_routed, r, err);
+  free(servers);
+  if (rc != 0)
+    testers_routed(r, err);
+}
+
 static void monitor_observed(void *payload, const rollout_health *h) {
   rollout *r = payload;
   char msg[DC_ERR_MAX];
@@ -463,14 +526,12 @@ static void monitor_observed(void *payload, const rollout_health *h) {
   case MON_HEALTHY:
     if (ok) {
       emit(r, "healthy", json_pack("{s:i}", "checked", h->checked));
-      if (r->after_healthy) {
-        void (*next)(rollout *) = r->after_healthy;
-        r->after_healthy = NULL;
-        r->mon = MON_NONE;
-        next(r);
+      r->mon = MON_NONE;
+      if (!r->tested && routes_test_active(&r->st->routes) && running_fresh(r) > 0) {
+        route_testers(r);
         return;
       }
-      complete(r, 1, NULL);
+      healthy_go_on(r);
     } else if (h->dead) {
       complete(r, 0, h->detail);
     } else if (r->mon_failures >= r->t->health.failure_threshold) {
@@ -721,9 +782,29 @@ static router_server *build_servers(rollout *r, int w_old, int w_new, int with_o
         continue;
       instset one = {&r->fresh.v[i], 1, 1};
       *n += instset_servers(&one, w_new, out + *n);
+      out[*n - 1].fresh = 1;
     }
   }
   return out;
+}
+
+/* The plan for servers: the target's maintenance always; the strategy's
+ * routes (sticky canaries, testers) while the rollout runs (with_routes),
+ * never at its end, when everyone moves to the version that stays. */
+static router_plan plan_of(const rollout *r, const router_server *servers, size_t n, int with_routes,
+                           int all_or_nothing) {
+  router_plan p = {.servers = servers, .n = n, .all_or_nothing = all_or_nothing};
+  p.routes = r->maintenance;
+  if (with_routes) {
+    const route_rules *st = &r->st->routes;
+    dc_strlcpy(p.routes.affinity_cookie, st->affinity_cookie, sizeof p.routes.affinity_cookie);
+    p.routes.affinity_max_age = st->affinity_max_age;
+    dc_strlcpy(p.routes.affinity_token, r->rc.id, sizeof p.routes.affinity_token);
+    dc_strlcpy(p.routes.test_header, st->test_header, sizeof p.routes.test_header);
+    dc_strlcpy(p.routes.test_cookie, st->test_cookie, sizeof p.routes.test_cookie);
+    dc_strlcpy(p.routes.test_value, st->test_value, sizeof p.routes.test_value);
+  }
+  return p;
 }
 
 static void split(rollout *r, double pct, int *w_old, int *w_new) {
@@ -858,7 +939,8 @@ static void traffic_apply(traffic *tr) {
     return;
   }
   engine_hold(r->e);
-  int rc = r->t->router->apply(r->t->router, servers, n, traffic_applied, tr, err);
+  router_plan plan = plan_of(r, servers, n, 1, 1);
+  int rc = r->t->router->apply(r->t->router, &plan, traffic_applied, tr, err);
   free(servers);
   if (rc != 0) {
     engine_release(r->e);
@@ -985,7 +1067,8 @@ static void act_promote(rollout *r) {
     return;
   }
   engine_hold(r->e);
-  int rc = r->t->router->apply(r->t->router, servers, n, promote_applied, r, err);
+  router_plan plan = plan_of(r, servers, n, 0, 1);
+  int rc = r->t->router->apply(r->t->router, &plan, promote_applied, r, err);
   free(servers);
   if (rc != 0)
     promote_applied(r, err);
@@ -1080,7 +1163,8 @@ static void abort_apply(rollout *r) {
     return;
   }
   engine_hold(r->e);
-  int rc = r->t->router->apply(r->t->router, servers, n, abort_applied, r, err);
+  router_plan plan = plan_of(r, servers, n, 0, 0);
+  int rc = r->t->router->apply(r->t->router, &plan, abort_applied, r, err);
   free(servers);
   if (rc != 0)
     abort_applied(r, err);
@@ -1348,6 +1432,10 @@ static void begun(void *payload, const store_result *res) {
   }
   r->recorded = 1;
   dc_strlcpy(r->from_version, res->target->current_version, sizeof r->from_version);
+  r->maintenance.maintenance = res->target->maintenance;
+  dc_strlcpy(r->maintenance.maintenance_message, res->target->maintenance_message,
+             sizeof r->maintenance.maintenance_message);
+  r->maintenance.retry_after = res->target->maintenance_retry_after;
   if (instset_split(res->instances, res->ninstances, res->target->live_deployment, &r->old, &r->strays) != 0) {
     record_error(&r->rc, "deploy: out of memory");
     r->ending = 1;
@@ -1370,6 +1458,9 @@ int rollout_start(rollout **out, engine *e, store *s, target_config *t, strategy
                   rollout_done_cb cb, void *payload, char *err) {
   *out = NULL;
   if (dc_validate_version(o->version, "version", err) != 0 || strategy_check(st, err) != 0)
+    return DC_ERROR;
+  router_plan asks = {.routes = st->routes};
+  if (router_check_plan(t->router, &asks, err) != 0)
     return DC_ERROR;
   rollout *r = calloc(1, sizeof *r);
   if (!r || (o->metadata_json && !(r->metadata = strdup(o->metadata_json)))) {

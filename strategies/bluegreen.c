@@ -13,6 +13,7 @@ enum { START, WAIT_HEALTHY, DELAY, SWITCH, VERIFY, PROMOTE, DONE };
 void bluegreen_params_default(bluegreen_params *p) {
   p->switch_delay = 0;
   p->health_check_url = NULL;
+  memset(&p->routes, 0, sizeof p->routes);
 }
 
 static void bluegreen_step(const strategy *s, strategy_run *run, strategy_action *out) {
@@ -71,7 +72,8 @@ int strategy_bluegreen_new(strategy **out, const bluegreen_params *p, char *err)
     dc_fmt(err, DC_ERR_MAX, "deploy: BlueGreenStrategy switch_delay must be a number of seconds >= 0, got %g", p->switch_delay);
     return -1;
   }
-  if (strategy_check_url(p->health_check_url, "BlueGreenStrategy health_check_url", err))
+  if (strategy_check_url(p->health_check_url, "BlueGreenStrategy health_check_url", err) ||
+      strategy_check_routes(&p->routes, "BlueGreenStrategy", 0, err))
     return -1;
   bluegreen_strategy *b = calloc(1, sizeof *b);
   if (!b) {
@@ -84,6 +86,7 @@ int strategy_bluegreen_new(strategy **out, const bluegreen_params *p, char *err)
   b->base.free = bluegreen_free;
   dc_strlcpy(b->base.health_check_url, p->health_check_url ? p->health_check_url : "", sizeof b->base.health_check_url);
   b->switch_delay = p->switch_delay;
+  b->base.routes = p->routes;
   *out = &b->base;
   return 0;
 }

@@ -17,6 +17,7 @@ void canary_params_default(canary_params *p) {
   p->interval = 300;
   p->health_check_url = NULL;
   p->npause = 0;
+  memset(&p->routes, 0, sizeof p->routes);
 }
 
 static int steps_of(const canary_strategy *c) {
@@ -112,7 +113,8 @@ int strategy_canary_new(strategy **out, const canary_params *p, char *err) {
     dc_fmt(err, DC_ERR_MAX, "deploy: CanaryStrategy interval must be a number of seconds >= 0, got %g", p->interval);
     return -1;
   }
-  if (strategy_check_url(p->health_check_url, "CanaryStrategy health_check_url", err))
+  if (strategy_check_url(p->health_check_url, "CanaryStrategy health_check_url", err) ||
+      strategy_check_routes(&p->routes, "CanaryStrategy", 1, err))
     return -1;
   for (int i = 0; i < p->npause; i++)
     if (!(p->pause_at[i] > 0 && p->pause_at[i] <= 100)) {
@@ -133,6 +135,7 @@ int strategy_canary_new(strategy **out, const canary_params *p, char *err) {
   c->initial_percentage = p->initial_percentage;
   c->increment = p->increment;
   c->interval = p->interval;
+  c->base.routes = p->routes;
   c->npause = p->npause < CANARY_MAX_PAUSES ? p->npause : CANARY_MAX_PAUSES;
   memcpy(c->pause_at, p->pause_at, sizeof c->pause_at);
   *out = &c->base;

@@ -22,11 +22,13 @@ typedef struct canary_params {
   const char *health_check_url;
   double pause_at[CANARY_MAX_PAUSES]; /* shares at which to wait for an operator */
   int npause;
+  route_rules routes;         /* session_affinity (affinity_*), test_route (test_*) */
 } canary_params;
 
 typedef struct bluegreen_params {
   double switch_delay;        /* seconds >= 0; default 0 */
   const char *health_check_url;
+  route_rules routes;         /* test_route (test_*) */
 } bluegreen_params;
 
 typedef struct canary_strategy {
@@ -55,6 +57,13 @@ int strategy_from_json(const json_t *obj, strategy **out, char *err);
 /* The parameters each built-in strategy takes, for messages. */
 extern const char *const canary_param_names[];
 extern const char *const bluegreen_param_names[];
+
+/* The routes a strategy asks for (action.h): -1 with err naming cls's
+ * parameter when a name or value is not usable, when a test route names
+ * both or neither of header and cookie, or when affinity is asked of a
+ * strategy that has none (affinity_ok 0: blue-green moves everyone at
+ * once). */
+int strategy_check_routes(const route_rules *r, const char *cls, int affinity_ok, char *err);
 
 /* A health_check_url must be http(s)://host[:port]/... after the {host} and
  * {port} placeholders are filled. */
