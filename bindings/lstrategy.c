@@ -112,6 +112,72 @@ static int read_pauses(lua_State *L, int idx, double *out, int cap) {
   return n;
 }
 
+/* A string field of the table on top into buf ("" when nil). */
+static void route_string(lua_State *L, const char *cls, const char *obj, const char *key, char *buf, size_t size) {
+  int t = lua_getfield(L, -1, key);
+  buf[0] = '\0';
+  if (t != LUA_TNIL && t != LUA_TSTRING)
+    luaL_error(L, "deploy: %s %s.%s must be a string, got %s", cls, obj, key, luaL_typename(L, -1));
+  if (t == LUA_TSTRING) {
+    size_t len;
+    const char *v = lua_tolstring(L, -1, &len);
+    if (len >= size || strlen(v) != len)
+      luaL_error(L, "deploy: %s %s.%s is longer than %d bytes or holds a NUL byte", cls, obj, key, (int)size - 1);
+    dc_strlcpy(buf, v, size);
+  }
+  lua_pop(L, 1);
+}
+
+/* Pushes params.key when it is a table with only `keys`; 0 (nothing
+ * pushed) when it is nil. */
+static int route_table(lua_State *L, int idx, const char *cls, const char *key, const char *const *keys,
+                       const char *example) {
+  int t = lua_getfield(L, idx, key);
+  if (t == LUA_TNIL) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  if (t != LUA_TTABLE)
+    luaL_error(L, "deploy: %s %s must be a table such as %s, got %s", cls, key, example, luaL_typename(L, -1));
+  char fmt[160];
+  dc_fmt(fmt, sizeof fmt, "deploy: %s %s has no field '%%s' (known: %%s)", cls, key);
+  lcheck_keys(L, lua_gettop(L), keys, fmt);
+  return 1;
+}
+
+/* session_affinity = { cookie = "NAME", max_age = S } and test_route =
+ * { header = "X-Canary" (or cookie = "NAME"), value = "always" }; their
+ * values are checked by the strategy (strategy_check_routes). */
+static void read_routes(lua_State *L, int idx, const char *cls, int affinity, route_rules *r) {
+  static const char *const affinity_keys[] = {"cookie", "max_age", NULL};
+  static const char *const test_keys[] = {"header", "cookie", "value", NULL};
+  memset(r, 0, sizeof *r);
+  if (affinity && route_table(L, idx, cls, "session_affinity", affinity_keys, "{ cookie = 'canary', max_age = 3600 }")) {
+    route_string(L, cls, "session_affinity", "cookie", r->affinity_cookie, sizeof r->affinity_cookie);
+    if (!r->affinity_cookie[0])
+      luaL_error(L, "deploy: %s session_affinity needs a cookie name, e.g. { cookie = 'canary' }", cls);
+    int t = lua_getfield(L, -1, "max_age");
+    if (t != LUA_TNIL && t != LUA_TNUMBER)
+      luaL_error(L, "deploy: %s session_affinity.max_age must be a number of seconds, got %s", cls,
+                 luaL_typename(L, -1));
+    double age = t == LUA_TNUMBER ? lua_tonumber(L, -1) : ROUTES_MAX_AGE_DEFAULT;
+    /* whole numbers only: the constructor's check reports anything else */
+    r->affinity_max_age = age >= 1 && age <= 31536000 && age == (double)(int)age ? (int)age : -1;
+    if (r->affinity_max_age < 0)
+      luaL_error(L, "deploy: %s session_affinity.max_age must be a whole number of seconds from 1 to 31536000 "
+                    "(a year), got %s", cls, lua_tostring(L, -1));
+    lua_pop(L, 2);
+  }
+  if (route_table(L, idx, cls, "test_route", test_keys, "{ header = 'X-Canary', value = 'always' }")) {
+    route_string(L, cls, "test_route", "header", r->test_header, sizeof r->test_header);
+    route_string(L, cls, "test_route", "cookie", r->test_cookie, sizeof r->test_cookie);
+    route_string(L, cls, "test_route", "value", r->test_value, sizeof r->test_value);
+    if (lua_getfield(L, -1, "value") == LUA_TNIL)
+      dc_strlcpy(r->test_value, ROUTES_TEST_VALUE_DEFAULT, sizeof r->test_value);
+    lua_pop(L, 2);
+  }
+}
+
 static int opts_index(lua_State *L, const char *cls) {
   lua_settop(L, 1);
   if (lua_isnil(L, 1)) {
@@ -127,8 +193,8 @@ static int opts_index(lua_State *L, const char *cls) {
 }
 
 static const char *const canary_allowed[] = {"initial_percentage", "increment", "interval", "health_check_url",
-                                             "pause_at", "hooks", NULL};
-static const char *const bluegreen_allowed[] = {"switch_delay", "health_check_url", "hooks", NULL};
+                                             "pause_at", "session_affinity", "test_route", "hooks", NULL};
+static const char *const bluegreen_allowed[] = {"switch_delay", "health_check_url", "test_route", "hooks", NULL};
 
 static int canary_new(lua_State *L) {
   const char *const *allowed = canary_allowed;
@@ -142,6 +208,7 @@ static int canary_new(lua_State *L) {
   p.interval = opt_number(L, idx, "CanaryStrategy", "interval", p.interval);
   p.health_check_url = opt_url(L, idx, "CanaryStrategy", url, sizeof url);
   p.npause = read_pauses(L, idx, p.pause_at, CANARY_MAX_PAUSES);
+  read_routes(L, idx, "CanaryStrategy", 1, &p.routes);
   strategy *s;
   if (strategy_canary_new(&s, &p, err) != 0)
     return lerror(L, err);
@@ -158,6 +225,7 @@ static int bluegreen_new(lua_State *L) {
   bluegreen_params_default(&p);
   p.switch_delay = opt_number(L, idx, "BlueGreenStrategy", "switch_delay", p.switch_delay);
   p.health_check_url = opt_url(L, idx, "BlueGreenStrategy", url, sizeof url);
+  read_routes(L, idx, "BlueGreenStrategy", 0, &p.routes);
   strategy *s;
   if (strategy_bluegreen_new(&s, &p, err) != 0)
     return lerror(L, err);
@@ -194,6 +262,25 @@ static int strategy_index(lua_State *L) {
       lua_pushstring(L, s->health_check_url);
     else
       lua_pushnil(L);
+    return 1;
+  }
+  if (strcmp(k, "session_affinity") == 0 || strcmp(k, "test_route") == 0) {
+    const route_rules *r = &s->routes;
+    if (k[0] == 's' && routes_affinity_active(r)) {
+      lua_createtable(L, 0, 2);
+      lua_pushstring(L, r->affinity_cookie);
+      lua_setfield(L, -2, "cookie");
+      lua_pushinteger(L, r->affinity_max_age);
+      lua_setfield(L, -2, "max_age");
+    } else if (k[0] == 't' && routes_test_active(r)) {
+      lua_createtable(L, 0, 2);
+      lua_pushstring(L, r->test_header[0] ? r->test_header : r->test_cookie);
+      lua_setfield(L, -2, r->test_header[0] ? "header" : "cookie");
+      lua_pushstring(L, r->test_value);
+      lua_setfield(L, -2, "value");
+    } else {
+      lua_pushnil(L);
+    }
     return 1;
   }
   if (strcmp(s->name, "canary") == 0) {
