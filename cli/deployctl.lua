@@ -56,6 +56,7 @@ local COMMANDS = {
   { "promote", "TARGET", "let a paused rollout go on (from any process)" },
   { "abort", "TARGET", "abort a running rollout (back to the old version)" },
   { "reconcile", "TARGET", "put TARGET back on its live version (after an HAProxy restart, a reboot)" },
+  { "maintenance", "TARGET on|off [--message TEXT] [--retry-after S]", "the load balancers answer 503 with a page, or serve again" },
   { "logs", "TARGET [--host H] [--version V] [--lines N] [--follow]", "the output of TARGET's instances, from every host" },
   { "report", "DEPLOYMENT_ID", "a self-contained HTML report of one deployment" },
   { "store", "migrate --to URL [--from FILE]", "copy the SQLite history into PostgreSQL" },
@@ -111,8 +112,10 @@ with an instant blue-green switch.
 Usage: deployctl status [TARGET] [--json]
 
 Without TARGET: one line per configured target (version, status, health,
-instances). With TARGET: also each instance with its port, pid, health and
-traffic weight, read live from the instances and the router.
+instances), and whether it is in maintenance. With TARGET: also each
+instance with its port, pid, health and traffic weight, read live from the
+instances and each router (a target behind several load balancers shows
+one weight per router, in the order of its `routers` list).
 ]],
   history = [[
 Usage: deployctl history TARGET [--limit N] [--json]
@@ -141,6 +144,22 @@ started again, HAProxy gets back the servers it forgot (a restart or reload
 drops servers added at runtime), and any other instance of TARGET is
 stopped. It takes the target's lock: while a deployment of TARGET runs it
 changes nothing and exits 3. `status TARGET` says when it is needed.
+]],
+  maintenance = [[
+Usage: deployctl maintenance TARGET on [--message TEXT] [--retry-after S]
+       deployctl maintenance TARGET off
+
+on: every load balancer of TARGET answers 503 with a small HTML page that
+shows TEXT (default: "This service is down for maintenance and will be back
+shortly.") and a Retry-After header of S seconds (default 300). Instances
+keep running as they are. off: the load balancers serve them again.
+Maintenance lasts until turned off: reconcile, recovery after a crash and
+deployments keep it (a deployment in maintenance rolls out behind the 503
+page). It takes the target's lock: while a deployment of TARGET runs it
+changes nothing and exits 3. `status TARGET` shows it. The load balancer
+needs a few lines for it (README, "Routing beyond weights").
+  --message TEXT     one line, at most 511 bytes of UTF-8
+  --retry-after S    whole seconds, 0 to 604800
 ]],
   logs = [[
 Usage: deployctl logs TARGET [--host H] [--version V] [--lines N] [--follow]
@@ -542,10 +561,10 @@ function commands.status(opts, args)
   local targets = pos[1] and { pos[1] } or m:targets()
   local rows = {}
   for _, t in ipairs(targets) do rows[#rows + 1] = m:get_status(t) end
-  local instances, router_error
-  if pos[1] then instances, router_error = m:live_instances(pos[1]) end
+  local instances, router_error, routers
+  if pos[1] then instances, router_error, routers = m:live_instances(pos[1]) end
   if flags.json then
-    local doc = { targets = rows, instances = instances, router_error = router_error,
+    local doc = { targets = rows, instances = instances, router_error = router_error, routers = routers,
                   lock = pos[1] and m:lock(pos[1]) or nil }
     out:write(redact(cjson.encode(doc)), "\n")
     return EXIT_OK
@@ -554,34 +573,98 @@ function commands.status(opts, args)
   for _, s in ipairs(rows) do
     printf("%-16s %-20s %-13s %-10s %d\n", s.target, s.current_version or "-", s.status, s.health, s.instances)
   end
+  for _, s in ipairs(rows) do
+    local mt = s.maintenance
+    if mt then
+      printf("%s: in maintenance since %s (%s), Retry-After %d s%s\n", s.target, mt.since, mt.by, mt.retry_after,
+        mt.message and (": " .. mt.message) or "")
+    end
+  end
+  local several = routers and #routers > 1
+  local function weight_of(w)
+    return w == nil and "-" or (w == false and "absent" or tostring(w))
+  end
   if instances and #instances > 0 then
-    local host_width = 5
-    for _, i in ipairs(instances) do host_width = math.max(host_width, #(i.node or "local")) end
-    printf("\n%-8s %-" .. host_width .. "s %-16s %-15s %-6s %-8s %-11s %-7s %-9s %s\n", "SERVER", "HOST", "VERSION",
-      "ADDRESS", "PORT", "PID", "HEALTH", "WEIGHT", "STATE", "LIVE")
+    local host_width, weight_width = 5, 7
     for _, i in ipairs(instances) do
-      local weight = i.router_weight == nil and "-" or (i.router_weight == false and "absent" or tostring(i.router_weight))
+      host_width = math.max(host_width, #(i.node or "local"))
+      if several then
+        local ws = {}
+        for k = 1, #routers do ws[k] = weight_of(i.router_weights[k]) end
+        i.weight_text = table.concat(ws, "/")
+      else
+        i.weight_text = weight_of(i.router_weight)
+      end
+      weight_width = math.max(weight_width, #i.weight_text)
+    end
+    printf("\n%-8s %-" .. host_width .. "s %-16s %-15s %-6s %-8s %-11s %-" .. weight_width .. "s %-9s %s\n",
+      "SERVER", "HOST", "VERSION", "ADDRESS", "PORT", "PID", "HEALTH", "WEIGHT", "STATE", "LIVE")
+    for _, i in ipairs(instances) do
       local health = i.alive and i.health or (i.unreachable and "unreachable" or "dead")
-      printf("%-8s %-" .. host_width .. "s %-16s %-15s %-6d %-8d %-11s %-7s %-9s %s\n", i.server, i.node or "local",
-        i.version, i.host ~= "" and i.host or "-", i.port, i.pid, health, weight, i.state, i.live and "yes" or "no")
+      printf("%-8s %-" .. host_width .. "s %-16s %-15s %-6d %-8d %-11s %-" .. weight_width .. "s %-9s %s\n", i.server,
+        i.node or "local", i.version, i.host ~= "" and i.host or "-", i.port, i.pid, health, i.weight_text, i.state,
+        i.live and "yes" or "no")
+    end
+  end
+  if several then
+    printf("\nWEIGHT per router:\n")
+    for k, r in ipairs(routers) do
+      printf("  %d  %s%s\n", k, r.router, r.error and "  (could not be read)" or "")
     end
   end
   if pos[1] then
     local lock = m:lock(pos[1])
     if lock then
-      local who = lock.purpose == "reconcile" and "a reconcile" or ("deployment " .. lock.deployment_id)
+      local who = lock.purpose == "deploy" and ("deployment " .. lock.deployment_id) or ("a " .. lock.purpose)
       printf("\nlocked by %s, pid %d on %s, since %s%s\n", who, lock.pid, lock.host, lock.since,
         lock["until"] and (", until " .. lock["until"] .. " unless renewed") or "")
     end
   end
   if router_error then eprintf("router: %s\n", router_error) end
-  local missing = 0
-  for _, i in ipairs(instances or {}) do
-    if i.live and i.router_weight == false then missing = missing + 1 end
+  for k, r in ipairs(routers or {}) do
+    local missing = 0
+    for _, i in ipairs(instances or {}) do
+      if i.live and i.router_weights and i.router_weights[k] == false and not r.error then missing = missing + 1 end
+    end
+    if missing > 0 then
+      eprintf("router: %d live instance(s) of %s are missing from %s (restarted?): run 'deployctl reconcile %s'\n",
+        missing, pos[1], r.router, pos[1])
+    end
   end
-  if missing > 0 then
-    eprintf("router: %d live instance(s) of %s are missing from HAProxy (restarted?): run 'deployctl reconcile %s'\n",
-      missing, pos[1], pos[1])
+  return EXIT_OK
+end
+
+function commands.maintenance(opts, args)
+  local flags, pos = parse_flags("maintenance", args, { message = "value", ["retry-after"] = "value" }, 2)
+  if flags.help then out:write(HELP.maintenance) return EXIT_OK end
+  if #pos < 2 or (pos[2] ~= "on" and pos[2] ~= "off") then
+    usage_error("maintenance: needs TARGET and on or off, e.g. deployctl maintenance production on --message 'back at 10:00' "
+      .. "(see 'deployctl maintenance --help')")
+  end
+  local on = pos[2] == "on"
+  if not on and (flags.message or flags["retry-after"]) then
+    usage_error("maintenance: --message and --retry-after go with 'on', not with 'off'")
+  end
+  local retry
+  if flags["retry-after"] then
+    retry = math.tointeger(tonumber(flags["retry-after"]))
+    if not retry or retry < 0 or retry > 604800 then
+      usage_error("maintenance: --retry-after must be whole seconds from 0 to 604800, got '%s'", flags["retry-after"])
+    end
+  end
+  local m = open_manager(opts)
+  check_target(m, pos[1])
+  local okcall, ok, why, locked = pcall(m.maintenance, m, pos[1], on, flags.message, retry)
+  if not okcall then usage_error("%s", tostring(ok):gsub("^deploy: ", "")) end
+  if not ok then
+    eprintf("deployctl: %s\n", why)
+    return locked and EXIT_LOCKED or EXIT_FAILED
+  end
+  if on then
+    printf("%s: in maintenance: its load balancers answer 503%s\n", pos[1],
+      flags.message and (" with \"" .. flags.message .. "\"") or "")
+  else
+    printf("%s: out of maintenance: its load balancers serve it again\n", pos[1])
   end
   return EXIT_OK
 end
