@@ -388,6 +388,7 @@ local function haproxy_config(opts)
   lines[#lines + 1] = ""
   lines[#lines + 1] = "backend " .. opts.backend
   lines[#lines + 1] = "  balance roundrobin"
+  for _, l in ipairs(fixtures.haproxy_route_lines(opts.routes, opts.map)) do lines[#lines + 1] = "  " .. l end
   for i, s in ipairs(opts.servers or {}) do
     if type(s) == "string" then
       lines[#lines + 1] = "  server " .. s
@@ -397,6 +398,33 @@ local function haproxy_config(opts)
     end
   end
   return table.concat(lines, "\n") .. "\n"
+end
+
+-- The lines README ("Routing beyond weights") has a backend add for
+-- deployctl's routes, for map file `map`: routes.cookie (sticky canaries),
+-- routes.header or routes.test_cookie (testers), and always maintenance.
+-- {} when routes is nil.
+function fixtures.haproxy_route_lines(routes, map)
+  if not routes then return {} end
+  local m = "map(" .. map .. ")"
+  local lines = {
+    'http-request return status 503 content-type "text/html; charset=utf-8" lf-string "%[str(maintenance),' .. m
+      .. ']" hdr Retry-After "%[str(retry_after),' .. m .. ']" if { str(maintenance),' .. m .. ' -m found }',
+  }
+  if routes.cookie then
+    lines[#lines + 1] = "cookie " .. routes.cookie .. " dynamic"
+    lines[#lines + 1] = "dynamic-cookie-key deployctl-spec"
+    lines[#lines + 1] = "ignore-persist if { req.cook(" .. routes.cookie .. ") -m found } !{ req.cook(" .. routes.cookie
+      .. ")," .. m .. " -m str sticky }"
+    lines[#lines + 1] = 'http-response add-header Set-Cookie "%[srv_name,' .. m .. ']" if { srv_name,' .. m
+      .. ' -m found }'
+  end
+  if routes.header or routes.test_cookie then
+    local fetch = routes.header and ("req.hdr(" .. routes.header .. ")") or ("req.cook(" .. routes.test_cookie .. ")")
+    lines[#lines + 1] = "server deployctl-test 127.0.0.1:1 weight 0 disabled"
+    lines[#lines + 1] = "use-server deployctl-test if { " .. fetch .. "," .. m .. " -m str test_route }"
+  end
+  return lines
 end
 
 local Haproxy = {}
@@ -509,7 +537,9 @@ end
 
 -- opts: backend (default "app"), servers (nil: none; else a list of
 -- { name, addr, port, weight } or raw "name addr:port ..." strings),
--- retries (default: HAProxy's), port (default: a free one).
+-- retries (default: HAProxy's), port (default: a free one), routes (the
+-- backend gets README's lines for deployctl's routes, see
+-- haproxy_route_lines, and an empty map file, self.map).
 -- Elsewhere than this machine's 127.0.0.1: bind (the frontend's address,
 -- also the TCP stats socket's), wrap (runs HAProxy there: a function from
 -- a command to the command that runs it, e.g. in a network namespace),
@@ -530,9 +560,15 @@ function fixtures.haproxy(opts)
     client_wrap = opts.client_wrap,
     stats_tcp = opts.stats_tcp,
   }, Haproxy)
+  if opts.routes then
+    -- deployctl's map: an empty file HAProxy loads, filled at runtime
+    self.map = dir .. "/" .. self.backend .. ".map"
+    write_file(self.map, "")
+  end
   write_file(self.config, haproxy_config{
     socket = self.socket, port = self.port, backend = self.backend, bind = self.bind,
     servers = opts.servers, retries = opts.retries, stats_tcp = opts.stats_tcp,
+    routes = opts.routes, map = self.map,
   })
   haproxies[#haproxies + 1] = self
   self:_start()
@@ -560,11 +596,18 @@ fixtures.nginx_bin = nginx_bin
 -- The include the router writes for an empty server list (runtime/nginx.c,
 -- render), generation 0: what an operator creates before nginx first starts.
 function fixtures.nginx_empty_include(upstream, dir)
+  local var = "deployctl_" .. upstream:gsub("[-.]", "_")
   return table.concat({
     "# deployctl nginx router: upstream " .. upstream .. ", generation 0.",
     "# Every apply rewrites this file: do not edit it.",
     "upstream " .. upstream .. " {",
     "    server 127.0.0.1:1 down;  # (none)",
+    "}",
+    "map $host $" .. var .. " {",
+    "    default " .. upstream .. ";",
+    "}",
+    "map $upstream_addr $" .. var .. "_cookie {",
+    '    default "";',
     "}",
     "server {",
     "    listen unix:" .. dir .. "/" .. upstream .. ".gen.sock;",
@@ -653,8 +696,11 @@ end
 
 -- A new target behind this nginx: upstream `name` (default app<N>) in an
 -- include of its own, in the router's empty form, and a frontend on a
--- free port. Reloads nginx. Returns the site.
-function Nginx:site(name)
+-- free port. Reloads nginx. Returns the site. opts.routes: the frontend
+-- proxies as README's "Routing beyond weights" says (to $deployctl_NAME,
+-- with its Set-Cookie), so testers' routes and sticky canaries work.
+function Nginx:site(name, opts)
+  opts = opts or {}
   self.nsites = self.nsites + 1
   name = name or ("app" .. self.nsites)
   local site = setmetatable({
@@ -668,7 +714,10 @@ function Nginx:site(name)
     "  listen 127.0.0.1:" .. site.port .. ";",
     -- A request to a dead instance fails visibly, not quietly retried on
     -- another (as the HAProxy fixture has no `option redispatch`).
-    "  location / { proxy_pass http://" .. name .. "; proxy_next_upstream off; }",
+    opts.routes
+      and ("  location / { proxy_pass http://$deployctl_" .. name:gsub("[-.]", "_") .. "; proxy_next_upstream off;"
+           .. " add_header Set-Cookie $deployctl_" .. name:gsub("[-.]", "_") .. "_cookie; }")
+      or ("  location / { proxy_pass http://" .. name .. "; proxy_next_upstream off; }"),
     "}",
   }, "\n") .. "\n")
   -- Any answer (502: no server yet) means the new site is loaded.
@@ -740,8 +789,11 @@ end
 -- { [name] = weight } of the servers in the include ("down" is 0).
 function NginxSite:weights()
   local w = {}
-  for addr, what, name in (read_file(self.include) or ""):gmatch("\n    server (%S+) (%S-);  # (%S+)") do
-    if name ~= "(none)" then w[name] = tonumber(what:match("^weight=(%d+)$")) or 0 end
+  local text = read_file(self.include) or ""
+  -- the weighted upstream only: the first block
+  local block = text:match("\nupstream [^\n]* {\n(.-)\n}") or ""
+  for addr, what, name in ("\n" .. block):gmatch("\n    server (%S+) ([^;]-);  # (%S+)") do
+    if name ~= "(none)" and name ~= "(maintenance)" then w[name] = tonumber(what:match("^weight=(%d+)")) or 0 end
   end
   return w
 end
