@@ -53,6 +53,7 @@ typedef struct slot {
   size_t nbefore;
   route_rules before_routes;
   int before_known;
+  int failed_step;           /* the plan failed here (before the undo) */
 } slot;
 
 struct group_op {
@@ -330,6 +331,8 @@ static void applied(group *g, group_op *op) {
     return;
   }
   join_errors(g, op, op->err, sizeof op->err);
+  for (size_t i = 0; i < g->n; i++)
+    op->slots[i].failed_step = op->slots[i].err[0] != '\0';
   if (!op->plan.all_or_nothing) {
     apply_end(g, op, op->err);
     return;
@@ -338,21 +341,35 @@ static void applied(group *g, group_op *op) {
   send_all(g, op, call_undo);
 }
 
+/* The undo's outcome, said once: a router that failed the step usually
+ * fails its undo too (it is unreachable, or refuses the same file), which
+ * the step's error already explains; a router that took the step and
+ * cannot be set back is news. */
 static void undone(group *g, group_op *op) {
-  char undo[DC_ERR_MAX], msg[DC_ERR_MAX];
+  char stuck[DC_ERR_MAX], msg[DC_ERR_MAX];
+  size_t len = 0;
+  int all = 1;
+  stuck[0] = '\0';
   for (size_t i = 0; i < g->n; i++) {
     slot *s = &op->slots[i];
     if (s->err[0])
       forget(&g->m[i]);
     else
       remember(&g->m[i], s->before, s->nbefore, &s->before_routes);
+    all &= !s->err[0];
+    if (s->err[0] && !s->failed_step) {
+      int w = snprintf(stuck + len, sizeof stuck - len, "%s%s: %s", len ? "; " : "", g->m[i].r->label, s->err);
+      if (w > 0 && (size_t)w < sizeof stuck - len)
+        len += (size_t)w;
+    }
   }
-  join_errors(g, op, undo, sizeof undo);
-  if (undo[0])
-    dc_fmt(msg, sizeof msg, "%s; undoing the step failed too: %s", op->err, undo);
-  else
+  if (all)
     dc_fmt(msg, sizeof msg, "%s; the step was undone on every router (each is back to what it served before)",
            op->err);
+  else if (stuck[0])
+    dc_fmt(msg, sizeof msg, "%s; and it could not be undone on %s", op->err, stuck);
+  else
+    dc_fmt(msg, sizeof msg, "%s; every other router is back to what it served before", op->err);
   apply_end(g, op, msg);
 }
 
