@@ -302,27 +302,48 @@ end
 -- body, trailing newline dropped) and the number of other outcomes,
 -- failed connections included. wrap (optional) turns a command into one
 -- run elsewhere (a network namespace: hosts.lua's net:wrap).
-function fixtures.sample_url(url, n, wrap)
-  local counts, bad, seen = {}, 0, 0
+-- args (optional): more curl arguments, each a string, e.g. { "-H",
+-- "X-Canary: always" } or { "-b", jar, "-c", jar } (a cookie jar that the
+-- requests of one call share, as one browser would).
+local function fetch_all(url, n, wrap, args)
   -- curl's URL globbing: /?[1-n] is n URLs, the query is ignored by the app.
   local glob = url .. (url:find("?", 1, true) and "&" or "?") .. "[1-" .. n .. "]"
-  local cmd = string.format("curl -s -m %d -o - -w %s %s", 10 + n // 20, q(SEP), q(glob))
+  local extra = ""
+  for _, a in ipairs(args or {}) do extra = extra .. " " .. q(a) end
+  local cmd = string.format("curl -s -m %d%s -o - -w %s %s", 10 + n // 20, extra, q(SEP), q(glob))
   local out = capture(wrap and wrap(cmd) or cmd)
-  local pos = 1
+  local list, pos = {}, 1
   while true do
     local s, e, code = out:find("\n@@fixtures:(%d+)@@\n", pos)
     if not s then break end
-    local body = out:sub(pos, s - 1):gsub("\n$", "")
-    code = tonumber(code)
-    seen = seen + 1
-    if code >= 200 and code < 300 then
-      counts[body] = (counts[body] or 0) + 1
+    list[#list + 1] = { code = tonumber(code), body = (out:sub(pos, s - 1):gsub("\n$", "")) }
+    pos = e + 1
+  end
+  return list
+end
+
+function fixtures.sample_url(url, n, wrap, args)
+  local counts, bad = {}, 0
+  local list = fetch_all(url, n, wrap, args)
+  for _, r in ipairs(list) do
+    if r.code >= 200 and r.code < 300 then
+      counts[r.body] = (counts[r.body] or 0) + 1
     else
       bad = bad + 1
     end
-    pos = e + 1
   end
-  return counts, bad + (n - seen)
+  return counts, bad + (n - #list)
+end
+
+-- n GETs of url in order (one curl, see sample_url): the body of each 2xx
+-- answer, "HTTP <code>" for any other, "no answer" for none.
+function fixtures.sequence(url, n, args)
+  local out = {}
+  for i, r in ipairs(fetch_all(url, n, nil, args)) do
+    out[i] = (r.code >= 200 and r.code < 300) and r.body or (r.code == 0 and "no answer" or ("HTTP " .. r.code))
+  end
+  for i = #out + 1, n do out[i] = "no answer" end
+  return out
 end
 
 ------------------------------------------------------------------------
@@ -509,8 +530,8 @@ end
 
 -- n sequential GETs of `path` (default /) through the frontend, one curl.
 -- Returns { [version] = count } of 2xx answers and the count of the rest.
-function Haproxy:sample(n, path)
-  return fixtures.sample_url(self:url(path), n, self.client_wrap)
+function Haproxy:sample(n, path, args)
+  return fixtures.sample_url(self:url(path), n, self.client_wrap, args)
 end
 
 -- kill -9, then start again with the same config and port: runtime
@@ -771,8 +792,8 @@ function NginxSite:get(path)
 end
 
 -- n sequential GETs through the frontend, one curl (see sample_url).
-function NginxSite:sample(n, path)
-  return fixtures.sample_url(self:url(path), n)
+function NginxSite:sample(n, path, args)
+  return fixtures.sample_url(self:url(path), n, nil, args)
 end
 
 -- The router table for this site (DESIGN.md, Configuration).
@@ -937,8 +958,9 @@ end
 
 -- Stops everything started here (HAProxy, nginx, spawned commands, and
 -- any process whose command line names one of our directories), then
--- removes the directories. opts.keep: handles (fixtures.nginx) to leave
--- running with their directories, for the next spec of the same file.
+-- removes the directories. opts.keep: handles (fixtures.nginx,
+-- fixtures.haproxy) to leave running with their directories, for the next
+-- spec of the same file.
 function fixtures.cleanup(opts)
   local kept_dirs, kept_pids = {}, {}
   for _, h in ipairs(opts and opts.keep or {}) do
@@ -947,10 +969,12 @@ function fixtures.cleanup(opts)
   end
   for i = #haproxies, 1, -1 do
     -- One HAProxy that will not stop must not keep the rest running.
-    local ok = pcall(haproxies[i].stop, haproxies[i])
-    if not ok then
-      if haproxies[i].pid then fixtures.kill(haproxies[i].pid, "KILL") end
-      table.remove(haproxies, i)
+    if not kept_dirs[haproxies[i].dir] then
+      local ok = pcall(haproxies[i].stop, haproxies[i])
+      if not ok then
+        if haproxies[i].pid then fixtures.kill(haproxies[i].pid, "KILL") end
+        table.remove(haproxies, i)
+      end
     end
   end
   for i = #nginxes, 1, -1 do
