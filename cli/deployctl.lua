@@ -98,6 +98,8 @@ Deploys VERSION to TARGET with the given strategy (default blue-green).
   deployctl deploy production 1.4.2 --strategy canary --set initial_percentage=5 --set interval=60
   deployctl deploy production 1.4.2 --set switch_delay=10
   deployctl deploy production 1.4.2 --strategy canary --set pause_at=25,50   (a list: comma-separated)
+  deployctl deploy production 1.4.2 --strategy canary --set session_affinity.cookie=canary \
+    --set test_route.header=X-Canary                       (a table's fields: table.field=value)
 A strategy registered by a pipeline is not available here: use `run`.
 
 ]] .. OUTPUT_FLAGS,
@@ -491,14 +493,29 @@ end
 -- --set key=value pairs become strategy parameters (numbers when they look
 -- like numbers).
 -- Parameters that take a list: --set pause_at=25,50
+-- A field of a table parameter: --set session_affinity.cookie=canary (a
+-- string; max_age a number), the strategy checks the fields.
 local LIST_PARAMS = { pause_at = true }
+local NUMBER_FIELDS = { max_age = true }
 
 local function strategy_params(sets)
   local params = {}
   for _, kv in ipairs(sets) do
-    local k, v = kv:match("^([%w_]+)=(.*)$")
-    if not k then usage_error("deploy: --set '%s' is not key=value (e.g. --set interval=60)", kv) end
-    if LIST_PARAMS[k] then
+    local k, field, v = kv:match("^([%w_]+)%.([%w_]+)=(.*)$")
+    if not k then k, v = kv:match("^([%w_]+)=(.*)$") end
+    if not k then
+      usage_error("deploy: --set '%s' is not key=value or table.field=value (e.g. --set interval=60, --set "
+        .. "test_route.header=X-Canary)", kv)
+    end
+    if field then
+      if params[k] ~= nil and type(params[k]) ~= "table" then
+        usage_error("deploy: --set %s.%s: %s is given a value of its own too", k, field, k)
+      end
+      params[k] = params[k] or {}
+      params[k][field] = NUMBER_FIELDS[field] and tonumber(v) or v
+    elseif type(params[k]) == "table" then
+      usage_error("deploy: --set %s=%s: %s takes fields, e.g. --set %s.NAME=VALUE", k, v, k, k)
+    elseif LIST_PARAMS[k] then
       local list = {}
       for item in (v .. ","):gmatch("([^,]*),") do
         local n = tonumber(item)

@@ -6,6 +6,7 @@
 local deploy = require "deploy"
 local fixtures = require "spec.support.fixtures"
 local git = require "spec.support.git"
+local cli = require "spec.support.cli"
 
 local shared_haproxy, shared_nginx
 
@@ -372,6 +373,43 @@ describe("bad routes", function()
     local c = deploy.CanaryStrategy{ session_affinity = { cookie = "sid" }, test_route = { cookie = "t" } }
     assert.same({ cookie = "sid", max_age = 86400 }, c.session_affinity)
     assert.same({ cookie = "t", value = "always" }, c.test_route)
+  end)
+
+  it("deployctl deploy --set table.field=value gives session_affinity and test_route; bad ones exit 2", function()
+    local h = haproxy()
+    local target = fixtures.target_config{ haproxy = h }
+    target.router.map = h.map
+    local cfg = fixtures.config{ targets = { production = target } }
+    cfg.clock = "real"
+    local config = cli.write_config(fixtures.tmpdir("cli-config"), cfg)
+    local code, out, err = cli.run({ "--config", config, "deploy", "production", "v1", "--quiet" })
+    assert.equal(0, code, out .. err)
+    code, out, err = cli.run({ "--config", config, "deploy", "production", "v2", "--quiet", "--strategy", "canary",
+                               "--set", "initial_percentage=50", "--set", "increment=50", "--set", "interval=0",
+                               "--set", "session_affinity.cookie=DC_CANARY", "--set", "session_affinity.max_age=60",
+                               "--set", "test_route.header=X-Canary" })
+    assert.equal(0, code, out .. err)
+    local m = deploy.DeploymentManager{ config = config }
+    local d = m:history("production", 1)[1]
+    assert.equal("v2", d.version)
+    assert.is_truthy(index_of(kinds(m, d.id), "test_route"))
+    assert.same({ v2 = 20 }, (h:sample(20)))
+    local function bad(...)
+      local c, o, e = cli.run({ "--config", config, "deploy", "production", "v3", "--strategy", "canary", ... })
+      assert.equal(2, c, o .. e)
+      return e
+    end
+    assert.matches("test_route has no field 'values' %(known: header, cookie, value%)",
+                   bad("--set", "test_route.values=x"))
+    assert.matches("session_affinity%.cookie 'my%-cookie' is not valid", bad("--set", "session_affinity.cookie=my-cookie"))
+    assert.matches("session_affinity%.max_age must be a number of seconds, got string",
+                   bad("--set", "session_affinity.cookie=c", "--set", "session_affinity.max_age=1h"))
+    assert.matches("%-%-set test_route=x: test_route takes fields, e%.g%. %-%-set test_route%.NAME=VALUE",
+                   bad("--set", "test_route.header=X-Canary", "--set", "test_route=x"))
+    assert.matches("%-%-set test_route%.header: test_route is given a value of its own too",
+                   bad("--set", "test_route=x", "--set", "test_route.header=X-Canary"))
+    assert.matches("%-%-set 'test_route%.a%.b=1' is not key=value or table%.field=value", bad("--set", "test_route.a.b=1"))
+    assert.equal("v2", m:get_status("production").current_version)
   end)
 
   it("a router that cannot route is refused before anything starts, with the fix", function()
