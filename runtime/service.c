@@ -94,6 +94,7 @@ typedef struct run_ref {
   service *svc;
   rollout_done_cb cb;
   void *payload;
+  rollout **handle;       /* the caller's pointer to the rollout, cleared as it ends */
   rollout_result res;     /* a copy, held while the retention runs */
   char **errors;
 } run_ref;
@@ -122,6 +123,10 @@ static void retained(void *payload, const retain_result *r) {
 static void run_done(void *payload, const rollout_result *res) {
   run_ref *rr = payload;
   char err[DC_ERR_MAX];
+  /* The rollout is gone once this returns, while the caller hears of the
+   * end only after the retention: its handle must not outlive the rollout. */
+  if (rr->handle)
+    *rr->handle = NULL;
   rr->res = *res;
   rr->res.nerrors = 0;
   rr->errors = res->nerrors ? calloc(res->nerrors, sizeof *rr->errors) : NULL;
@@ -149,6 +154,7 @@ int service_deploy(service *svc, const char *target, strategy *st, const rollout
   rr->svc = service_ref(svc);
   rr->cb = cb;
   rr->payload = payload;
+  rr->handle = out;
   if (rollout_start(&r, svc->e, svc->s, t, st, o, run_done, rr, err) != DC_OK) {
     service_unref(svc);
     free(rr);
