@@ -1326,6 +1326,15 @@ static void preflight(rollout *r) {
 
 void rollout_next_action(rollout *r, const strategy *st, strategy_action *out) { st->step(st, &r->run, out); }
 
+void rollout_delegate_begin(rollout *r) {
+  /* The step machine starts from its beginning; the share, and whether an
+   * old version serves, stay what the rollout has now. */
+  r->run.phase = 0;
+  r->run.last_ok = 1;
+  r->run.last_error[0] = '\0';
+  r->run.step = 0;
+}
+
 void rollout_record(rollout *r, int ok, const char *err) {
   r->run.last_ok = ok;
   dc_strlcpy(r->run.last_error, err ? err : "", sizeof r->run.last_error);
