@@ -7,6 +7,7 @@
 #include "ldeployment.h"
 #include "lgitops.h"
 #include "lhealth.h"
+#include "lconfig.h"
 #include "lmanager.h"
 #include "lparallel.h"
 #include "lsched.h"
@@ -16,7 +17,9 @@
 #include "store_pg.h"
 #include "util.h"
 
-#define DEPLOY_VERSION "0.1.0"
+#ifndef DEPLOY_VERSION
+#define DEPLOY_VERSION "0.0.0-dev" /* set by CMake from project(VERSION) */
+#endif
 
 typedef struct sleep_wait {
   int fired, awaiting;
@@ -153,9 +156,14 @@ int luaopen_deploy(lua_State *L) {
                                        {"_host", deploy_host},
                                        {"router_weights", deploy_router_weights},
                                        {"migrate_store", deploy_migrate_store},
+                                       {"_config_path", lconfig_path_lua},
                                        {NULL, NULL}};
   lengine_get(L);
   luaL_newlib(L, functions);
+  /* deploy.VERSION: semantic versioning, CHANGELOG.md (_VERSION: the
+   * same, the name Lua modules traditionally use). */
+  lua_pushliteral(L, DEPLOY_VERSION);
+  lua_setfield(L, -2, "VERSION");
   lua_pushliteral(L, DEPLOY_VERSION);
   lua_setfield(L, -2, "_VERSION");
   lstrategy_register(L);

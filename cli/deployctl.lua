@@ -84,7 +84,7 @@ Runs a Lua pipeline script with `deploy` preloaded (require "deploy").
 The script's arguments are in the global table `arg` (arg[0] is SCRIPT).
 A script that returns an integer sets the exit code; false means 1.
 DeploymentManager{} without a config uses --config's (or $DEPLOY_CONFIG,
-or ./deploy.lua).
+or ./deployctl.lua).
 
   --simulate   run on the virtual clock: every wait returns at once and
                events carry virtual timestamps (instances still start and
@@ -213,7 +213,7 @@ local function main_help()
   end
   lines[#lines + 1] = ""
   lines[#lines + 1] = "Options:"
-  lines[#lines + 1] = "  --config FILE   configuration (else $DEPLOY_CONFIG, else ./deploy.lua)"
+  lines[#lines + 1] = "  -c, --config FILE  configuration (else $DEPLOY_CONFIG, else ./deployctl.lua)"
   lines[#lines + 1] = "  --help          help for any command: deployctl COMMAND --help"
   lines[#lines + 1] = ""
   lines[#lines + 1] = "Exit codes: 0 success, 1 deployment failed and rolled back,"
@@ -295,17 +295,18 @@ local function parse_flags(cmd, args, spec, max_positional)
   return flags, pos
 end
 
+-- --config, else $DEPLOY_CONFIG, else ./deployctl.lua (a ./deploy.lua that
+-- is a config is still read, with a warning, for this release).
 local function config_path(opts)
-  local path = opts.config or os.getenv("DEPLOY_CONFIG")
-  if path and path ~= "" then return path end
-  return "deploy.lua"
+  if opts.config and opts.config ~= "" then return opts.config end
+  return (deploy._config_path())
 end
 
 local function open_manager(opts, extra)
   local path = config_path(opts)
   local f = io.open(path, "r")
   if not f then
-    usage_error("cannot read config file '%s' (give --config FILE, set DEPLOY_CONFIG, or create ./deploy.lua)", path)
+    usage_error("cannot read config file '%s' (give --config FILE, set DEPLOY_CONFIG, or create ./deployctl.lua)", path)
   end
   note_secrets(f:read("a") or "")
   f:close()

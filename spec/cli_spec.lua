@@ -101,7 +101,7 @@ describe("deployctl", function()
     end
   end)
 
-  it("finds its config in $DEPLOY_CONFIG, then ./deploy.lua", function()
+  it("finds its config in $DEPLOY_CONFIG, then ./deployctl.lua", function()
     local config, dir = setup()
     local code, out = cli.run({ "status", "staging" }, { DEPLOY_CONFIG = config })
     assert.equal(0, code)
