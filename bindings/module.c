@@ -89,7 +89,8 @@ static int deploy_now(lua_State *L) {
 
 /* deploy._host{ config = path, simulate = bool }: set by deployctl run.
  * config: what DeploymentManager{} uses when given no config; simulate:
- * the virtual clock for everything in this process. */
+ * a dry run for everything in this process: the virtual clock, test
+ * providers and routers, a copy of the store. */
 static int deploy_host(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   if (lua_getfield(L, 1, "config") == LUA_TSTRING)
@@ -97,9 +98,25 @@ static int deploy_host(lua_State *L) {
   else
     lua_pop(L, 1);
   lua_getfield(L, 1, "simulate");
-  if (lua_toboolean(L, -1) && engine_set_virtual(lengine_get(L), 1) != 0)
-    return luaL_error(L, "deploy: cannot switch to the virtual clock while timers are pending");
+  if (lua_toboolean(L, -1)) {
+    if (engine_set_virtual(lengine_get(L), 1) != 0)
+      return luaL_error(L, "deploy: cannot switch to the virtual clock while timers are pending");
+    /* Every config loaded from now on is simulated (lconfig_simulate). */
+    lua_pushboolean(L, 1);
+    lua_setfield(L, LUA_REGISTRYINDEX, "deploy.simulate");
+  }
   return 0;
+}
+
+/* deploy._simulation() -> what a --simulate run starts from (the store
+ * copied, or an empty one), or nil when not simulating. */
+static int deploy_simulation(lua_State *L) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, "deploy.simulate") == LUA_TNIL)
+    return 1;
+  lua_getfield(L, LUA_REGISTRYINDEX, "deploy.simulate_note");
+  if (lua_isnil(L, -1))
+    lua_pushliteral(L, "simulated");
+  return 1;
 }
 
 /* deploy.migrate_store(from, to): copies the SQLite store at `from` into
@@ -157,6 +174,7 @@ int luaopen_deploy(lua_State *L) {
                                        {"router_weights", deploy_router_weights},
                                        {"migrate_store", deploy_migrate_store},
                                        {"_config_path", lconfig_path_lua},
+                                       {"_simulation", deploy_simulation},
                                        {NULL, NULL}};
   lengine_get(L);
   luaL_newlib(L, functions);

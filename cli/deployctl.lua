@@ -49,7 +49,7 @@ end
 
 local COMMANDS = {
   { "run", "[--simulate] SCRIPT [ARGS...]", "run a Lua pipeline script (arguments in `arg`)" },
-  { "deploy", "TARGET VERSION [--strategy canary|blue-green] [--set key=value ...]", "deploy VERSION to TARGET" },
+  { "deploy", "TARGET VERSION [--strategy canary|blue-green] [--set key=value ...] [--simulate]", "deploy VERSION to TARGET" },
   { "rollback", "TARGET [VERSION]", "go back to the previous version, or to VERSION" },
   { "status", "[TARGET]", "current version, status, health and instances" },
   { "history", "TARGET [--limit N]", "past deployments of TARGET" },
@@ -86,12 +86,18 @@ A script that returns an integer sets the exit code; false means 1.
 DeploymentManager{} without a config uses --config's (or $DEPLOY_CONFIG,
 or ./deployctl.lua).
 
-  --simulate   run on the virtual clock: every wait returns at once and
-               events carry virtual timestamps (instances still start and
-               health checks still run for real)
+  --simulate   a dry run: no instance starts, no router changes, the store
+               is not written. Every target's provider and router are
+               replaced by simulated ones (instances in this process that
+               come up after `simulate.start_time` seconds, 1 by default,
+               and answer health as the config's `simulate` section says; a
+               router that only records weights), on the virtual clock,
+               with a temporary copy of the store: the pipeline sees the
+               timeline the real rollout would follow, in a fraction of a
+               second. See CONFIGURATION in `deployctl man`.
 ]],
   deploy = [[
-Usage: deployctl deploy TARGET VERSION [--strategy canary|blue-green] [--set key=value ...] [--json|--quiet]
+Usage: deployctl deploy TARGET VERSION [--strategy canary|blue-green] [--set key=value ...] [--simulate] [--json|--quiet]
 
 Deploys VERSION to TARGET with the given strategy (default blue-green).
 --set gives the strategy's parameters, e.g.
@@ -99,6 +105,10 @@ Deploys VERSION to TARGET with the given strategy (default blue-green).
   deployctl deploy production 1.4.2 --set switch_delay=10
   deployctl deploy production 1.4.2 --strategy canary --set pause_at=25,50   (a list: comma-separated)
 A strategy registered by a pipeline is not available here: use `run`.
+
+  --simulate   print the timeline this rollout would follow, each line
+               marked [simulated], and change nothing: no instance starts,
+               no router is touched, the store is not written (see `run`)
 
 ]] .. OUTPUT_FLAGS,
   rollback = [[
@@ -420,16 +430,31 @@ local function progress_printer(interval)
 end
 
 -- The event sink for a command: --json, --quiet, a terminal, or plain lines.
+-- A simulated run prints its timeline as plain lines, each marked.
 local function event_sink(flags, interval)
   if flags.quiet then return nil end
+  if flags.simulate and flags.json then
+    return function(ev)
+      local line = event_json(ev)
+      out:write(redact(line:sub(1, -3) .. ',"simulated":true}\n'))
+      out:flush()
+    end
+  end
+  if flags.simulate then
+    return function(ev) out:write(redact("[simulated] " .. event_line(ev))) out:flush() end
+  end
   if flags.json then return function(ev) out:write(redact(event_json(ev))) out:flush() end end
   if is_terminal() then return progress_printer(interval) end
   return function(ev) out:write(redact(event_line(ev))) out:flush() end
 end
 
 local function result_exit(res, flags)
+  if flags.simulate then res.simulated = true end
   if flags.json then
     out:write(redact(cjson.encode({ result = res })), "\n")
+  elseif res.success and flags.simulate then
+    printf("%s: %s would be deployed in %s (%s), simulated: nothing was started or changed\n", res.target,
+           res.version, fmt_duration(res.duration), res.strategy)
   elseif res.success then
     printf("%s: %s deployed in %s (%s)\n", res.target, res.version, fmt_duration(res.duration), res.strategy)
   end
@@ -482,6 +507,10 @@ function commands.run(opts, args)
   -- --simulate every wait runs on the virtual clock.
   deploy._host{ config = opts.config, simulate = simulate }
   local rv = chunk(table.unpack(script_arg))
+  if simulate then
+    eprintf("[simulated] %s: no instance was started, no router was changed, the store was not written\n",
+            deploy._simulation() or "dry run")
+  end
   if math.type(rv) == "integer" then return rv end
   if rv == false then return EXIT_FAILED end
   return EXIT_OK
@@ -521,10 +550,22 @@ local function with_output(spec)
   return t
 end
 
+-- --simulate: everything after this runs dry (deploy._host), and says so.
+local function start_simulation(flags)
+  deploy._host{ simulate = true }
+  return function()
+    if not flags.json then
+      printf("[simulated] %s: no instance starts, no router changes, the store is not written\n",
+             deploy._simulation() or "dry run")
+    end
+  end
+end
+
 function commands.deploy(opts, args)
-  local flags, pos = parse_flags("deploy", args, with_output{ strategy = "value", set = "list" }, 2)
+  local flags, pos = parse_flags("deploy", args, with_output{ strategy = "value", set = "list", simulate = "bool" }, 2)
   if flags.help then out:write(HELP.deploy) return EXIT_OK end
   if #pos < 2 then usage_error("deploy: needs TARGET and VERSION (see 'deployctl deploy --help')") end
+  local banner = flags.simulate and start_simulation(flags)
   local kinds = { canary = deploy.CanaryStrategy, ["blue-green"] = deploy.BlueGreenStrategy,
                   bluegreen = deploy.BlueGreenStrategy }
   local class = kinds[flags.strategy or "blue-green"]
@@ -536,6 +577,7 @@ function commands.deploy(opts, args)
   local interval = strategy.name == "canary" and strategy.interval or nil
   local m = open_manager(opts, { on_event = event_sink(flags, interval) })
   check_target(m, pos[1])
+  if banner then banner() end
   local done, res = pcall(m.deploy, m, pos[1], pos[2], { strategy = strategy })
   if not done then usage_error("%s", tostring(res)) end
   return result_exit(res, flags)
