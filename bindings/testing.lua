@@ -102,11 +102,24 @@ function testing.setup(spec)
   local config = testing.config{ targets = spec.targets, state = spec.state, retain = spec.retain }
   local manager = deploy.DeploymentManager{ config = config, strategy = spec.strategy,
                                             strategies = spec.strategies, on_event = spec.on_event }
-  return setmetatable({ manager = manager, config = config, own_state = spec.state == nil }, Kit)
+  return setmetatable({ manager = manager, config = config, own_state = spec.state == nil, marks = {} }, Kit)
 end
 
-function Kit:deploy(target, version, options) return self.manager:deploy(target, version, options) end
-function Kit:rollback(target, version) return self.manager:rollback(target, version) end
+-- Where the router's record stood when the kit's last deployment of
+-- target began: weights() reads from there on.
+local function mark(self, target)
+  local ok, log = pcall(C.router_log, self.manager, target)
+  self.marks[target] = ok and #log or 0
+end
+
+function Kit:deploy(target, version, options)
+  mark(self, target)
+  return self.manager:deploy(target, version, options)
+end
+function Kit:rollback(target, version)
+  mark(self, target)
+  return self.manager:rollback(target, version)
+end
 function Kit:status(target) return self.manager:get_status(target) end
 
 -- The events of one deployment: the target's last one, or deployment id
@@ -158,10 +171,13 @@ local function versions_of(manager, target)
   return by_name
 end
 
--- What the router was asked to serve, apply by apply: { at, servers = {
--- { name, host, port, weight, version } }, shares = { [version] = pct } }.
-function Kit:weights(target)
+-- What the router was asked to serve, apply by apply, during the kit's
+-- last deployment of target (all = true: since the start): { at, servers
+-- = { { name, host, port, weight, version } }, shares = { [version] = pct } }.
+function Kit:weights(target, all)
   local log = C.router_log(self.manager, target)
+  local from = all and 0 or (self.marks[target] or 0)
+  log = table.move(log, from + 1, #log, 1, {})
   local by_name = versions_of(self.manager, target)
   for _, apply in ipairs(log) do
     local total, per = 0, {}
@@ -176,11 +192,11 @@ function Kit:weights(target)
   return log
 end
 
--- The share of `version` at each router apply (the split traffic really
--- got), rounded to 0.01.
-function Kit:router_shares(target, version)
+-- The share of `version` at each router apply of the last deployment
+-- (the split traffic really got), rounded to 0.01.
+function Kit:router_shares(target, version, all)
   local out = {}
-  for _, apply in ipairs(self:weights(target)) do
+  for _, apply in ipairs(self:weights(target, all)) do
     out[#out + 1] = math.floor((apply.shares[version] or 0) * 100 + 0.5) / 100
   end
   return out

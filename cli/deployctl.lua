@@ -824,6 +824,56 @@ function commands.report(opts, args)
 end
 
 -- The man page and bash completion, both made from COMMANDS and HELP.
+-- The man page's CONFIGURATION and FILES sections (README.md has the
+-- same with examples).
+local CONFIGURATION = [[
+The configuration is a Lua file returning a table: --config FILE (or -c
+FILE), else $DEPLOY_CONFIG, else ./deployctl.lua. (A ./deploy.lua that is a
+config is still read in this release, with a warning: rename it; that
+name hides the deploy module from require in its directory.)
+
+return {
+  state = ".deploy/state.db",   -- or postgresql://USER@HOST/DB; $DEPLOY_STATE wins
+  clock = "real",               -- or "virtual"; unset: the process's clock
+  retain = { history = 200, versions = 10, logs = 100 },
+  simulate = { start_time = 1, versions = { ["1.2.0"] = { unhealthy_after = 60 } } },
+  targets = {
+    production = {
+      instances = 2,            -- per host, 1..64
+      hosts = { "app1", "deploy@10.0.0.7:2222" },   -- only with provider kind ssh
+      provider = { kind = "process", command = "./app --port {port}", ports = "20000-20999",
+                   stop_timeout = 10, env = { TOKEN = "${TOKEN}" }, workdir = "/srv/app" },
+      router = { kind = "haproxy", socket = "/run/haproxy/admin.sock", backend = "app",
+                 prefix = "dc_", timeout = 5, drain_timeout = 30 },
+      health = { path = "/healthz", expect_status = 200, timeout = 2, interval = 1,
+                 failure_threshold = 3, start_timeout = 60 },
+      retain = { history = 50 },
+    },
+  },
+}
+
+provider.kind: process (local processes), ssh (on the target's hosts: also
+log_dir, key, known_hosts, ssh_config, accept_new, connect_timeout,
+boot_limit, boot_wait), test (instances inside deployctl, for specs:
+start_time, unhealthy, unhealthy_after, error_rate, crash_after, versions).
+router.kind: haproxy (socket: a path, tcp://ADDR:PORT or ssh://HOST/path;
+backend; prefix of the server names it owns, default dc_; timeout per
+command, default 5; drain_timeout, default 30), nginx (include, upstream,
+conf, pid, nginx, timeout, drain_timeout), none (the split follows the
+instance ratio), test (records weights). simulate: how --simulate's
+instances behave (the test provider's fields; start_time defaults to 1).
+Placeholders in commands: {port} {version} {target} {instance} {host};
+${NAME} is read from the environment and never stored or printed.]]
+
+local FILES = {
+  { "./deployctl.lua", "the configuration (see CONFIGURATION)" },
+  { ".deploy/state.db", "the store (SQLite, WAL), unless config.state or $DEPLOY_STATE say otherwise" },
+  { ".deploy/logs/TARGET-VERSION-N.log", "each local instance's output (beside the store: STATE_DIR/logs)" },
+  { ".deploy/git/", "GitOps repository caches (beside the store)" },
+  { "PREFIX/lib/deployctl/deploy-git.so, deploy-http.so", "modules loaded on first use (git, HTTP); $DEPLOY_MODULE_DIR first" },
+  { "PREFIX/lib/lua/5.4/deploy.so", "the Lua module: require \"deploy\" and require \"deploy.testing\"" },
+}
+
 function commands.man(opts, args)
   local flags = parse_flags("man", args, {}, 0)
   if flags.help then out:write(HELP.man) return EXIT_OK end
@@ -831,13 +881,21 @@ function commands.man(opts, args)
   local lines = {
     '.TH DEPLOYCTL 1 "" "deployctl ' .. deploy._VERSION .. '" "User Commands"',
     ".SH NAME", "deployctl \\- safe canary and blue-green rollouts behind HAProxy, scripted in Lua",
-    ".SH SYNOPSIS", ".B deployctl", "[\\-\\-config FILE] COMMAND [ARGUMENTS]",
+    ".SH SYNOPSIS",
+  }
+  -- each command's whole usage line, from its help (flags included)
+  for _, c in ipairs(COMMANDS) do
+    local usage = (HELP[c[1]] or ""):match("^Usage: deployctl " .. c[1]:gsub("%p", "%%%0") .. " ?([^\n]*)")
+    lines[#lines + 1] = ".br"
+    lines[#lines + 1] = "\\fBdeployctl\\fR [\\-c|\\-\\-config FILE] \\fB" .. c[1] .. "\\fR " .. esc(usage or c[2])
+  end
+  for _, l in ipairs({
     ".SH DESCRIPTION",
     "deployctl puts new versions of an application on target environments with canary and blue-green rollouts, "
       .. "gates every step on health checks, rolls back by itself, keeps a durable history, and syncs desired "
       .. "versions from a git repository.",
     ".SH COMMANDS",
-  }
+  }) do lines[#lines + 1] = l end
   for _, c in ipairs(COMMANDS) do
     lines[#lines + 1] = ".TP"
     lines[#lines + 1] = "\\fB" .. c[1] .. "\\fR " .. esc(c[2])
@@ -850,9 +908,20 @@ function commands.man(opts, args)
       lines[#lines + 1] = ".RE"
     end
   end
+  lines[#lines + 1] = ".SH CONFIGURATION"
+  lines[#lines + 1] = ".nf"
+  lines[#lines + 1] = esc(CONFIGURATION)
+  lines[#lines + 1] = ".fi"
+  lines[#lines + 1] = ".SH FILES"
+  for _, f in ipairs(FILES) do
+    lines[#lines + 1] = ".TP\n" .. esc(f[1]) .. "\n" .. esc(f[2])
+  end
   lines[#lines + 1] = ".SH ENVIRONMENT"
   lines[#lines + 1] = ".TP\nDEPLOY_CONFIG\nthe configuration file when --config is not given"
-  lines[#lines + 1] = ".TP\nDEPLOY_STATE\nthe state file (SQLite), over config.state"
+  lines[#lines + 1] = ".TP\nDEPLOY_STATE\nthe store (a SQLite file or postgresql:// URL), over config.state"
+  lines[#lines + 1] = ".TP\nDEPLOY_MODULE_DIR\nwhere deploy-git.so and deploy-http.so are looked for first"
+  lines[#lines + 1] = ".TP\nDEPLOY_SSH_KEY\nthe ssh provider's key (a path or the key itself)"
+  lines[#lines + 1] = ".TP\nDEPLOY_GIT_USERNAME, DEPLOY_GIT_TOKEN, DEPLOY_GIT_SSH_KEY\nGitOps credentials"
   lines[#lines + 1] = ".SH EXIT STATUS"
   lines[#lines + 1] = "0 success, 1 deployment failed and rolled back, 2 usage or configuration error, 3 target locked."
   out:write(table.concat(lines, "\n"), "\n")
