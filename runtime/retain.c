@@ -60,6 +60,23 @@ static int add(char ***v, size_t *n, const char *s) {
   return 0;
 }
 
+/* Ends the op when a read it depends on failed (1), or says go on (0). */
+static int read_failed(retain_op *op, const store_result *r) {
+  if (r->rc == DC_OK)
+    return 0;
+  note(op, r->err);
+  op_end(op);
+  return 1;
+}
+
+/* A store call that could not even be queued ends the op. */
+static void queued(retain_op *op, int rc, const char *err) {
+  if (rc == 0)
+    return;
+  note(op, err);
+  op_end(op);
+}
+
 static void rows_pruned(void *payload, const store_result *r) {
   retain_op *op = payload;
   if (r->rc != DC_OK)
@@ -137,11 +154,8 @@ static void instances_read(void *payload, const store_result *r) {
 static void history_read(void *payload, const store_result *r) {
   retain_op *op = payload;
   char err[DC_ERR_MAX];
-  if (r->rc != DC_OK) {
-    note(op, r->err);
-    op_end(op);
+  if (read_failed(op, r))
     return;
-  }
   /* newest first: the first `versions` distinct ones are kept, the rest
    * dropped unless something below keeps them */
   char **seen = NULL;
@@ -164,25 +178,16 @@ static void history_read(void *payload, const store_result *r) {
    * made then, from these */
   op->drop = seen;
   op->ndrop = nseen;
-  if (store_instances(service_store(op->svc), op->t->name, instances_read, op, err) != 0) {
-    note(op, err);
-    op_end(op);
-  }
+  queued(op, store_instances(service_store(op->svc), op->t->name, instances_read, op, err), err);
 }
 
 static void target_read(void *payload, const store_result *r) {
   retain_op *op = payload;
   char err[DC_ERR_MAX];
-  if (r->rc != DC_OK) {
-    note(op, r->err);
-    op_end(op);
+  if (read_failed(op, r))
     return;
-  }
   op->tg = *r->target;
-  if (store_history(service_store(op->svc), op->t->name, 0, history_read, op, err) != 0) {
-    note(op, err);
-    op_end(op);
-  }
+  queued(op, store_history(service_store(op->svc), op->t->name, 0, history_read, op, err), err);
 }
 
 int retain_target(service *svc, const char *target, retain_cb cb, void *payload, char *err) {
