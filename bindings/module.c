@@ -108,6 +108,21 @@ static int deploy_host(lua_State *L) {
   return 0;
 }
 
+/* deploy._clock([mode]) -> the engine's clock ("real" or "virtual") before
+ * the call; with mode, switches to it (deploy.testing gives the process
+ * its clock back when a kit closes). */
+static int deploy_clock(lua_State *L) {
+  engine *e = lengine_get(L);
+  lua_pushstring(L, e->virtual_clock ? "virtual" : "real");
+  if (lua_isnoneornil(L, 1))
+    return 1;
+  const char *mode = luaL_checkstring(L, 1);
+  luaL_argcheck(L, strcmp(mode, "real") == 0 || strcmp(mode, "virtual") == 0, 1, "must be 'real' or 'virtual'");
+  if (engine_set_virtual(e, strcmp(mode, "virtual") == 0) != 0)
+    return luaL_error(L, "deploy: cannot switch clocks while timers are pending");
+  return 1;
+}
+
 /* deploy._simulation() -> what a --simulate run starts from (the store
  * copied, or an empty one), or nil when not simulating. */
 static int deploy_simulation(lua_State *L) {
@@ -175,6 +190,7 @@ int luaopen_deploy(lua_State *L) {
                                        {"migrate_store", deploy_migrate_store},
                                        {"_config_path", lconfig_path_lua},
                                        {"_simulation", deploy_simulation},
+                                       {"_clock", deploy_clock},
                                        {NULL, NULL}};
   lengine_get(L);
   luaL_newlib(L, functions);

@@ -100,9 +100,13 @@ function testing.setup(spec)
     if not allowed[k] then fail(2, "setup has no field '%s' (known: %s)", tostring(k), known(allowed)) end
   end
   local config = testing.config{ targets = spec.targets, state = spec.state, retain = spec.retain }
+  -- the process's clock, given back at close: specs after this one (in
+  -- the same busted run) keep theirs
+  local clock = deploy._clock()
   local manager = deploy.DeploymentManager{ config = config, strategy = spec.strategy,
                                             strategies = spec.strategies, on_event = spec.on_event }
-  return setmetatable({ manager = manager, config = config, own_state = spec.state == nil, marks = {} }, Kit)
+  return setmetatable({ manager = manager, config = config, own_state = spec.state == nil, marks = {},
+                        clock = clock }, Kit)
 end
 
 -- Where the router's record stood when the kit's last deployment of
@@ -211,6 +215,7 @@ function Kit:close()
   if self.closed then return end
   self.closed = true
   self.manager:close()
+  pcall(deploy._clock, self.clock)
   if self.own_state then
     for _, suffix in ipairs({ "", "-wal", "-shm" }) do os.remove(self.config.state .. suffix) end
   end

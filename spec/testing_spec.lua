@@ -15,6 +15,7 @@ describe("deploy.testing", function()
   after_each(function()
     if kit then kit:close() end
     kit = nil
+    pcall(deploy._clock, "real") -- managers made here with clock = "virtual" leave it on
     fixtures.cleanup()
   end)
 
@@ -145,7 +146,10 @@ describe("deploy.testing", function()
 end)
 
 describe("the virtual clock with real instances", function()
-  after_each(fixtures.cleanup)
+  after_each(function()
+    pcall(deploy._clock, "real")
+    fixtures.cleanup()
+  end)
 
   it("waits for an instance that takes real time to start: start_timeout counts real seconds", function()
     local target, dir = fixtures.target_config{ instances = 1, health = { start_timeout = 20, interval = 0.1 } }
@@ -162,5 +166,13 @@ describe("the virtual clock with real instances", function()
     assert.is_true(r2.duration >= 2700, r2.duration)
     assert.equal(1, #fixtures.instances_of(dir, "1.1.0"))
     m:close()
+  end)
+
+  it("a kit gives the process its clock back when it closes", function()
+    assert.equal("real", deploy._clock())
+    local kit = testing.setup{}
+    assert.equal("virtual", deploy._clock())
+    kit:close()
+    assert.equal("real", deploy._clock())
   end)
 end)
