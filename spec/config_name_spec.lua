@@ -120,7 +120,7 @@ describe("the config file's name", function()
     ]])
     local build = fixtures.build_dir()
     if build:sub(1, 1) ~= "/" then build = fixtures.root() .. "/" .. build end
-    local out = io.popen("cd " .. q(dir) .. " && env -u DEPLOY_CONFIG LUA_CPATH=" .. q(build .. "/?.so;;") ..
+    local out = io.popen("cd " .. q(dir) .. " && env -u DEPLOY_CONFIG " .. fixtures.lua_child_env() .. "LUA_CPATH=" .. q(build .. "/?.so;;") ..
                          " lua5.4 probe.lua 2>&1"):read("a")
     assert.equal("function userdata", out)
   end)

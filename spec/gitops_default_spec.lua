@@ -14,7 +14,7 @@ local function lua_in(dir, script, env)
   fixtures.write_file(dir .. "/probe.lua", script)
   local build = fixtures.build_dir()
   if build:sub(1, 1) ~= "/" then build = fixtures.root() .. "/" .. build end
-  local prefix = "env -u DEPLOY_CONFIG LUA_CPATH=" .. q(build .. "/?.so;;") .. " "
+  local prefix = "env -u DEPLOY_CONFIG " .. fixtures.lua_child_env() .. "LUA_CPATH=" .. q(build .. "/?.so;;") .. " "
   for k, v in pairs(env or {}) do prefix = prefix .. k .. "=" .. q(v) .. " " end
   local p = io.popen("cd " .. q(dir) .. " && " .. prefix .. "lua5.4 probe.lua 2>&1; echo \"rc=$?\"")
   local out = p:read("a")

@@ -36,7 +36,7 @@ local function user_spec_runs(prefix)
   local dir = fixtures.tmpdir("user")
   local text = fixtures.read_file(fixtures.root() .. "/examples/rollout_spec.lua")
   fixtures.write_file(dir .. "/my_spec.lua", text)
-  local env = "env -u DEPLOY_MODULE_DIR -u DEPLOY_BUILD_DIR LUA_CPATH=" .. q(prefix .. "/lib/lua/5.4/?.so;;") ..
+  local env = "env -u DEPLOY_MODULE_DIR -u DEPLOY_BUILD_DIR " .. fixtures.lua_child_env() .. "LUA_CPATH=" .. q(prefix .. "/lib/lua/5.4/?.so;;") ..
               " PATH=" .. q(prefix .. "/bin:" .. os.getenv("PATH")) .. " "
   local rc, out = sh("cd " .. q(dir) .. " && " .. env .. "busted -o TAP my_spec.lua")
   assert.equal(0, rc, out)
