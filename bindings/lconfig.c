@@ -280,9 +280,14 @@ static void make_provider(lua_State *L, int idx, const char *path, target_config
   sub_table(L, idx, path, "provider", 1);
   int pi = lua_gettop(L);
   str_field(L, pi, p, "kind", "process", kind, sizeof kind);
+  if (strcmp(kind, "test") == 0) {
+    lconfig_test_provider(L, pi, p, t);
+    lua_pop(L, 1);
+    return;
+  }
   int ssh = strcmp(kind, "ssh") == 0;
   if (!ssh && strcmp(kind, "process") != 0)
-    fail(L, p, "kind '%s' is not known (known: process, ssh)", kind);
+    fail(L, p, "kind '%s' is not known (known: process, ssh, test)", kind);
   check_keys(L, pi, p, ssh ? ssh_fields : process_fields);
   int remote = t->nnodes > 1 || t->nodes[0][0];
   if (ssh && !remote)
@@ -433,8 +438,13 @@ static void make_router(lua_State *L, int idx, const char *path, target_config *
   }
   int ri = lua_gettop(L);
   str_field(L, ri, p, "kind", "none", kind, sizeof kind);
+  if (strcmp(kind, "test") == 0) {
+    lconfig_test_router(L, ri, p, t);
+    lua_pop(L, 1);
+    return;
+  }
   if (strcmp(kind, "none") != 0 && strcmp(kind, "haproxy") != 0 && strcmp(kind, "nginx") != 0)
-    fail(L, p, "kind '%s' is not known (known: haproxy, nginx, none)", kind);
+    fail(L, p, "kind '%s' is not known (known: haproxy, nginx, none, test)", kind);
   int rc;
   if (strcmp(kind, "nginx") == 0) {
     rc = make_nginx_router(L, ri, p, e, t, err);
@@ -562,7 +572,7 @@ static void load_file(lua_State *L, int idx) {
   const char *path = lua_tostring(L, idx);
   char msg[DC_ERR_MAX];
   if (access(path, R_OK) != 0) {
-    dc_fmt(msg, sizeof msg, "deploy: cannot read config file '%s': %s (give --config FILE or create ./deploy.lua)",
+    dc_fmt(msg, sizeof msg, "deploy: cannot read config file '%s': %s (give --config FILE or create ./deployctl.lua)",
            path, strerror(errno));
     lerror(L, msg);
   }
@@ -617,7 +627,7 @@ static void store_tag(const char *state, char *tag, size_t tsize, char *log_dir,
 }
 
 lconfig *lconfig_load(lua_State *L, int idx) {
-  static const char *const allowed[] = {"state", "clock", "targets", "retain", NULL};
+  static const char *const allowed[] = {"state", "clock", "targets", "retain", "simulate", NULL};
   idx = lua_absindex(L, idx);
   if (lua_type(L, idx) == LUA_TSTRING)
     load_file(L, idx);
@@ -668,6 +678,23 @@ lconfig *lconfig_load(lua_State *L, int idx) {
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
+  lconfig_simulate(L, idx, c);
   lua_settop(L, ci);
   return c;
+}
+
+/* ---- the readers, for the other config files (lconfig_test.c) ---- */
+
+int lconfig_fail(lua_State *L, const char *path, const char *fmt, const char *a) { return fail(L, path, fmt, a); }
+void lconfig_check_keys(lua_State *L, int idx, const char *path, const char *const *allowed) {
+  check_keys(L, idx, path, allowed);
+}
+double lconfig_num(lua_State *L, int idx, const char *path, const char *k, double def, double lo, double hi) {
+  return num_field(L, idx, path, k, def, lo, hi);
+}
+int lconfig_bool(lua_State *L, int idx, const char *path, const char *k, int def) {
+  return bool_field(L, idx, path, k, def);
+}
+int lconfig_sub_table(lua_State *L, int idx, const char *path, const char *k, int required) {
+  return sub_table(L, idx, path, k, required);
 }

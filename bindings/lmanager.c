@@ -987,10 +987,6 @@ static void open_service(lua_State *L, lmanager *m, lconfig *cfg) {
     fprintf(stderr, "deploy: recovering interrupted deployments: %s\n", w.err);
 }
 
-static const char *default_config(void) {
-  const char *path = getenv("DEPLOY_CONFIG");
-  return path && *path ? path : "deploy.lua";
-}
 
 static int manager_new(lua_State *L) {
   lsched_check_can_wait(L);
@@ -1012,7 +1008,9 @@ static int manager_new(lua_State *L) {
     lua_pop(L, 1);
   }
   if (lua_isnil(L, 2)) {
-    const char *path = default_config();
+    char buf[1024];
+    int legacy;
+    const char *path = lconfig_default_path(L, buf, sizeof buf, &legacy);
     if (access(path, F_OK) != 0)
       return luaL_error(L, "deploy: DeploymentManager needs config = { targets = { ... } } or the path of a config "
                            "file (none given and %s does not exist)", path);
@@ -1067,11 +1065,14 @@ static int manager_new(lua_State *L) {
 }
 
 void lmanager_push_default(lua_State *L, const char *what_for) {
+  char buf[1024];
+  int legacy;
   if (lua_getfield(L, LUA_REGISTRYINDEX, "deploy.default_config") != LUA_TSTRING &&
-      access(default_config(), F_OK) != 0) {
+      access(lconfig_default_path(L, buf, sizeof buf, &legacy), F_OK) != 0) {
     lua_pop(L, 1);
-    luaL_error(L, "deploy: %s needs a DeploymentManager: give manager = deploy.DeploymentManager{ config = ... }, or "
-                  "a config file (--config FILE, $DEPLOY_CONFIG, or ./%s)", what_for, default_config());
+    luaL_error(L, "deploy: %s needs a DeploymentManager and found none: give manager = "
+                  "deploy.DeploymentManager{ config = ... } to it, or write a config file (--config FILE, "
+                  "$DEPLOY_CONFIG, or %s)", what_for, buf[0] == '/' ? buf : "./deployctl.lua");
   }
   lua_pop(L, 1);
   lua_pushcfunction(L, manager_new);

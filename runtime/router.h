@@ -93,6 +93,19 @@ int router_nginx_new(router **out, engine *e, const router_nginx_opts *o,
  * instance ratio): apply succeeds at once. */
 int router_none_new(router **out, engine *e, char *err);
 
+/* The test router (test_router.c): weighs servers and records every
+ * apply, touching no proxy. For users' specs and --simulate. */
+typedef struct router_test_apply {
+  double at;                 /* engine clock */
+  router_server *servers;
+  size_t n;
+} router_test_apply;
+
+int router_test_new(router **out, engine *e, char *err);
+/* What a test router was asked to serve, oldest first (valid until the
+ * next apply or free). -1 when r is not a test router. */
+int router_test_log(const router *r, const router_test_apply **log, size_t *n);
+
 /* The exact split of notes/haproxy.md: share pct (0..100) to n_new servers
  * and the rest to n_old, equal weights inside a group, each weight 0..256.
  * pct 0: new weights 0; pct 100: old weights 0; otherwise both >= 1. */

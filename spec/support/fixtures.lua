@@ -72,6 +72,15 @@ end
 
 local root_dir
 
+-- Env assignments for a lua5.4 (or busted) child that loads this build's
+-- deploy.so: under the sanitizer build it needs the ASan runtime preloaded
+-- again (spec/support/sanitizer.lua drops the preload for every child).
+function fixtures.lua_child_env()
+  local preload = os.getenv("LD_PRELOAD")
+  if preload and preload:find("asan", 1, true) then return "LD_PRELOAD=" .. q(preload) .. " " end
+  return ""
+end
+
 function fixtures.root()
   if not root_dir then
     root_dir = capture("pwd"):gsub("%s+$", "")
