@@ -1154,3 +1154,66 @@ int router_haproxy_new(router **out, engine *e, const router_haproxy_opts *o,
   *out = &h->base;
   return DC_OK;
 }
+
+/* ---- fuzzing ------------------------------------------------------------- */
+
+#ifdef DEPLOY_FUZZ
+/* An entry point here rather than the parsers split into a file of their
+ * own: they stay static and where they are, the normal build compiles the
+ * same code as before, and what the fuzzer runs is what the router runs.
+ * No loop is involved: none of these readers touches a handle. */
+int haproxy_fuzz_answers(const char *backend, const char *prefix, const router_server *want, size_t nwant,
+                         char *state, char *stat, char *answer, haproxy_fuzz_step_cb step, void *payload,
+                         haproxy_fuzz_result *out, char *err) {
+  hap h;
+  apply_op op;
+  hap_srv *live = NULL;
+  size_t nlive = 0;
+  char cmd[HAP_CMD_MAX];
+  memset(out, 0, sizeof *out);
+  memset(&h, 0, sizeof h);
+  dc_strlcpy(h.socket, "/run/haproxy/admin.sock", sizeof h.socket);
+  dc_strlcpy(h.backend, backend, sizeof h.backend);
+  dc_strlcpy(h.prefix, prefix, sizeof h.prefix);
+  dc_fmt(cmd, sizeof cmd, "show servers state %s", h.backend);
+  /* The servers wanted are checked as apply checks them, before any answer. */
+  if (check_servers(&h, want, nwant, err) < 0 || parse_state(&h, cmd, state, &live, &nlive, err) < 0)
+    return DC_ERROR;
+  memset(&op, 0, sizeof op);
+  op.want = (router_server *)want;
+  op.nwant = nwant;
+  int rc = plan(&h, &op, live, nlive);
+  free(live);
+  if (rc < 0) {
+    free(op.steps);
+    dc_strlcpy(err, op.err, DC_ERR_MAX);
+    return DC_ERROR;
+  }
+  out->nlive = nlive;
+  out->nsteps = op.nsteps;
+  out->busy = -2;
+  for (size_t i = 0; i < op.nsteps; i++) {
+    step(payload, op.steps[i].name, op.steps[i].text);
+    if (op.steps[i].kind == STEP_DRAIN && out->busy == -2) {
+      op.cur = i;
+      out->busy = busy_sessions(&h, &op, stat);
+    }
+  }
+  free(op.steps);
+  size_t len = strlen(answer);
+  char *copy = malloc(len + 1);
+  if (copy == NULL) {
+    dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
+    return DC_ERROR;
+  }
+  const answer_kind kinds[] = {ANS_EMPTY, ANS_ADD, ANS_ADDR};
+  int *oks[] = {&out->ok_empty, &out->ok_add, &out->ok_addr};
+  for (size_t k = 0; k < 3; k++) {
+    memcpy(copy, answer, len + 1);
+    *oks[k] = answer_ok(kinds[k], copy);
+  }
+  msg_answered(&h, cmd, answer, err);
+  free(copy);
+  return DC_OK;
+}
+#endif

@@ -75,4 +75,24 @@ int router_none_new(router **out, engine *e, char *err);
 void router_split_weights(double pct, int n_old, int n_new, int *w_old,
                           int *w_new);
 
+#ifdef DEPLOY_FUZZ
+/* Only in the fuzzing build (cmake -DDEPLOY_FUZZ=ON, fuzz/haproxy.c): the
+ * router's readers of HAProxy's answers, run on given text instead of a
+ * socket. The "show servers state" answer is planned against want as an
+ * apply plans it (each step handed to step), the "show stat" answer is
+ * read as the drain step reads it, and the third answer is checked as a
+ * command's answer is. Answers are modified in place, as the router does.
+ * Returns -1 with err when want or the state answer is refused, else 0. */
+typedef struct haproxy_fuzz_result {
+  size_t nlive;          /* our servers in the state answer */
+  size_t nsteps;         /* steps of the plan */
+  long busy;             /* sessions on the servers retired; -1 refused, -2 no drain */
+  int ok_empty, ok_add, ok_addr;  /* the third answer as each kind of success */
+} haproxy_fuzz_result;
+typedef void (*haproxy_fuzz_step_cb)(void *payload, const char *server, const char *command);
+int haproxy_fuzz_answers(const char *backend, const char *prefix, const router_server *want, size_t nwant,
+                         char *state, char *stat, char *answer, haproxy_fuzz_step_cb step, void *payload,
+                         haproxy_fuzz_result *out, char *err);
+#endif
+
 #endif
