@@ -438,7 +438,11 @@ static int push_srv(hap_srv **v, size_t *n, size_t *cap, const hap_srv *s) {
   return DC_OK;
 }
 
-/* One data line of "show servers state"; 1 when it is one of ours. */
+/* One data line of "show servers state"; 1 when it is one of ours, -1
+ * when it names one of ours in a way HAProxy never would (s->name then
+ * shows it, non-printable bytes as '?'): every name of ours is sent back
+ * in commands, and HAProxy's CLI would read "dc_1;disable frontend fe"
+ * as two commands. */
 static int state_line(const hap *h, char *line, const state_cols *c,
                       hap_srv *s) {
   char *f[HAP_MAX_COLS];
@@ -447,6 +451,13 @@ static int state_line(const hap *h, char *line, const state_cols *c,
       n <= c->weight || !starts_with(f[c->name], h->prefix))
     return 0;
   memset(s, 0, sizeof *s);
+  if (!valid_name(f[c->name]) || strlen(f[c->name]) >= sizeof s->name) {
+    dc_strlcpy(s->name, f[c->name], sizeof s->name);
+    for (char *p = s->name; *p != '\0'; p++)
+      if ((unsigned char)*p < 0x20 || (unsigned char)*p >= 0x7f)
+        *p = '?';
+    return -1;
+  }
   dc_strlcpy(s->name, f[c->name], sizeof s->name);
   dc_strlcpy(s->addr, f[c->addr], sizeof s->addr);
   s->port = atoi(f[c->port]);
@@ -484,11 +495,23 @@ static int parse_state(const hap *h, const char *cmd, char *answer,
         return DC_ERROR;
       }
       have_cols = 1;
-    } else if (have_cols && state_line(h, line, &cols, &s) &&
-               push_srv(&v, n, &cap, &s) < 0) {
-      dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
-      free(v);
-      return DC_ERROR;
+    } else if (have_cols) {
+      int ours = state_line(h, line, &cols, &s);
+      if (ours < 0) {
+        dc_fmt(err, DC_ERR_MAX,
+               "haproxy: '%s' answered a server '%s' whose name HAProxy does "
+               "not allow (letters, digits, '_', '-', '.', ':', at most 63 "
+               "bytes): nothing is sent back with it (is %s HAProxy's stats "
+               "socket? if so, rename or delete that server)",
+               cmd, s.name, h->socket);
+        free(v);
+        return DC_ERROR;
+      }
+      if (ours > 0 && push_srv(&v, n, &cap, &s) < 0) {
+        dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
+        free(v);
+        return DC_ERROR;
+      }
     }
   }
   *out = v;

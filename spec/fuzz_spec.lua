@@ -21,6 +21,40 @@ local function gitops_env()
            sync = deploy.GitOpsSynchronizer{ repo_url = repo:file_url(), manager = m } }
 end
 
+-- A stand-in for HAProxy's stats socket, for answers a real HAProxy cannot
+-- give: socat runs a small responder per connection (one command, one
+-- answer, then the end, as HAProxy's non-interactive CLI does). It answers
+-- "show servers state" with the given text, "add server" with HAProxy's
+-- sentence and everything else with the empty line of success, and logs
+-- every command it gets.
+local function fake_stats_socket(state)
+  local dir = fixtures.tmpdir("fake-haproxy")
+  fixtures.write_file(dir .. "/state", state)
+  fixtures.write_file(dir .. "/respond", table.concat({
+    "#!/bin/bash",
+    "IFS= read -r cmd",
+    "printf '%s\\n' \"$cmd\" >> " .. fixtures.shell_quote(dir .. "/commands.log"),
+    "case \"$cmd\" in",
+    "  'show servers state '*) cat " .. fixtures.shell_quote(dir .. "/state") .. " ;;",
+    "  'add server '*) printf 'New server registered.\\n\\n' ;;",
+    "  *) printf '\\n' ;;",
+    "esac",
+  }, "\n") .. "\n")
+  os.execute("chmod +x " .. fixtures.shell_quote(dir .. "/respond"))
+  local sock = dir .. "/admin.sock"
+  fixtures.spawn(string.format("exec socat UNIX-LISTEN:%s,fork EXEC:%s", fixtures.shell_quote(sock),
+                               fixtures.shell_quote(dir .. "/respond")), dir .. "/socat.log")
+  fixtures.wait_until(function() return os.execute("test -S " .. fixtures.shell_quote(sock)) end, 5, "the fake socket")
+  return {
+    socket = sock, backend = "app",
+    commands = function()
+      local list = {}
+      for line in (fixtures.read_file(dir .. "/commands.log") or ""):gmatch("[^\n]+") do list[#list + 1] = line end
+      return list
+    end,
+  }
+end
+
 describe("inputs found by fuzzing", function()
   after_each(fixtures.cleanup)
 
@@ -37,6 +71,27 @@ describe("inputs found by fuzzing", function()
       assert.same({ "staging.json: not valid JSON: line 1, column 36: a NUL byte (JSON is text; nothing after it "
                     .. "is read): fix the syntax" }, r.errors)
       assert.same({}, env.m:history("staging"))
+    end)
+  end)
+
+  describe("HAProxy answers (fuzz/haproxy.c)", function()
+    -- A real HAProxy cannot produce this answer: its CLI splits commands at
+    -- ';' and server names allow only letters, digits and "_-.:". So the
+    -- answer comes from a stand-in socket. The reproducer is HAProxy
+    -- 2.6's own answer with one line added.
+    it("never sends back a server name that HAProxy's CLI would read as more than one command", function()
+      local state = reproducer("haproxy", "injected-name"):match("^[^%z]*")
+      assert.truthy(state:find("dc_9;disable\tfrontend\tfe", 1, true))
+      local fake = fake_stats_socket(state)
+      local cfg = fixtures.config{ targets = { web = fixtures.target_config{ instances = 1, haproxy = fake } } }
+      local m = deploy.DeploymentManager{ config = cfg }
+      local r = m:deploy("web", "1.0.0")
+      assert.is_false(r.success)
+      local commands = fake.commands()
+      assert.is_true(#commands > 0)
+      for _, c in ipairs(commands) do assert.equal("show servers state app", c) end
+      assert.truthy(table.concat(r.errors, "\n"):find("'show servers state app' answered a server "
+        .. "'dc_9;disable?frontend?fe' whose name HAProxy does not allow", 1, true), table.concat(r.errors, "\n"))
     end)
   end)
 end)
