@@ -74,6 +74,33 @@ describe("inputs found by fuzzing", function()
     end)
   end)
 
+  describe("GitOps manifests (fuzz/manifest.c)", function()
+    -- With an increment of 1e-300 the share never moves (10 + 1e-300 is 10)
+    -- and the count of steps overflowed an int (UBSan), so the canary it
+    -- described could never finish: it is refused where it is made.
+    it("refuses a canary whose increment would take more than 1,000 steps", function()
+      local env = gitops_env()
+      env.repo:manifest("staging.json", { target = "staging", version = "1.0.0" })
+      env.repo:commit("first")
+      local r = env.sync:sync()
+      assert.is_true(r.success, table.concat(r.errors or {}, "\n"))
+      env.repo:write("staging.json", reproducer("manifest", "tiny-increment.json"))
+      env.repo:commit("a canary that never ends")
+      local diff, msg, errors = env.sync:get_diff()
+      assert.is_nil(diff)
+      assert.truthy(msg)
+      assert.same({ "staging.json: field 'strategy': CanaryStrategy increment 1e-300 takes 9.8e+301 steps from "
+                    .. "initial_percentage 2 to 100 %: at most 1000 are allowed (raise increment)" }, errors)
+      r = env.sync:sync()
+      assert.is_false(r.success)
+      assert.same({}, r.applied)
+      assert.equal("1.0.0", env.m:get_status("staging").current_version)
+      assert.error_matches(function() deploy.CanaryStrategy{ increment = 0.05 } end,
+        "CanaryStrategy increment 0.05 takes 1801 steps from initial_percentage 10 to 100 %%: at most 1000")
+      assert.has_no.errors(function() deploy.CanaryStrategy{ increment = 0.1 } end)
+    end)
+  end)
+
   describe("HAProxy answers (fuzz/haproxy.c)", function()
     -- A real HAProxy cannot produce this answer: its CLI splits commands at
     -- ';' and server names allow only letters, digits and "_-.:". So the

@@ -19,10 +19,18 @@ void canary_params_default(canary_params *p) {
   p->npause = 0;
 }
 
-static int steps_of(const canary_strategy *c) {
-  if (c->initial_percentage >= 100)
+/* Traffic steps from initial_percentage to 100 %, in double: with an
+ * increment such as 1e-300 the count is far beyond an int, and the share
+ * never moves (10 + 1e-300 == 10), so strategy_canary_new refuses more
+ * than CANARY_MAX_STEPS before steps_of ever converts it. */
+static double step_count(double initial, double increment) {
+  if (initial >= 100)
     return 1;
-  return 1 + (int)ceil((100.0 - c->initial_percentage) / c->increment - 1e-9);
+  return 1 + ceil((100.0 - initial) / increment - 1e-9);
+}
+
+static int steps_of(const canary_strategy *c) {
+  return (int)step_count(c->initial_percentage, c->increment);
 }
 
 static int pauses_at(const canary_strategy *c, double pct) {
@@ -108,6 +116,13 @@ int strategy_canary_new(strategy **out, const canary_params *p, char *err) {
   if (check_pct(p->initial_percentage, "initial_percentage", err) ||
       check_pct(p->increment, "increment", err))
     return -1;
+  double steps = step_count(p->initial_percentage, p->increment);
+  if (steps > CANARY_MAX_STEPS) {
+    dc_fmt(err, DC_ERR_MAX,
+           "deploy: CanaryStrategy increment %g takes %.4g steps from initial_percentage %g to 100 %%: at most %d "
+           "are allowed (raise increment)", p->increment, steps, p->initial_percentage, CANARY_MAX_STEPS);
+    return -1;
+  }
   if (!(p->interval >= 0 && p->interval < 1e9)) {
     dc_fmt(err, DC_ERR_MAX, "deploy: CanaryStrategy interval must be a number of seconds >= 0, got %g", p->interval);
     return -1;
