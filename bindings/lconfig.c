@@ -107,6 +107,18 @@ static double num_field(lua_State *L, int idx, const char *path, const char *k, 
   return v;
 }
 
+/* A count: a whole number, never rounded silently (1.5 instances?). */
+static int int_field(lua_State *L, int idx, const char *path, const char *k, int def, int lo, int hi) {
+  char full[256];
+  dc_fmt(full, sizeof full, "%s.%s", path, k);
+  int t = field(L, idx, k);
+  if (t == LUA_TNUMBER && !lua_isinteger(L, -1) &&
+      lua_tonumber(L, -1) != (double)(lua_Integer)lua_tonumber(L, -1))
+    fail(L, full, "must be a whole number, got %s", lua_tostring(L, -1));
+  lua_pop(L, 1);
+  return (int)num_field(L, idx, path, k, def, lo, hi);
+}
+
 static int sub_table(lua_State *L, int idx, const char *path, const char *k, int required) {
   char full[256];
   dc_fmt(full, sizeof full, "%s.%s", path, k);
@@ -211,6 +223,27 @@ static void make_provider(lua_State *L, int idx, const char *path, target_config
     lerror(L, err);
 }
 
+/* router = { kind = "nginx", include, upstream, conf, pid, nginx, timeout,
+ * drain_timeout }: the fields runtime/nginx.c documents. */
+static int make_nginx_router(lua_State *L, int ri, const char *p, engine *e, target_config *t, char *err) {
+  static const char *const allowed[] = {"kind",  "include", "upstream", "conf", "pid",
+                                        "nginx", "timeout", "drain_timeout", NULL};
+  char include[1024], upstream[128], conf[1024], pid[1024], bin[1024];
+  check_keys(L, ri, p, allowed);
+  router_nginx_opts o;
+  memset(&o, 0, sizeof o);
+  o.include = str_field(L, ri, p, "include", NULL, include, sizeof include);
+  o.upstream = str_field(L, ri, p, "upstream", NULL, upstream, sizeof upstream);
+  if (!upstream[0])
+    fail(L, p, "upstream is empty: %s", "name the upstream that proxy_pass uses in nginx.conf");
+  o.conf = str_field(L, ri, p, "conf", NULL, conf, sizeof conf);
+  o.pid = str_field(L, ri, p, "pid", NULL, pid, sizeof pid);
+  o.nginx = str_field(L, ri, p, "nginx", "/usr/sbin/nginx", bin, sizeof bin);
+  o.timeout = num_field(L, ri, p, "timeout", 10, 0.01, 600);
+  o.drain_timeout = num_field(L, ri, p, "drain_timeout", 30, 0, 3600);
+  return router_nginx_new(&t->router, e, &o, err);
+}
+
 static void make_router(lua_State *L, int idx, const char *path, target_config *t) {
   static const char *const allowed[] = {"kind", "socket", "backend", "timeout", "drain_timeout", "prefix", NULL};
   char p[128], kind[32], socket[1024], backend[128], prefix[32], err[DC_ERR_MAX], expanded[1024];
@@ -223,12 +256,21 @@ static void make_router(lua_State *L, int idx, const char *path, target_config *
     return;
   }
   int ri = lua_gettop(L);
-  check_keys(L, ri, p, allowed);
   str_field(L, ri, p, "kind", "none", kind, sizeof kind);
+  if (strcmp(kind, "none") != 0 && strcmp(kind, "haproxy") != 0 && strcmp(kind, "nginx") != 0)
+    fail(L, p, "kind '%s' is not known (known: haproxy, nginx, none)", kind);
   int rc;
+  if (strcmp(kind, "nginx") == 0) {
+    rc = make_nginx_router(L, ri, p, e, t, err);
+    lua_pop(L, 1);
+    if (rc != 0)
+      lerror(L, err);
+    return;
+  }
+  check_keys(L, ri, p, allowed);
   if (strcmp(kind, "none") == 0) {
     rc = router_none_new(&t->router, e, err);
-  } else if (strcmp(kind, "haproxy") == 0) {
+  } else {
     router_haproxy_opts o;
     memset(&o, 0, sizeof o);
     str_field(L, ri, p, "socket", NULL, socket, sizeof socket);
@@ -243,9 +285,6 @@ static void make_router(lua_State *L, int idx, const char *path, target_config *
     o.timeout = num_field(L, ri, p, "timeout", 5, 0.01, 600);
     o.drain_timeout = num_field(L, ri, p, "drain_timeout", 30, 0, 3600);
     rc = router_haproxy_new(&t->router, e, &o, err);
-  } else {
-    fail(L, p, "kind '%s' is not known (known: haproxy, none)", kind);
-    return;
   }
   lua_pop(L, 1);
   if (rc != 0)
@@ -267,10 +306,10 @@ static void read_health(lua_State *L, int idx, const char *path, target_health *
   str_field(L, hi, p, "path", "/healthz", h->path, sizeof h->path);
   if (h->path[0] != '/')
     fail(L, p, "path '%s' must start with '/'", h->path);
-  h->expect_status = (long)num_field(L, hi, p, "expect_status", 200, 100, 599);
+  h->expect_status = int_field(L, hi, p, "expect_status", 200, 100, 599);
   h->timeout = num_field(L, hi, p, "timeout", 2, 0.01, 600);
   h->interval = num_field(L, hi, p, "interval", 1, 0.001, 3600);
-  h->failure_threshold = (int)num_field(L, hi, p, "failure_threshold", 3, 1, 1000);
+  h->failure_threshold = int_field(L, hi, p, "failure_threshold", 3, 1, 1000);
   h->start_timeout = num_field(L, hi, p, "start_timeout", 60, 0.01, 86400);
   lua_pop(L, 1);
 }
@@ -289,7 +328,7 @@ static void read_target(lua_State *L, lconfig *c, const char *name, int idx, con
   if (!t)
     lerror(L, "deploy: out of memory");
   c->targets[c->ntargets++] = t;
-  t->instances = (int)num_field(L, idx, path, "instances", 1, 1, 64);
+  t->instances = int_field(L, idx, path, "instances", 1, 1, 64);
   read_health(L, idx, path, &t->health);
   make_provider(L, idx, path, t, log_dir, tag);
   make_router(L, idx, path, t);
@@ -340,15 +379,19 @@ static int is_url(const char *state) {
 
 /* What tags each instance (DEPLOY_INSTANCE=<tag>#<id>) and where logs go:
  * the store's absolute path and its directory's logs/, or, for a database
- * URL, the URL without user-info and .deploy/logs. */
+ * URL, scheme://host[:port]/database alone (no user-info, no parameters: a
+ * password there must never reach an instance's environment) and
+ * .deploy/logs. */
 static void store_tag(const char *state, char *tag, size_t tsize, char *log_dir, size_t lsize) {
   if (is_url(state)) {
-    const char *rest = strstr(state, "://") + 3;
-    const char *at = strchr(rest, '@');
+    const char *scheme_end = strstr(state, "://") + 3;
+    const char *rest = scheme_end;
     const char *slash = strchr(rest, '/');
+    const char *at = strchr(rest, '@');
     if (at && (!slash || at < slash))
       rest = at + 1;
-    dc_fmt(tag, tsize, "%.*s%s", (int)(strstr(state, "://") + 3 - state), state, rest);
+    size_t keep = strcspn(rest, "?#");
+    dc_fmt(tag, tsize, "%.*s%.*s", (int)(scheme_end - state), state, (int)keep, rest);
     dc_strlcpy(log_dir, ".deploy/logs", lsize);
     return;
   }

@@ -49,7 +49,7 @@ struct lrun {
   rollout *hook_r;
   hook_kind hook_kind;
   engine_timer *hook_timer;
-  double hook_deadline;
+  char hook_what[64];       /* "hook before_step", for the watchdog's messages */
 
   /* a built-in strategy run from a Lua strategy */
   const strategy *builtin;
@@ -107,14 +107,14 @@ void lrun_push_result(lua_State *L, const rollout_result *r) {
   }
 }
 
-static void call_handler(lua_State *L, int ref, const store_event *ev) {
+static void call_handler(lua_State *L, int ref, const store_event *ev, double limit) {
   if (ref == LUA_NOREF || ref == LUA_REFNIL)
     return;
   lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
   lrun_push_event(L, ev);
-  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
-    fprintf(stderr, "deploy: on_event handler failed: %s\n", lua_tostring(L, -1));
-    lua_pop(L, 1);
+  if (lsched_pcall_bounded(L, 1, "an on_event handler", limit) != LUA_OK) {
+    fprintf(stderr, "deploy: on_event handler failed: %s\n", luaL_tolstring(L, -1, NULL));
+    lua_pop(L, 2);
   }
 }
 
@@ -128,8 +128,8 @@ typedef struct pending_event {
 
 static void deliver_event(lua_State *L, void *payload) {
   pending_event *pe = payload;
-  call_handler(L, pe->run->handler_ref, &pe->ev);
-  call_handler(L, pe->run->handler2_ref, &pe->ev);
+  call_handler(L, pe->run->handler_ref, &pe->ev, pe->run->hook_timeout);
+  call_handler(L, pe->run->handler2_ref, &pe->ev, pe->run->hook_timeout);
   run_unref(L, pe->run);
   store_event_clear(&pe->ev);
   free(pe);
@@ -238,21 +238,6 @@ static void hook_timed_out(void *payload) {
   hook_ends(run, L, 0, msg);
 }
 
-/* A hook that never yields cannot be stopped by a timer: an instruction
- * count hook checks the deadline. */
-static void count_hook(lua_State *co, lua_Debug *ar) {
-  (void)ar;
-  ltask *t = lsched_current(co);
-  if (!t || !t->payload)
-    return;
-  lrun *run = t->payload;
-  if (dc_wall_now() > run->hook_deadline) {
-    char msg[128];
-    dc_fmt(msg, sizeof msg, "timed out: still running after %g s", run->hook_timeout);
-    lerror(co, msg);
-  }
-}
-
 static int push_hook_args(lua_State *L, lrun *run, hook_kind kind, double pct, const rollout_health *h,
                           const char *reason) {
   switch (kind) {
@@ -299,9 +284,11 @@ static int hooks_run(void *payload, rollout *r, hook_kind kind, double pct, cons
   run->hook_done = done;
   run->hook_r = r;
   run->hook_kind = kind;
-  run->hook_deadline = dc_wall_now() + run->hook_timeout;
   run->hook_timer = engine_timer_start(run->e, run->hook_timeout, hook_timed_out, run);
-  lua_sethook(t->co, count_hook, LUA_MASKCOUNT, 10000);
+  /* A hook that never yields cannot be stopped by the timer: the
+   * watchdog bounds its run, its waits included. */
+  dc_fmt(run->hook_what, sizeof run->hook_what, "hook %s", hook_names[kind]);
+  lsched_bound(t, run->hook_what, run->hook_timeout, dc_wall_now() + run->hook_timeout);
   lsched_ready(t);
   return 1;
 }
@@ -588,6 +575,9 @@ static void lua_drive(strategy *s, rollout *r) {
     return;
   }
   run->refs++;
+  /* A strategy stuck in a loop that never waits is stopped (and the
+   * rollout aborted safely) after hook_timeout seconds without a wait. */
+  lsched_bound(run->strategy_task, "strategy execute(d)", run->hook_timeout, 0);
   lsched_ready(run->strategy_task);
 }
 

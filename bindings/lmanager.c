@@ -2,6 +2,7 @@
  * deployment service (runtime/service.c), which decides everything. */
 #include "lmanager.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -133,7 +134,7 @@ static int deploy_k(lua_State *L, int status, lua_KContext ctx) {
 
 static void check_options(lua_State *L, int idx) {
   static const char *const allowed[] = {"strategy", "metadata", "on_event", "hooks", "hook_timeout", NULL};
-  lcheck_keys(L, idx, allowed, "deploy: deploy: unknown option '%s' (known: %s)");
+  lcheck_keys(L, idx, allowed, "deploy: manager:deploy(): unknown option '%s' (known: %s)");
 }
 
 int lmanager_push_handler(lua_State *L, int manager_idx) {
@@ -205,39 +206,39 @@ static int run_and_wait(lua_State *L, lrun_spec *sp) {
 static int manager_deploy(lua_State *L) {
   lsched_check_can_wait(L);
   lmanager *m = manager_at(L, 1);
-  const char *target = check_target(L, m, 2, "deploy");
-  const char *version = check_version(L, 3, "deploy");
+  const char *target = check_target(L, m, 2, "manager:deploy()");
+  const char *version = check_version(L, 3, "manager:deploy()");
   lrun_spec sp = {.svc = m->svc, .target = target, .version = version, .kind = "deploy", .hook_timeout = 30};
   if (!lua_isnoneornil(L, 4)) {
     if (!lua_istable(L, 4))
-      return luaL_error(L, "deploy: deploy: options must be a table, got %s", luaL_typename(L, 4));
+      return luaL_error(L, "deploy: manager:deploy(): options must be a table, got %s", luaL_typename(L, 4));
     check_options(L, 4);
     if (lua_getfield(L, 4, "strategy") != LUA_TNIL) {
       if (!lstrategy_test(L, -1) && !lua_istable(L, -1) && lua_type(L, -1) != LUA_TSTRING)
-        return luaL_error(L, "deploy: deploy: options.strategy must be a strategy (deploy.CanaryStrategy{...}, "
+        return luaL_error(L, "deploy: manager:deploy(): options.strategy must be a strategy (deploy.CanaryStrategy{...}, "
                              "deploy.BlueGreenStrategy{...}, a DeploymentStrategy class or a registered name), got %s",
                           luaL_typename(L, -1));
       sp.strategy_idx = lua_gettop(L);
     }
     if (lua_getfield(L, 4, "metadata") != LUA_TNIL) {
       if (!lua_istable(L, -1))
-        return luaL_error(L, "deploy: deploy: options.metadata must be a table, got %s", luaL_typename(L, -1));
+        return luaL_error(L, "deploy: manager:deploy(): options.metadata must be a table, got %s", luaL_typename(L, -1));
       sp.metadata_idx = lua_gettop(L);
     }
     if (lua_getfield(L, 4, "on_event") != LUA_TNIL) {
       if (!lua_isfunction(L, -1))
-        return luaL_error(L, "deploy: deploy: options.on_event must be a function, got %s", luaL_typename(L, -1));
+        return luaL_error(L, "deploy: manager:deploy(): options.on_event must be a function, got %s", luaL_typename(L, -1));
       sp.on_event_idx = lua_gettop(L);
     }
     if (lua_getfield(L, 4, "hooks") != LUA_TNIL) {
       if (!lua_istable(L, -1))
-        return luaL_error(L, "deploy: deploy: options.hooks must be a table of functions, got %s",
+        return luaL_error(L, "deploy: manager:deploy(): options.hooks must be a table of functions, got %s",
                           luaL_typename(L, -1));
       sp.hooks_idx = lua_gettop(L);
     }
     if (lua_getfield(L, 4, "hook_timeout") != LUA_TNIL) {
       if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) > 0))
-        return luaL_error(L, "deploy: deploy: options.hook_timeout must be a number of seconds > 0");
+        return luaL_error(L, "deploy: manager:deploy(): options.hook_timeout must be a number of seconds > 0");
       sp.hook_timeout = lua_tonumber(L, -1);
     }
   }
@@ -266,9 +267,9 @@ static void version_chosen(void *payload, int rc, const char *version, const cha
 static int manager_rollback(lua_State *L) {
   lsched_check_can_wait(L);
   lmanager *m = manager_at(L, 1);
-  const char *target = check_target(L, m, 2, "rollback");
+  const char *target = check_target(L, m, 2, "manager:rollback()");
   lua_settop(L, 3);
-  const char *given = lua_isnil(L, 3) ? NULL : check_version(L, 3, "rollback");
+  const char *given = lua_isnil(L, 3) ? NULL : check_version(L, 3, "manager:rollback()");
   char version[129] = "";
   lwait w = {.L = L, .extra = version};
   wait_for(L, &w, service_rollback_version(m->svc, target, given, version_chosen, &w, w.err));
@@ -316,7 +317,7 @@ static void status_seen(void *payload, const service_status *st, const char *err
 static int manager_get_status(lua_State *L) {
   lsched_check_can_wait(L);
   lmanager *m = manager_at(L, 1);
-  const char *target = check_target(L, m, 2, "get_status");
+  const char *target = check_target(L, m, 2, "manager:get_status()");
   lwait w = {.L = L};
   wait_for(L, &w, service_get_status(m->svc, target, status_seen, &w, w.err));
   if (!w.ok)
@@ -414,7 +415,7 @@ static int read_and_wait(lua_State *L, lread *rd, int rc) {
 /* history(target, limit): newest first. */
 static int manager_history(lua_State *L) {
   lmanager *m = manager_at(L, 1);
-  const char *target = check_target(L, m, 2, "history");
+  const char *target = check_target(L, m, 2, "manager:history()");
   lua_Integer limit = luaL_optinteger(L, 3, 0);
   luaL_argcheck(L, limit >= 0 && limit <= 1000000000, 3, "limit must be >= 0");
   lread rd = {.w = {.L = L}, .push = push_history};
@@ -426,7 +427,7 @@ static int manager_history(lua_State *L) {
 /* deployment(id): by id or a unique prefix of one; nil and why when none. */
 static int manager_deployment(lua_State *L) {
   lmanager *m = manager_at(L, 1);
-  const char *id = lcheck_string(L, 2, "id", "deployment");
+  const char *id = lcheck_string(L, 2, "id", "manager:deployment()");
   lread rd = {.w = {.L = L}, .push = push_one_deployment};
   if (!read_and_wait(L, &rd, store_deployment_get(service_store(m->svc), id, read_done, &rd, rd.w.err))) {
     /* Not found, or a prefix of several: an answer, not a failure. */
@@ -441,7 +442,7 @@ static int manager_deployment(lua_State *L) {
 
 static int manager_events(lua_State *L) {
   lmanager *m = manager_at(L, 1);
-  const char *id = lcheck_string(L, 2, "id", "events");
+  const char *id = lcheck_string(L, 2, "id", "manager:events()");
   lread rd = {.w = {.L = L}, .push = push_events};
   if (!read_and_wait(L, &rd, store_events(service_store(m->svc), id, read_done, &rd, rd.w.err)))
     return lerror(L, rd.w.err);
@@ -454,7 +455,7 @@ static void instances_seen(void *payload, const service_instance *v, size_t n, c
                            const char *err) {
   lwait *w = payload;
   lua_State *L = w->L;
-  int with_router = w->extra != NULL;
+  int with_router = (int)(intptr_t)w->extra;
   if (!v) {
     dc_strlcpy(w->err, err, sizeof w->err);
     w->done = 1;
@@ -470,12 +471,14 @@ static void instances_seen(void *payload, const service_instance *v, size_t n, c
       lua_setfield(L, -2, "health");
       if (!v[i].healthy)
         lset_string(L, "health_error", v[i].health_error);
-      if (v[i].weight >= 0)
-        lua_pushinteger(L, v[i].weight);
-      else if (v[i].weight == -1)
-        lua_pushboolean(L, 0); /* not in the proxy */
-      else
+      /* A router that cannot weigh: nil. Not in the proxy, or the proxy
+       * cannot be read (router_error says why): false. */
+      if (with_router == 2)
         lua_pushnil(L);
+      else if (v[i].weight >= 0)
+        lua_pushinteger(L, v[i].weight);
+      else
+        lua_pushboolean(L, 0);
       lua_setfield(L, -2, "router_weight");
     }
     lua_rawseti(L, -2, (lua_Integer)i + 1);
@@ -489,8 +492,10 @@ static void instances_seen(void *payload, const service_instance *v, size_t n, c
 static int instances(lua_State *L, int with_router) {
   lsched_check_can_wait(L);
   lmanager *m = manager_at(L, 1);
-  const char *target = check_target(L, m, 2, with_router ? "live_instances" : "instances");
-  lwait w = {.L = L, .extra = with_router ? (void *)L : NULL};
+  const char *target = check_target(L, m, 2, with_router ? "manager:live_instances()" : "manager:instances()");
+  /* extra: 1 with the router's view, 2 when the router cannot weigh */
+  int mode = service_target(m->svc, target)->router->ratio_only ? 2 : 1;
+  lwait w = {.L = L, .extra = with_router ? (void *)(intptr_t)mode : NULL};
   wait_for(L, &w, service_live_instances(m->svc, target, instances_seen, &w, w.err));
   if (!w.ok)
     return lerror(L, w.err);
@@ -525,7 +530,7 @@ static int manager_targets(lua_State *L) {
 static int manager_reconcile(lua_State *L) {
   lsched_check_can_wait(L);
   lmanager *m = manager_at(L, 1);
-  const char *target = check_target(L, m, 2, "reconcile");
+  const char *target = check_target(L, m, 2, "manager:reconcile()");
   lwait w = {.L = L};
   wait_for(L, &w, service_reconcile(m->svc, target, NULL, op_done, &w, w.err));
   return push_outcome(L, &w);
@@ -547,6 +552,44 @@ static int manager_integrity_check(lua_State *L) {
   return push_outcome(L, &w);
 }
 
+static void lock_seen(void *payload, const store_result *r) {
+  lwait *w = payload;
+  lua_State *L = w->L;
+  if (r->rc != DC_OK) {
+    dc_strlcpy(w->err, r->err, sizeof w->err);
+  } else if (!r->lock) {
+    lua_pushnil(L);
+    w->ok = 1;
+  } else {
+    char ts[40];
+    lua_createtable(L, 0, 7);
+    lset_string(L, "purpose", r->lock->purpose);
+    lset_string(L, "deployment_id", r->lock->deployment_id);
+    lset_string(L, "host", r->lock->host);
+    lset_integer(L, "pid", r->lock->pid);
+    dc_iso8601(r->lock->acquired_at, ts, sizeof ts);
+    lset_string(L, "since", ts);
+    if (r->lock->expires_at > 0) {
+      dc_iso8601(r->lock->expires_at, ts, sizeof ts);
+      lset_string(L, "until", ts);
+    }
+    w->ok = 1;
+  }
+  w->done = 1;
+}
+
+/* lock(target): who holds the target now (purpose, deployment_id, host,
+ * pid, since, and until for a lease), or nil. */
+static int manager_lock(lua_State *L) {
+  lmanager *m = manager_at(L, 1);
+  const char *target = check_target(L, m, 2, "manager:lock()");
+  lwait w = {.L = L};
+  wait_for(L, &w, store_lock_get(service_store(m->svc), target, lock_seen, &w, w.err));
+  if (!w.ok)
+    return lerror(L, w.err);
+  return 1;
+}
+
 static int manager_state_path(lua_State *L) {
   lmanager *m = manager_at(L, 1);
   lua_pushstring(L, store_location(service_store(m->svc)));
@@ -557,7 +600,9 @@ static int manager_state_path(lua_State *L) {
  * now, in any process sharing the store. */
 static int control(lua_State *L, const char *command) {
   lmanager *m = manager_at(L, 1);
-  const char *target = check_target(L, m, 2, command);
+  char method[32];
+  dc_fmt(method, sizeof method, "manager:%s()", command);
+  const char *target = check_target(L, m, 2, method);
   lwait w = {.L = L};
   wait_for(L, &w, service_control(m->svc, target, command, op_done, &w, w.err));
   return push_outcome(L, &w);
@@ -767,6 +812,7 @@ void lmanager_register(lua_State *L) {
       {"targets", manager_targets},
       {"reconcile", manager_reconcile},
       {"state_path", manager_state_path},
+      {"lock", manager_lock},
       {"integrity_check", manager_integrity_check},
       {"promote", manager_promote},
       {"abort", manager_abort},

@@ -77,6 +77,49 @@ lua_State *lsched_callback_state(lua_State *L) {
 }
 
 
+/* ---- the watchdog ---- */
+
+/* Where the hook finds its task without a table lookup: the thread's extra
+ * space (a copy of the main thread's for other threads, so it is checked
+ * against the task it names). */
+static ltask *task_of(lua_State *co) {
+  ltask *t = *(ltask **)lua_getextraspace(co);
+  return t && t->co == co ? t : NULL;
+}
+
+#define WATCHDOG_COUNT 10000 /* instructions between looks at the clock */
+
+static void watchdog(lua_State *co, lua_Debug *ar) {
+  (void)ar;
+  ltask *t = task_of(co);
+  char msg[256];
+  if (!t)
+    return;
+  if (dc_interrupts != t->seen_interrupts) {
+    t->seen_interrupts = dc_interrupts;
+    luaL_error(co, "interrupted by the operator (SIGINT/SIGTERM) while %s was running",
+               t->what ? t->what : "Lua code");
+  }
+  double now = dc_wall_now();
+  if (t->deadline > 0 && now > t->deadline) {
+    dc_fmt(msg, sizeof msg, "%s timed out: still running after %g s", t->what ? t->what : "task",
+           t->slice);
+    lerror(co, msg);
+  }
+  if (t->slice > 0 && now > t->slice_end) {
+    dc_fmt(msg, sizeof msg, "%s ran %g s without waiting (a loop that never yields?): it is stopped so the "
+           "deployment can end safely; wait with d:wait() or deploy.sleep()",
+           t->what ? t->what : "task", t->slice);
+    lerror(co, msg);
+  }
+}
+
+void lsched_bound(ltask *t, const char *what, double slice, double deadline) {
+  t->what = what;
+  t->slice = slice;
+  t->deadline = deadline;
+}
+
 ltask *lsched_spawn(lua_State *L, int nargs, ltask_finish finish, void *payload) {
   ltask *t = calloc(1, sizeof *t);
   if (!t) {
@@ -84,6 +127,8 @@ ltask *lsched_spawn(lua_State *L, int nargs, ltask_finish finish, void *payload)
     return NULL;
   }
   lua_State *co = lua_newthread(L);
+  *(ltask **)lua_getextraspace(co) = t;
+  lua_sethook(co, watchdog, LUA_MASKCOUNT, WATCHDOG_COUNT);
   t->co = co;
   t->finish = finish;
   t->payload = payload;
@@ -150,13 +195,25 @@ static void resume(lua_State *L, ltask *t) {
   t->running = 1;
   t->waiting = 0;
   t->on_cancel = NULL;
+  t->seen_interrupts = dc_interrupts;
+  t->slice_end = dc_wall_now() + t->slice;
   int status = lua_resume(t->co, L, nargs, &nres);
   t->running = 0;
-  if (status == LUA_YIELD) {
+  if (status == LUA_YIELD && t->waiting) {
     lua_pop(t->co, nres);
     if (t->cancelled)
       task_release(L, t);
     return;
+  }
+  if (status == LUA_YIELD) {
+    /* A yield that no deploy action asked for (coroutine.yield in a
+     * strategy or a hook): nothing would ever resume it. It fails now,
+     * and the rollout ends safely, instead of waiting forever. */
+    lua_pop(t->co, nres);
+    lua_pushfstring(t->co, "%s yielded outside a deploy action (coroutine.yield?): wait with d:wait(), "
+                           "d:health() or deploy.sleep() instead",
+                    t->what ? t->what : "a task");
+    status = LUA_ERRRUN;
   }
   if (status != LUA_OK) {
     const char *msg = lua_tostring(t->co, -1);
@@ -169,6 +226,26 @@ static void resume(lua_State *L, ltask *t) {
   task_release(L, t);
 }
 
+
+int lsched_pcall_bounded(lua_State *L, int nargs, const char *what, double slice) {
+  lua_Hook old = lua_gethook(L);
+  int mask = lua_gethookmask(L), count = lua_gethookcount(L);
+  ltask probe;
+  memset(&probe, 0, sizeof probe);
+  probe.co = L;
+  probe.what = what;
+  probe.slice = slice;
+  probe.slice_end = dc_wall_now() + slice;
+  probe.seen_interrupts = dc_interrupts;
+  ltask **slot = lua_getextraspace(L);
+  ltask *saved = *slot;
+  *slot = &probe;
+  lua_sethook(L, watchdog, LUA_MASKCOUNT, WATCHDOG_COUNT);
+  int rc = lua_pcall(L, nargs, 0, 0);
+  *slot = saved;
+  lua_sethook(L, old, mask, count);
+  return rc;
+}
 
 int lsched_defer(lua_State *L, void (*fn)(lua_State *L, void *payload), void *payload) {
   lsched *s = sched_get(L);

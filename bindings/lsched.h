@@ -25,6 +25,12 @@ struct ltask {
   ltask *next;
   void (*on_cancel)(void *); /* undoes what the task waits for (a timer) */
   void *cancel_payload;
+  /* The watchdog (an instruction-count hook, as for hooks): */
+  double slice;          /* seconds it may run between two waits; 0: no bound */
+  double deadline;       /* wall time by which it must have finished; 0: none */
+  const char *what;      /* "strategy execute(d)", "hook before_step": for messages */
+  double slice_end;      /* this resume's bound */
+  int seen_interrupts;   /* dc_interrupts when it was resumed */
 };
 
 /* The function and nargs arguments on top of L become a task (popped); it
@@ -32,6 +38,11 @@ struct ltask {
  * popped all the same): callers inside loop callbacks cannot raise. */
 ltask *lsched_spawn(lua_State *L, int nargs, ltask_finish finish, void *payload);
 void lsched_ready(ltask *t);                 /* resume it at the next chance (from callbacks) */
+/* Bounds a task the engine runs (a strategy, a hook): it fails with an
+ * error naming `what` when it runs more than `slice` seconds without
+ * waiting, when `deadline` (wall time, 0: none) passes, or when
+ * SIGINT/SIGTERM arrives while it runs. */
+void lsched_bound(ltask *t, const char *what, double slice, double deadline);
 void lsched_cancel(lua_State *L, ltask *t);  /* never resume it again */
 /* What to undo if the task is cancelled while it waits (cleared when it is
  * resumed). Without it, a cancelled task lives until its wait completes. */
@@ -47,6 +58,13 @@ void lsched_check_can_wait(lua_State *L);
 /* Waits until *flag: yields when L is a task (the completion must call
  * lsched_ready on it), else runs the loop. Then returns k(L, LUA_OK, ctx). */
 int lsched_await(lua_State *L, volatile int *flag, lua_KContext ctx, lua_KFunction k);
+/* Runs the function and nargs arguments on top of L (popped) under the
+ * watchdog of a task: at most `slice` seconds, interrupts raise. The
+ * results are dropped; an error is returned as LUA_ERRRUN with the message
+ * on L's stack. For the Lua calls the engine makes outside tasks (event
+ * handlers). */
+int lsched_pcall_bounded(lua_State *L, int nargs, const char *what, double slice);
+
 /* Calls fn(L, payload) at the scheduler's next chance, outside any loop
  * callback (so fn may wait), in the order they were deferred, one at a
  * time: a deferred call that waits never sees the next one run inside its

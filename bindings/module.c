@@ -13,6 +13,7 @@
 #include "lstrategy.h"
 #include "lutil.h"
 #include "router.h"
+#include "store_pg.h"
 #include "util.h"
 
 #define DEPLOY_VERSION "0.1.0"
@@ -98,11 +99,60 @@ static int deploy_host(lua_State *L) {
   return 0;
 }
 
+/* deploy.migrate_store(from, to): copies the SQLite store at `from` into
+ * the empty PostgreSQL store at `to` (creating its schema), in one
+ * transaction. Returns the counts copied, or nil and why. */
+typedef struct migrate_wait {
+  int done, rc;
+  char err[DC_ERR_MAX];
+  store_pg_import_counts counts;
+} migrate_wait;
+
+static void migrated(void *payload, int rc, const char *err, const store_pg_import_counts *counts) {
+  migrate_wait *w = payload;
+  w->rc = rc;
+  if (err)
+    dc_strlcpy(w->err, err, sizeof w->err);
+  if (counts)
+    w->counts = *counts;
+  w->done = 1;
+}
+
+static int deploy_migrate_store(lua_State *L) {
+  lsched_check_can_wait(L);
+  const char *from = lcheck_string(L, 1, "from", "migrate_store");
+  const char *to = lcheck_string(L, 2, "to", "migrate_store");
+  if (!store_pg_is_url(to))
+    return luaL_error(L, "deploy: migrate_store: to must be a postgresql:// URL, got '%s'", to);
+  migrate_wait w;
+  memset(&w, 0, sizeof w);
+  if (store_pg_copy_file(lengine_get(L), from, to, migrated, &w, w.err) != 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, w.err);
+    return 2;
+  }
+  lsched_block(L, &w.done);
+  if (w.rc != DC_OK) {
+    lua_pushnil(L);
+    lua_pushstring(L, w.err);
+    return 2;
+  }
+  lua_createtable(L, 0, 6);
+  lset_integer(L, "targets", (lua_Integer)w.counts.targets);
+  lset_integer(L, "deployments", (lua_Integer)w.counts.deployments);
+  lset_integer(L, "events", (lua_Integer)w.counts.events);
+  lset_integer(L, "instances", (lua_Integer)w.counts.instances);
+  lset_integer(L, "locks", (lua_Integer)w.counts.locks);
+  lset_integer(L, "controls", (lua_Integer)w.counts.controls);
+  return 1;
+}
+
 int luaopen_deploy(lua_State *L) {
   static const luaL_Reg functions[] = {{"sleep", deploy_sleep},
                                        {"now", deploy_now},
                                        {"_host", deploy_host},
                                        {"router_weights", deploy_router_weights},
+                                       {"migrate_store", deploy_migrate_store},
                                        {NULL, NULL}};
   lengine_get(L);
   luaL_newlib(L, functions);

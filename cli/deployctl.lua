@@ -57,6 +57,7 @@ local COMMANDS = {
   { "abort", "TARGET", "abort a running rollout (back to the old version)" },
   { "reconcile", "TARGET", "put TARGET back on its live version (after an HAProxy restart, a reboot)" },
   { "report", "DEPLOYMENT_ID", "a self-contained HTML report of one deployment" },
+  { "store", "migrate --to URL [--from FILE]", "copy the SQLite history into PostgreSQL" },
   { "diff", "--repo URL [--branch B] [--path P]", "what a GitOps sync would change" },
   { "sync", "--repo URL [--branch B] [--path P] [--prune]", "apply what the git repository wants" },
   { "watch", "--repo URL [--branch B] [--path P] [--interval S]", "keep syncing as the repository changes" },
@@ -136,7 +137,8 @@ Usage: deployctl reconcile TARGET
 Puts TARGET back on exactly its live version: instances of it that died are
 started again, HAProxy gets back the servers it forgot (a restart or reload
 drops servers added at runtime), and any other instance of TARGET is
-stopped. Safe to run at any time; `status TARGET` says when it is needed.
+stopped. It takes the target's lock: while a deployment of TARGET runs it
+changes nothing and exits 3. `status TARGET` says when it is needed.
 ]],
   report = [[
 Usage: deployctl report DEPLOYMENT_ID > rollout.html
@@ -144,6 +146,16 @@ Usage: deployctl report DEPLOYMENT_ID > rollout.html
 Writes a self-contained HTML page about one deployment: an SVG chart of the
 new version's traffic share and health over time, and the table of events.
 The ids are in `deployctl history TARGET`.
+]],
+  store = [[
+Usage: deployctl store migrate --to postgresql://USER@HOST:PORT/DB [--from FILE]
+
+Copies every target, deployment, event, instance, lock and operator command
+of the SQLite store FILE (default: the config's state file) into the
+PostgreSQL database, in one transaction, keeping ids. The database must not
+hold deployctl history yet; its schema is created. The SQLite file is only
+read. Then point config.state (or $DEPLOY_STATE) at the URL. Credentials:
+libpq's PG* variables or ~/.pgpass; a password is never printed.
 ]],
   completion = [[
 Usage: deployctl completion bash
@@ -507,7 +519,8 @@ function commands.status(opts, args)
   local instances, router_error
   if pos[1] then instances, router_error = m:live_instances(pos[1]) end
   if flags.json then
-    local doc = { targets = rows, instances = instances, router_error = router_error }
+    local doc = { targets = rows, instances = instances, router_error = router_error,
+                  lock = pos[1] and m:lock(pos[1]) or nil }
     out:write(redact(cjson.encode(doc)), "\n")
     return EXIT_OK
   end
@@ -524,6 +537,14 @@ function commands.status(opts, args)
         i.alive and i.health or "dead", weight, i.state, i.live and "yes" or "no")
     end
   end
+  if pos[1] then
+    local lock = m:lock(pos[1])
+    if lock then
+      local who = lock.purpose == "reconcile" and "a reconcile" or ("deployment " .. lock.deployment_id)
+      printf("\nlocked by %s, pid %d on %s, since %s%s\n", who, lock.pid, lock.host, lock.since,
+        lock["until"] and (", until " .. lock["until"] .. " unless renewed") or "")
+    end
+  end
   if router_error then eprintf("router: %s\n", router_error) end
   local missing = 0
   for _, i in ipairs(instances or {}) do
@@ -536,16 +557,38 @@ function commands.status(opts, args)
   return EXIT_OK
 end
 
+function commands.store(opts, args)
+  local flags, pos = parse_flags("store", args, { to = "value", from = "value" }, 1)
+  if flags.help then out:write(HELP.store) return EXIT_OK end
+  if pos[1] ~= "migrate" then usage_error("store: the only subcommand is 'migrate' (see 'deployctl store --help')") end
+  if not flags.to then usage_error("store migrate: needs --to postgresql://USER@HOST:PORT/DB") end
+  local from = flags.from
+  if not from then
+    local m = open_manager(opts)
+    from = m:state_path()
+    m:close()
+  end
+  if from:match("^postgres") then usage_error("store migrate: --from must be an SQLite state file, got a database URL") end
+  local counts, why = deploy.migrate_store(from, flags.to)
+  if not counts then
+    eprintf("deployctl: store migrate: %s\n", why)
+    return EXIT_FAILED
+  end
+  printf("copied %d target(s), %d deployment(s), %d event(s), %d instance(s) from %s: set config.state to the URL\n",
+    counts.targets, counts.deployments, counts.events, counts.instances, from)
+  return EXIT_OK
+end
+
 function commands.reconcile(opts, args)
   local flags, pos = parse_flags("reconcile", args, {}, 1)
   if flags.help then out:write(HELP.reconcile) return EXIT_OK end
   if #pos < 1 then usage_error("reconcile: needs TARGET (see 'deployctl reconcile --help')") end
   local m = open_manager(opts)
   check_target(m, pos[1])
-  local ok, why = m:reconcile(pos[1])
+  local ok, why, locked = m:reconcile(pos[1])
   if not ok then
     eprintf("deployctl: %s\n", why)
-    return EXIT_FAILED
+    return locked and EXIT_LOCKED or EXIT_FAILED
   end
   local s = m:get_status(pos[1])
   printf("%s: %s on %d instance(s), %s\n", pos[1], s.current_version or "nothing", s.instances, s.health)

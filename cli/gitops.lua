@@ -10,6 +10,15 @@ local M = {}
 
 local EXIT_OK, EXIT_FAILED, EXIT_LOCKED = 0, 1, 3
 
+-- A file name from a repository, printable: control characters escaped, so
+-- a name cannot break a line or move the cursor.
+local function printable(s)
+  return (tostring(s or ""):gsub("[%c\127]", function(c)
+    local named = { ["\n"] = "\\n", ["\t"] = "\\t", ["\r"] = "\\r" }
+    return named[c] or string.format("\\x%02x", c:byte())
+  end))
+end
+
 local COMMON = [[
   --repo URL      the repository: https://, git://, ssh://, user@host:path or file://
   --branch B      the branch to follow (default main)
@@ -94,7 +103,7 @@ local function open(ctx, cmd, args)
 end
 
 local function change_line(c)
-  return string.format("%-16s %-7s %-16s -> %-16s %s", c.target, c.kind, c.from or "-", c.to or "-", c.file or "")
+  return string.format("%-16s %-7s %-16s -> %-16s %s", c.target, c.kind, c.from or "-", c.to or "-", printable(c.file))
 end
 
 function M.diff(ctx, args)
@@ -122,7 +131,7 @@ local function report(ctx, cmd, result)
   for _, a in ipairs(result.applied or {}) do
     if a.success then
       ctx.printf("%s: %s %s (%s, %s)\n", a.target, a.kind == "delete" and "pruned, was" or "now at",
-                 a.kind == "delete" and (a.from or "-") or a.version, a.strategy or "-", a.file or "")
+                 a.kind == "delete" and (a.from or "-") or a.version, a.strategy or "-", printable(a.file))
     else
       ctx.printf("%s: %s %s FAILED\n", a.target, a.kind, a.version or a.from or "")
     end

@@ -6,6 +6,12 @@
 
 #include "util.h"
 
+struct engine_soon {
+  engine_timer_cb cb;
+  void *payload;
+  struct engine_soon *next;
+};
+
 struct engine_timer {
   engine *e;
   engine_timer_cb cb;
@@ -163,6 +169,12 @@ void engine_close(engine *e) {
     free(e->heap[i]);
   while (e->pending)
     engine_timer_cancel(e->pending);
+  while (e->soon) {
+    struct engine_soon *next = e->soon->next;
+    free(e->soon);
+    e->soon = next;
+  }
+  e->soon_tail = NULL;
   free(e->heap);
   e->heap = NULL;
   e->heap_len = e->heap_cap = 0;
@@ -271,6 +283,38 @@ void engine_release(engine *e) {
   }
 }
 
+int engine_soon(engine *e, engine_timer_cb cb, void *payload) {
+  struct engine_soon *s = malloc(sizeof *s);
+  if (!s)
+    return -1;
+  s->cb = cb;
+  s->payload = payload;
+  s->next = NULL;
+  if (e->soon_tail)
+    e->soon_tail->next = s;
+  else
+    e->soon = s;
+  e->soon_tail = s;
+  engine_hold(e);
+  return 0;
+}
+
+/* The continuations queued before this turn; those they queue wait for the
+ * next one, so a chain of them cannot starve the loop. */
+static void run_soon(engine *e) {
+  struct engine_soon *list = e->soon;
+  e->soon = e->soon_tail = NULL;
+  while (list) {
+    struct engine_soon *s = list;
+    list = s->next;
+    engine_release(e);
+    s->cb(s->payload);
+    free(s);
+  }
+}
+
 int engine_run_once(engine *e) {
-  return uv_run(e->loop, UV_RUN_ONCE);
+  run_soon(e);
+  int more = uv_run(e->loop, e->soon ? UV_RUN_NOWAIT : UV_RUN_ONCE);
+  return more || e->soon != NULL;
 }

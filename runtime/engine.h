@@ -30,6 +30,7 @@ struct engine {
   int holds;                   /* real work in flight that the virtual clock waits for */
   uv_async_t wake;             /* woken by signal handlers (uv_async_send is async-signal-safe) */
   struct engine_timer *pending;/* real timers not yet fired */
+  struct engine_soon *soon, *soon_tail; /* continuations for the next turn */
 };
 
 /* The most recently initialised engine's wake-up handle, for a signal
@@ -53,6 +54,12 @@ engine_timer *engine_timer_start(engine *e, double seconds, engine_timer_cb cb,
 /* Cancel a pending timer; its callback never runs. NULL is ignored. */
 void engine_timer_cancel(engine_timer *t);
 
+/* Runs cb(payload) at the start of the loop's next turn, after the host
+ * (the Lua scheduler) had its turn: a continuation that must not overtake
+ * what the current turn handed to the host (an event handler). Holds the
+ * virtual clock until it has run. Returns -1 when out of memory. */
+int engine_soon(engine *e, engine_timer_cb cb, void *payload);
+
 /* Real work in flight (a health check, a router command, a process being
  * stopped) holds the virtual clock: it does not jump to the next timer
  * until that work is done, so simulated rollouts running side by side see
@@ -60,8 +67,9 @@ void engine_timer_cancel(engine_timer *t);
 void engine_hold(engine *e);
 void engine_release(engine *e);
 
-/* Run one iteration of the loop (blocking for I/O if there is nothing else
- * to do). Returns 0 when the loop has no more work. */
+/* Runs the continuations queued with engine_soon, then one iteration of the
+ * loop (blocking for I/O only when no continuation is left). Returns 0 when
+ * there is no more work at all. */
 int engine_run_once(engine *e);
 
 #endif

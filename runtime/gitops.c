@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -740,6 +741,80 @@ static int read_update(gitops *g, const git_oid *tip) {
   return rc;
 }
 
+/* ---- the cache's housekeeping ---- */
+
+/* Every fetch that downloads leaves one more pack, and an open repository
+ * keeps a descriptor and a mapping on every pack it has read: a long watch
+ * would run out of descriptors. So past this many packs they are repacked
+ * into one, and the repository is reopened after each fetch, which lets go
+ * of packs that are gone. */
+#define GITOPS_MAX_PACKS 8
+
+static int pack_dir(gitops *g, char *buf, size_t size) {
+  dc_fmt(buf, size, "%s/objects/pack", g->cache);
+  return 0;
+}
+
+static int count_packs(gitops *g) {
+  char dir[1200];
+  pack_dir(g, dir, sizeof dir);
+  DIR *d = opendir(dir);
+  int n = 0;
+  for (struct dirent *de = d ? readdir(d) : NULL; de; de = readdir(d)) {
+    size_t len = strlen(de->d_name);
+    n += len > 5 && strcmp(de->d_name + len - 5, ".pack") == 0;
+  }
+  if (d)
+    closedir(d);
+  return n;
+}
+
+/* Removes every pack file but pack-<keep>.* (the one just written). */
+static void remove_packs_but(gitops *g, const char *keep) {
+  char dir[1200], path[1600], name[128];
+  pack_dir(g, dir, sizeof dir);
+  dc_fmt(name, sizeof name, "pack-%s.", keep);
+  DIR *d = opendir(dir);
+  for (struct dirent *de = d ? readdir(d) : NULL; de; de = readdir(d)) {
+    if (strncmp(de->d_name, "pack-", 5) != 0 || strncmp(de->d_name, name, strlen(name)) == 0)
+      continue;
+    dc_fmt(path, sizeof path, "%s/%s", dir, de->d_name);
+    unlink(path);
+  }
+  if (d)
+    closedir(d);
+}
+
+/* One pack holding everything the cache still needs: the branch's history
+ * and the commit the next tree diff starts from (it may no longer be on
+ * the branch after a force-push). A failure leaves the packs as they were:
+ * repacking is housekeeping, never a reason for a fetch to fail. */
+static void repack(gitops *g) {
+  git_packbuilder *pb = NULL;
+  git_revwalk *walk = NULL;
+  if (git_packbuilder_new(&pb, g->repo) < 0 || git_revwalk_new(&walk, g->repo) < 0 ||
+      git_revwalk_push_ref(walk, g->local_ref) < 0 || (g->have_snap && git_revwalk_push(walk, &g->snap_commit) < 0) ||
+      git_packbuilder_insert_walk(pb, walk) < 0 || git_packbuilder_write(pb, NULL, 0, NULL, NULL) < 0) {
+    git_revwalk_free(walk);
+    git_packbuilder_free(pb);
+    return;
+  }
+  char keep[GIT_OID_HEXSZ + 1];
+  dc_strlcpy(keep, git_packbuilder_name(pb), sizeof keep);
+  git_revwalk_free(walk);
+  git_packbuilder_free(pb);
+  remove_packs_but(g, keep);
+}
+
+/* Lets go of every pack descriptor and mapping the repository holds. */
+static void reopen(gitops *g) {
+  git_repository *fresh = NULL;
+  if (git_repository_open_bare(&fresh, g->cache) < 0)
+    return; /* keep the one we have */
+  git_repository_free(g->repo);
+  g->repo = fresh;
+}
+
 static void fetch_work(uv_work_t *w) {
   gitops *g = w->data;
   git_oid tip;
@@ -755,6 +830,9 @@ static void fetch_work(uv_work_t *w) {
     if (!g->work_err[0])
       work_fail(g, "cannot fetch", "failed", "try again");
   }
+  if (count_packs(g) > GITOPS_MAX_PACKS)
+    repack(g);
+  reopen(g);
 }
 
 static void fetch_done(uv_work_t *w, int status) {

@@ -164,8 +164,11 @@ static int collect_wanted(round *rd) {
       if (strcmp(rd->wants[k].target, m->target) != 0)
         continue;
       char msg[DC_ERR_MAX];
+      char *a = dc_printable(m->file), *b = dc_printable(rd->wants[k].file);
       dc_fmt(msg, sizeof msg, "%s: field 'target': '%s' is also the target of %s: keep one manifest per target",
-             m->file, m->target, rd->wants[k].file);
+             a ? a : "?", m->target, b ? b : "?");
+      free(a);
+      free(b);
       add_error(rd, msg);
       dup = 1;
     }

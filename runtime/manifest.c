@@ -22,7 +22,9 @@ static void add_error(manifest *m, const char *fmt, ...) {
     return;
   m->errors = g;
   dc_buf b = {0};
-  dc_buf_printf(&b, "%s: %s", m->file ? m->file : "?", msg);
+  char *name = dc_printable(m->file ? m->file : "?");
+  dc_buf_printf(&b, "%s: %s", name ? name : "?", msg);
+  free(name);
   m->errors[m->nerrors] = dc_buf_take(&b);
   if (m->errors[m->nerrors])
     m->nerrors++;

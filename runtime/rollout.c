@@ -167,6 +167,10 @@ static void complete_now(void *payload) {
     cb(r->act_payload, r->act_ok, r->act_ok ? NULL : r->act_err);
 }
 
+/* The outcome reaches the strategy at the next turn, after the handlers of
+ * this turn's events ran: a handler that reacts to "traffic" (makes the
+ * version unhealthy, samples the split) sees the step before the next one
+ * starts, as it would if it ran inside the event. */
 static void complete(rollout *r, int ok, const char *err) {
   r->after_healthy = NULL;
   r->act_ok = ok;
@@ -174,7 +178,8 @@ static void complete(rollout *r, int ok, const char *err) {
     dc_strlcpy(r->act_err, err ? err : "failed", sizeof r->act_err);
   r->mon = MON_NONE;
   r->paused = 0;
-  r->timer = engine_timer_start(r->e, 0, complete_now, r);
+  if (engine_soon(r->e, complete_now, r) != 0)
+    r->timer = engine_timer_start(r->e, 0, complete_now, r);
 }
 
 /* ---- operator commands ---- */
@@ -557,6 +562,8 @@ typedef struct traffic {
   rollout *r;
   double pct;
   int w_old, w_new;
+  int pending;             /* weight writes not yet committed */
+  char err[DC_ERR_MAX];    /* the first that failed */
 } traffic;
 
 /* The servers of the old set at w_old and the new set at w_new (a set
@@ -618,7 +625,6 @@ static void traffic_applied(void *payload, const char *err) {
   r->run.pct = tr->pct;
   if (tr->w_new > 0)
     r->routed_new = 1;
-  save_weights(r, tr->w_old, tr->w_new);
   emit(r, "traffic",
        json_pack("{s:o, s:i, s:i, s:i, s:i, s:i, s:i}", "pct", dc_json_number(tr->pct), "weight_old", tr->w_old, "weight_new",
                  tr->w_new, "old", (int)r->old.n, "new", (int)running_fresh(r), "step", r->run.step, "steps",
@@ -628,6 +634,7 @@ static void traffic_applied(void *payload, const char *err) {
 }
 
 static void traffic_now(rollout *r, double pct);
+static void record_weights(rollout *r, traffic *tr);
 
 static void before_step_done(rollout *r, int ok, const char *err) {
   char msg[DC_ERR_MAX];
@@ -688,21 +695,29 @@ static void traffic_now(rollout *r, double pct) {
     return;
   }
   traffic *tr = calloc(1, sizeof *tr);
-  size_t n = 0;
-  router_server *servers = NULL;
-  if (tr) {
-    split(r, pct, &tr->w_old, &tr->w_new);
-    /* A server at weight 0 stays registered (it may get traffic back);
-     * only promotion and abort retire a whole set. */
-    servers = build_servers(r, tr->w_old, tr->w_new, 1, 1, &n);
-  }
-  if (!servers) {
-    free(tr);
+  if (!tr) {
     complete(r, 0, "deploy: out of memory");
     return;
   }
   tr->r = r;
   tr->pct = pct;
+  split(r, pct, &tr->w_old, &tr->w_new);
+  record_weights(r, tr);
+}
+
+/* The weights are committed, so a crash from here on knows what the router
+ * was asked: now the router. A server at weight 0 stays registered (it may
+ * get traffic back); only promotion and abort retire a whole set. */
+static void traffic_apply(traffic *tr) {
+  rollout *r = tr->r;
+  char err[DC_ERR_MAX];
+  size_t n = 0;
+  router_server *servers = build_servers(r, tr->w_old, tr->w_new, 1, 1, &n);
+  if (!servers) {
+    free(tr);
+    complete(r, 0, "deploy: out of memory");
+    return;
+  }
   engine_hold(r->e);
   int rc = r->t->router->apply(r->t->router, servers, n, traffic_applied, tr, err);
   free(servers);
@@ -711,6 +726,47 @@ static void traffic_now(rollout *r, double pct) {
     free(tr);
     complete(r, 0, err);
   }
+}
+
+static void weight_recorded(void *payload, const store_result *res) {
+  traffic *tr = payload;
+  if (res->rc != DC_OK && !tr->err[0])
+    dc_strlcpy(tr->err, res->err, sizeof tr->err);
+  if (--tr->pending > 0)
+    return;
+  if (tr->err[0]) {
+    /* Not one step the store cannot record: the traffic stays as it was
+     * and the strategy hears why (it aborts, safely). */
+    char msg[DC_ERR_MAX];
+    dc_fmt(msg, sizeof msg, "traffic not moved to %g %%: the step could not be recorded: %s", tr->pct, tr->err);
+    rollout *r = tr->r;
+    free(tr);
+    complete(r, 0, msg);
+    return;
+  }
+  traffic_apply(tr);
+}
+
+/* Every instance row gets the weight the router is about to be given,
+ * committed before the router is touched. */
+static void record_weights(rollout *r, traffic *tr) {
+  char err[DC_ERR_MAX];
+  tr->pending = 1; /* held until every write is queued */
+  for (size_t k = 0; k < r->old.n + r->fresh.n; k++) {
+    int is_old = k < r->old.n;
+    store_instance *in = is_old ? &r->old.v[k] : &r->fresh.v[k - r->old.n];
+    if (!is_old && strcmp(in->state, "running") != 0)
+      continue;
+    in->weight = is_old ? tr->w_old : tr->w_new;
+    tr->pending++;
+    if (store_instance_update(r->s, in, weight_recorded, tr, err) != 0) {
+      tr->pending--;
+      if (!tr->err[0])
+        dc_strlcpy(tr->err, err, sizeof tr->err);
+    }
+  }
+  store_result done = {.rc = DC_OK};
+  weight_recorded(tr, &done);
 }
 
 /* ---- PROMOTE ---- */

@@ -11,6 +11,9 @@
  *      while connections are still attached).
  * Because every apply compares with what the proxy has now, a proxy that
  * was restarted and forgot our servers gets them back on the next apply.
+ * Those are HAProxy's steps (haproxy.c); nginx.c reaches the same end by
+ * rewriting the include it owns and reloading nginx, whose graceful
+ * reload is the drain.
  *
  * The interface follows libgit2's sys/odb_backend.h: a versioned struct of
  * function pointers, `free` required. */
@@ -35,7 +38,7 @@ typedef void (*router_cb)(void *payload, const char *err);
 typedef struct router router;
 struct router {
   int version;
-  const char *kind;  /* "haproxy", "none" */
+  const char *kind;  /* "haproxy", "nginx", "none" */
   /* The router cannot weigh servers (router none): a canary's share then
    * follows the instance ratio. */
   int ratio_only;
@@ -65,6 +68,23 @@ int router_check(const router *r, char *err);
 /* Creates the router; does not connect yet. */
 int router_haproxy_new(router **out, engine *e, const router_haproxy_opts *o,
                        char *err);
+typedef struct router_nginx_opts {
+  const char *include;       /* absolute path of the file the router owns,
+                              * included at http level of conf */
+  const char *upstream;      /* the upstream that file declares */
+  const char *conf;          /* absolute path of the main nginx.conf */
+  const char *pid;           /* absolute path of its 'pid' file */
+  const char *nginx;         /* binary; default "/usr/sbin/nginx" */
+  double timeout;            /* nginx -T, then the reload's confirmation,
+                              * seconds each; default 10 */
+  double drain_timeout;      /* seconds to wait for the old workers to
+                              * finish their requests when servers leave;
+                              * default 30 */
+} router_nginx_opts;
+
+/* Creates the router (nginx.c); touches no file and no process yet. */
+int router_nginx_new(router **out, engine *e, const router_nginx_opts *o,
+                     char *err);
 /* Traffic needs no split (a single instance set, or the split follows the
  * instance ratio): apply succeeds at once. */
 int router_none_new(router **out, engine *e, char *err);

@@ -217,9 +217,12 @@ static void remember_held(store *s, const char *id);
 static void observe(store *s, const store_op *op) {
   if (op->rc != DC_OK)
     return;
+  /* A reconcile's lock is a lease too: renewed by its holder id. */
   if (op->kind == STORE_OP_BEGIN)
     remember_held(s, op->dep.id);
-  else if (op->kind == STORE_OP_FINISH)
+  else if (op->kind == STORE_OP_LOCK_TAKE)
+    remember_held(s, op->id);
+  else if (op->kind == STORE_OP_FINISH || op->kind == STORE_OP_LOCK_RELEASE)
     forget_held(s, op->id);
 }
 

@@ -236,6 +236,12 @@ int dc_validate_version(const char *v, const char *what, char *err) {
       return -1;
     }
   }
+  /* A version lands in paths and in argv: ".", ".." and "-v" must not. */
+  if (!isalnum((unsigned char)v[0])) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: %s '%.40s' must start with a letter or a digit (it becomes part of file "
+           "names and command lines): e.g. '1.4.2'", what, v);
+    return -1;
+  }
   return 0;
 }
 
@@ -394,6 +400,23 @@ char *dc_buf_take(dc_buf *b) {
 void dc_buf_free(dc_buf *b) {
   free(b->data);
   memset(b, 0, sizeof *b);
+}
+
+char *dc_printable(const char *s) {
+  dc_buf b = {0};
+  for (const unsigned char *p = (const unsigned char *)(s ? s : ""); *p; p++) {
+    if (*p == '\n')
+      dc_buf_puts(&b, "\\n");
+    else if (*p == '\t')
+      dc_buf_puts(&b, "\\t");
+    else if (*p == '\r')
+      dc_buf_puts(&b, "\\r");
+    else if (*p < 0x20 || *p == 0x7f)
+      dc_buf_printf(&b, "\\x%02x", *p);
+    else
+      dc_buf_add(&b, (const char *)p, 1);
+  }
+  return dc_buf_take(&b);
 }
 
 const char *dc_unprefix(const char *msg) {

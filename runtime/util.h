@@ -67,8 +67,9 @@ char *dc_expand_placeholders_dup(const char *tmpl, const char *const *pairs);
  * the variable. Returns 0 or -1 with err filled. */
 int dc_expand_env(char *dst, size_t size, const char *src, char *err);
 
-/* Versions: non-empty, at most 128 bytes, [A-Za-z0-9._+-]. Returns 0 or -1
- * with err filled (naming `what`). */
+/* Versions: non-empty, at most 128 bytes, [A-Za-z0-9._+-], starting with a
+ * letter or a digit (a version lands in file names and command lines: ".",
+ * ".." and "-v" must not). Returns 0 or -1 with err filled (naming `what`). */
 int dc_validate_version(const char *v, const char *what, char *err);
 /* Target names: non-empty, at most 63 bytes, [A-Za-z0-9_-]. */
 int dc_validate_target_name(const char *t, char *err);
@@ -99,6 +100,11 @@ void dc_buf_printf(dc_buf *b, const char *fmt, ...) __attribute__((format(printf
 /* The text (the caller frees it), or NULL after an allocation failed. */
 char *dc_buf_take(dc_buf *b);
 void dc_buf_free(dc_buf *b);
+/* s with control characters written as escapes (\n, \t, \x1b): a name
+ * from outside (a file in a git repository) printed in a message can
+ * neither break a line nor move the cursor. Heap; NULL when out of memory. */
+char *dc_printable(const char *s);
+
 /* Drops a leading "deploy: " so a message can be wrapped in another that
  * already says it. */
 const char *dc_unprefix(const char *msg);

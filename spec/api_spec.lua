@@ -221,7 +221,7 @@ describe("bad input", function()
     local m = manager_for()
     local before = snapshot(m)
     assert.has_error(function() m:deploy("staging", "") end,
-      "deploy: deploy: version is empty: give a version such as '1.4.2'")
+      "deploy: manager:deploy(): version is empty: give a version such as '1.4.2'")
     local ok, err = pcall(m.deploy, m, "staging", string.rep("1", 129))
     assert.is_false(ok)
     assert.matches("version is 129 bytes long: at most 128 are allowed", err)
@@ -241,17 +241,17 @@ describe("bad input", function()
 
   it("wrong argument types name the argument", function()
     local m = manager_for()
-    assert.has_error(function() m:deploy(nil, "1") end, "deploy: deploy: target must be a string, got nil")
-    assert.has_error(function() m:deploy("staging", 1.5) end, "deploy: deploy: version must be a string, got number")
-    assert.has_error(function() m:deploy("staging", "1", "fast") end, "deploy: deploy: options must be a table, got string")
+    assert.has_error(function() m:deploy(nil, "1") end, "deploy: manager:deploy(): target must be a string, got nil")
+    assert.has_error(function() m:deploy("staging", 1.5) end, "deploy: manager:deploy(): version must be a string, got number")
+    assert.has_error(function() m:deploy("staging", "1", "fast") end, "deploy: manager:deploy(): options must be a table, got string")
     assert.has_error(function() m:deploy("staging", "1", { strategy = "canary" }) end)
     assert.has_error(function() m:deploy("staging", "1", { strateg = 1 }) end,
-      "deploy: deploy: unknown option 'strateg' (known: strategy, metadata, on_event, hooks, hook_timeout)")
+      "deploy: manager:deploy(): unknown option 'strateg' (known: strategy, metadata, on_event, hooks, hook_timeout)")
     assert.has_error(function() m:deploy("staging", "1", { metadata = "x" }) end,
-      "deploy: deploy: options.metadata must be a table, got string")
-    assert.has_error(function() m:rollback({}) end, "deploy: rollback: target must be a string, got table")
-    assert.has_error(function() m:rollback("staging", 3) end, "deploy: rollback: version must be a string, got number")
-    assert.has_error(function() m:get_status(7) end, "deploy: get_status: target must be a string, got number")
+      "deploy: manager:deploy(): options.metadata must be a table, got string")
+    assert.has_error(function() m:rollback({}) end, "deploy: manager:rollback(): target must be a string, got table")
+    assert.has_error(function() m:rollback("staging", 3) end, "deploy: manager:rollback(): version must be a string, got number")
+    assert.has_error(function() m:get_status(7) end, "deploy: manager:get_status(): target must be a string, got number")
     assert.has_error(function() m.deploy({}, "staging", "1") end)
   end)
 
@@ -287,7 +287,7 @@ describe("bad input", function()
       { cfg(function(_, p) p.provider.command = nil end), "provider%.command is missing" },
       { cfg(function(_, p) p.provider.ports = "30000-20000" end), "is not a usable range" },
       { cfg(function(_, p) p.provider.ports = "lots" end), "'lots' is not a port range: write 'LOW%-HIGH'" },
-      { cfg(function(_, p) p.router = { kind = "f5" } end), "router kind 'f5' is not known %(known: haproxy, none%)" },
+      { cfg(function(_, p) p.router = { kind = "f5" } end), "router kind 'f5' is not known %(known: haproxy, nginx, none%)" },
       { cfg(function(_, p) p.router = { kind = "haproxy", backend = "app" } end), "router%.socket is missing" },
       { cfg(function(_, p) p.health.interval = 0 end), "health%.interval must be between" },
       { cfg(function(_, p) p.health.path = "healthz" end), "path 'healthz' must start with '/'" },

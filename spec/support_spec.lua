@@ -145,6 +145,35 @@ describe("spec fixtures", function()
     end)
   end)
 
+  describe("nginx", function()
+    it("serves a site whose include is in the router's empty form, weighs servers, and stops with its workers", function()
+      local n = fixtures.nginx{}
+      local site = n:site("web")
+      assert.are.equal(502, (site:get("/")))   -- the placeholder is down
+      assert.are.same({}, site:weights())
+      local ok, out = n:test()
+      assert.is_true(ok, out)
+      local a, b = fixtures.start_demo{ version = "v1" }, fixtures.start_demo{ version = "v2" }
+      local text = site:include_text():gsub("    server 127%.0%.0%.1:1 down;  # %(none%)\n",
+        "    server 127.0.0.1:" .. a.port .. " weight=3;  # dc_1\n" ..
+        "    server 127.0.0.1:" .. b.port .. " weight=1;  # dc_2\n")
+      fixtures.write_file(site.include, text)
+      n:reload()
+      assert.are.same({ dc_1 = 3, dc_2 = 1 }, site:weights())
+      assert.are.same({ v1 = 150, v2 = 50 }, (site:sample(200)))
+      local workers = n:workers()
+      assert.are.equal(2, #workers)
+      -- kept by cleanup when asked, stopped (workers too) otherwise
+      fixtures.cleanup{ keep = { n } }
+      assert.is_true(fixtures.alive(n.pid))
+      assert.are.equal(502, (site:get("/")))   -- its demo apps are gone
+      local master = n.pid
+      fixtures.cleanup()
+      assert.is_false(fixtures.alive(master))
+      for _, pid in ipairs(workers) do assert.is_false(fixtures.alive(pid)) end
+    end)
+  end)
+
   describe("config builders", function()
     it("build a target shaped like DESIGN.md's configuration", function()
       local h = fixtures.haproxy{ backend = "web" }

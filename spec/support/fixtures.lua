@@ -1,6 +1,6 @@
 -- Fixtures for the busted specs: the demo app, a real HAProxy with its
--- runtime API, free ports, background processes, wrk load, and config
--- builders shaped like DESIGN.md's Configuration.
+-- runtime API, a real nginx, free ports, background processes, wrk load,
+-- and config builders shaped like DESIGN.md's Configuration.
 --
 -- Plain Lua 5.4 plus io.popen/os.execute; specs run from the repo root:
 --   lua5.4 /usr/bin/busted --cpath='build/?.so' spec
@@ -21,6 +21,7 @@ local POLL_S = 0.02
 -- Registries of what we started, undone by cleanup().
 local started_pids = {}  -- pid -> true
 local haproxies = {}     -- list of HAProxy handles still running
+local nginxes = {}       -- list of nginx handles still running
 local created_dirs = {}  -- list of paths
 local handed_out_ports = {} -- port -> true, so two calls never collide
 
@@ -526,6 +527,213 @@ function fixtures.haproxy(opts)
 end
 
 ------------------------------------------------------------------------
+-- nginx
+--
+-- A real nginx (the Debian binary) started as root with its own conf,
+-- pid, error log and temp paths in a temp dir, in the foreground
+-- (`daemon off`, so the pid we spawn is the master), two workers. Its
+-- http block includes <dir>/sites/*.conf: each site (Nginx:site) is one
+-- target's upstream include, owned by the router, plus a frontend on a
+-- free 127.0.0.1 port that proxies to that upstream. Sites let one nginx
+-- serve every spec of a file.
+
+local function nginx_bin()
+  local env = os.getenv("NGINX")
+  if env and env ~= "" then return env end
+  return "/usr/sbin/nginx"
+end
+fixtures.nginx_bin = nginx_bin
+
+-- The include the router writes for an empty server list (runtime/nginx.c,
+-- render), generation 0: what an operator creates before nginx first starts.
+function fixtures.nginx_empty_include(upstream, dir)
+  return table.concat({
+    "# deployctl nginx router: upstream " .. upstream .. ", generation 0.",
+    "# Every apply rewrites this file: do not edit it.",
+    "upstream " .. upstream .. " {",
+    "    server 127.0.0.1:1 down;  # (none)",
+    "}",
+    "server {",
+    "    listen unix:" .. dir .. "/" .. upstream .. ".gen.sock;",
+    "    access_log off;",
+    "    location / { return 200 \"0\"; }",
+    "}",
+  }, "\n") .. "\n"
+end
+
+local Nginx = {}
+Nginx.__index = Nginx
+
+function Nginx:_conf()
+  local d = self.dir
+  local lines = {
+    "worker_processes 2;",
+    "pid " .. self.pid_file .. ";",
+    "error_log " .. self.log .. " notice;",
+    "events { worker_connections 1024; }",
+    "http {",
+    "  access_log off;",
+    "  client_body_temp_path " .. d .. "/tmp/body;",
+    "  proxy_temp_path " .. d .. "/tmp/proxy;",
+    "  fastcgi_temp_path " .. d .. "/tmp/fastcgi;",
+    "  uwsgi_temp_path " .. d .. "/tmp/uwsgi;",
+    "  scgi_temp_path " .. d .. "/tmp/scgi;",
+  }
+  for _, l in ipairs(self.http) do lines[#lines + 1] = "  " .. l end
+  -- The fixture's own server: its answer says which reload the workers run.
+  lines[#lines + 1] = "  server { listen 127.0.0.1:" .. self.port
+                      .. "; location / { return 200 \"fixture " .. self.generation .. "\"; } }"
+  lines[#lines + 1] = "  include " .. d .. "/sites/*.conf;"
+  lines[#lines + 1] = "}"
+  return table.concat(lines, "\n") .. "\n"
+end
+
+-- Worker pids of the master (its children, from /proc).
+function Nginx:workers()
+  if not self.pid then return {} end
+  local list = {}
+  local s = read_file("/proc/" .. self.pid .. "/task/" .. self.pid .. "/children") or ""
+  for pid in s:gmatch("%d+") do list[#list + 1] = tonumber(pid) end
+  return list
+end
+
+function Nginx:_answers_generation()
+  local code, body = fixtures.http_get("http://127.0.0.1:" .. self.port .. "/", 2)
+  return code == 200 and body == "fixture " .. self.generation
+end
+
+function Nginx:_start()
+  self.pid = spawn(string.format("exec %s -c %s -g 'daemon off;'", q(nginx_bin()), q(self.conf)),
+                   self.dir .. "/nginx.out", true)
+  fixtures.wait_until(function()
+    if not fixtures.alive(self.pid) then
+      error("fixtures: nginx exited at start-up:\n" .. (read_file(self.dir .. "/nginx.out") or "")
+            .. (read_file(self.log) or ""), 0)
+    end
+    return (read_file(self.pid_file) or ""):match("^(%d+)") == tostring(self.pid)
+           and self:_answers_generation()
+  end, 10, "nginx on 127.0.0.1:" .. self.port)
+end
+
+-- Rewrites nginx.conf (after changing self.http) and reloads; returns once
+-- every worker of the previous generation has exited, so the next
+-- connection certainly meets the new configuration. ready (optional) is
+-- enough instead: e.g. a new site's port answers.
+function Nginx:reload(ready)
+  self.generation = self.generation + 1
+  write_file(self.conf, self:_conf())
+  local old = self:workers()
+  fixtures.kill(self.pid, "HUP")
+  fixtures.wait_until(function()
+    if ready then return ready() end
+    if not self:_answers_generation() then return false end
+    for _, pid in ipairs(old) do if fixtures.alive(pid) then return false end end
+    return true
+  end, 10, "nginx to reload (generation " .. self.generation .. ")")
+end
+
+-- `nginx -t` on the current files: ok, and what nginx said.
+function Nginx:test()
+  local out, ok = capture(string.format("%s -t -c %s 2>&1", q(nginx_bin()), q(self.conf)))
+  return ok, out
+end
+
+-- A new target behind this nginx: upstream `name` (default app<N>) in an
+-- include of its own, in the router's empty form, and a frontend on a
+-- free port. Reloads nginx. Returns the site.
+function Nginx:site(name)
+  self.nsites = self.nsites + 1
+  name = name or ("app" .. self.nsites)
+  local site = setmetatable({
+    nginx = self, upstream = name, port = fixtures.free_port(),
+    include = self.dir .. "/upstreams/" .. name .. ".conf",
+  }, fixtures.NginxSite)
+  write_file(site.include, fixtures.nginx_empty_include(name, self.dir .. "/upstreams"))
+  write_file(self.dir .. "/sites/" .. name .. ".conf", table.concat({
+    "include " .. site.include .. ";",
+    "server {",
+    "  listen 127.0.0.1:" .. site.port .. ";",
+    -- A request to a dead instance fails visibly, not quietly retried on
+    -- another (as the HAProxy fixture has no `option redispatch`).
+    "  location / { proxy_pass http://" .. name .. "; proxy_next_upstream off; }",
+    "}",
+  }, "\n") .. "\n")
+  -- Any answer (502: no server yet) means the new site is loaded.
+  self:reload(function() return (site:get("/")) ~= 0 end)
+  return site
+end
+
+function Nginx:stop()
+  if self.pid then
+    local workers = self:workers()
+    fixtures.stop(self.pid, 3)
+    -- Workers outlive a master that had to be killed: never leave them.
+    for _, pid in ipairs(workers) do fixtures.stop(pid, 1) end
+    self.pid = nil
+  end
+  for i, n in ipairs(nginxes) do
+    if n == self then table.remove(nginxes, i) break end
+  end
+end
+
+-- opts: http (list of extra directives for the http block, e.g.
+-- { "keepalive_timeout 0;" }). Torn down by fixtures.cleanup() unless it
+-- is kept there (cleanup{ keep = { n } }).
+function fixtures.nginx(opts)
+  opts = opts or {}
+  local dir = fixtures.tmpdir("nginx")
+  -- Workers run as nobody and must reach the temp paths under dir.
+  run("chmod 755 " .. q(dir) .. " && mkdir -p " .. q(dir .. "/sites") .. " " .. q(dir .. "/upstreams")
+      .. " " .. q(dir .. "/tmp"))
+  local self = setmetatable({
+    dir = dir, conf = dir .. "/nginx.conf", pid_file = dir .. "/nginx.pid",
+    log = dir .. "/error.log", port = fixtures.free_port(), generation = 1,
+    http = opts.http or {}, nsites = 0,
+  }, Nginx)
+  write_file(self.conf, self:_conf())
+  nginxes[#nginxes + 1] = self
+  self:_start()
+  return self
+end
+
+local NginxSite = {}
+NginxSite.__index = NginxSite
+fixtures.NginxSite = NginxSite
+
+function NginxSite:url(path)
+  return "http://127.0.0.1:" .. self.port .. (path or "/")
+end
+
+function NginxSite:get(path)
+  return fixtures.http_get(self:url(path))
+end
+
+-- n sequential GETs through the frontend, one curl (see sample_url).
+function NginxSite:sample(n, path)
+  return fixtures.sample_url(self:url(path), n)
+end
+
+-- The router table for this site (DESIGN.md, Configuration).
+function NginxSite:router()
+  return { kind = "nginx", include = self.include, upstream = self.upstream,
+           conf = self.nginx.conf, pid = self.nginx.pid_file, nginx = nginx_bin() }
+end
+
+-- The include as nginx would read it now.
+function NginxSite:include_text()
+  return read_file(self.include)
+end
+
+-- { [name] = weight } of the servers in the include ("down" is 0).
+function NginxSite:weights()
+  local w = {}
+  for addr, what, name in (read_file(self.include) or ""):gmatch("\n    server (%S+) (%S-);  # (%S+)") do
+    if name ~= "(none)" then w[name] = tonumber(what:match("^weight=(%d+)$")) or 0 end
+  end
+  return w
+end
+
+------------------------------------------------------------------------
 -- Load with wrk
 
 local Load = {}
@@ -559,18 +767,33 @@ function Load:wait()
   return result
 end
 
+-- Freezes wrk (SIGSTOP) and lets it go on (SIGCONT): its connections stay
+-- open, it just sends nothing meanwhile.
+function Load:pause() fixtures.kill(self.pid, "STOP") end
+function Load:resume() fixtures.kill(self.pid, "CONT") end
+
+-- Stops wrk now (SIGINT: it stops and prints its figures) and returns
+-- them, as wait() does: load that lasts exactly as long as what it covers.
+function Load:finish()
+  fixtures.kill(self.pid, "INT")
+  return self:wait()
+end
+
 function Load:kill()
   fixtures.stop(self.pid, 1)
 end
 
 -- Runs `wrk -t2 -c<n> -d<seconds>s --latency url` in the background.
-function fixtures.load(n, url, seconds)
+-- opts.headers: list of extra request headers ("Connection: close").
+function fixtures.load(n, url, seconds, opts)
   seconds = math.tointeger(seconds or 3) or math.ceil(seconds)
   local dir = fixtures.tmpdir("wrk")
   local log = dir .. "/wrk.log"
   local threads = math.min(2, n)
-  local pid = spawn(string.format("exec wrk -t%d -c%d -d%ds --latency %s",
-                                  threads, n, seconds, q(url)), log)
+  local headers = ""
+  for _, h in ipairs(opts and opts.headers or {}) do headers = headers .. " -H " .. q(h) end
+  local pid = spawn(string.format("exec wrk -t%d -c%d -d%ds --latency%s %s",
+                                  threads, n, seconds, headers, q(url)), log)
   return setmetatable({ pid = pid, log = log, seconds = seconds, url = url }, Load)
 end
 
@@ -582,7 +805,8 @@ local function merge(into, from)
   return into
 end
 
--- opts: haproxy (a fixtures.haproxy handle, or nil for router "none"),
+-- opts: haproxy (a fixtures.haproxy handle), nginx (a site of a
+-- fixtures.nginx), or neither for router "none";
 -- instances (2), ports ("LOW-HIGH", default 20 free ones), health
 -- (overrides), dir (default: a new tmpdir), delay_ms, stop_timeout (2),
 -- provider (overrides).
@@ -597,6 +821,8 @@ function fixtures.target_config(opts)
   local router
   if opts.haproxy then
     router = { kind = "haproxy", socket = opts.haproxy.socket, backend = opts.haproxy.backend }
+  elseif opts.nginx then
+    router = opts.nginx:router()
   else
     router = { kind = "none" }
   end
@@ -642,10 +868,16 @@ end
 ------------------------------------------------------------------------
 -- Cleanup
 
--- Stops everything started here (HAProxy, spawned commands, and any
--- process whose command line names one of our directories), then removes
--- the directories.
-function fixtures.cleanup()
+-- Stops everything started here (HAProxy, nginx, spawned commands, and
+-- any process whose command line names one of our directories), then
+-- removes the directories. opts.keep: handles (fixtures.nginx) to leave
+-- running with their directories, for the next spec of the same file.
+function fixtures.cleanup(opts)
+  local kept_dirs, kept_pids = {}, {}
+  for _, h in ipairs(opts and opts.keep or {}) do
+    kept_dirs[h.dir] = true
+    if h.pid then kept_pids[h.pid] = true end
+  end
   for i = #haproxies, 1, -1 do
     -- One HAProxy that will not stop must not keep the rest running.
     local ok = pcall(haproxies[i].stop, haproxies[i])
@@ -654,10 +886,24 @@ function fixtures.cleanup()
       table.remove(haproxies, i)
     end
   end
+  for i = #nginxes, 1, -1 do
+    local n = nginxes[i]
+    if not kept_dirs[n.dir] then
+      local ok = pcall(n.stop, n)
+      if not ok then
+        if n.pid then fixtures.kill(n.pid, "KILL") end
+        table.remove(nginxes, i)
+      end
+    end
+  end
   local pids = {}
-  for pid in pairs(started_pids) do pids[#pids + 1] = pid end
+  for pid in pairs(started_pids) do
+    if not kept_pids[pid] then pids[#pids + 1] = pid end
+  end
   for _, dir in ipairs(created_dirs) do
-    for _, pid in ipairs(fixtures.pids_matching(dir)) do pids[#pids + 1] = pid end
+    if not kept_dirs[dir] then
+      for _, pid in ipairs(fixtures.pids_matching(dir)) do pids[#pids + 1] = pid end
+    end
   end
   for _, pid in ipairs(pids) do fixtures.kill(pid, "TERM") end
   for _, pid in ipairs(pids) do
@@ -665,13 +911,18 @@ function fixtures.cleanup()
       fixtures.kill(pid, "KILL")
       fixtures.wait_exit(pid, 2)
     end
+    started_pids[pid] = nil
   end
-  started_pids = {}
+  local still = {}
   for _, dir in ipairs(created_dirs) do
-    -- Only what tmpdir() made: a path under /tmp from mktemp.
-    if dir:match("^/tmp/deployctl%-[%w_.-]+$") then run("rm -rf " .. q(dir)) end
+    if kept_dirs[dir] then
+      still[#still + 1] = dir
+    elseif dir:match("^/tmp/deployctl%-[%w_.-]+$") then
+      -- Only what tmpdir() made: a path under /tmp from mktemp.
+      run("rm -rf " .. q(dir))
+    end
   end
-  created_dirs = {}
+  created_dirs = still
 end
 
 -- Last resort when a spec forgot cleanup(): runs when the Lua state closes.
