@@ -101,6 +101,17 @@ describe("inputs found by fuzzing", function()
     end)
   end)
 
+  describe("config files (fuzz/config.c)", function()
+    it("refuses a targets table that grows while it is read, instead of writing past the array", function()
+      -- The file as a config file is loaded; only the store moves to a
+      -- temporary directory.
+      local cfg = dofile("fuzz/corpus/config/targets-grown-while-read.lua")
+      cfg.state = fixtures.tmpdir("state") .. "/state.db"
+      assert.has_error(function() deploy.DeploymentManager{ config = cfg } end,
+        "deploy: config .targets changed while it was read (a metamethod added to it: build the table first)")
+    end)
+  end)
+
   describe("HAProxy answers (fuzz/haproxy.c)", function()
     -- A real HAProxy cannot produce this answer: its CLI splits commands at
     -- ';' and server names allow only letters, digits and "_-.:". So the
