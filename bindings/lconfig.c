@@ -3,6 +3,7 @@
  * provider and router are created from it. */
 #include <errno.h>
 #include <limits.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -112,8 +113,8 @@ static int int_field(lua_State *L, int idx, const char *path, const char *k, int
   char full[256];
   dc_fmt(full, sizeof full, "%s.%s", path, k);
   int t = field(L, idx, k);
-  if (t == LUA_TNUMBER && !lua_isinteger(L, -1) &&
-      lua_tonumber(L, -1) != (double)(lua_Integer)lua_tonumber(L, -1))
+  /* floor, not a cast to an integer: 1e308 or NaN do not fit one (UB). */
+  if (t == LUA_TNUMBER && !lua_isinteger(L, -1) && floor(lua_tonumber(L, -1)) != lua_tonumber(L, -1))
     fail(L, full, "must be a whole number, got %s", lua_tostring(L, -1));
   lua_pop(L, 1);
   return (int)num_field(L, idx, path, k, def, lo, hi);

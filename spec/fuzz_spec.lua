@@ -110,6 +110,16 @@ describe("inputs found by fuzzing", function()
       assert.has_error(function() deploy.DeploymentManager{ config = cfg } end,
         "deploy: config .targets changed while it was read (a metamethod added to it: build the table first)")
     end)
+
+    it("says a count of 1e308 is out of range, without converting it to an integer first", function()
+      local cfg = dofile("fuzz/corpus/config/instances-1e308.lua")
+      cfg.state = fixtures.tmpdir("state") .. "/state.db"
+      assert.has_error(function() deploy.DeploymentManager{ config = cfg } end,
+        "deploy: config targets.b.instances must be between 1 and 64")
+      cfg.targets.b.instances = 0 / 0
+      assert.error_matches(function() deploy.DeploymentManager{ config = cfg } end,
+        "^deploy: config targets%.b%.instances must be a whole number, got %-?nan$")
+    end)
   end)
 
   describe("HAProxy answers (fuzz/haproxy.c)", function()
