@@ -31,9 +31,11 @@
 #include "lutil.h"
 #include "util.h"
 
+/* A real config runs a few hundred instructions and allocates a few
+ * kilobytes; these leave room for a hundred times that. */
 #define INSN_STEP 1000
-#define INSN_LIMIT (200 * INSN_STEP)
-#define MEM_LIMIT (32u << 20)
+#define INSN_LIMIT (50 * INSN_STEP)
+#define MEM_LIMIT (8u << 20)
 
 typedef struct budget {
   size_t used;
