@@ -113,6 +113,13 @@ typedef void (*haproxy_fuzz_step_cb)(void *payload, const char *server, const ch
 int haproxy_fuzz_answers(const char *backend, const char *prefix, const router_server *want, size_t nwant,
                          char *state, char *stat, char *answer, haproxy_fuzz_step_cb step, void *payload,
                          haproxy_fuzz_result *out, char *err);
+/* The nginx router's readers (runtime/nginx.c): its include file as
+ * read() and apply read it back (0 with the servers, which the caller
+ * frees, when it is exactly what the router writes; -1 with err), and
+ * the one-line summary of nginx -T's stderr that errors quote. */
+int nginx_fuzz_include(const char *upstream, const char *sock, const char *text, size_t len,
+                       router_server **out, size_t *nout, char *err);
+void nginx_fuzz_message(const char *text, char *out, size_t size);
 #endif
 
 #endif
