@@ -240,16 +240,102 @@ static void base_next(base *b) {
   health_check_start(b->e, &b->url, 1, &o, base_done, b, err);
 }
 
+/* One pass of `canaries` canaries over `ntargets` targets against the store
+ * at `state`; prints its figures and returns the engine's cost per step in
+ * microseconds (negative when the store could not be opened). */
+static double run_store(engine *e, const char *state, int canaries, int ntargets, int *failed, double *wall_out,
+                        const char **kind) {
+  char err[DC_ERR_MAX];
+  store *s;
+  if (store_open(&s, e, state, err) != 0) {
+    fprintf(stderr, "%s\n", err);
+    return -1;
+  }
+  canary_params cp;
+  canary_params_default(&cp);
+  strategy *st;
+  strategy_canary_new(&st, &cp, err);
+
+  target_config **targets = calloc((size_t)ntargets, sizeof *targets);
+  for (int i = 0; i < ntargets; i++) {
+    char name[32];
+    dc_fmt(name, sizeof name, "t%d", i);
+    target_config *t = target_config_new(name);
+    t->instances = 1;
+    t->provider = inproc_provider();
+    router_none_new(&t->router, e, err);
+    t->health.interval = 300; /* one check per step on the virtual clock */
+    t->health.timeout = 2;
+    store_target_ensure(s, t->name, NULL, NULL, err);
+    targets[i] = t;
+  }
+  service *svc;
+  if (service_new(&svc, e, s, targets, (size_t)ntargets, err) != DC_OK) {
+    fprintf(stderr, "%s\n", err);
+    return -1;
+  }
+  lane *lanes = calloc((size_t)ntargets, sizeof *lanes);
+  int running = 0;
+  long steps = 0;
+  for (int i = 0; i < ntargets; i++)
+    lanes[i] = (lane){.svc = svc, .target = service_target_at(svc, (size_t)i)->name, .st = st, .running = &running,
+                      .steps = &steps};
+  /* warm-up: first deployments (nothing to canary against), not measured */
+  for (int i = 0; i < ntargets; i++) {
+    lanes[i].remaining = 1;
+    running++;
+    lane_next(&lanes[i]);
+  }
+  while (running > 0)
+    engine_run_once(e);
+  steps = 0;
+  uint64_t commits0, writes0, commits1, writes1;
+  store_stats(s, &commits0, &writes0);
+  double vstart = engine_now(e), t0 = now();
+  for (int i = 0; i < ntargets; i++) {
+    lanes[i].remaining = canaries / ntargets + (i < canaries % ntargets);
+    running++;
+    lane_next(&lanes[i]);
+  }
+  while (running > 0)
+    engine_run_once(e);
+  double wall = now() - t0, virt = engine_now(e) - vstart;
+  store_stats(s, &commits1, &writes1);
+  for (int i = 0; i < ntargets; i++)
+    *failed += lanes[i].failures;
+
+  double per_step = wall / (double)steps * 1e6;
+  *wall_out = wall;
+  *kind = store_kind(s);
+  printf("%s store: %.3f s wall for %.0f s of virtual time, %ld steps\n", store_kind(s), wall, virt, steps);
+  printf("  per step: %.1f us (store, events, health check, router, step machine)\n", per_step);
+  printf("  store: %llu transactions for %llu writes = %.3f transactions per step, %.1f writes per transaction\n",
+         (unsigned long long)(commits1 - commits0), (unsigned long long)(writes1 - writes0),
+         (double)(commits1 - commits0) / (double)steps,
+         (double)(writes1 - writes0) / (double)(commits1 - commits0 ? commits1 - commits0 : 1));
+  service_unref(svc);
+  store_unref(s);
+  strategy_free(st);
+  free(lanes);
+  /* the store's last commits and closes finish on the loop */
+  for (int i = 0; i < 100; i++)
+    uv_run(e->loop, UV_RUN_NOWAIT);
+  return per_step;
+}
+
 int main(int argc, char **argv) {
   int canaries = argc > 1 ? atoi(argv[1]) : 1000;
   int ntargets = argc > 2 ? atoi(argv[2]) : 100;
+  if (canaries <= 0 || ntargets <= 0) {
+    fprintf(stderr, "usage: bench_engine_overhead [canaries] [targets] [state ...]\n");
+    return 2;
+  }
   if (ntargets > canaries)
     ntargets = canaries;
-  char dir[] = "/tmp/deployctl-bench-XXXXXX", path[256], err[DC_ERR_MAX];
+  char dir[] = "/tmp/deployctl-bench-XXXXXX", path[256];
   if (!mkdtemp(dir))
     return 1;
   dc_fmt(path, sizeof path, "%s/state.db", dir);
-  const char *state = argc > 3 ? argv[3] : path;
 
   engine e;
   engine_init(&e, 1);
@@ -265,64 +351,29 @@ int main(int argc, char **argv) {
   uv_tcp_getsockname(&server, (struct sockaddr *)&bound, &len);
   server_port = ntohs(((struct sockaddr_in *)&bound)->sin_port);
 
-  store *s;
-  if (store_open(&s, &e, state, err) != 0) {
-    fprintf(stderr, "%s\n", err);
-    return 1;
+  printf("engine_overhead: %d canaries (10 steps of 300 s), %d targets side by side, virtual clock\n", canaries,
+         ntargets);
+  /* every state named runs in turn on the same engine; the first is the
+   * reference the others are compared with */
+  int nstates = argc > 3 ? argc - 3 : 1, failures = 0;
+  double first = 0, walls[64];
+  const char *kinds[64];
+  if (nstates > 64)
+    nstates = 64;
+  for (int i = 0; i < nstates; i++) {
+    const char *state = argc > 3 && strcmp(argv[3 + i], "sqlite") != 0 ? argv[3 + i] : path;
+    if (i > 0 && state == path) {
+      fprintf(stderr, "'sqlite' (a temporary SQLite file) may be named once\n");
+      return 2;
+    }
+    double per_step = run_store(&e, state, canaries, ntargets, &failures, &walls[i], &kinds[i]);
+    if (per_step < 0)
+      return 1;
+    if (i == 0)
+      first = per_step;
+    else
+      printf("  ratio to the first store (per step): %.2fx\n", per_step / first);
   }
-  canary_params cp;
-  canary_params_default(&cp);
-  strategy *st;
-  strategy_canary_new(&st, &cp, err);
-
-  target_config **targets = calloc((size_t)ntargets, sizeof *targets);
-  for (int i = 0; i < ntargets; i++) {
-    char name[32];
-    dc_fmt(name, sizeof name, "t%d", i);
-    target_config *t = target_config_new(name);
-    t->instances = 1;
-    t->provider = inproc_provider();
-    router_none_new(&t->router, &e, err);
-    t->health.interval = 300; /* one check per step on the virtual clock */
-    t->health.timeout = 2;
-    store_target_ensure(s, t->name, NULL, NULL, err);
-    targets[i] = t;
-  }
-  service *svc;
-  if (service_new(&svc, &e, s, targets, (size_t)ntargets, err) != DC_OK) {
-    fprintf(stderr, "%s\n", err);
-    return 1;
-  }
-  lane *lanes = calloc((size_t)ntargets, sizeof *lanes);
-  int running = 0;
-  long steps = 0;
-  for (int i = 0; i < ntargets; i++)
-    lanes[i] = (lane){.svc = svc, .target = service_target_at(svc, (size_t)i)->name, .st = st, .running = &running,
-                      .steps = &steps};
-  /* warm-up: first deployments (nothing to canary against), not measured */
-  for (int i = 0; i < ntargets; i++) {
-    lanes[i].remaining = 1;
-    running++;
-    lane_next(&lanes[i]);
-  }
-  while (running > 0)
-    engine_run_once(&e);
-  steps = 0;
-  uint64_t commits0, writes0, commits1, writes1;
-  store_stats(s, &commits0, &writes0);
-  double vstart = engine_now(&e), t0 = now();
-  for (int i = 0; i < ntargets; i++) {
-    lanes[i].remaining = canaries / ntargets + (i < canaries % ntargets);
-    running++;
-    lane_next(&lanes[i]);
-  }
-  while (running > 0)
-    engine_run_once(&e);
-  double wall = now() - t0, virt = engine_now(&e) - vstart;
-  store_stats(s, &commits1, &writes1);
-  int failures = 0;
-  for (int i = 0; i < ntargets; i++)
-    failures += lanes[i].failures;
 
   /* baseline: as many health rounds as the canaries made, back to back */
   char url[64];
@@ -334,22 +385,12 @@ int main(int argc, char **argv) {
   while (b.left >= 0 && engine_run_once(&e))
     ;
   double base_wall = now() - b0;
-
-  printf("engine_overhead: %d canaries (10 steps of 300 s), %d targets side by side, virtual clock, %s store\n",
-         canaries, ntargets, store_kind(s));
-  printf("rollouts: %.3f s wall for %.0f s of virtual time, %ld steps, %d failed\n", wall, virt, steps, failures);
-  printf("per step: %.1f us (store, events, health check, router, step machine)\n", wall / (double)steps * 1e6);
-  printf("store: %llu transactions for %llu writes = %.3f transactions per step, %.1f writes per transaction\n",
-         (unsigned long long)(commits1 - commits0), (unsigned long long)(writes1 - writes0),
-         (double)(commits1 - commits0) / (double)steps,
-         (double)(writes1 - writes0) / (double)(commits1 - commits0 ? commits1 - commits0 : 1));
   printf("baseline: %ld bare health checks in %.3f s = %.1f us each\n", rounds, base_wall,
          base_wall / (double)rounds * 1e6);
-  printf("ratio rollouts/baseline (per health check issued): %.2fx\n",
-         (wall / (double)rounds) / (base_wall / (double)rounds));
-  service_unref(svc);
-  store_unref(s);
-  strategy_free(st);
+  for (int i = 0; i < nstates; i++)
+    printf("ratio rollouts/baseline (per health check issued), %s store: %.2fx\n", kinds[i], walls[i] / base_wall);
+  if (failures)
+    printf("%d rollouts failed\n", failures);
   char cmd[300];
   dc_fmt(cmd, sizeof cmd, "rm -rf %s", dir);
   if (system(cmd) != 0)

@@ -204,13 +204,26 @@ static const char *redacted(lua_State *co, int idx) {
   return lua_tostring(co, -1);
 }
 
+/* The error a task ended with, as a message: "<prefix> raised: <error>",
+ * or the error alone when the scheduler wrote it and it already names the
+ * task (a foreign yield, the watchdog), so no message says it twice. */
+static void raised(ltask *t, const char *prefix, char *msg, size_t n) {
+  const char *e = redacted(t->co, -1);
+  if (t->what && strncmp(e, t->what, strlen(t->what)) == 0)
+    dc_strlcpy(msg, e, n);
+  else
+    dc_fmt(msg, n, "%s raised: %s", prefix, e);
+}
+
 /* false (or "fail") fails a hook; for analysis the second value says why. */
 static void hook_finished(lua_State *L, ltask *t, int status, int nres) {
   lrun *run = t->payload;
   char msg[DC_ERR_MAX];
   const char *name = hook_names[run->hook_kind];
   if (status != LUA_OK) {
-    dc_fmt(msg, sizeof msg, "hook %s raised: %s", name, redacted(t->co, -1));
+    char prefix[64];
+    dc_fmt(prefix, sizeof prefix, "hook %s", name);
+    raised(t, prefix, msg, sizeof msg);
     hook_ends(run, L, 0, msg);
     return;
   }
@@ -544,7 +557,7 @@ static void strategy_finished(lua_State *L, ltask *t, int status, int nres) {
   char msg[DC_ERR_MAX];
   run->strategy_task = NULL;
   if (status != LUA_OK) {
-    dc_fmt(msg, sizeof msg, "strategy execute(d) raised: %s", redacted(t->co, -1));
+    raised(t, "strategy execute(d)", msg, sizeof msg);
     end_with(run, ACTION_ABORT, msg);
   } else {
     int first = lua_gettop(t->co) - nres + 1;

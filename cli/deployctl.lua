@@ -95,6 +95,7 @@ Deploys VERSION to TARGET with the given strategy (default blue-green).
 --set gives the strategy's parameters, e.g.
   deployctl deploy production 1.4.2 --strategy canary --set initial_percentage=5 --set interval=60
   deployctl deploy production 1.4.2 --set switch_delay=10
+  deployctl deploy production 1.4.2 --strategy canary --set pause_at=25,50   (a list: comma-separated)
 A strategy registered by a pipeline is not available here: use `run`.
 
 ]] .. OUTPUT_FLAGS,
@@ -458,12 +459,25 @@ end
 
 -- --set key=value pairs become strategy parameters (numbers when they look
 -- like numbers).
+-- Parameters that take a list: --set pause_at=25,50
+local LIST_PARAMS = { pause_at = true }
+
 local function strategy_params(sets)
   local params = {}
   for _, kv in ipairs(sets) do
     local k, v = kv:match("^([%w_]+)=(.*)$")
     if not k then usage_error("deploy: --set '%s' is not key=value (e.g. --set interval=60)", kv) end
-    params[k] = tonumber(v) or v
+    if LIST_PARAMS[k] then
+      local list = {}
+      for item in (v .. ","):gmatch("([^,]*),") do
+        local n = tonumber(item)
+        if not n then usage_error("deploy: --set %s: '%s' is not a list of numbers (e.g. --set %s=25,50)", k, v, k) end
+        list[#list + 1] = n
+      end
+      params[k] = list
+    else
+      params[k] = tonumber(v) or v
+    end
   end
   return params
 end

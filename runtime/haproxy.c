@@ -230,7 +230,13 @@ static void msg_answered(const hap *h, const char *cmd, char *answer,
            "answered: %s (declare it with 'balance roundrobin')",
            h->backend, cmd, t);
   } else {
-    dc_fmt(err, DC_ERR_MAX, "haproxy: '%s' answered: %s", cmd, t);
+    /* whatever answered may not be HAProxy: its bytes are shown escaped,
+     * and only the start of them */
+    char *shown = dc_printable(t);
+    size_t n = shown ? strlen(shown) : 0;
+    dc_fmt(err, DC_ERR_MAX, "haproxy: '%s' on %s answered: %.300s%s", cmd, h->socket, shown ? shown : "?",
+           n > 300 ? "..." : "");
+    free(shown);
   }
 }
 
@@ -318,8 +324,25 @@ static void cmd_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   if (nread > 0) {
     c->len += (size_t)nread;
   } else if (nread == UV_EOF) {
+    char err[DC_ERR_MAX];
     c->buf[c->len] = '\0';
-    cmd_finish(c, NULL, c->buf);
+    /* Every answer has at least a newline, and a "show" answer ends with
+     * an empty line: anything shorter was cut (HAProxy stopping, a proxy
+     * or a full buffer in between) and must not be read as the state. */
+    if (c->len == 0) {
+      dc_fmt(err, DC_ERR_MAX,
+             "haproxy: '%s' on %s: the connection closed without an answer (HAProxy restarting or stopping?)",
+             c->text, c->h->socket);
+      cmd_finish(c, err, NULL);
+    } else if (strncmp(c->text, "show ", 5) == 0 && (c->len < 2 || memcmp(c->buf + c->len - 2, "\n\n", 2) != 0)) {
+      dc_fmt(err, DC_ERR_MAX,
+             "haproxy: '%s' on %s: the answer was cut short after %zu bytes (no closing empty line): "
+             "nothing is read from it",
+             c->text, c->h->socket, c->len);
+      cmd_finish(c, err, NULL);
+    } else {
+      cmd_finish(c, NULL, c->buf);
+    }
   } else if (nread < 0) {
     cmd_fail_io(c, "reading the answer", (int)nread);
   }

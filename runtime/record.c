@@ -29,10 +29,18 @@ void record_clear(record *rc) {
   rc->nerrors = rc->errors_cap = 0;
 }
 
+/* An event the store could not keep does not stop the rollout (the step
+ * itself is recorded apart, and waited for): it is said on stderr, once
+ * for a run of the same failure, not once per event. */
 static void event_stored(void *payload, const store_result *r) {
+  static char last[DC_ERR_MAX];
   (void)payload;
-  if (r->rc != DC_OK)
-    fprintf(stderr, "%s\n", r->err);
+  if (r->rc == DC_OK) {
+    last[0] = '\0';
+  } else if (strcmp(last, r->err) != 0) {
+    dc_strlcpy(last, r->err, sizeof last);
+    fprintf(stderr, "deployctl: an event was not stored: %s\n", r->err);
+  }
 }
 
 static void store_and_emit(record *rc, const char *kind, char *text) {

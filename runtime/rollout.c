@@ -890,9 +890,15 @@ static void abort_applied(void *payload, const char *err) {
     return;
   }
   if (err) {
-    record_errorf(&r->rc, "while returning traffic to the old version: %s", err);
     /* If the proxy ever sent the new instances traffic, it may still: they
      * keep running, as strays the next rollout or reconcile stops. */
+    if (r->routed_new)
+      record_errorf(&r->rc,
+                    "while returning traffic to the old version: %s; the new instances keep running, as the "
+                    "router may still send them traffic: run 'deployctl reconcile %s' once it answers",
+                    err, r->t->name);
+    else
+      record_errorf(&r->rc, "while returning traffic to the old version: %s", err);
     if (r->routed_new) {
       aborted_stopped(r, NULL);
       return;

@@ -487,6 +487,14 @@ int store_lock_release(store *s, const char *target, const char *holder, store_c
   return 0;
 }
 
+int store_prune(store *s, const char *target, int keep, store_cb cb, void *payload, char *err) {
+  NEW_OP(STORE_OP_PRUNE);
+  dc_strlcpy(op->name, target, sizeof op->name);
+  op->limit = keep < 1 ? 1 : keep;
+  submit_write(s, op);
+  return 0;
+}
+
 int store_recover(store *s, store_cb cb, void *payload, char *err) {
   NEW_OP(STORE_OP_RECOVER);
   submit_write(s, op);
@@ -773,4 +781,81 @@ int store_deployment_copy(store_deployment *dst, const store_deployment *src) {
     return -1;
   }
   return 0;
+}
+
+/* ---- for backends ---- */
+
+void store_op_describe(const store_op *op, char *what, size_t size) {
+  switch (op->kind) {
+  case STORE_OP_TARGET_ENSURE:
+    dc_fmt(what, size, "cannot add target '%s'", op->name);
+    return;
+  case STORE_OP_BEGIN:
+    dc_fmt(what, size, "cannot insert deployment '%s'", op->dep.id);
+    return;
+  case STORE_OP_FINISH:
+    dc_fmt(what, size, "cannot finish deployment '%s'", op->fin.id && op->fin.id[0] ? op->fin.id : op->id);
+    return;
+  case STORE_OP_PROMOTE:
+    dc_fmt(what, size, "cannot promote deployment '%s'", op->id);
+    return;
+  case STORE_OP_EVENT:
+    dc_fmt(what, size, "cannot add event '%s' of deployment '%s'", op->ev.kind, op->ev.deployment_id);
+    return;
+  case STORE_OP_INSTANCE_ADD:
+    dc_fmt(what, size, "cannot add instance %d of deployment '%s'", op->inst.idx, op->inst.deployment_id);
+    return;
+  case STORE_OP_INSTANCE_UPDATE:
+    dc_fmt(what, size, "cannot update instance %lld", (long long)op->inst.id);
+    return;
+  case STORE_OP_INSTANCE_DELETE:
+    dc_fmt(what, size, "cannot delete instance %lld", (long long)op->id64);
+    return;
+  case STORE_OP_CONTROL_SET:
+    dc_fmt(what, size, "cannot request '%s' for target '%s'", op->command, op->name);
+    return;
+  case STORE_OP_RECOVER:
+    dc_fmt(what, size, "cannot recover interrupted deployments");
+    return;
+  case STORE_OP_LOCK_RENEW:
+    dc_fmt(what, size, "cannot renew the lock of deployment '%s'", op->id);
+    return;
+  case STORE_OP_LOCK_TAKE:
+    dc_fmt(what, size, "cannot lock target '%s' for a %s", op->name, op->command);
+    return;
+  case STORE_OP_LOCK_RELEASE:
+    dc_fmt(what, size, "cannot release the lock of target '%s'", op->name);
+    return;
+  case STORE_OP_PRUNE:
+    dc_fmt(what, size, "cannot prune the history of target '%s'", op->name);
+    return;
+  case STORE_OP_TARGET_GET:
+    dc_fmt(what, size, "cannot read target '%s'", op->name);
+    return;
+  case STORE_OP_DEPLOYMENT_GET:
+    dc_fmt(what, size, "cannot read deployment '%s'", op->id);
+    return;
+  case STORE_OP_HISTORY:
+    dc_fmt(what, size, "cannot read the history of target '%s'", op->name[0] ? op->name : "(all)");
+    return;
+  case STORE_OP_EVENTS:
+    dc_fmt(what, size, "cannot read the events of deployment '%s'", op->id);
+    return;
+  case STORE_OP_INSTANCES:
+    dc_fmt(what, size, "cannot read the instances of target '%s'", op->name[0] ? op->name : "(all)");
+    return;
+  case STORE_OP_PORTS_IN_USE:
+    dc_fmt(what, size, "cannot read the ports in use on '%s'", op->node[0] ? op->node : "this machine");
+    return;
+  case STORE_OP_CONTROLS:
+    dc_fmt(what, size, "cannot read operator commands");
+    return;
+  case STORE_OP_LOCK_GET:
+    dc_fmt(what, size, "cannot read the lock of target '%s'", op->name);
+    return;
+  case STORE_OP_INTEGRITY:
+    dc_fmt(what, size, "cannot check the integrity of the store");
+    return;
+  }
+  dc_fmt(what, size, "unknown operation %d", (int)op->kind);
 }

@@ -236,6 +236,13 @@ int store_control_set(store *s, const char *target, const char *command, const c
  * version. */
 int store_recover(store *s, store_cb cb, void *payload, char *err);
 
+/* Retention: deletes the target's deployments beyond the newest `keep`
+ * (keep >= 1), with their events and operator commands, never the live
+ * one, the one a rollback would go back to (the newest succeeded one of
+ * the previous version), a running one, or one with instance rows. The
+ * result's id is the number of deployments deleted. */
+int store_prune(store *s, const char *target, int keep, store_cb cb, void *payload, char *err);
+
 /* ---- reads ---- */
 
 int store_target_get(store *s, const char *name, store_cb cb, void *payload, char *err); /* DC_NOTFOUND */

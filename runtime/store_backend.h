@@ -33,6 +33,7 @@ typedef enum {
   STORE_OP_LOCK_RENEW,        /* id: extend the lease; DC_LOCKED when it was lost */
   STORE_OP_LOCK_TAKE,         /* name, id (holder), command (purpose) -> target, instances */
   STORE_OP_LOCK_RELEASE,      /* name, id (holder) */
+  STORE_OP_PRUNE,             /* name, limit (deployments kept) -> out_id (deployments deleted) */
   STORE_OP_WRITE_COUNT,       /* not an operation: the first read kind */
   /* reads: run by read(), no write transaction */
   STORE_OP_TARGET_GET = STORE_OP_WRITE_COUNT, /* name -> target */
@@ -99,6 +100,9 @@ store_instance *store_op_add_instance(store_op *op);
 store_event *store_op_add_event(store_op *op);
 store_control *store_op_add_control(store_op *op);
 int store_op_add_port(store_op *op, int port);
+/* What an operation is, for "deploy: store: <what>: <why>": the same
+ * words from every backend. */
+void store_op_describe(const store_op *op, char *what, size_t size);
 /* Sets rc and a message, "deploy: store: <what>: <why>". */
 void store_op_fail(store_op *op, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
@@ -132,5 +136,20 @@ struct store_backend {
  * connecting and runs queued calls once connected. */
 int store_sqlite_open(store_backend **out, engine *e, const char *path, char *err);
 int store_pg_open(store_backend **out, engine *e, const char *url, char *err);
+
+/* The deployments STORE_OP_PRUNE keeps for target ?1 whatever their age:
+ * the newest ?2, the live one, the newest succeeded one of the previous
+ * version (what a rollback goes back to), running ones, and any that has
+ * instance rows or holds the lock. One SELECT of ids (NULLs filtered out),
+ * valid in SQLite and PostgreSQL alike (?N is written $N there). */
+#define STORE_PRUNE_KEEP(P1, P2)                                                                             \
+  "SELECT id FROM (SELECT id FROM deployments WHERE target = " P1 " ORDER BY seq DESC LIMIT " P2 ") AS newest " \
+  "UNION SELECT live_deployment FROM targets WHERE name = " P1 " "                                           \
+  "UNION SELECT id FROM (SELECT d.id FROM deployments d JOIN targets t ON t.name = d.target "                 \
+  "WHERE d.target = " P1 " AND d.version = t.previous_version AND d.status = 'succeeded' "                    \
+  "ORDER BY d.seq DESC LIMIT 1) AS previous "                                                                \
+  "UNION SELECT id FROM deployments WHERE target = " P1 " AND status = 'running' "                            \
+  "UNION SELECT deployment_id FROM instances WHERE target = " P1 " "                                          \
+  "UNION SELECT deployment_id FROM locks WHERE target = " P1
 
 #endif

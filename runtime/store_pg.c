@@ -843,81 +843,6 @@ static const char *finish_id(const store_op *op) {
   return op->fin.id && op->fin.id[0] ? op->fin.id : op->id;
 }
 
-/* What an op is, for "deploy: store: <what>: <why>" (the words of
- * store_sqlite.c's describe(), so both backends name an op alike). */
-static void op_what(const pg *b, const store_op *op, char *out, size_t size) {
-  (void)b;
-  switch (op->kind) {
-  case STORE_OP_TARGET_ENSURE:
-    dc_fmt(out, size, "cannot add target '%s'", op->name);
-    return;
-  case STORE_OP_BEGIN:
-    dc_fmt(out, size, "cannot insert deployment '%s'", op->dep.id);
-    return;
-  case STORE_OP_FINISH:
-    dc_fmt(out, size, "cannot finish deployment '%s'", finish_id(op));
-    return;
-  case STORE_OP_PROMOTE:
-    dc_fmt(out, size, "cannot promote deployment '%s'", op->id);
-    return;
-  case STORE_OP_EVENT:
-    dc_fmt(out, size, "cannot add event '%s' of deployment '%s'", op->ev.kind, op->ev.deployment_id);
-    return;
-  case STORE_OP_INSTANCE_ADD:
-    dc_fmt(out, size, "cannot add instance %d of deployment '%s'", op->inst.idx, op->inst.deployment_id);
-    return;
-  case STORE_OP_INSTANCE_UPDATE:
-    dc_fmt(out, size, "cannot update instance %lld", (long long)op->inst.id);
-    return;
-  case STORE_OP_INSTANCE_DELETE:
-    dc_fmt(out, size, "cannot delete instance %lld", (long long)op->id64);
-    return;
-  case STORE_OP_CONTROL_SET:
-    dc_fmt(out, size, "cannot request '%s' for target '%s'", op->command, op->name);
-    return;
-  case STORE_OP_RECOVER:
-    dc_fmt(out, size, "cannot recover interrupted deployments");
-    return;
-  case STORE_OP_LOCK_RENEW:
-    dc_fmt(out, size, "cannot renew the lock of deployment '%s'", op->id);
-    return;
-  case STORE_OP_LOCK_TAKE:
-    dc_fmt(out, size, "cannot lock target '%s' for a %s", op->name, op->command);
-    return;
-  case STORE_OP_LOCK_RELEASE:
-    dc_fmt(out, size, "cannot release the lock of target '%s'", op->name);
-    return;
-  case STORE_OP_TARGET_GET:
-    dc_fmt(out, size, "cannot read target '%s'", op->name);
-    return;
-  case STORE_OP_DEPLOYMENT_GET:
-    dc_fmt(out, size, "cannot read deployment '%s'", op->id);
-    return;
-  case STORE_OP_HISTORY:
-    dc_fmt(out, size, "cannot read the history of target '%s'", op->name[0] ? op->name : "(all)");
-    return;
-  case STORE_OP_EVENTS:
-    dc_fmt(out, size, "cannot read the events of deployment '%s'", op->id);
-    return;
-  case STORE_OP_INSTANCES:
-    dc_fmt(out, size, "cannot read the instances of target '%s'", op->name[0] ? op->name : "(all)");
-    return;
-  case STORE_OP_PORTS_IN_USE:
-    dc_fmt(out, size, "cannot read the ports in use on '%s'", op->node[0] ? op->node : "this machine");
-    return;
-  case STORE_OP_CONTROLS:
-    dc_fmt(out, size, "cannot read operator commands");
-    return;
-  case STORE_OP_LOCK_GET:
-    dc_fmt(out, size, "cannot read the lock of target '%s'", op->name);
-    return;
-  case STORE_OP_INTEGRITY:
-    dc_fmt(out, size, "cannot check the integrity of the store");
-    return;
-  default:
-    dc_fmt(out, size, "unknown operation %d", (int)op->kind);
-  }
-}
 
 /* Drops whatever results an op has so far (it runs again, or failed). */
 static void op_reset(store_op *op) {
@@ -1212,6 +1137,18 @@ static int send_op(pg *b, pg_job *j, size_t i) {
     qs(&p, op->name);
     qs(&p, op->id);
     return send_q(b, j, R_OP, k, 0, "DELETE FROM locks WHERE target = $1 AND deployment_id = $2", &p);
+  case STORE_OP_PRUNE:
+    qs(&p, op->name);
+    qi(&p, op->limit);
+    return send_q(b, j, R_OP, k, 0,
+                  "WITH keep AS (" STORE_PRUNE_KEEP("$1", "$2::int") "), "
+                  "doomed AS (SELECT id FROM deployments WHERE target = $1 AND id NOT IN "
+                  "(SELECT id FROM keep WHERE id IS NOT NULL)), "
+                  "e AS (DELETE FROM events WHERE deployment_id IN (SELECT id FROM doomed)), "
+                  "c AS (DELETE FROM controls WHERE deployment_id IN (SELECT id FROM doomed)), "
+                  "d AS (DELETE FROM deployments WHERE id IN (SELECT id FROM doomed) RETURNING 1) "
+                  "SELECT count(*) FROM d",
+                  &p);
   case STORE_OP_FINISH:
     qs(&p, finish_id(op));
     qs(&p, op->fin.status);
@@ -1400,7 +1337,7 @@ static void lock_times(const store_lock *l, char *out, size_t size) {
 
 static int oom(store_op *op, const pg *b) {
   char what[256];
-  op_what(b, op, what, sizeof what);
+  store_op_describe(op, what, sizeof what);
   op_err(op, DC_ERROR, "deploy: store: %s: out of memory", what);
   return -1;
 }
@@ -1452,7 +1389,7 @@ static void parse_op(pg *b, store_op *op, int part, PGresult *r) {
                  target, l->deployment_id, l->pid, l->host, times);
       } else if (strcmp(rc, "ok") != 0 && strcmp(rc, "took_over") != 0) {
         char what[256];
-        op_what(b, op, what, sizeof what);
+        store_op_describe(op, what, sizeof what);
         op_err(op, DC_ERROR, "deploy: store: %s: unexpected answer '%s'", what, rc);
       }
     } else if (op->rc == DC_OK && part == 1 && rows > 0) {
@@ -1479,6 +1416,7 @@ static void parse_op(pg *b, store_op *op, int part, PGresult *r) {
       op_err(op, DC_NOTFOUND, "deploy: store: unknown deployment '%s'", op->id);
     return;
   case STORE_OP_INSTANCE_ADD:
+  case STORE_OP_PRUNE:
     if (rows > 0)
       op->out_id = gint(r, 0, 0);
     return;
@@ -1784,7 +1722,7 @@ static void fail_ops(pg *b, pg_job *j, const char *tail, int not_recorded) {
   for (size_t i = 0; i < j->n; i++) {
     store_op *op = j->ops[i];
     char what[256];
-    op_what(b, op, what, sizeof what);
+    store_op_describe(op, what, sizeof what);
     op_reset(op);
     lease **pp = op->kind == STORE_OP_LOCK_RENEW ? lease_find(b, op->id) : NULL;
     if (pp && *pp && now >= (*pp)->valid_until) {
@@ -2223,7 +2161,7 @@ static void result_error(const PGresult *r, char *out, size_t size) {
 
 static void op_sql_failed(pg *b, store_op *op, const PGresult *r) {
   char what[256], msg[REASON_MAX], clean[REASON_MAX];
-  op_what(b, op, what, sizeof what);
+  store_op_describe(op, what, sizeof what);
   result_error(r, msg, sizeof msg);
   clean_reason(b, msg, clean, sizeof clean, 0);
   op_reset(op);
@@ -2766,7 +2704,7 @@ static void enqueue(pg *b, pg_job *j) {
 static void fail_now(pg *b, store_op **ops, size_t n, store_backend_done done, void *ctx) {
   for (size_t i = 0; i < n; i++) {
     char what[256];
-    op_what(b, ops[i], what, sizeof what);
+    store_op_describe(ops[i], what, sizeof what);
     op_err(ops[i], DC_ERROR, "deploy: store: %s: out of memory", what);
   }
   if (done)

@@ -18,6 +18,7 @@
 #include "store_backend.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -200,10 +201,48 @@ static void set_err(char *err, const char *fmt, ...) {
   va_end(ap);
 }
 
+/* An I/O error that came without a useful errno (a failed fsync, a journal
+ * the kernel aborted): creating a file beside the store says what the disk
+ * does now (EROFS: it turned read-only; ENOSPC: it is full). */
+static int probe_dir(const char *path, int sys) {
+  char probe[4096];
+  const char *slash = strrchr(path, '/');
+  if (slash)
+    dc_fmt(probe, sizeof probe, "%.*s/.deployctl-probe-%d", (int)(slash - path), path, (int)getpid());
+  else
+    dc_fmt(probe, sizeof probe, ".deployctl-probe-%d", (int)getpid());
+  int fd = open(probe, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd >= 0) {
+    close(fd);
+    unlink(probe);
+    return sys;
+  }
+  return errno == EROFS || errno == ENOSPC || errno == EDQUOT || errno == EIO ? errno : sys;
+}
+
 /* `what` names the operation; SQLite's message says why. Must run before
  * any rollback, which resets it. */
 static int db_fail(sqlite3 *db, char *err, const char *what) {
-  set_err(err, "deploy: store: %s: %s", what, sqlite3_errmsg(db));
+  int code = sqlite3_extended_errcode(db), sys = sqlite3_system_errno(db);
+  const char *path = sqlite3_db_filename(db, "main");
+  const char *hint = "";
+  char sysmsg[160] = "", buf[128];
+  /* SQLite says "disk I/O error" for most of what a disk does wrong: the
+   * system's own reason says which, and what to do about it. */
+  if ((code & 0xff) == SQLITE_IOERR && sys != 0)
+    dc_fmt(sysmsg, sizeof sysmsg, " (%s)", strerror_r(sys, buf, sizeof buf)); /* GNU: thread-safe */
+  if ((code & 0xff) == SQLITE_IOERR && (sys == 0 || sys == EIO) && path && *path)
+    sys = probe_dir(path, sys);
+  if ((code & 0xff) == SQLITE_FULL || sys == ENOSPC || sys == EDQUOT)
+    hint = ": the disk is full: free space on it";
+  else if ((code & 0xff) == SQLITE_READONLY || sys == EROFS)
+    hint = ": the disk is read-only: check it (dmesg), and remount it read-write";
+  else if ((code & 0xff) == SQLITE_BUSY)
+    hint = ": another process has held the store's write lock for over 10 s (a stuck sqlite3 shell?)";
+  else if ((code & 0xff) == SQLITE_IOERR)
+    hint = ": check the disk (dmesg)";
+  set_err(err, "deploy: store %s: %s: %s%s%s", path && *path ? path : "(memory)", what, sqlite3_errmsg(db), sysmsg,
+          hint);
   return DC_ERROR;
 }
 
@@ -706,6 +745,24 @@ static int op_recover(sqlite_backend *b, store_op *op, const char *what) {
   return rc;
 }
 
+/* Events and commands first, then the rows: the same kept set each time
+ * (nothing else writes inside the transaction). */
+static int op_prune(sqlite3 *db, store_op *op, const char *what) {
+  static const char *const deletes[] = {
+      "DELETE FROM events WHERE target = ?1 AND deployment_id NOT IN "
+      "(SELECT id FROM (" STORE_PRUNE_KEEP("?1", "?2") ") WHERE id IS NOT NULL)",
+      "DELETE FROM controls WHERE target = ?1 AND deployment_id NOT IN "
+      "(SELECT id FROM (" STORE_PRUNE_KEEP("?1", "?2") ") WHERE id IS NOT NULL)",
+      "DELETE FROM deployments WHERE target = ?1 AND id NOT IN "
+      "(SELECT id FROM (" STORE_PRUNE_KEEP("?1", "?2") ") WHERE id IS NOT NULL)",
+  };
+  for (size_t i = 0; i < sizeof deletes / sizeof *deletes; i++)
+    if (run(db, op->err, what, deletes[i], "si", op->name, op->limit) != DC_OK)
+      return DC_ERROR;
+  op->out_id = sqlite3_changes(db);
+  return DC_OK;
+}
+
 static int op_instance_add(sqlite3 *db, store_op *op, const char *what) {
   const store_instance *in = &op->inst;
   int rc = run(db, op->err, what,
@@ -730,78 +787,6 @@ static int op_instance_update(sqlite3 *db, store_op *op, const char *what) {
     return DC_NOTFOUND;
   }
   return rc;
-}
-
-static void describe(const store_op *op, char *what, size_t size) {
-  switch (op->kind) {
-  case STORE_OP_TARGET_ENSURE:
-    dc_fmt(what, size, "cannot add target '%s'", op->name);
-    return;
-  case STORE_OP_BEGIN:
-    dc_fmt(what, size, "cannot insert deployment '%s'", op->dep.id);
-    return;
-  case STORE_OP_FINISH:
-    dc_fmt(what, size, "cannot finish deployment '%s'", op->id);
-    return;
-  case STORE_OP_PROMOTE:
-    dc_fmt(what, size, "cannot promote deployment '%s'", op->id);
-    return;
-  case STORE_OP_EVENT:
-    dc_fmt(what, size, "cannot add event '%s' of deployment '%s'", op->ev.kind, op->ev.deployment_id);
-    return;
-  case STORE_OP_INSTANCE_ADD:
-    dc_fmt(what, size, "cannot add instance %d of deployment '%s'", op->inst.idx, op->inst.deployment_id);
-    return;
-  case STORE_OP_INSTANCE_UPDATE:
-    dc_fmt(what, size, "cannot update instance %lld", (long long)op->inst.id);
-    return;
-  case STORE_OP_INSTANCE_DELETE:
-    dc_fmt(what, size, "cannot delete instance %lld", (long long)op->id64);
-    return;
-  case STORE_OP_CONTROL_SET:
-    dc_fmt(what, size, "cannot request '%s' for target '%s'", op->command, op->name);
-    return;
-  case STORE_OP_RECOVER:
-    dc_fmt(what, size, "cannot recover interrupted deployments");
-    return;
-  case STORE_OP_LOCK_RENEW:
-    dc_fmt(what, size, "cannot renew the lock of deployment '%s'", op->id);
-    return;
-  case STORE_OP_LOCK_TAKE:
-    dc_fmt(what, size, "cannot lock target '%s' for a %s", op->name, op->command);
-    return;
-  case STORE_OP_LOCK_RELEASE:
-    dc_fmt(what, size, "cannot release the lock of target '%s'", op->name);
-    return;
-  case STORE_OP_TARGET_GET:
-    dc_fmt(what, size, "cannot read target '%s'", op->name);
-    return;
-  case STORE_OP_DEPLOYMENT_GET:
-    dc_fmt(what, size, "cannot read deployment '%s'", op->id);
-    return;
-  case STORE_OP_HISTORY:
-    dc_fmt(what, size, "cannot read the history of target '%s'", op->name[0] ? op->name : "(all)");
-    return;
-  case STORE_OP_EVENTS:
-    dc_fmt(what, size, "cannot read the events of deployment '%s'", op->id);
-    return;
-  case STORE_OP_INSTANCES:
-    dc_fmt(what, size, "cannot read the instances of target '%s'", op->name[0] ? op->name : "(all)");
-    return;
-  case STORE_OP_PORTS_IN_USE:
-    dc_fmt(what, size, "cannot read the ports in use on '%s'", op->node[0] ? op->node : "this machine");
-    return;
-  case STORE_OP_CONTROLS:
-    dc_fmt(what, size, "cannot read operator commands");
-    return;
-  case STORE_OP_LOCK_GET:
-    dc_fmt(what, size, "cannot read the lock of target '%s'", op->name);
-    return;
-  case STORE_OP_INTEGRITY:
-    dc_fmt(what, size, "cannot check the integrity of the store");
-    return;
-  }
-  dc_fmt(what, size, "unknown operation %d", (int)op->kind);
 }
 
 /* One write, inside the batch's transaction (on the thread pool). */
@@ -838,6 +823,8 @@ static int run_write(sqlite_backend *b, store_op *op, const char *what) {
     return op_lock_take(b, op, what);
   case STORE_OP_LOCK_RELEASE:
     return run(db, op->err, what, "DELETE FROM locks WHERE target = ? AND deployment_id = ?", "ss", op->name, op->id);
+  case STORE_OP_PRUNE:
+    return op_prune(db, op, what);
   default:
     set_err(op->err, "deploy: store: %s: not a write", what);
     return DC_ERROR;
@@ -867,7 +854,7 @@ static void commit_work(uv_work_t *w) {
   for (size_t i = 0; i < b->nops; i++) {
     store_op *op = b->ops[i];
     char what[WHAT_SIZE];
-    describe(op, what, sizeof what);
+    store_op_describe(op, what, sizeof what);
     if (exec(db, "SAVEPOINT op") != SQLITE_OK) {
       op->rc = db_fail(db, op->err, what);
       continue;
@@ -1057,7 +1044,7 @@ static int run_read(sqlite_backend *b, store_op *op, const char *what) {
 static void sq_read(store_backend *base, store_op *op, store_backend_done done, void *ctx) {
   sqlite_backend *b = (sqlite_backend *)base;
   char what[WHAT_SIZE];
-  describe(op, what, sizeof what);
+  store_op_describe(op, what, sizeof what);
   /* One read transaction, so multi-statement reads see one snapshot. */
   if (exec(b->rdb, "BEGIN") != SQLITE_OK) {
     op->rc = db_fail(b->rdb, op->err, what);

@@ -402,10 +402,35 @@ void dc_buf_free(dc_buf *b) {
   memset(b, 0, sizeof *b);
 }
 
+size_t dc_utf8_len(const unsigned char *p) {
+  unsigned c = p[0];
+  if (c < 0x80)
+    return 1;
+  size_t n = c >= 0xf0 ? 4 : c >= 0xe0 ? 3 : c >= 0xc2 ? 2 : 0;
+  if (n == 0 || c > 0xf4)
+    return 0;
+  for (size_t i = 1; i < n; i++)
+    if ((p[i] & 0xc0) != 0x80)
+      return 0;
+  if (n == 3 && ((c == 0xe0 && p[1] < 0xa0) || (c == 0xed && p[1] >= 0xa0)))
+    return 0;
+  if (n == 4 && ((c == 0xf0 && p[1] < 0x90) || (c == 0xf4 && p[1] >= 0x90)))
+    return 0;
+  return n;
+}
+
 char *dc_printable(const char *s) {
   dc_buf b = {0};
   for (const unsigned char *p = (const unsigned char *)(s ? s : ""); *p; p++) {
-    if (*p == '\n')
+    size_t n = *p >= 0x80 ? dc_utf8_len(p) : 1;
+    /* valid UTF-8 passes, except C1 controls (U+0080..U+009F: \xc2\x80..\x9f,
+     * CSI among them); a byte of no valid sequence is escaped */
+    if (n > 1 && !(p[0] == 0xc2 && p[1] < 0xa0)) {
+      dc_buf_add(&b, (const char *)p, n);
+      p += n - 1;
+    } else if (*p >= 0x80) {
+      dc_buf_printf(&b, "\\x%02x", *p);
+    } else if (*p == '\n')
       dc_buf_puts(&b, "\\n");
     else if (*p == '\t')
       dc_buf_puts(&b, "\\t");

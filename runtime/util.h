@@ -100,10 +100,15 @@ void dc_buf_printf(dc_buf *b, const char *fmt, ...) __attribute__((format(printf
 /* The text (the caller frees it), or NULL after an allocation failed. */
 char *dc_buf_take(dc_buf *b);
 void dc_buf_free(dc_buf *b);
-/* s with control characters written as escapes (\n, \t, \x1b): a name
- * from outside (a file in a git repository) printed in a message can
- * neither break a line nor move the cursor. Heap; NULL when out of memory. */
+/* s with control characters written as escapes (\n, \t, \x1b), and bytes
+ * that are no valid UTF-8 as \xNN: a name from outside (a file in a git
+ * repository, an answer of whatever listens on a socket) printed in a
+ * message can neither break a line, move the cursor, nor make JSON output
+ * invalid. Heap; NULL when out of memory. */
 char *dc_printable(const char *s);
+/* Length of the valid UTF-8 sequence at p (1..4), or 0 when it is not one
+ * (overlongs, surrogates and code points past U+10FFFF included). */
+size_t dc_utf8_len(const unsigned char *p);
 
 /* Drops a leading "deploy: " so a message can be wrapped in another that
  * already says it. */

@@ -84,6 +84,8 @@ describe("deployctl", function()
       { { "--config", config, "deploy", "staging", "1.0", "--strategy", "yolo" }, "%-%-strategy 'yolo' is not known" },
       { { "--config", config, "deploy", "staging", "1.0", "--set", "interval" }, "is not key=value" },
       { { "--config", config, "deploy", "staging", "1.0", "--strategy", "canary", "--set", "interval=-3" }, "interval must be" },
+      { { "--config", config, "deploy", "staging", "1.0", "--strategy", "canary", "--set", "pause_at=25,x" }, "pause_at: .25,x. is not a list of numbers" },
+      { { "--config", config, "deploy", "staging", "1.0", "--strategy", "canary", "--set", "pause_at=150" }, "pause_at" },
       { { "--config", config, "deploy", "staging", "1.0", "--frob" }, "unknown flag %-%-frob" },
       { { "--config", config, "deploy", "staging", "bad version" }, "has a character not allowed" },
       { { "--config", config, "history", "staging", "--limit", "x" }, "%-%-limit must be a positive integer" },

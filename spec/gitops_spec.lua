@@ -244,6 +244,32 @@ describe("GitOpsSynchronizer", function()
       for _, t in ipairs({ "staging", "production", "qa" }) do assert.same({}, env.m:history(t)) end
     end)
 
+    it("refuses what a JSON reader might read two ways: duplicate keys, a NUL, bad UTF-8, huge integers", function()
+      local env = setup()
+      env.repo:write("dup.json", '{"target": "staging", "version": "1.0.0", "version": "6.6.6"}')
+      env.repo:write("nul.json", '{"target": "staging", "version": "g7"}\0{"target": "production", "version": "x"}')
+      env.repo:write("utf.json", '{"target": "qa", "version": "1.0.0", "metadata": {"by": "caf\xe9"}}')
+      env.repo:write("big.json", '{"target": "production", "version": "1.0.0", "metadata": {"n": 9007199254740993}}')
+      env.repo:commit("ambiguous")
+      local r = synchronizer(env):sync()
+      assert.is_false(r.success)
+      assert.same({}, r.applied)
+      local all = table.concat(r.errors, "\n")
+      local expected = {
+        "dup.json: not valid JSON: line 1, column 51: duplicate object key near '\"version\"'",
+        "nul.json: not valid JSON: ",
+        "utf.json: not valid JSON: line 1, column 60: unable to decode byte 0xe9",
+        "big.json: not valid JSON: the integer 9007199254740993 is beyond 2^53 and would lose precision: write it as a string",
+      }
+      for _, e in ipairs(expected) do assert.is_truthy(all:find(e, 1, true), "missing: " .. e .. "\nin:\n" .. all) end
+      -- every error is one line: a file name cannot forge another
+      assert.equal(#expected, #r.errors, all)
+      for _, e in ipairs(r.errors) do assert.is_nil(e:find("\n", 1, true), e) end
+      for _, t in ipairs({ "staging", "production", "qa" }) do assert.same({}, env.m:history(t)) end
+      -- and the result, as JSON, is valid UTF-8 that reads back
+      assert.same(r.errors, cjson.decode(cjson.encode(r)).errors)
+    end)
+
     it("leaves the other targets as they are when one rollout fails, and reports it", function()
       local env = setup()
       env.repo:manifest("staging.json", { target = "staging", version = "1.0.0" })
@@ -467,6 +493,37 @@ describe("GitOpsSynchronizer", function()
       assert.equal("1.1.0", live(env.m, "staging"))
     end)
 
+    it("keeps descriptors and pack files bounded over 40 fetches", function()
+      local env = setup()
+      env.repo:manifest("staging.json", { target = "staging", version = "1.0.0" })
+      env.repo:commit("one")
+      local s = synchronizer(env, { interval = 0.01 })
+      local function fds()
+        -- the shell's parent is this process
+        return tonumber(git.sh("ls /proc/$PPID/fd | wc -l"):match("%d+"))
+      end
+      local function packs()
+        return tonumber(git.sh("ls " .. q(s.cache) .. "/objects/pack/ | grep -c '%.pack$'; true"):match("%d+"))
+      end
+      local rounds, after5, most_packs = 0, nil, 0
+      s:watch(function(_, result)
+        assert.is_true(result.success, result.errors and result.errors[1])
+        rounds = rounds + 1
+        if rounds == 5 then after5 = fds() end
+        most_packs = math.max(most_packs, packs())
+        -- a commit that changes no manifest: one fetch, one pack, no rollout
+        if rounds == 40 then return false end
+        env.repo:write("notes-" .. rounds .. ".txt", "round " .. rounds)
+        env.repo:commit("round " .. rounds)
+        return true
+      end)
+      assert.equal(40, rounds)
+      local after40 = fds()
+      assert.is_true(after40 <= after5 + 2, "descriptors grew from " .. after5 .. " to " .. after40)
+      assert.is_true(most_packs <= 9, most_packs .. " packs in the cache")
+      assert.equal(env.repo:head(), s.revision)
+    end)
+
     it("repairs drift: a target deployed by hand is put back", function()
       local env = setup()
       env.repo:manifest("staging.json", { target = "staging", version = "1.0.0" })
@@ -551,6 +608,19 @@ describe("GitOpsSynchronizer", function()
       env.config = cli.write_config(fixtures.tmpdir("cfg"), env.cfg)
       return env
     end
+
+    it("prints a manifest file name with a newline or escape in it escaped, one change per line", function()
+      local env = cli_setup()
+      env.repo:write("new\nline\27[2J.json", '{"target": "qa", "version": "1.0.0"}')
+      env.repo:commit("odd name")
+      local code, out, err = cli.run({ "--config", env.config, "diff", "--repo", env.url })
+      assert.equal(0, code, err)
+      assert.matches("qa%s+create%s+%-%s+%->%s+1%.0%.0%s+new\\nline\\x1b%[2J%.json\n", out)
+      assert.is_nil(out:find("\27", 1, true))
+      code, out, err = cli.run({ "--config", env.config, "sync", "--repo", env.url })
+      assert.equal(0, code, err)
+      assert.matches("qa: now at 1%.0%.0 %(blue%-green, new\\nline\\x1b%[2J%.json%)", out)
+    end)
 
     it("diff and sync --repo URL, with the config's targets, exit codes and redacted output", function()
       local env = cli_setup()

@@ -253,7 +253,7 @@ describe("hooks", function()
     local r = m:deploy("production", "v2", { strategy = fast_canary(), hook_timeout = 0.2, hooks = {
       before_step = function() while true do end end } })
     assert.is_false(r.success)
-    assert.matches("before_step hook failed at 10 %%: hook before_step raised: .-timed out: still running after 0%.2 s", r.errors[1])
+    assert.matches("before_step hook failed at 10 %%: hook before_step timed out: still running after 0%.2 s", r.errors[1])
   end)
 
   it("hooks given on a strategy apply, options override them", function()
