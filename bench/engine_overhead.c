@@ -106,7 +106,7 @@ static void later_fire(uv_timer_t *t) {
     ((provider_inspect_cb)l->cb)(l->payload, 1, NULL, NULL);
     break;
   default:
-    ((provider_logs_cb)l->cb)(l->payload, "", 0, NULL);
+    ((provider_logs_cb)l->cb)(l->payload, "", 0, 1, NULL);
   }
   uv_close((uv_handle_t *)&l->t, later_closed);
 }
@@ -150,12 +150,20 @@ static int p_inspect(provider *p, const store_instance *in, provider_inspect_cb 
   (void)err;
   return answer_later(2, (void *)cb, payload, NULL);
 }
-static int p_logs(provider *p, const store_instance *in, int lines, provider_logs_cb cb, void *payload, char *err) {
+static int p_logs(provider *p, const store_instance *in, int lines, int follow, provider_logs_cb cb, void *payload,
+                  provider_stream **out, char *err) {
   (void)p;
   (void)in;
   (void)lines;
+  (void)follow;
   (void)err;
+  if (out)
+    *out = NULL;
   return answer_later(3, (void *)cb, payload, NULL);
+}
+static void p_logs_stop(provider *p, provider_stream *s) {
+  (void)p;
+  (void)s;
 }
 static void p_free(provider *p) { free(p); }
 
@@ -167,6 +175,7 @@ static provider *inproc_provider(void) {
   p->stop = p_stop;
   p->inspect = p_inspect;
   p->logs = p_logs;
+  p->logs_stop = p_logs_stop;
   p->free = p_free;
   return p;
 }

@@ -12,6 +12,7 @@
 
 #include "engine.h"
 #include "lutil.h"
+#include "ssh.h"
 #include "util.h"
 
 #define LCONFIG_MT "deploy.Config"
@@ -160,65 +161,179 @@ bad:
   fail(L, path, "'%s' is not a port range: write 'LOW-HIGH', e.g. '20000-20999'", s);
 }
 
+static int bool_field(lua_State *L, int idx, const char *path, const char *k, int def) {
+  char full[256];
+  dc_fmt(full, sizeof full, "%s.%s", path, k);
+  int t = field(L, idx, k);
+  int v = def;
+  if (t == LUA_TBOOLEAN)
+    v = lua_toboolean(L, -1);
+  else if (t != LUA_TNIL)
+    fail(L, full, "must be true or false, got %s", luaL_typename(L, -1));
+  lua_pop(L, 1);
+  return v;
+}
+
+/* provider.env = { NAME = "value", ... } as NAME=value entries (heap,
+ * NULL-terminated). Every entry is checked before anything is allocated,
+ * so no error is raised while the caller owns memory. */
+static char **read_env(lua_State *L, int pi, const char *p, size_t *nenv) {
+  *nenv = 0;
+  if (!sub_table(L, pi, p, "env", 0)) {
+    lua_pop(L, 1);
+    return NULL;
+  }
+  size_t n = 0;
+  lua_pushnil(L);
+  while (lua_next(L, -2)) {
+    if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
+      fail(L, p, "env must map names to strings, e.g. env = { RUST_LOG = 'info' }%s", "");
+    n++;
+    lua_pop(L, 1);
+  }
+  char **env = calloc(n + 1, sizeof *env);
+  size_t k = 0;
+  lua_pushnil(L);
+  while (env && lua_next(L, -2)) {
+    size_t len = strlen(lua_tostring(L, -2)) + strlen(lua_tostring(L, -1)) + 2;
+    env[k] = malloc(len);
+    if (!env[k]) {
+      lua_pop(L, 2);
+      break;
+    }
+    snprintf(env[k], len, "%s=%s", lua_tostring(L, -2), lua_tostring(L, -1));
+    dc_secret_note_refs(lua_tostring(L, -1));
+    k++;
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  if (!env || k < n) {
+    for (size_t i = 0; env && i < k; i++)
+      free(env[i]);
+    free(env);
+    lerror(L, "deploy: out of memory reading the config");
+  }
+  *nenv = n;
+  return env;
+}
+
+static void free_env(char **env, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    free(env[i]);
+  free(env);
+}
+
+/* boot_limit: a number of hosts, or a share of them ("25%"). */
+static void read_boot_limit(lua_State *L, int pi, const char *p, target_config *t) {
+  char full[160];
+  dc_fmt(full, sizeof full, "%s.boot_limit", p);
+  int ty = field(L, pi, "boot_limit");
+  if (ty == LUA_TNUMBER) {
+    lua_Number v = lua_tonumber(L, -1);
+    if (!(v >= 1 && v <= 100000) || v != (lua_Number)(int)v)
+      fail(L, full, "must be a whole number of hosts (>= 1) or a percentage such as '25%%', got %s",
+           lua_tostring(L, -1));
+    t->boot_limit = (int)v;
+  } else if (ty == LUA_TSTRING) {
+    const char *s = lua_tostring(L, -1);
+    char *end;
+    double pct = strtod(s, &end);
+    if (end == s || strcmp(end, "%") != 0 || !(pct > 0 && pct <= 100))
+      fail(L, full, "'%s' is not a percentage of hosts: write e.g. '25%%' (0 < P <= 100), or a number of hosts", s);
+    t->boot_limit_pct = pct;
+  } else if (ty != LUA_TNIL) {
+    fail(L, full, "must be a number of hosts or a percentage such as '25%%', got %s", luaL_typename(L, -1));
+  }
+  lua_pop(L, 1);
+}
+
+/* The ssh side of a target: its connections (owned by the target), the
+ * boot waves. */
+static void make_ssh(lua_State *L, int pi, const char *p, target_config *t, double *connect_timeout) {
+  char key[1024], known[1024], cfgfile[1024], err[DC_ERR_MAX];
+  ssh_opts so;
+  memset(&so, 0, sizeof so);
+  str_field(L, pi, p, "key", "", key, sizeof key);
+  str_field(L, pi, p, "known_hosts", "", known, sizeof known);
+  str_field(L, pi, p, "ssh_config", "", cfgfile, sizeof cfgfile);
+  so.key_path = key[0] ? key : NULL;
+  so.known_hosts = known[0] ? known : NULL;
+  so.config_file = cfgfile[0] ? cfgfile : NULL;
+  so.accept_new = bool_field(L, pi, p, "accept_new", 0);
+  so.connect_timeout = num_field(L, pi, p, "connect_timeout", 10, 0.1, 3600);
+  *connect_timeout = so.connect_timeout;
+  read_boot_limit(L, pi, p, t);
+  t->boot_wait = num_field(L, pi, p, "boot_wait", 0, 0, 86400);
+  int rc = ssh_ctx_new(&t->ssh, lengine_get(L), &so, err);
+  explicit_bzero(key, sizeof key);
+  if (rc != 0)
+    fail(L, p, "cannot set up ssh: %s", strncmp(err, "ssh: ", 5) == 0 ? err + 5 : err);
+}
+
 static void make_provider(lua_State *L, int idx, const char *path, target_config *t, const char *log_dir,
                           const char *tag) {
-  static const char *const allowed[] = {"kind", "command", "ports", "stop_timeout", "workdir", "env", NULL};
-  char p[128], kind[32], command[4096], ports[64], workdir[1024], err[DC_ERR_MAX];
+  static const char *const process_fields[] = {"kind", "command", "ports", "stop_timeout", "workdir", "env", NULL};
+  static const char *const ssh_fields[] = {"kind",        "command",     "ports",      "stop_timeout", "workdir",
+                                           "env",         "log_dir",     "key",        "known_hosts",  "ssh_config",
+                                           "accept_new",  "connect_timeout", "boot_limit", "boot_wait", NULL};
+  char p[128], kind[32], command[4096], ports[64], workdir[1024], remote_logs[1024], err[DC_ERR_MAX];
   dc_fmt(p, sizeof p, "%s.provider", path);
   sub_table(L, idx, path, "provider", 1);
   int pi = lua_gettop(L);
-  check_keys(L, pi, p, allowed);
   str_field(L, pi, p, "kind", "process", kind, sizeof kind);
-  if (strcmp(kind, "process") != 0)
-    fail(L, p, "kind '%s' is not known (known: process)", kind);
+  int ssh = strcmp(kind, "ssh") == 0;
+  if (!ssh && strcmp(kind, "process") != 0)
+    fail(L, p, "kind '%s' is not known (known: process, ssh)", kind);
+  check_keys(L, pi, p, ssh ? ssh_fields : process_fields);
+  int remote = t->nnodes > 1 || t->nodes[0][0];
+  if (ssh && !remote)
+    fail(L, path, "has provider.kind 'ssh' but no hosts: %s",
+         "list them, e.g. hosts = { 'app1', 'deploy@10.0.0.5:2222' }");
+  if (!ssh && remote)
+    fail(L, path, "lists hosts, which the '%s' provider cannot reach: set provider.kind = 'ssh'", kind);
   str_field(L, pi, p, "command", NULL, command, sizeof command);
   if (!command[0])
     fail(L, p, "command is empty: %s", "give the shell command that starts one instance, e.g. './app --port {port}'");
   str_field(L, pi, p, "ports", "20000-20999", ports, sizeof ports);
   char pp[160];
   dc_fmt(pp, sizeof pp, "%s.ports", p);
-  provider_process_opts o;
-  memset(&o, 0, sizeof o);
-  parse_ports(L, pp, ports, &o.port_min, &o.port_max);
-  o.command = command;
-  o.stop_timeout = num_field(L, pi, p, "stop_timeout", 10, 0.01, 3600);
-  o.workdir = str_field(L, pi, p, "workdir", "", workdir, sizeof workdir);
-  if (!workdir[0])
-    o.workdir = NULL;
-  o.log_dir = log_dir;
-  o.tag_prefix = tag;
-  /* env = { NAME = "value", ... } becomes NAME=value entries. */
-  char **env = NULL;
-  size_t nenv = 0;
-  if (sub_table(L, pi, p, "env", 0)) {
-    lua_pushnil(L);
-    while (lua_next(L, -2)) {
-      if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING) {
-        for (size_t i = 0; i < nenv; i++)
-          free(env[i]);
-        free(env);
-        fail(L, p, "env must map names to strings, e.g. env = { RUST_LOG = 'info' }%s", "");
-      }
-      char **grown = realloc(env, (nenv + 2) * sizeof *env);
-      if (!grown)
-        break;
-      env = grown;
-      size_t n = strlen(lua_tostring(L, -2)) + strlen(lua_tostring(L, -1)) + 2;
-      env[nenv] = malloc(n);
-      if (!env[nenv])
-        break;
-      snprintf(env[nenv], n, "%s=%s", lua_tostring(L, -2), lua_tostring(L, -1));
-      dc_secret_note_refs(lua_tostring(L, -1));
-      env[++nenv] = NULL;
-      lua_pop(L, 1);
-    }
+  int port_min = 0, port_max = 0;
+  parse_ports(L, pp, ports, &port_min, &port_max);
+  double stop_timeout = num_field(L, pi, p, "stop_timeout", 10, 0.01, 3600);
+  str_field(L, pi, p, "workdir", "", workdir, sizeof workdir);
+  double connect_timeout = 0;
+  if (ssh) {
+    str_field(L, pi, p, "log_dir", "", remote_logs, sizeof remote_logs);
+    make_ssh(L, pi, p, t, &connect_timeout);
   }
-  lua_pop(L, 1);
-  o.env = (const char *const *)env;
-  int rc = provider_process_new(&t->provider, lengine_get(L), &o, err);
-  for (size_t i = 0; i < nenv; i++)
-    free(env[i]);
-  free(env);
+  size_t nenv;
+  char **env = read_env(L, pi, p, &nenv);
+  /* No Lua error from here until env is freed. */
+  int rc;
+  if (ssh) {
+    provider_ssh_opts o = {.command = command,
+                           .port_min = port_min,
+                           .port_max = port_max,
+                           .stop_timeout = stop_timeout,
+                           .log_dir = remote_logs[0] ? remote_logs : NULL,
+                           .workdir = workdir[0] ? workdir : NULL,
+                           .env = (const char *const *)env,
+                           .tag_prefix = tag,
+                           .ssh = t->ssh,
+                           .connect_timeout = connect_timeout};
+    rc = provider_ssh_new(&t->provider, lengine_get(L), &o, err);
+  } else {
+    provider_process_opts o = {.command = command,
+                               .port_min = port_min,
+                               .port_max = port_max,
+                               .stop_timeout = stop_timeout,
+                               .log_dir = log_dir,
+                               .workdir = workdir[0] ? workdir : NULL,
+                               .env = (const char *const *)env,
+                               .tag_prefix = tag};
+    rc = provider_process_new(&t->provider, lengine_get(L), &o, err);
+  }
+  free_env(env, nenv);
   lua_pop(L, 1);
   if (rc != 0)
     lerror(L, err);
@@ -243,6 +358,67 @@ static int make_nginx_router(lua_State *L, int ri, const char *p, engine *e, tar
   o.timeout = num_field(L, ri, p, "timeout", 10, 0.01, 600);
   o.drain_timeout = num_field(L, ri, p, "drain_timeout", 30, 0, 3600);
   return router_nginx_new(&t->router, e, &o, err);
+}
+
+/* hosts = { "app1", "deploy@10.0.0.5:2222", ... }: the target's nodes. */
+static void read_hosts(lua_State *L, int idx, const char *path, target_config *t) {
+  char full[160], item[200], err[DC_ERR_MAX];
+  dc_fmt(full, sizeof full, "%s.hosts", path);
+  int ty = field(L, idx, "hosts");
+  if (ty == LUA_TNIL) {
+    lua_pop(L, 1);
+    return;
+  }
+  if (ty != LUA_TTABLE)
+    fail(L, full, "must be a list of ssh destinations, e.g. { 'app1', 'deploy@10.0.0.5:2222' }, got %s",
+         luaL_typename(L, -1));
+  lua_Integer n = luaL_len(L, -1);
+  size_t keys = 0;
+  lua_pushnil(L);
+  while (lua_next(L, -2)) {
+    keys++;
+    lua_pop(L, 1);
+  }
+  if (n < 1)
+    fail(L, full, "is empty: %s", "list at least one host, or leave hosts out to run on this machine");
+  if ((size_t)n != keys || n > 1000)
+    fail(L, full, "must be a list (1 to 1000 entries, no other keys), e.g. %s", "{ 'app1', 'app2' }");
+  for (lua_Integer i = 1; i <= n; i++) {
+    dc_fmt(item, sizeof item, "%s[%lld]", full, (long long)i);
+    if (lua_rawgeti(L, -1, i) != LUA_TSTRING)
+      fail(L, item, "must be a string (an ssh destination), got %s", luaL_typename(L, -1));
+    const char *dest = lua_tostring(L, -1);
+    if (ssh_validate_dest(dest, err) != 0)
+      fail(L, item, "is not a usable ssh destination: %s", strncmp(err, "ssh: ", 5) == 0 ? err + 5 : err);
+    for (lua_Integer k = 1; k < i; k++) {
+      lua_rawgeti(L, -2, k);
+      int same = strcmp(lua_tostring(L, -1), dest) == 0;
+      lua_pop(L, 1);
+      if (same)
+        fail(L, item, "'%s' is listed twice: list each host once (instances is per host)", dest);
+    }
+    lua_pop(L, 1);
+  }
+  char **nodes = calloc((size_t)n + 1, sizeof *nodes);
+  for (lua_Integer i = 1; nodes && i <= n; i++) {
+    lua_rawgeti(L, -1, i);
+    nodes[i - 1] = strdup(lua_tostring(L, -1));
+    lua_pop(L, 1);
+    if (!nodes[i - 1]) {
+      for (lua_Integer k = 0; k < i - 1; k++)
+        free(nodes[k]);
+      free(nodes);
+      nodes = NULL;
+    }
+  }
+  if (!nodes)
+    lerror(L, "deploy: out of memory reading the config");
+  for (size_t i = 0; i < t->nnodes; i++)
+    free(t->nodes[i]);
+  free(t->nodes);
+  t->nodes = nodes;
+  t->nnodes = (size_t)n;
+  lua_pop(L, 1);
 }
 
 static void make_router(lua_State *L, int idx, const char *path, target_config *t) {
@@ -281,6 +457,16 @@ static void make_router(lua_State *L, int idx, const char *path, target_config *
       fail(L, p, "backend is empty: %s", "name the HAProxy backend that serves this target");
     str_field(L, ri, p, "prefix", "dc_", prefix, sizeof prefix);
     o.socket = expanded;
+    /* Over ssh, the target's own connections when it has them (one
+     * master per host even when the balancer is also an app host), else
+     * ssh's defaults: the user's config, agent and keys, DEPLOY_SSH_KEY. */
+    if (strncmp(expanded, "ssh://", 6) == 0 && !t->ssh) {
+      ssh_opts so;
+      memset(&so, 0, sizeof so);
+      if (ssh_ctx_new(&t->ssh, e, &so, err) != 0)
+        fail(L, p, "socket over ssh: %s", strncmp(err, "ssh: ", 5) == 0 ? err + 5 : err);
+    }
+    o.ssh = t->ssh;
     o.backend = backend;
     o.prefix = prefix;
     o.timeout = num_field(L, ri, p, "timeout", 5, 0.01, 600);
@@ -317,7 +503,7 @@ static void read_health(lua_State *L, int idx, const char *path, target_health *
 
 static void read_target(lua_State *L, lconfig *c, const char *name, int idx, const char *log_dir,
                         const char *tag) {
-  static const char *const allowed[] = {"instances", "provider", "router", "health", NULL};
+  static const char *const allowed[] = {"instances", "hosts", "provider", "router", "health", NULL};
   char path[128], err[DC_ERR_MAX];
   dc_fmt(path, sizeof path, "targets.%s", name);
   if (dc_validate_target_name(name, err) != 0)
@@ -330,6 +516,7 @@ static void read_target(lua_State *L, lconfig *c, const char *name, int idx, con
     lerror(L, "deploy: out of memory");
   c->targets[c->ntargets++] = t;
   t->instances = int_field(L, idx, path, "instances", 1, 1, 64);
+  read_hosts(L, idx, path, t);
   read_health(L, idx, path, &t->health);
   make_provider(L, idx, path, t, log_dir, tag);
   make_router(L, idx, path, t);

@@ -465,6 +465,8 @@ static void instances_seen(void *payload, const service_instance *v, size_t n, c
   for (size_t i = 0; i < n; i++) {
     push_instance_row(L, &v[i].row);
     lset_boolean(L, "alive", v[i].alive);
+    if (v[i].unreachable)
+      lset_boolean(L, "unreachable", 1);
     lset_boolean(L, "live", v[i].live);
     if (with_router) {
       lua_pushstring(L, v[i].healthy ? "healthy" : "unhealthy");
@@ -513,6 +515,236 @@ static int manager_instances(lua_State *L) { return instances(L, 0); }
  * checked now and its weight as the router reports it now (nil when the
  * router is unreachable: then router_error says why). */
 static int manager_live_instances(lua_State *L) { return instances(L, 1); }
+
+/* ---- logs ----
+ *
+ * Chunks are queued by the service's callbacks (inside libuv callbacks)
+ * and handed to Lua between loop turns, in order. */
+
+typedef struct lchunk {
+  struct lchunk *next;
+  store_instance in;
+  char *text;          /* NULL: the instance's log ended */
+  size_t len;
+  char *err;           /* the end: why it could not be read */
+} lchunk;
+
+typedef struct llogs {
+  volatile int wake;
+  int done, ok;
+  lchunk *head, *tail;
+  char err[DC_ERR_MAX];
+  int oom;
+  sig_atomic_t seen_interrupts;
+  int interrupted;
+  service_logs *op;
+} llogs;
+
+static void logs_push(llogs *lg, const store_instance *in, const char *text, size_t len, int end, const char *err) {
+  lchunk *c = calloc(1, sizeof *c);
+  if (c && !end) {
+    c->text = malloc(len + 1);
+    if (c->text) {
+      memcpy(c->text, text, len);
+      c->text[len] = '\0';
+      c->len = len;
+    }
+  }
+  if (c && end && err)
+    c->err = strdup(err);
+  if (!c || (!end && !c->text)) {
+    free(c);
+    lg->oom = 1;
+    return;
+  }
+  c->in = *in;
+  if (lg->tail)
+    lg->tail->next = c;
+  else
+    lg->head = c;
+  lg->tail = c;
+  lg->wake = 1;
+}
+
+static void logs_output(void *payload, const store_instance *in, const char *text, size_t len) {
+  logs_push(payload, in, text, len, 0, NULL);
+}
+
+static void logs_end(void *payload, const store_instance *in, const char *err) {
+  logs_push(payload, in, "", 0, 1, err);
+}
+
+static void logs_finished(void *payload, int ok, const char *err) {
+  llogs *lg = payload;
+  lg->done = 1;
+  lg->ok = ok;
+  lg->op = NULL;
+  if (err)
+    dc_strlcpy(lg->err, err, sizeof lg->err);
+  lg->wake = 1;
+}
+
+static void logs_interrupt_check(uv_timer_t *h) {
+  llogs *lg = h->data;
+  if (dc_interrupts != lg->seen_interrupts && !lg->interrupted) {
+    lg->interrupted = 1;
+    service_logs_stop(lg->op);
+    lg->wake = 1;
+  }
+}
+
+static void logs_timer_closed(uv_handle_t *h) { free(h); }
+
+static void push_log_entry(lua_State *L, const lchunk *c) {
+  lua_createtable(L, 0, 8);
+  lset_string_or_nil(L, "node", c->in.node);
+  lset_string(L, "host", c->in.host);
+  lset_string(L, "version", c->in.version);
+  lset_integer(L, "instance", c->in.idx);
+  lset_string(L, "server", c->in.server);
+  lset_string(L, "log", c->in.log_path);
+}
+
+/* Hands one chunk to Lua: to on_output (at fn), or into the result list
+ * (at list; index, at list + 1, finds an entry by server). 0, or -1 when
+ * on_output raised (message on the stack). */
+static int logs_deliver(lua_State *L, const lchunk *c, int fn, int list) {
+  if (fn) {
+    lua_pushvalue(L, fn);
+    push_log_entry(L, c);
+    if (c->text)
+      lua_pushlstring(L, c->text, c->len);
+    else
+      lua_pushnil(L);
+    if (c->err)
+      lua_pushstring(L, c->err);
+    else
+      lua_pushnil(L);
+    return lua_pcall(L, 3, 0, 0) == LUA_OK ? 0 : -1;
+  }
+  /* index[server] = the entry, with its text so far */
+  if (lua_getfield(L, list + 1, c->in.server) == LUA_TNIL) {
+    lua_pop(L, 1);
+    push_log_entry(L, c);
+    lua_pushliteral(L, "");
+    lua_setfield(L, -2, "text");
+    lua_pushvalue(L, -1);
+    lua_setfield(L, list + 1, c->in.server);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, list, (lua_Integer)luaL_len(L, list) + 1);
+  }
+  if (c->text) {
+    lua_getfield(L, -1, "text");
+    lua_pushlstring(L, c->text, c->len);
+    lua_concat(L, 2);
+    lua_setfield(L, -2, "text");
+  }
+  if (c->err)
+    lset_string(L, "error", c->err);
+  lua_pop(L, 1);
+  return 0;
+}
+
+/* logs(target, { host =, version =, lines =, follow =, on_output = }):
+ * without on_output, a list of { node, host, version, instance, server,
+ * log, text, error }; with it, on_output(entry, text) for each chunk as
+ * it comes and on_output(entry, nil, err) at each log's end, until every
+ * log ended (follow: until SIGINT/SIGTERM). */
+static int manager_logs(lua_State *L) {
+  lsched_check_can_wait(L);
+  lmanager *m = manager_at(L, 1);
+  const char *target = check_target(L, m, 2, "logs");
+  lua_settop(L, 3);
+  service_logs_opts o = {.lines = 100};
+  int fn = 0;
+  if (!lua_isnil(L, 3)) {
+    static const char *const allowed[] = {"host", "version", "lines", "follow", "on_output", NULL};
+    luaL_checktype(L, 3, LUA_TTABLE);
+    lcheck_keys(L, 3, allowed, "deploy: logs has no option '%s' (known: %s)");
+    if (lua_getfield(L, 3, "host") != LUA_TNIL)
+      o.host = lcheck_string(L, -1, "host", "logs");
+    if (lua_getfield(L, 3, "version") != LUA_TNIL)
+      o.version = lcheck_string(L, -1, "version", "logs");
+    if (lua_getfield(L, 3, "lines") != LUA_TNIL) {
+      lua_Integer n = luaL_checkinteger(L, -1);
+      luaL_argcheck(L, n >= 1 && n <= 1000000, 3, "lines must be 1..1000000");
+      o.lines = (int)n;
+    }
+    lua_getfield(L, 3, "follow");
+    o.follow = lua_toboolean(L, -1);
+    if (lua_getfield(L, 3, "on_output") != LUA_TNIL) {
+      luaL_checktype(L, -1, LUA_TFUNCTION);
+      fn = lua_gettop(L);
+    }
+  }
+  if (o.follow && !fn)
+    return luaL_error(L, "deploy: logs: follow needs on_output = function(entry, text) to hand the output to");
+  lua_newtable(L);
+  int list = lua_gettop(L);
+  lua_newtable(L); /* list + 1: the index */
+  llogs *lg = calloc(1, sizeof *lg);
+  if (!lg)
+    return luaL_error(L, "deploy: out of memory");
+  lg->seen_interrupts = dc_interrupts;
+  service_logs_cbs cbs = {.output = logs_output, .end = logs_end, .done = logs_finished, .payload = lg};
+  char err[DC_ERR_MAX];
+  if (service_logs_read(m->svc, target, &o, &cbs, &lg->op, err) != DC_OK) {
+    free(lg);
+    return lerror(L, err);
+  }
+  /* A follow ends on SIGINT/SIGTERM: this wait handles them. */
+  dc_interrupt_owners++;
+  uv_timer_t *check = malloc(sizeof *check);
+  if (check) {
+    uv_timer_init(lengine_get(L)->loop, check);
+    check->data = lg;
+    uv_timer_start(check, logs_interrupt_check, 50, 50);
+  }
+  int raised = 0;
+  for (;;) {
+    while (lg->head) {
+      lchunk *c = lg->head;
+      lg->head = c->next;
+      if (!lg->head)
+        lg->tail = NULL;
+      if (!raised && logs_deliver(L, c, fn, list) != 0) {
+        /* Stop reading; raise once every stream has ended. */
+        raised = lua_gettop(L);
+        service_logs_stop(lg->op);
+      }
+      free(c->text);
+      free(c->err);
+      free(c);
+    }
+    if (lg->done)
+      break;
+    lg->wake = 0;
+    lsched_block(L, &lg->wake);
+  }
+  if (check) {
+    uv_timer_stop(check);
+    uv_close((uv_handle_t *)check, logs_timer_closed);
+  }
+  dc_interrupt_owners--;
+  int ok = lg->ok, oom = lg->oom, interrupted = lg->interrupted;
+  dc_strlcpy(err, lg->err, sizeof err);
+  free(lg);
+  if (raised)
+    return lua_error(L);
+  if (oom)
+    return luaL_error(L, "deploy: out of memory reading logs");
+  if (!ok) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  if (fn) {
+    lua_pushstring(L, interrupted ? "interrupted" : "ended");
+    return 1;
+  }
+  lua_settop(L, list);
+  return 1;
+}
 
 static int manager_targets(lua_State *L) {
   lmanager *m = manager_at(L, 1);
@@ -809,6 +1041,7 @@ void lmanager_register(lua_State *L) {
       {"events", manager_events},
       {"instances", manager_instances},
       {"live_instances", manager_live_instances},
+      {"logs", manager_logs},
       {"targets", manager_targets},
       {"reconcile", manager_reconcile},
       {"state_path", manager_state_path},

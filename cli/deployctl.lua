@@ -56,6 +56,7 @@ local COMMANDS = {
   { "promote", "TARGET", "let a paused rollout go on (from any process)" },
   { "abort", "TARGET", "abort a running rollout (back to the old version)" },
   { "reconcile", "TARGET", "put TARGET back on its live version (after an HAProxy restart, a reboot)" },
+  { "logs", "TARGET [--host H] [--version V] [--lines N] [--follow]", "the output of TARGET's instances, from every host" },
   { "report", "DEPLOYMENT_ID", "a self-contained HTML report of one deployment" },
   { "store", "migrate --to URL [--from FILE]", "copy the SQLite history into PostgreSQL" },
   { "diff", "--repo URL [--branch B] [--path P]", "what a GitOps sync would change" },
@@ -140,6 +141,17 @@ started again, HAProxy gets back the servers it forgot (a restart or reload
 drops servers added at runtime), and any other instance of TARGET is
 stopped. It takes the target's lock: while a deployment of TARGET runs it
 changes nothing and exits 3. `status TARGET` says when it is needed.
+]],
+  logs = [[
+Usage: deployctl logs TARGET [--host H] [--version V] [--lines N] [--follow]
+
+Prints the last N lines (default 100) of the log of each instance of
+TARGET that runs, read where it runs: this machine, or each host over ssh.
+Every line is prefixed with its host, version and instance:
+  [app1 1.4.2#0] GET /healthz 200
+  --host H      only the instances on H (one of the target's hosts)
+  --version V   only the instances of version V
+  --follow      keep printing what they write, until Ctrl-C
 ]],
   report = [[
 Usage: deployctl report DEPLOYMENT_ID > rollout.html
@@ -543,12 +555,15 @@ function commands.status(opts, args)
     printf("%-16s %-20s %-13s %-10s %d\n", s.target, s.current_version or "-", s.status, s.health, s.instances)
   end
   if instances and #instances > 0 then
-    printf("\n%-8s %-16s %-6s %-8s %-10s %-7s %-9s %s\n", "SERVER", "VERSION", "PORT", "PID", "HEALTH", "WEIGHT",
-      "STATE", "LIVE")
+    local host_width = 5
+    for _, i in ipairs(instances) do host_width = math.max(host_width, #(i.node or "local")) end
+    printf("\n%-8s %-" .. host_width .. "s %-16s %-15s %-6s %-8s %-11s %-7s %-9s %s\n", "SERVER", "HOST", "VERSION",
+      "ADDRESS", "PORT", "PID", "HEALTH", "WEIGHT", "STATE", "LIVE")
     for _, i in ipairs(instances) do
       local weight = i.router_weight == nil and "-" or (i.router_weight == false and "absent" or tostring(i.router_weight))
-      printf("%-8s %-16s %-6d %-8d %-10s %-7s %-9s %s\n", i.server, i.version, i.port, i.pid,
-        i.alive and i.health or "dead", weight, i.state, i.live and "yes" or "no")
+      local health = i.alive and i.health or (i.unreachable and "unreachable" or "dead")
+      printf("%-8s %-" .. host_width .. "s %-16s %-15s %-6d %-8d %-11s %-7s %-9s %s\n", i.server, i.node or "local",
+        i.version, i.host ~= "" and i.host or "-", i.port, i.pid, health, weight, i.state, i.live and "yes" or "no")
     end
   end
   if pos[1] then
@@ -607,6 +622,56 @@ function commands.reconcile(opts, args)
   local s = m:get_status(pos[1])
   printf("%s: %s on %d instance(s), %s\n", pos[1], s.current_version or "nothing", s.instances, s.health)
   return EXIT_OK
+end
+
+function commands.logs(opts, args)
+  local flags, pos = parse_flags("logs", args, { host = "value", version = "value", lines = "value",
+                                                 follow = "bool" }, 1)
+  if flags.help then out:write(HELP.logs) return EXIT_OK end
+  if #pos < 1 then usage_error("logs: needs TARGET (see 'deployctl logs --help')") end
+  local lines
+  if flags.lines then
+    lines = math.tointeger(tonumber(flags.lines))
+    if not lines or lines < 1 then usage_error("logs: --lines must be a positive integer, got '%s'", flags.lines) end
+  end
+  local m = open_manager(opts)
+  check_target(m, pos[1])
+  -- Chunks come as they are read: lines are put together per instance,
+  -- each printed whole with its prefix.
+  local partial, failed = {}, 0
+  local function prefix(e)
+    return string.format("[%s%s#%d] ", e.node and (e.node .. " ") or "", e.version, e.instance)
+  end
+  local function on_output(e, text, why)
+    local key = e.server
+    if text then
+      local buf = (partial[key] or "") .. text
+      local from = 1
+      while true do
+        local nl = buf:find("\n", from, true)
+        if not nl then break end
+        printf("%s%s\n", prefix(e), buf:sub(from, nl - 1))
+        from = nl + 1
+      end
+      partial[key] = buf:sub(from)
+      out:flush()
+      return
+    end
+    if partial[key] and partial[key] ~= "" then printf("%s%s\n", prefix(e), partial[key]) end
+    partial[key] = nil
+    if why then
+      failed = failed + 1
+      eprintf("deployctl: %s\n", why)
+    end
+  end
+  local ok, res, why = pcall(m.logs, m, pos[1], { host = flags.host, version = flags.version, lines = lines,
+                                                  follow = flags.follow, on_output = on_output })
+  if not ok then usage_error("%s", tostring(res)) end
+  if res == nil then
+    eprintf("deployctl: %s\n", why)
+    return EXIT_FAILED
+  end
+  return failed > 0 and EXIT_FAILED or EXIT_OK
 end
 
 local function revision_of(d)

@@ -1,7 +1,17 @@
-# Turns the CLI's Lua files into C string constants (no xxd needed).
-# IN is a ;-separated list; each file becomes one entry of deployctl_modules,
-# named after the file ("deployctl" for deployctl.lua, "deployctl.gitops"
-# for gitops.lua).
+# Turns text files into C string constants (no xxd needed).
+#
+# With VAR set, IN is one file and OUT declares `static const unsigned char VAR[]`
+# holding its text, NUL-terminated (runtime/ssh_agent.sh).
+#
+# Without, IN is a ;-separated list of the CLI's Lua files; each becomes one
+# entry of deployctl_modules, named after the file ("deployctl" for
+# deployctl.lua, "deployctl.gitops" for gitops.lua).
+if(DEFINED VAR)
+  file(READ ${IN} content HEX)
+  string(REGEX REPLACE "([0-9a-f][0-9a-f])" "0x\\1," content "${content}")
+  file(WRITE ${OUT} "static const unsigned char ${VAR}[] = {${content}0x00};\n")
+  return()
+endif()
 set(body "")
 set(table "")
 foreach(path ${IN})

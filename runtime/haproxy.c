@@ -2,15 +2,30 @@
  * stats socket (management.txt §9.3). Each command gets its own connection:
  * in non-interactive mode HAProxy answers one command and closes, so an
  * answer is complete at EOF. Why the commands come in this order, and what
- * HAProxy 2.6 answers, is in notes/haproxy.md. */
+ * HAProxy 2.6 answers, is in notes/haproxy.md.
+ *
+ * The socket is reached one of three ways, chosen by router.socket:
+ *   /path                 a unix socket of this machine;
+ *   tcp://ADDR:PORT       HAProxy's `stats socket ipv4@ADDR:PORT` (or
+ *                         ipv6@[ADDR]:PORT) on another machine;
+ *   ssh://DEST/path       a unix socket on an ssh destination: its master
+ *                         connection (ssh.c, shared with the target's
+ *                         hosts) forwards a local socket to it (OpenSSH
+ *                         stream-local forwarding), made on first use and
+ *                         again when its master has gone.
+ * Only the connection differs; commands and answers are the same. */
 #include "router.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/un.h>
+#include <unistd.h>
 
+#include "ssh.h"
 #include "util.h"
 
 #define HAP_CMD_MAX 512
@@ -38,10 +53,18 @@ typedef void (*hap_done)(hap *h, void *op, const char *err, char *answer);
 
 typedef struct hap_cmd {
   struct hap_cmd *next;
+  struct hap_cmd *fwd_next;  /* waiting for the ssh forward */
   hap *h;
   void *op;            /* NULL once detached by free: the answer is dropped */
   hap_done done;
-  uv_pipe_t pipe;
+  union {              /* initialised when the command connects */
+    uv_handle_t handle;
+    uv_stream_t stream;
+    uv_pipe_t pipe;
+    uv_tcp_t tcp;
+  } conn_h;
+  int conn_open;       /* conn_h was initialised */
+  char *late_err;      /* a failure found while starting: reported by the timer, from the loop */
   uv_timer_t timer;
   uv_connect_t conn;
   uv_write_t wr;
@@ -97,10 +120,23 @@ typedef struct read_op {
   size_t *n;
 } read_op;
 
+typedef enum { HAP_UNIX, HAP_TCP, HAP_SSH } hap_transport;
+typedef enum { FWD_NONE, FWD_PENDING, FWD_READY } fwd_state;
+
 struct hap {
   router base;            /* first: a router * is a hap * */
   engine *e;
-  char socket[sizeof(((struct sockaddr_un *)0)->sun_path)];
+  char socket[512];       /* as configured, for messages */
+  hap_transport transport;
+  char path[sizeof(((struct sockaddr_un *)0)->sun_path)];  /* unix: ours; ssh: the host's */
+  struct sockaddr_storage addr;  /* tcp */
+  char dest[256];         /* ssh */
+  ssh_ctx *ssh;           /* ssh: borrowed, outlives the router */
+  fwd_state fwd;
+  char fwd_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+  ssh_op *fwd_op;
+  hap_cmd *fwd_waiting;   /* commands waiting for the forward */
+  int fwd_held;           /* a forward in flight keeps h alive */
   char backend[128];
   char prefix[64];
   uint64_t timeout_ms, drain_ms;
@@ -243,7 +279,7 @@ static void msg_answered(const hap *h, const char *cmd, char *answer,
 /* ---- commands ------------------------------------------------------------ */
 
 static void hap_release(hap *h) {
-  if (h->closing && h->open_handles == 0)
+  if (h->closing && h->open_handles == 0 && !h->fwd_held)
     free(h);
 }
 
@@ -253,6 +289,7 @@ static void cmd_handle_closed(uv_handle_t *handle) {
   h->open_handles--;
   if (--c->open_handles == 0) {
     free(c->buf);
+    free(c->late_err);
     free(c);
   }
   hap_release(h);
@@ -266,11 +303,21 @@ static void cmd_unlink(hap_cmd *c) {
     *pp = c->next;
 }
 
+static void fwd_unwait(hap_cmd *c) {
+  hap_cmd **pp = &c->h->fwd_waiting;
+  while (*pp != NULL && *pp != c)
+    pp = &(*pp)->fwd_next;
+  if (*pp == c)
+    *pp = c->fwd_next;
+}
+
 static void cmd_close(hap_cmd *c) {
   c->finished = 1;
   cmd_unlink(c);
+  fwd_unwait(c);
   uv_close((uv_handle_t *)&c->timer, cmd_handle_closed);
-  uv_close((uv_handle_t *)&c->pipe, cmd_handle_closed);
+  if (c->conn_open)
+    uv_close(&c->conn_h.handle, cmd_handle_closed);
 }
 
 /* Ends the command once; the handles close, the memory goes later, so
@@ -293,6 +340,10 @@ static void cmd_fail_io(hap_cmd *c, const char *what, int status) {
 static void cmd_on_timeout(uv_timer_t *t) {
   hap_cmd *c = t->data;
   char err[DC_ERR_MAX];
+  if (c->late_err != NULL) {
+    cmd_finish(c, c->late_err, NULL);
+    return;
+  }
   dc_fmt(err, DC_ERR_MAX,
          "haproxy: '%s' got no answer from %s within %.3g s (is HAProxy "
          "overloaded or stopped?)",
@@ -316,6 +367,17 @@ static void cmd_on_alloc(uv_handle_t *handle, size_t hint, uv_buf_t *buf) {
   *buf = uv_buf_init(c->buf + c->len, (unsigned)(c->cap - c->len - 1));
 }
 
+/* What the socket must be to answer, for messages. */
+static const char *socket_hint(const hap *h, char *buf, size_t size) {
+  if (h->transport == HAP_TCP)
+    dc_fmt(buf, size, "is HAProxy running there with 'stats socket ipv4@ADDR:PORT level admin' (ipv6@ for IPv6)?");
+  else if (h->transport == HAP_SSH)
+    dc_fmt(buf, size, "is HAProxy running on '%s' with 'stats socket %s level admin'?", h->dest, h->path);
+  else
+    dc_fmt(buf, size, "is HAProxy running with 'stats socket %s level admin'?", h->socket);
+  return buf;
+}
+
 static void cmd_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   (void)buf;
   hap_cmd *c = s->data;
@@ -329,7 +391,13 @@ static void cmd_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     /* Every answer has at least a newline, and a "show" answer ends with
      * an empty line: anything shorter was cut (HAProxy stopping, a proxy
      * or a full buffer in between) and must not be read as the state. */
-    if (c->len == 0) {
+    if (c->len == 0 && c->h->transport == HAP_SSH) {
+      /* a forwarded connection that the host side could not open */
+      char hint[256];
+      dc_fmt(err, DC_ERR_MAX, "haproxy: '%s' got no answer through %s: the connection was closed at once (%s)",
+             c->text, c->h->socket, socket_hint(c->h, hint, sizeof hint));
+      cmd_finish(c, err, NULL);
+    } else if (c->len == 0) {
       dc_fmt(err, DC_ERR_MAX,
              "haproxy: '%s' on %s: the connection closed without an answer (HAProxy restarting or stopping?)",
              c->text, c->h->socket);
@@ -359,24 +427,160 @@ static void cmd_on_connect(uv_connect_t *req, int status) {
   if (c->finished)
     return;
   if (status < 0) {
-    char err[DC_ERR_MAX];
-    dc_fmt(err, DC_ERR_MAX,
-           "haproxy: cannot connect to %s: %s (is HAProxy running with "
-           "'stats socket %s level admin'?)",
-           c->h->socket, uv_reason(status), c->h->socket);
+    char err[DC_ERR_MAX], hint[256];
+    /* The master behind a forward has gone: the next command makes a new
+     * one. */
+    if (c->h->transport == HAP_SSH && c->h->fwd == FWD_READY)
+      c->h->fwd = FWD_NONE;
+    dc_fmt(err, DC_ERR_MAX, "haproxy: cannot connect to %s: %s (%s)", c->h->socket, uv_reason(status),
+           socket_hint(c->h, hint, sizeof hint));
     cmd_finish(c, err, NULL);
     return;
   }
   uv_buf_t bufs[2] = {uv_buf_init(c->text, (unsigned)strlen(c->text)),
                       uv_buf_init("\n", 1)};
-  int rc = uv_write(&c->wr, (uv_stream_t *)&c->pipe, bufs, 2, cmd_on_write);
+  int rc = uv_write(&c->wr, &c->conn_h.stream, bufs, 2, cmd_on_write);
   if (rc < 0) {
     cmd_fail_io(c, "sending", rc);
     return;
   }
-  rc = uv_read_start((uv_stream_t *)&c->pipe, cmd_on_alloc, cmd_on_read);
+  rc = uv_read_start(&c->conn_h.stream, cmd_on_alloc, cmd_on_read);
   if (rc < 0)
     cmd_fail_io(c, "reading the answer", rc);
+}
+
+/* Ends the command with err from the loop (its timer, at once), never
+ * inside the call that started it. */
+static void cmd_fail_late(hap_cmd *c, const char *err) {
+  free(c->late_err);
+  c->late_err = strdup(err);
+  uv_timer_stop(&c->timer);
+  if (c->late_err == NULL)
+    cmd_finish(c, "haproxy: out of memory", NULL);
+  else
+    uv_timer_start(&c->timer, cmd_on_timeout, 0, 0);
+}
+
+/* Opens the command's connection to a unix socket path (ours, or the
+ * forward's). Errors, even a missing file, come back through
+ * cmd_on_connect. */
+static void cmd_connect_pipe(hap_cmd *c, const char *path) {
+  uv_pipe_init(c->h->e->loop, &c->conn_h.pipe, 0);
+  c->conn_h.handle.data = c;
+  c->conn_open = 1;
+  c->open_handles++;
+  c->h->open_handles++;
+  uv_pipe_connect(&c->conn, &c->conn_h.pipe, path, cmd_on_connect);
+}
+
+static void cmd_fail_late(hap_cmd *c, const char *err);
+
+static void cmd_connect_tcp(hap_cmd *c) {
+  uv_tcp_init(c->h->e->loop, &c->conn_h.tcp);
+  c->conn_h.handle.data = c;
+  c->conn_open = 1;
+  c->open_handles++;
+  c->h->open_handles++;
+  int rc = uv_tcp_connect(&c->conn, &c->conn_h.tcp, (const struct sockaddr *)&c->h->addr, cmd_on_connect);
+  if (rc < 0) {
+    char err[DC_ERR_MAX], hint[256];
+    dc_fmt(err, DC_ERR_MAX, "haproxy: cannot connect to %s: %s (%s)", c->h->socket, uv_reason(rc),
+           socket_hint(c->h, hint, sizeof hint));
+    cmd_fail_late(c, err);
+  }
+}
+
+/* ---- the ssh forward ----------------------------------------------------- */
+
+static void fwd_request(hap *h);
+
+/* 1 while something listens on the forward's socket (a master that died
+ * leaves the file behind, refusing connections). */
+static int fwd_alive(const char *path) {
+  struct sockaddr_un sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sun_family = AF_UNIX;
+  memcpy(sa.sun_path, path, strlen(path) + 1);
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0)
+    return 0;
+  int alive = connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0 || errno == EAGAIN;
+  close(fd);
+  return alive;
+}
+
+static void fwd_done(void *payload, const ssh_result *r, const char *err) {
+  hap *h = payload;
+  char msg[DC_ERR_MAX];
+  h->fwd_op = NULL;
+  h->fwd_held = 0;
+  if (h->closing) {
+    hap_release(h);
+    return;
+  }
+  if (!err && r->exit_status != 0) {
+    dc_fmt(msg, sizeof msg, "ssh: '%s' refused to forward a connection to %s: %.*s", h->dest, h->path,
+           (int)(r->err_len > 200 ? 200 : r->err_len), r->err_text);
+    err = msg;
+  }
+  h->fwd = err ? FWD_NONE : FWD_READY;
+  hap_cmd *w = h->fwd_waiting;
+  h->fwd_waiting = NULL;
+  while (w != NULL) {
+    hap_cmd *next = w->fwd_next;
+    w->fwd_next = NULL;
+    if (err) {
+      char full[DC_ERR_MAX];
+      dc_fmt(full, sizeof full, "haproxy: cannot reach %s: %s", h->socket, err);
+      cmd_finish(w, full, NULL);
+    } else {
+      cmd_connect_pipe(w, h->fwd_path);
+    }
+    w = next;
+  }
+}
+
+static void fwd_request(hap *h) {
+  char err[DC_ERR_MAX];
+  if (h->fwd == FWD_PENDING)
+    return;
+  h->fwd = FWD_PENDING;
+  /* Bounded by the commands' own timeouts; the master's connect has its
+   * own deadline in ssh.c. */
+  if (ssh_forward(&h->fwd_op, h->ssh, h->dest, h->path, h->fwd_path, sizeof h->fwd_path, 0, fwd_done, h, err) != 0) {
+    char full[DC_ERR_MAX];
+    dc_fmt(full, sizeof full, "haproxy: cannot reach %s: %s", h->socket, err);
+    h->fwd = FWD_NONE;
+    hap_cmd *w = h->fwd_waiting;
+    h->fwd_waiting = NULL;
+    for (; w != NULL; w = w->fwd_next)
+      cmd_fail_late(w, full);
+    return;
+  }
+  h->fwd_held = 1;
+}
+
+static void cmd_connect(hap_cmd *c) {
+  hap *h = c->h;
+  switch (h->transport) {
+  case HAP_UNIX:
+    cmd_connect_pipe(c, h->path);
+    return;
+  case HAP_TCP:
+    cmd_connect_tcp(c);
+    return;
+  case HAP_SSH:
+    if (h->fwd == FWD_READY && !fwd_alive(h->fwd_path))
+      h->fwd = FWD_NONE;
+    if (h->fwd == FWD_READY) {
+      cmd_connect_pipe(c, h->fwd_path);
+      return;
+    }
+    c->fwd_next = h->fwd_waiting;
+    h->fwd_waiting = c;
+    fwd_request(h);
+    return;
+  }
 }
 
 /* Sends one command; done runs once, from the loop. -1 only when out of
@@ -397,16 +601,14 @@ static int cmd_start(hap *h, void *op, const char *text, hap_done done,
   c->buf = buf;
   c->cap = HAP_READ_CHUNK + 1;
   dc_strlcpy(c->text, text, sizeof c->text);
-  uv_pipe_init(h->e->loop, &c->pipe, 0);
   uv_timer_init(h->e->loop, &c->timer);
-  c->pipe.data = c->timer.data = c->conn.data = c->wr.data = c;
-  c->open_handles = 2;
-  h->open_handles += 2;
+  c->timer.data = c->conn.data = c->wr.data = c;
+  c->open_handles = 1;
+  h->open_handles += 1;
   c->next = h->cmds;
   h->cmds = c;
   uv_timer_start(&c->timer, cmd_on_timeout, h->timeout_ms, 0);
-  /* Errors, even a missing socket file, come back through cmd_on_connect. */
-  uv_pipe_connect(&c->conn, &c->pipe, h->socket, cmd_on_connect);
+  cmd_connect(c);
   return DC_OK;
 }
 
@@ -1108,6 +1310,8 @@ static void hap_free(router *r) {
   if (h == NULL || h->closing)
     return;
   h->closing = 1;
+  if (h->fwd_op != NULL)
+    ssh_cancel(h->fwd_op);  /* its callback releases h */
   while (h->cmds != NULL) {
     hap_cmd *c = h->cmds;
     c->op = NULL;
@@ -1136,18 +1340,109 @@ static void hap_free(router *r) {
   }
 }
 
+/* tcp://ADDR:PORT, with ADDR an IPv4 address or [IPv6]. */
+static int parse_tcp(hap *h, const char *spec, char *err) {
+  const char *fix = "write tcp://ADDR:PORT with the address of HAProxy's 'stats socket ipv4@ADDR:PORT', "
+                    "e.g. tcp://10.0.0.1:9999 (tcp://[fd00::1]:9999 for IPv6)";
+  char host[64];
+  const char *colon;
+  if (spec[0] == '[') {
+    const char *close = strchr(spec, ']');
+    if (close == NULL || close[1] != ':' || (size_t)(close - spec - 1) >= sizeof host) {
+      dc_fmt(err, DC_ERR_MAX, "haproxy: socket 'tcp://%s' is not an address and port: %s", spec, fix);
+      return DC_ERROR;
+    }
+    memcpy(host, spec + 1, (size_t)(close - spec - 1));
+    host[close - spec - 1] = '\0';
+    colon = close + 1;
+  } else {
+    colon = strrchr(spec, ':');
+    if (colon == NULL || (size_t)(colon - spec) >= sizeof host) {
+      dc_fmt(err, DC_ERR_MAX, "haproxy: socket 'tcp://%s' is not an address and port: %s", spec, fix);
+      return DC_ERROR;
+    }
+    memcpy(host, spec, (size_t)(colon - spec));
+    host[colon - spec] = '\0';
+  }
+  char *end;
+  long port = strtol(colon + 1, &end, 10);
+  if (colon[1] == '\0' || *end != '\0' || port < 1 || port > 65535) {
+    dc_fmt(err, DC_ERR_MAX, "haproxy: socket 'tcp://%s' has no valid port (1-65535): %s", spec, fix);
+    return DC_ERROR;
+  }
+  if (uv_ip4_addr(host, (int)port, (struct sockaddr_in *)&h->addr) != 0 &&
+      uv_ip6_addr(host, (int)port, (struct sockaddr_in6 *)&h->addr) != 0) {
+    dc_fmt(err, DC_ERR_MAX, "haproxy: socket 'tcp://%s': '%s' is not an IP address (a name is not resolved "
+           "here): %s", spec, host, fix);
+    return DC_ERROR;
+  }
+  return DC_OK;
+}
+
+/* ssh://DEST/path/of/socket */
+static int parse_ssh(hap *h, const router_haproxy_opts *o, const char *spec, char *err) {
+  const char *slash = strchr(spec, '/');
+  if (slash == NULL || slash == spec || (size_t)(slash - spec) >= sizeof h->dest || slash[1] == '\0') {
+    dc_fmt(err, DC_ERR_MAX, "haproxy: socket 'ssh://%s' names no host and socket path: write "
+           "ssh://HOST/path/of/admin.sock, e.g. ssh://lb1/run/haproxy/admin.sock", spec);
+    return DC_ERROR;
+  }
+  memcpy(h->dest, spec, (size_t)(slash - spec));
+  h->dest[slash - spec] = '\0';
+  char why[DC_ERR_MAX];
+  if (ssh_validate_dest(h->dest, why) != 0) {
+    dc_fmt(err, DC_ERR_MAX, "haproxy: socket 'ssh://%s': %s", spec, dc_unprefix(why));
+    return DC_ERROR;
+  }
+  if (strlen(slash) >= sizeof h->path || strpbrk(slash, ": \t\"'\\") != NULL) {
+    dc_fmt(err, DC_ERR_MAX, "haproxy: socket 'ssh://%s': the socket path on the host must be at most %zu bytes, "
+           "without ':', quotes or whitespace", spec, sizeof h->path - 1);
+    return DC_ERROR;
+  }
+  dc_strlcpy(h->path, slash, sizeof h->path);
+  if (o->ssh == NULL) {
+    dc_fmt(err, DC_ERR_MAX, "haproxy: socket 'ssh://%s' needs ssh connections: none were given", spec);
+    return DC_ERROR;
+  }
+  h->ssh = o->ssh;
+  h->transport = HAP_SSH;
+  return DC_OK;
+}
+
+static int hap_parse_socket(hap *h, const router_haproxy_opts *o, char *err) {
+  const char *s = o->socket;
+  if (strncmp(s, "tcp://", 6) == 0) {
+    h->transport = HAP_TCP;
+    return parse_tcp(h, s + 6, err);
+  }
+  if (strncmp(s, "ssh://", 6) == 0)
+    return parse_ssh(h, o, s + 6, err);
+  if (strstr(s, "://") != NULL) {
+    dc_fmt(err, DC_ERR_MAX, "haproxy: socket '%s' is of a kind not known: give a path, tcp://ADDR:PORT or "
+           "ssh://HOST/path", s);
+    return DC_ERROR;
+  }
+  if (strlen(s) >= sizeof h->path) {
+    dc_fmt(err, DC_ERR_MAX,
+           "haproxy: stats socket path '%s' is too long for a unix socket "
+           "(at most %zu bytes; use a shorter path)",
+           s, sizeof h->path - 1);
+    return DC_ERROR;
+  }
+  h->transport = HAP_UNIX;
+  dc_strlcpy(h->path, s, sizeof h->path);
+  return DC_OK;
+}
+
 static int hap_check_opts(const router_haproxy_opts *o, char *err) {
   if (o == NULL || o->socket == NULL || o->socket[0] == '\0') {
     dc_fmt(err, DC_ERR_MAX,
            "haproxy: no stats socket given (set the path of a 'stats socket "
-           "<path> level admin' from haproxy.cfg)");
+           "<path> level admin' from haproxy.cfg, tcp://ADDR:PORT or ssh://HOST/path)");
     return DC_ERROR;
   }
-  if (strlen(o->socket) >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
-    dc_fmt(err, DC_ERR_MAX,
-           "haproxy: stats socket path '%s' is too long for a unix socket "
-           "(at most %zu bytes; use a shorter path)",
-           o->socket, sizeof(((struct sockaddr_un *)0)->sun_path) - 1);
+  if (strlen(o->socket) >= 512) {
+    dc_fmt(err, DC_ERR_MAX, "haproxy: socket '%.64s...' is longer than 511 bytes", o->socket);
     return DC_ERROR;
   }
   if (o->backend == NULL || strlen(o->backend) >= 128 ||
@@ -1185,6 +1480,10 @@ int router_haproxy_new(router **out, engine *e, const router_haproxy_opts *o,
   }
   h->e = e;
   dc_strlcpy(h->socket, o->socket, sizeof h->socket);
+  if (hap_parse_socket(h, o, err) < 0) {
+    free(h);
+    return DC_ERROR;
+  }
   dc_strlcpy(h->backend, o->backend, sizeof h->backend);
   dc_strlcpy(h->prefix, o->prefix ? o->prefix : "dc_", sizeof h->prefix);
   h->timeout_ms = seconds_ms(o->timeout, 5);

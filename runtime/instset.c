@@ -329,7 +329,7 @@ static void inspected(void *payload, int alive, const provider_instance *found, 
   job *j = s->j;
   (void)found;
   if (j->alive)
-    j->alive[s->i] = (unsigned char)(alive != 0);
+    j->alive[s->i] = alive ? INSTSET_ALIVE : err ? INSTSET_UNKNOWN : INSTSET_DEAD;
   if (!alive) {
     store_instance *in = copy_of(s);
     j->dead++;

@@ -61,9 +61,13 @@ int instset_start(const instset_ctx *c, instset *into, const instset *templates,
 int instset_stop(const instset_ctx *c, const instset *set, instset_cb cb, void *payload, char *err);
 
 /* Asks the provider whether each instance of `set` runs. alive[i] says it
- * for set->v[i]; dead is the number that do not; detail describes the
- * first of them ("instance 1 of 2.0 (pid 123, port 20001) exited; see
- * <log>"), or why the provider could not tell. cb once, from the loop. */
+ * for set->v[i]: INSTSET_ALIVE, INSTSET_DEAD, or INSTSET_UNKNOWN when the
+ * provider could not tell (its host unreachable); dead is the number not
+ * known to run (dead or unknown); detail describes the first of them
+ * ("instance 1 of 2.0 (pid 123, port 20001) exited; see <log>", or
+ * "instance 2 of 2.0 on app2: <why the provider could not tell>"). cb
+ * once, from the loop. */
+enum { INSTSET_DEAD = 0, INSTSET_ALIVE = 1, INSTSET_UNKNOWN = 2 };
 typedef void (*instset_alive_cb)(void *payload, const unsigned char *alive, size_t dead, const char *detail);
 int instset_inspect(const instset_ctx *c, const instset *set, instset_alive_cb cb, void *payload, char *err);
 

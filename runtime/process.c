@@ -64,6 +64,7 @@ struct owned {
   owned *prev, *next;
   uv_handle_t *handle;
   process_provider *p;
+  void *heap;  /* freed with it */
 };
 
 typedef struct child {
@@ -85,9 +86,9 @@ typedef struct stop_op {
   char err[DC_ERR_MAX];  /* lives until the close callback, after cb */
 } stop_op;
 
-/* A result computed at once and delivered from the loop (start, inspect,
- * logs): the caller's callback never runs inside the call. */
-typedef enum { LATER_START, LATER_INSPECT, LATER_LOGS } later_kind;
+/* A result computed at once and delivered from the loop (start, inspect):
+ * the caller's callback never runs inside the call. */
+typedef enum { LATER_START, LATER_INSPECT } later_kind;
 typedef struct later {
   owned link;  /* first */
   uv_timer_t timer;
@@ -97,10 +98,24 @@ typedef struct later {
   int ok;              /* start: started; inspect: alive */
   int found;           /* inspect: found by tag */
   provider_instance pi;
-  char *text;          /* logs */
-  size_t len;
   char err[DC_ERR_MAX];
 } later;
+
+/* A logs call: the tail first, then (follow) whatever the file grows by,
+ * looked at every FOLLOW_MS. */
+struct provider_stream {
+  owned link;  /* first */
+  uv_timer_t timer;
+  provider_logs_cb cb;
+  void *payload;
+  char *path;
+  int lines;
+  int follow;
+  int started;         /* the tail was delivered */
+  int ending;          /* done is due at the next tick */
+  off_t offset;        /* how far the file was delivered */
+  char err[DC_ERR_MAX];
+};
 
 /* A port handed out recently: the store only knows it once the instance
  * is running, so a second start in between must skip it. */
@@ -181,6 +196,7 @@ static void on_closed(uv_handle_t *h) {
   process_provider *p = o->p;
   o->prev->next = o->next;
   o->next->prev = o->prev;
+  free(o->heap);
   free(o);
   if (p->closing && p->handles.next == &p->handles)
     destroy(p);
@@ -566,8 +582,8 @@ static int identify(const process_provider *p, const store_instance *inst, int *
 static void later_fire(uv_timer_t *t) {
   later *l = t->data;
   void *cb = l->cb;
-  /* Closing first: the callback may free the provider; l (and its text,
-   * freed by the close callback) stays valid until then. */
+  /* Closing first: the callback may free the provider; l stays valid
+   * until the close callback. */
   close_owned(&l->link);
   switch (l->kind) {
   case LATER_START:
@@ -576,12 +592,7 @@ static void later_fire(uv_timer_t *t) {
   case LATER_INSPECT:
     ((provider_inspect_cb)cb)(l->payload, l->ok, l->found ? &l->pi : NULL, l->err[0] ? l->err : NULL);
     break;
-  case LATER_LOGS:
-    ((provider_logs_cb)cb)(l->payload, l->text ? l->text : "", l->len, l->err[0] ? l->err : NULL);
-    break;
   }
-  free(l->text);
-  l->text = NULL;
 }
 
 static later *later_new(process_provider *p, later_kind kind, void *cb, void *payload, char *err) {
@@ -902,53 +913,119 @@ static int pp_inspect(provider *base, const store_instance *inst, provider_inspe
   return 0;
 }
 
-/* The last `lines` lines of the instance's log (at most 1 MiB of it). */
-static void read_tail(later *l, const char *path, int lines) {
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    dc_fmt(l->err, sizeof l->err, "deploy: cannot read log '%s': %s", path, strerror(errno));
-    return;
-  }
-  off_t size = lseek(fd, 0, SEEK_END);
-  off_t from = size > (1 << 20) ? size - (1 << 20) : 0;
-  size_t n = (size_t)(size - from);
-  l->text = malloc(n + 1);
-  if (!l->text || pread(fd, l->text, n, from) != (ssize_t)n) {
-    dc_fmt(l->err, sizeof l->err, "deploy: cannot read log '%s': %s", path, l->text ? strerror(errno) : "out of memory");
-    free(l->text);
-    l->text = NULL;
-    close(fd);
-    return;
-  }
-  close(fd);
-  l->text[n] = '\0';
-  size_t at = n;
-  int seen = 0;
-  if (at > 0 && l->text[at - 1] == '\n')
-    at--;
-  while (at > 0 && seen < lines) {
-    at--;
-    if (l->text[at] == '\n')
-      seen++;
-  }
-  if (seen == lines)
-    at++;
-  memmove(l->text, l->text + at, n - at + 1);
-  l->len = n - at;
+/* ---- logs ---- */
+
+#define FOLLOW_MS 200
+#define TAIL_MAX (1 << 20)  /* the tail is looked for in the last MiB */
+#define CHUNK_MAX 65536
+
+static void stream_done(provider_stream *st) {
+  uv_timer_stop(&st->timer);
+  /* Closing first: the callback may free the provider. st and its err stay
+   * valid until the close callback. */
+  close_owned(&st->link);
+  st->cb(st->payload, "", 0, 1, st->err[0] ? st->err : NULL);
 }
 
-static int pp_logs(provider *base, const store_instance *inst, int lines, provider_logs_cb cb, void *payload,
-                   char *err) {
-  process_provider *p = (process_provider *)base;
-  later *l = later_new(p, LATER_LOGS, (void *)cb, payload, err);
-  if (!l)
+/* The last st->lines lines of the file, delivered; st->offset: its end. */
+static int deliver_tail(provider_stream *st, int fd) {
+  off_t size = lseek(fd, 0, SEEK_END);
+  off_t from = size > TAIL_MAX ? size - TAIL_MAX : 0;
+  size_t n = (size_t)(size - from);
+  char *text = malloc(n + 1);
+  if (!text || pread(fd, text, n, from) != (ssize_t)n) {
+    dc_fmt(st->err, sizeof st->err, "deploy: cannot read log '%s': %s", st->path, text ? strerror(errno) : "out of memory");
+    free(text);
     return -1;
-  if (!inst->log_path[0])
-    dc_fmt(l->err, sizeof l->err, "deploy: instance %lld has no log yet", (long long)inst->id);
-  else
-    read_tail(l, inst->log_path, lines > 0 ? lines : 100);
-  later_go(l);
+  }
+  size_t at = n;
+  int seen = 0;
+  if (at > 0 && text[at - 1] == '\n')
+    at--;
+  while (at > 0 && seen < st->lines) {
+    at--;
+    if (text[at] == '\n')
+      seen++;
+  }
+  if (seen == st->lines)
+    at++;
+  st->offset = size;
+  if (n > at)
+    st->cb(st->payload, text + at, n - at, 0, NULL);
+  free(text);
   return 0;
+}
+
+/* What was appended since the last look (a file cut shorter is read from
+ * its start again). */
+static int deliver_new(provider_stream *st, int fd) {
+  char buf[CHUNK_MAX];
+  off_t size = lseek(fd, 0, SEEK_END);
+  if (size < st->offset)
+    st->offset = 0;
+  while (st->offset < size) {
+    ssize_t r = pread(fd, buf, sizeof buf, st->offset);
+    if (r <= 0)
+      break;
+    st->offset += r;
+    st->cb(st->payload, buf, (size_t)r, 0, NULL);
+  }
+  return 0;
+}
+
+static void on_stream_tick(uv_timer_t *t) {
+  provider_stream *st = t->data;
+  if (st->ending) {
+    stream_done(st);
+    return;
+  }
+  int fd = open(st->path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    dc_fmt(st->err, sizeof st->err, "deploy: cannot read log '%s': %s", st->path, strerror(errno));
+    stream_done(st);
+    return;
+  }
+  int r = st->started ? deliver_new(st, fd) : deliver_tail(st, fd);
+  close(fd);
+  st->started = 1;
+  if (r != 0 || !st->follow)
+    stream_done(st);
+}
+
+static int pp_logs(provider *base, const store_instance *inst, int lines, int follow, provider_logs_cb cb,
+                   void *payload, provider_stream **out, char *err) {
+  process_provider *p = (process_provider *)base;
+  if (out)
+    *out = NULL;
+  provider_stream *st = calloc(1, sizeof *st);
+  if (!st || !(st->path = strdup(inst->log_path))) {
+    free(st);
+    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
+    return -1;
+  }
+  st->cb = cb;
+  st->payload = payload;
+  st->lines = lines > 0 ? lines : 100;
+  st->follow = follow;
+  if (!inst->log_path[0]) {
+    dc_fmt(st->err, sizeof st->err, "deploy: instance %lld has no log yet", (long long)inst->id);
+    st->ending = 1;
+  }
+  uv_timer_init(p->e->loop, &st->timer);
+  own(p, &st->link, (uv_handle_t *)&st->timer);
+  st->link.heap = st->path;
+  uv_timer_start(&st->timer, on_stream_tick, 0, FOLLOW_MS);
+  if (out)
+    *out = st;
+  return 0;
+}
+
+static void pp_logs_stop(provider *base, provider_stream *st) {
+  (void)base;
+  if (!st || st->ending || uv_is_closing((uv_handle_t *)&st->timer))
+    return;
+  st->ending = 1;
+  uv_timer_start(&st->timer, on_stream_tick, 0, 0);
 }
 
 /* ---- construction ---- */
@@ -1049,6 +1126,7 @@ int provider_process_new(provider **out, engine *e,
   p->base.stop = pp_stop;
   p->base.inspect = pp_inspect;
   p->base.logs = pp_logs;
+  p->base.logs_stop = pp_logs_stop;
   p->base.free = pp_free;
   *out = &p->base;
   return 0;

@@ -13,8 +13,8 @@ int provider_check(const provider *p, char *err) {
            p->kind ? p->kind : "?", p->version, PROVIDER_VERSION);
     return -1;
   }
-  if (!p->kind || !p->start || !p->stop || !p->inspect || !p->logs || !p->free) {
-    dc_fmt(err, DC_ERR_MAX, "deploy: provider '%s' lacks one of start, stop, inspect, logs, free",
+  if (!p->kind || !p->start || !p->stop || !p->inspect || !p->logs || !p->logs_stop || !p->free) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: provider '%s' lacks one of start, stop, inspect, logs, logs_stop, free",
            p->kind ? p->kind : "?");
     return -1;
   }

@@ -25,7 +25,7 @@
 #include "engine.h"
 #include "store.h"
 
-#define PROVIDER_VERSION 2
+#define PROVIDER_VERSION 3
 
 /* What a provider reports about one instance it started or found. */
 typedef struct provider_instance {
@@ -50,13 +50,21 @@ typedef void (*provider_cb)(void *payload, const char *err);
  * the instance was found by its tag, where it is (else NULL). err: the
  * provider could not tell (a host unreachable); alive is then 0. */
 typedef void (*provider_inspect_cb)(void *payload, int alive, const provider_instance *found, const char *err);
-/* The last lines of the instance's output; text valid during the call. */
-typedef void (*provider_logs_cb)(void *payload, const char *text, size_t len, const char *err);
+/* An instance's output: called with each chunk as it comes (len > 0; text
+ * valid during the call), then exactly once with done = 1, err set when
+ * the log could not be read. */
+typedef void (*provider_logs_cb)(void *payload, const char *text, size_t len, int done, const char *err);
+/* A logs call in progress (for logs_stop); the provider's own type. */
+typedef struct provider_stream provider_stream;
 
 typedef struct provider provider;
 struct provider {
   int version;          /* PROVIDER_VERSION */
   const char *kind;     /* "process", "ssh" */
+  /* Seconds: a rollout's health rounds ask inspect about the new instances
+   * at most this often and reuse the last answer in between (0: every
+   * round). A remote inspect is a command on every host. */
+  double inspect_every;
   /* Start one instance (its row exists): choose a port not in req->taken,
    * start it detached so it outlives deployctl, and report where. */
   int (*start)(provider *p, const provider_start_req *req, provider_start_cb cb, void *payload, char *err);
@@ -65,7 +73,18 @@ struct provider {
    * at once without a signal. */
   int (*stop)(provider *p, const store_instance *inst, provider_cb cb, void *payload, char *err);
   int (*inspect)(provider *p, const store_instance *inst, provider_inspect_cb cb, void *payload, char *err);
-  int (*logs)(provider *p, const store_instance *inst, int lines, provider_logs_cb cb, void *payload, char *err);
+  /* The last `lines` lines of the instance's log; with follow, then what
+   * is written to it, until logs_stop. *out (may be NULL) names the call
+   * for logs_stop until cb has run with done = 1. */
+  int (*logs)(provider *p, const store_instance *inst, int lines, int follow, provider_logs_cb cb, void *payload,
+              provider_stream **out, char *err);
+  /* Ends a logs call early: cb runs once more, with done = 1, from the
+   * loop. */
+  void (*logs_stop)(provider *p, provider_stream *s);
+  /* Optional (NULL: nothing can be checked in advance). Can instances
+   * start on every one of these nodes now? Called before a rollout starts
+   * anything; cb's err names each node that cannot, and why. */
+  int (*preflight)(provider *p, const char *const *nodes, size_t n, provider_cb cb, void *payload, char *err);
   void (*free)(provider *p);
 };
 
@@ -83,5 +102,25 @@ typedef struct provider_process_opts {
 } provider_process_opts;
 
 int provider_process_new(provider **out, engine *e, const provider_process_opts *o, char *err);
+
+typedef struct ssh_ctx ssh_ctx;
+
+/* The ssh provider (ssh_provider.c): instances on the target's hosts (the
+ * nodes), started through ssh.c by the remote agent (ssh_agent.h). */
+typedef struct provider_ssh_opts {
+  const char *command;       /* run by the host's /bin/sh: {port} {version} {target} {instance} {host};
+                                ${NAME} is expanded there, from values sent on stdin */
+  int port_min, port_max;    /* inclusive, on each host */
+  double stop_timeout;       /* seconds before SIGKILL; default 10 */
+  const char *log_dir;       /* on the hosts; relative: under the remote user's home;
+                                default ".deployctl/logs" */
+  const char *workdir;       /* on the hosts; NULL: the remote user's home */
+  const char *const *env;    /* extra NAME=value entries, NULL-terminated, may be NULL */
+  const char *tag_prefix;    /* the store's location (see provider_process_opts) */
+  ssh_ctx *ssh;              /* the target's connections; must outlive the provider */
+  double connect_timeout;    /* as given to ssh_ctx_new (0: its default, 10): bounds each command */
+} provider_ssh_opts;
+
+int provider_ssh_new(provider **out, engine *e, const provider_ssh_opts *o, char *err);
 
 #endif

@@ -57,6 +57,12 @@ struct rollout {
   rollout_health_cb health_cb;
   void *health_payload;
   int rounds;              /* health rounds in flight */
+  /* the last liveness answer, reused for provider->inspect_every */
+  int alive_seen;
+  uint64_t alive_at;       /* uv_now ms */
+  size_t alive_n;          /* new instances it covered */
+  size_t alive_dead;
+  char alive_detail[DC_ERR_MAX];
   int freed_later;         /* ended; free when the last round comes back */
 
   int promoted;
@@ -73,6 +79,19 @@ struct rollout {
   int paused;
   int promote_pending;     /* a promote that came while no wait was on */
   int lease_lost;
+
+  /* boot waves: the rows of a START not started yet, a wave at a time */
+  instset waves;
+  size_t wave_next;        /* first row of waves of the next wave */
+  int wave, nwaves;
+  size_t wave_rows;        /* rows per wave */
+  void (*after_start)(rollout *r); /* after_healthy of the START as a whole */
+
+  /* preflight */
+  int preflight_pending;
+  char preflight_err[DC_ERR_MAX];
+  router_server probe;     /* the router's read needs somewhere to write */
+  size_t nprobe;
 
   int routed_new;          /* the router once gave the new version traffic */
   int abort_attempts;      /* router applies tried while aborting */
@@ -235,7 +254,9 @@ static void act_pause(rollout *r) {
 typedef struct check_round {
   rollout *r;
   size_t n;
+  size_t inspected;          /* new instances the liveness look covers */
   char **urls;
+  char **nodes;              /* the host of each url's instance ("" this machine) */
   int waiting;               /* the health checks and the liveness look */
   size_t dead;
   char dead_detail[DC_ERR_MAX];
@@ -244,9 +265,12 @@ typedef struct check_round {
 } check_round;
 
 static void round_free(check_round *rd) {
-  for (size_t i = 0; i < rd->n; i++)
+  for (size_t i = 0; i < rd->n; i++) {
     free(rd->urls[i]);
+    free(rd->nodes ? rd->nodes[i] : NULL);
+  }
   free(rd->urls);
+  free(rd->nodes);
   for (size_t i = 0; i < rd->nresults; i++)
     free((char *)rd->results[i].url);
   free(rd->results);
@@ -266,7 +290,10 @@ static void round_end(check_round *rd) {
       h->ok++;
     else if (res->status > 0)
       h->answered_bad = 1;
-    if (!res->ok && !h->detail[0])
+    const char *node = i < rd->n && rd->nodes && rd->nodes[i] ? rd->nodes[i] : "";
+    if (!res->ok && !h->detail[0] && node[0])
+      dc_fmt(h->detail, sizeof h->detail, "%s (host '%s'): %s", res->url, node, res->error);
+    else if (!res->ok && !h->detail[0])
       dc_fmt(h->detail, sizeof h->detail, "%s: %s", res->url, res->error);
   }
   h->state = health_classify(rd->results, rd->nresults);
@@ -301,17 +328,33 @@ static void round_checked(void *payload, const health_result *res, size_t n) {
 
 static void round_alive(void *payload, const unsigned char *alive, size_t dead, const char *detail) {
   check_round *rd = payload;
+  rollout *r = rd->r;
   (void)alive;
   rd->dead = dead;
   dc_strlcpy(rd->dead_detail, detail ? detail : "", sizeof rd->dead_detail);
+  r->alive_seen = 1;
+  r->alive_at = uv_now(r->e->loop);
+  r->alive_n = rd->inspected;
+  r->alive_dead = dead;
+  dc_strlcpy(r->alive_detail, rd->dead_detail, sizeof r->alive_detail);
   round_end(rd);
 }
 
-static int add_url(check_round *rd, size_t cap, char *url) {
-  if (!url || rd->n >= cap) {
+/* The last liveness answer still stands (see provider.inspect_every). */
+static int alive_fresh(const rollout *r) {
+  double every = r->t->provider->inspect_every;
+  return every > 0 && r->alive_seen && r->alive_n == r->fresh.n &&
+         uv_now(r->e->loop) - r->alive_at < (uint64_t)(every * 1000);
+}
+
+static int add_url(check_round *rd, size_t cap, char *url, const char *node) {
+  char *n = strdup(node);
+  if (!url || !n || rd->n >= cap) {
     free(url);
+    free(n);
     return -1;
   }
+  rd->nodes[rd->n] = n;
   rd->urls[rd->n++] = url;
   return 0;
 }
@@ -320,13 +363,19 @@ void rollout_check_health(rollout *r, rollout_health_cb cb, void *payload) {
   char err[DC_ERR_MAX];
   check_round *rd = calloc(1, sizeof *rd);
   size_t cap = r->fresh.n * 2 + 1;
-  if (rd)
+  if (rd) {
     rd->urls = calloc(cap, sizeof *rd->urls);
+    rd->nodes = calloc(cap, sizeof *rd->nodes);
+  }
   r->health_cb = cb;
   r->health_payload = payload;
   r->rounds++;
   engine_hold(r->e);
-  if (!rd || !rd->urls) {
+  if (!rd || !rd->urls || !rd->nodes) {
+    if (rd) {
+      free(rd->urls);
+      free(rd->nodes);
+    }
     free(rd);
     r->rounds--;
     engine_release(r->e);
@@ -339,15 +388,20 @@ void rollout_check_health(rollout *r, rollout_health_cb cb, void *payload) {
   rd->r = r;
   for (size_t i = 0; i < r->fresh.n; i++) {
     const store_instance *in = &r->fresh.v[i];
-    add_url(rd, cap, target_instance_url(r->t, in));
+    add_url(rd, cap, target_instance_url(r->t, in), in->node);
     if (r->st && r->st->health_check_url[0]) {
       char port[16];
       dc_fmt(port, sizeof port, "%d", in->port);
       const char *pairs[] = {"host", in->host, "port", port, "target", r->t->name, "version", r->version, NULL};
-      add_url(rd, cap, dc_expand_placeholders_dup(r->st->health_check_url, pairs));
+      add_url(rd, cap, dc_expand_placeholders_dup(r->st->health_check_url, pairs), in->node);
     }
   }
-  rd->waiting = 2;
+  int look = !alive_fresh(r);
+  rd->waiting = look ? 2 : 1;
+  if (!look) {
+    rd->dead = r->alive_dead;
+    dc_strlcpy(rd->dead_detail, r->alive_detail, sizeof rd->dead_detail);
+  }
   health_opts o = {.timeout = r->t->health.timeout, .expect_status = r->t->health.expect_status};
   if (health_check_start(r->e, (const char *const *)rd->urls, rd->n, &o, round_checked, rd, err) != 0) {
     health_result none;
@@ -356,6 +410,9 @@ void rollout_check_health(rollout *r, rollout_health_cb cb, void *payload) {
     dc_strlcpy(none.error, err, sizeof none.error);
     round_checked(rd, &none, 1);
   }
+  if (!look)
+    return;
+  rd->inspected = r->fresh.n;
   instset_ctx c = ctx_of(r);
   if (instset_inspect(&c, &r->fresh, round_alive, rd, err) != 0)
     round_alive(rd, NULL, 0, NULL);
@@ -522,15 +579,97 @@ static void started_set(void *payload, const char *err) {
     complete(r, 1, NULL);
 }
 
-/* Starts `per_node` more instances on every node. */
+/* ---- boot waves ----
+ *
+ * With a boot limit, the new instances start on that many hosts at a time
+ * (Kamal's boot.limit): a wave's hosts start theirs, the rollout waits
+ * until every new instance is healthy, then boot_wait seconds, then the
+ * next wave. A wave that fails ends the START: later waves never start. */
+
+static void wave_start(rollout *r);
+
+static void wave_waited(void *payload) {
+  rollout *r = payload;
+  r->timer = NULL;
+  if (r->abort_requested) {
+    complete(r, 0, r->abort_reason);
+    return;
+  }
+  wave_start(r);
+}
+
+static void wave_healthy(rollout *r) {
+  if (r->abort_requested) {
+    complete(r, 0, r->abort_reason);
+    return;
+  }
+  if (r->t->boot_wait > 0) {
+    emit(r, "boot_wait", json_pack("{s:o, s:i}", "seconds", dc_json_number(r->t->boot_wait), "next_wave", r->wave + 1));
+    r->timer = engine_timer_start(r->e, r->t->boot_wait, wave_waited, r);
+    return;
+  }
+  wave_start(r);
+}
+
+static void wave_started(void *payload, const char *err) {
+  rollout *r = payload;
+  if (err || r->wave_next >= r->waves.n) {
+    /* The last wave (or a failed one): the START ends as a whole. */
+    r->after_healthy = r->after_start;
+    r->after_start = NULL;
+    instset_clear(&r->waves);
+    started_set(r, err);
+    return;
+  }
+  r->after_healthy = wave_healthy;
+  monitor_start(r, MON_HEALTHY, r->t->health.start_timeout);
+}
+
+static void wave_start(rollout *r) {
+  char err[DC_ERR_MAX];
+  size_t from = r->wave_next, to = from + r->wave_rows;
+  if (to > r->waves.n)
+    to = r->waves.n;
+  r->wave_next = to;
+  r->wave++;
+  json_t *hosts = json_array();
+  for (size_t i = from; i < to; i++) {
+    const char *node = r->waves.v[i].node;
+    if (i == from || strcmp(node, r->waves.v[i - 1].node) != 0)
+      json_array_append_new(hosts, dc_json_text(node));
+  }
+  emit(r, "boot_wave", json_pack("{s:i, s:i, s:o, s:i}", "wave", r->wave, "waves", r->nwaves, "hosts", hosts,
+                                 "instances", (int)(to - from)));
+  instset one = {r->waves.v + from, to - from, to - from};
+  instset_ctx c = ctx_of(r);
+  if (instset_start(&c, &r->fresh, &one, wave_started, r, err) != 0)
+    wave_started(r, err);
+}
+
+/* Starts `per_node` more instances on every node, in waves when the
+ * target has a boot limit below its number of nodes. */
 static void start_more(rollout *r, int per_node) {
   char err[DC_ERR_MAX];
   instset plan = {0};
   instset_ctx c = ctx_of(r);
-  if (instset_plan(r->t, r->rc.id, r->version, per_node, (int)r->fresh.n, &plan) != 0)
+  size_t per_wave = target_wave_size(r->t);
+  if (instset_plan(r->t, r->rc.id, r->version, per_node, (int)r->fresh.n, &plan) != 0) {
     complete(r, 0, "deploy: out of memory");
-  else if (instset_start(&c, &r->fresh, &plan, started_set, r, err) != 0)
+  } else if (per_wave < r->t->nnodes) {
+    /* The plan lists the rows node by node, per_node each. */
+    instset_clear(&r->waves);
+    r->waves = plan;
+    memset(&plan, 0, sizeof plan);
+    r->wave_next = 0;
+    r->wave = 0;
+    r->nwaves = (int)((r->t->nnodes + per_wave - 1) / per_wave);
+    r->wave_rows = per_wave * (size_t)per_node;
+    r->after_start = r->after_healthy;
+    r->after_healthy = NULL;
+    wave_start(r);
+  } else if (instset_start(&c, &r->fresh, &plan, started_set, r, err) != 0) {
     complete(r, 0, err);
+  }
   instset_clear(&plan);
 }
 
@@ -956,6 +1095,7 @@ static void release(rollout *r) {
   instset_clear(&r->old);
   instset_clear(&r->fresh);
   instset_clear(&r->strays);
+  instset_clear(&r->waves);
   record_clear(&r->rc);
   free(r->metadata);
   store_unref(r->s);
@@ -1121,6 +1261,53 @@ static void begin_after_hook(rollout *r, int ok, const char *err) {
     r->st->drive(r->st, r);
 }
 
+/* Before anything starts: the router answers (a read of what it serves),
+ * and every host can take instances (the provider's preflight, for
+ * providers that have one). Either failing ends the rollout with nothing
+ * started, its error naming what failed: the proxy, or each host. */
+static void preflight_step(rollout *r, const char *err) {
+  if (err)
+    dc_fmt(r->preflight_err + strlen(r->preflight_err), sizeof r->preflight_err - strlen(r->preflight_err), "%s%s",
+           r->preflight_err[0] ? "; " : "", dc_unprefix(err));
+  engine_release(r->e);
+  if (--r->preflight_pending > 0)
+    return;
+  if (r->preflight_err[0]) {
+    strategy_action a;
+    memset(&a, 0, sizeof a);
+    a.kind = ACTION_ABORT;
+    dc_fmt(a.reason, sizeof a.reason, "preflight failed, nothing was started: %s", r->preflight_err);
+    rollout_action(r, &a, r->st->step ? stepped : NULL, r);
+    return;
+  }
+  if (r->t->provider->preflight) {
+    json_t *hosts = json_array();
+    for (size_t i = 0; i < r->t->nnodes; i++)
+      json_array_append_new(hosts, dc_json_text(r->t->nodes[i]));
+    emit(r, "preflight", json_pack("{s:o}", "hosts", hosts));
+  }
+  with_hook(r, HOOK_BEFORE_DEPLOY, 0, NULL, begin_after_hook);
+}
+
+static void preflight_hosts(void *payload, const char *err) { preflight_step(payload, err); }
+static void preflight_router(void *payload, const char *err) { preflight_step(payload, err); }
+
+static void preflight(rollout *r) {
+  char err[DC_ERR_MAX];
+  provider *p = r->t->provider;
+  router *rt = r->t->router;
+  r->preflight_pending = p->preflight ? 2 : 1;
+  r->preflight_err[0] = '\0';
+  engine_hold(r->e);
+  if (rt->read(rt, &r->probe, 1, &r->nprobe, preflight_router, r, err) != 0)
+    preflight_router(r, err);
+  if (!p->preflight)
+    return;
+  engine_hold(r->e);
+  if (p->preflight(p, (const char *const *)r->t->nodes, r->t->nnodes, preflight_hosts, r, err) != 0)
+    preflight_hosts(r, err);
+}
+
 void rollout_next_action(rollout *r, const strategy *st, strategy_action *out) { st->step(st, &r->run, out); }
 
 void rollout_record(rollout *r, int ok, const char *err) {
@@ -1176,7 +1363,7 @@ static void begun(void *payload, const store_result *res) {
   r->watch = store_controls_watch(r->s, r->rc.id, on_control, r, err);
   if (!r->watch)
     fprintf(stderr, "%s: operator commands will not reach this rollout\n", err);
-  with_hook(r, HOOK_BEFORE_DEPLOY, 0, NULL, begin_after_hook);
+  preflight(r);
 }
 
 int rollout_start(rollout **out, engine *e, store *s, target_config *t, strategy *st, const rollout_opts *o,

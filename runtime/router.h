@@ -54,8 +54,12 @@ struct router {
   void (*free)(router *r);
 };
 
+typedef struct ssh_ctx ssh_ctx;
+
 typedef struct router_haproxy_opts {
-  const char *socket;        /* path of a `stats socket ... level admin` */
+  const char *socket;        /* the `stats socket ... level admin`: a path of this machine,
+                                tcp://ADDR:PORT, or ssh://HOST/path (a path on HOST) */
+  ssh_ctx *ssh;              /* for ssh://: the connections to use (must outlive the router) */
   const char *backend;       /* backend declared with balance roundrobin */
   const char *prefix;        /* server-name prefix we own; default "dc_" */
   double timeout;            /* per command, seconds; default 5 */

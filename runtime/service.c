@@ -351,17 +351,30 @@ static void replaced(void *payload, const char *err) {
 static void live_inspected(void *payload, const unsigned char *alive, size_t ndead, const char *detail) {
   locked_op *op = payload;
   char err[DC_ERR_MAX];
-  (void)detail;
   if (ndead == 0 || !alive) {
     route_live(op);
     return;
   }
-  /* The dead rows leave the live set; their replacements join it. */
+  /* The dead rows leave the live set; their replacements join it. One
+   * whose host could not be asked stays as it is: replacing it there is
+   * not possible, and elsewhere would put the version twice on a host
+   * once it is back. */
   instset still = {0};
-  for (size_t i = 0; i < op->live.n; i++)
-    instset_push(alive[i] ? &still : &op->dead, &op->live.v[i]);
+  int unknown = 0;
+  for (size_t i = 0; i < op->live.n; i++) {
+    unknown |= alive[i] == INSTSET_UNKNOWN;
+    instset_push(alive[i] != INSTSET_DEAD ? &still : &op->dead, &op->live.v[i]);
+  }
   instset_clear(&op->live);
   op->live = still;
+  if (unknown)
+    record_errorf(&op->rc, "deploy: live instances of '%s' could not be checked, and were left as they are: %s; "
+                  "run 'deployctl reconcile %s' again once the host is back", op->t->name, detail ? detail : "",
+                  op->t->name);
+  if (op->dead.n == 0) {
+    route_live(op);
+    return;
+  }
   instset_ctx c = op_ctx(op);
   if (instset_start(&c, &op->live, &op->dead, replaced, op, err) != 0)
     replaced(op, err);
@@ -636,7 +649,7 @@ static void status_alive(void *payload, const unsigned char *alive, size_t dead,
     return;
   }
   for (size_t i = 0; alive && i < sr->live_set.n; i++) {
-    if (!alive[i])
+    if (alive[i] != INSTSET_ALIVE)
       continue;
     sr->st.instances++;
     sr->urls[sr->nurls] = target_instance_url(sr->t, &sr->live_set.v[i]);
@@ -705,7 +718,8 @@ static void instances_done(status_req *sr) {
     return;
   for (size_t i = 0; i < sr->rows.n; i++) {
     service_instance *si = &sr->v[i];
-    if (sr->router_err[0]) {
+    /* A router without weights has no servers to read back. */
+    if (sr->router_err[0] || sr->t->router->ratio_only) {
       si->weight = -2;
       continue;
     }
@@ -739,8 +753,10 @@ static void instances_alive(void *payload, const unsigned char *alive, size_t de
   status_req *sr = payload;
   (void)dead;
   (void)detail;
-  for (size_t i = 0; alive && i < sr->rows.n; i++)
-    sr->v[i].alive = alive[i];
+  for (size_t i = 0; alive && i < sr->rows.n; i++) {
+    sr->v[i].alive = alive[i] == INSTSET_ALIVE;
+    sr->v[i].unreachable = alive[i] == INSTSET_UNKNOWN;
+  }
   instances_done(sr);
 }
 
@@ -818,6 +834,146 @@ int service_live_instances(service *svc, const char *target, service_instances_c
     return DC_ERROR;
   }
   return DC_OK;
+}
+
+/* ---- logs ---- */
+
+typedef struct log_stream {
+  struct service_logs *l;
+  store_instance in;
+  provider_stream *ps;
+  int open;
+} log_stream;
+
+struct service_logs {
+  service *svc;
+  target_config *t;
+  service_logs_opts o;
+  char host[256], version[129];
+  service_logs_cbs cbs;
+  log_stream *streams;
+  size_t n;
+  int pending;
+  int stopping;
+  char err[DC_ERR_MAX];
+};
+
+static void logs_done(service_logs *l) {
+  if (--l->pending > 0)
+    return;
+  l->cbs.done(l->cbs.payload, l->err[0] == '\0', l->err[0] ? l->err : NULL);
+  free(l->streams);
+  service_unref(l->svc);
+  free(l);
+}
+
+static void log_chunk(void *payload, const char *text, size_t len, int done, const char *err) {
+  log_stream *ls = payload;
+  service_logs *l = ls->l;
+  if (len > 0)
+    l->cbs.output(l->cbs.payload, &ls->in, text, len);
+  if (!done)
+    return;
+  ls->open = 0;
+  ls->ps = NULL;
+  l->cbs.end(l->cbs.payload, &ls->in, err);
+  logs_done(l);
+}
+
+static void logs_rows(void *payload, const store_result *r) {
+  service_logs *l = payload;
+  char err[DC_ERR_MAX];
+  if (r->rc != DC_OK) {
+    dc_strlcpy(l->err, r->err, sizeof l->err);
+    logs_done(l);
+    return;
+  }
+  l->streams = calloc(r->ninstances + 1, sizeof *l->streams);
+  if (!l->streams) {
+    dc_fmt(l->err, sizeof l->err, "deploy: out of memory");
+    logs_done(l);
+    return;
+  }
+  for (size_t i = 0; i < r->ninstances; i++) {
+    const store_instance *in = &r->instances[i];
+    if (strcmp(in->state, "stopped") == 0 || (l->host[0] && strcmp(in->node, l->host) != 0) ||
+        (l->version[0] && strcmp(in->version, l->version) != 0))
+      continue;
+    log_stream *ls = &l->streams[l->n++];
+    ls->l = l;
+    ls->in = *in;
+  }
+  if (l->n == 0)
+    dc_fmt(l->err, sizeof l->err, "deploy: no instance of '%s'%s%s%s%s runs: nothing to read (see deployctl status %s)",
+           l->t->name, l->version[0] ? " at version " : "", l->version, l->host[0] ? " on host " : "", l->host,
+           l->t->name);
+  provider *p = l->t->provider;
+  for (size_t i = 0; i < l->n && !l->stopping; i++) {
+    log_stream *ls = &l->streams[i];
+    l->pending++;
+    ls->open = 1;
+    if (p->logs(p, &ls->in, l->o.lines, l->o.follow, log_chunk, ls, &ls->ps, err) != 0) {
+      ls->open = 0;
+      l->cbs.end(l->cbs.payload, &ls->in, err);
+      logs_done(l);
+    }
+  }
+  logs_done(l);
+}
+
+int service_logs_read(service *svc, const char *target, const service_logs_opts *o, const service_logs_cbs *cbs,
+                      service_logs **out, char *err) {
+  if (out)
+    *out = NULL;
+  target_config *t = check_target(svc, target, err);
+  if (!t)
+    return DC_ERROR;
+  if (o->host && *o->host) {
+    int known = 0;
+    for (size_t i = 0; i < t->nnodes; i++)
+      known |= strcmp(t->nodes[i], o->host) == 0;
+    if (!known) {
+      dc_buf b = {0};
+      for (size_t i = 0; i < t->nnodes; i++)
+        dc_buf_printf(&b, "%s%s", i ? ", " : "", t->nodes[i][0] ? t->nodes[i] : "this machine");
+      dc_fmt(err, DC_ERR_MAX, "deploy: '%.200s' is not a host of '%s' (its hosts: %s)", o->host, target,
+             b.data ? b.data : "");
+      dc_buf_free(&b);
+      return DC_ERROR;
+    }
+  }
+  if (o->version && *o->version && dc_validate_version(o->version, "logs: version", err) != 0)
+    return DC_ERROR;
+  service_logs *l = calloc(1, sizeof *l);
+  if (!l) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
+    return DC_ERROR;
+  }
+  l->svc = service_ref(svc);
+  l->t = t;
+  l->o = *o;
+  l->cbs = *cbs;
+  dc_strlcpy(l->host, o->host ? o->host : "", sizeof l->host);
+  dc_strlcpy(l->version, o->version ? o->version : "", sizeof l->version);
+  l->pending = 1;
+  if (store_instances(svc->s, t->name, logs_rows, l, err) != 0) {
+    service_unref(svc);
+    free(l);
+    return DC_ERROR;
+  }
+  if (out)
+    *out = l;
+  return DC_OK;
+}
+
+void service_logs_stop(service_logs *l) {
+  if (!l || l->stopping)
+    return;
+  l->stopping = 1;
+  provider *p = l->t->provider;
+  for (size_t i = 0; i < l->n; i++)
+    if (l->streams[i].open && l->streams[i].ps)
+      p->logs_stop(p, l->streams[i].ps);
 }
 
 /* ---- operator commands ---- */

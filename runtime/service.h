@@ -91,6 +91,7 @@ int service_get_status(service *svc, const char *target, service_status_cb cb, v
 typedef struct service_instance {
   store_instance row;
   int alive;                   /* the provider says it runs */
+  int unreachable;             /* the provider could not tell (its host did not answer) */
   int live;                    /* it belongs to the live deployment */
   int weight;                  /* as the router has it: -1 absent, -2 the router cannot tell */
   int healthy;                 /* answered its health check */
@@ -102,6 +103,40 @@ typedef struct service_instance {
 typedef void (*service_instances_cb)(void *payload, const service_instance *v, size_t n, const char *router_err,
                                      const char *err);
 int service_live_instances(service *svc, const char *target, service_instances_cb cb, void *payload, char *err);
+
+/* ---- logs ---- */
+
+/* Which instances' logs: host (a node of the target, NULL every one) and
+ * version (NULL every version that has instances); the last `lines` lines
+ * of each, then with follow what they write, until service_logs_stop. */
+typedef struct service_logs_opts {
+  const char *host;
+  const char *version;
+  int lines;
+  int follow;
+} service_logs_opts;
+
+typedef struct service_logs service_logs;
+/* A chunk of one instance's log (text valid during the call). */
+typedef void (*service_logs_output_cb)(void *payload, const store_instance *in, const char *text, size_t len);
+/* One instance's log ended; err: why it could not be read. */
+typedef void (*service_logs_end_cb)(void *payload, const store_instance *in, const char *err);
+/* Every log ended: ok, or err says why none could be read (an unknown
+ * host, no instance matched). The handle is gone after this. */
+typedef void (*service_logs_done_cb)(void *payload, int ok, const char *err);
+
+typedef struct service_logs_cbs {
+  service_logs_output_cb output;
+  service_logs_end_cb end;
+  service_logs_done_cb done;
+  void *payload;
+} service_logs_cbs;
+
+/* *out (may be NULL) is valid until done runs. */
+int service_logs_read(service *svc, const char *target, const service_logs_opts *o, const service_logs_cbs *cbs,
+                      service_logs **out, char *err);
+/* Ends every follow; the end and done callbacks run, from the loop. */
+void service_logs_stop(service_logs *l);
 
 /* ---- operator commands ---- */
 

@@ -1,5 +1,6 @@
 #include "target.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -38,6 +39,8 @@ void target_config_free(target_config *t) {
     t->provider->free(t->provider);
   if (t->router)
     t->router->free(t->router);
+  /* After both: they cancel their commands, which live in it. */
+  ssh_ctx_free(t->ssh);
   for (size_t i = 0; i < t->nnodes; i++)
     free(t->nodes[i]);
   free(t->nodes);
@@ -51,4 +54,15 @@ char *target_instance_url(const target_config *t, const store_instance *i) {
   dc_buf_printf(&b, "http://%s%s%s:%d%s%s", v6 ? "[" : "", i->host, v6 ? "]" : "", i->port, path[0] == '/' ? "" : "/",
                 path);
   return dc_buf_take(&b);
+}
+
+size_t target_wave_size(const target_config *t) {
+  size_t n = t->nnodes;
+  if (t->boot_limit > 0)
+    n = (size_t)t->boot_limit;
+  else if (t->boot_limit_pct > 0)
+    n = (size_t)ceil((double)t->nnodes * t->boot_limit_pct / 100.0 - 1e-9);
+  if (n < 1)
+    n = 1;
+  return n < t->nnodes ? n : t->nnodes;
 }

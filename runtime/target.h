@@ -7,6 +7,7 @@
 #include "engine.h"
 #include "provider.h"
 #include "router.h"
+#include "ssh.h"
 #include "store.h"
 
 typedef struct target_health {
@@ -26,12 +27,23 @@ typedef struct target_config {
   provider *provider;       /* owned */
   router *router;           /* owned */
   target_health health;
+  /* Boot waves: a rollout starts the new instances on this many nodes at
+   * a time (0: all at once), or on this share of them (boot_limit_pct,
+   * 0..100, rounded up; used when boot_limit is 0), and waits until they
+   * are healthy and boot_wait seconds more before the next wave. */
+  int boot_limit;
+  double boot_limit_pct;
+  double boot_wait;
+  ssh_ctx *ssh;             /* the target's ssh connections (provider, router), owned; may be NULL */
 } target_config;
 
 void target_health_default(target_health *h);
 /* A target with one node, this machine; NULL when out of memory. */
 target_config *target_config_new(const char *name);
-void target_config_free(target_config *t); /* frees provider, router, nodes; NULL-safe */
+void target_config_free(target_config *t); /* frees provider, router, ssh, nodes; NULL-safe */
+
+/* How many nodes one boot wave starts on (>= 1). */
+size_t target_wave_size(const target_config *t);
 
 /* The health URL of one instance (heap), or NULL when out of memory. */
 char *target_instance_url(const target_config *t, const store_instance *i);

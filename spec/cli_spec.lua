@@ -181,7 +181,8 @@ describe("deployctl output", function()
     assert.equal(0, code)
     local m = deploy.DeploymentManager{ config = config }
     local inst = m:instances("production")[1]
-    assert.matches(inst.server .. "%s+1%.0%.0%s+" .. inst.port .. "%s+" .. inst.pid .. "%s+healthy%s+1%s+running%s+yes", out)
+    assert.matches(inst.server .. "%s+local%s+1%.0%.0%s+127%.0%.0%.1%s+" .. inst.port .. "%s+" .. inst.pid
+                   .. "%s+healthy%s+1%s+running%s+yes", out)
     -- the weight is read from HAProxy, not from the store
     h:cmd("set server app/" .. inst.server .. " weight 7")
     code, out = cli.run({ "--config", config, "status", "production", "--json" })
@@ -197,6 +198,34 @@ describe("deployctl output", function()
     assert.equal(0, code)
     assert.matches("dead", out)
     assert.matches("router: haproxy: cannot connect", err)
+  end)
+
+  it("logs prints each local instance's output with its version and index, filters, and follows", function()
+    local dir = fixtures.tmpdir("logs")
+    local target = fixtures.target_config{ instances = 2 }
+    local config = cli.write_config(dir, fixtures.config{ state = dir .. "/state.db", targets = { production = target } })
+    assert.equal(0, (cli.run({ "--config", config, "deploy", "production", "1.0.0", "--quiet" })))
+    local code, out, err = cli.run({ "--config", config, "logs", "production", "--lines", "1" })
+    assert.equal(0, code, err)
+    assert.matches("^%[1%.0%.0#0%] demo%-app 1%.0%.0 listening on 127%.0%.0%.1:%d+\n%[1%.0%.0#1%] demo%-app 1%.0%.0 "
+                   .. "listening on 127%.0%.0%.1:%d+\n$", out)
+    code, _, err = cli.run({ "--config", config, "logs", "production", "--version", "9.9" })
+    assert.equal(1, code)
+    assert.matches("no instance of 'production' at version 9%.9 runs", err)
+    code, _, err = cli.run({ "--config", config, "logs", "production", "--host", "app1" })
+    assert.equal(2, code)
+    assert.matches("'app1' is not a host of 'production' %(its hosts: this machine%)", err)
+    local follow = cli.spawn({ "--config", config, "logs", "production", "--follow", "--lines", "1" })
+    fixtures.wait_until(function() return select(2, follow:output():gsub("listening", "")) == 2 end, 10, "the tails")
+    local deploy = require "deploy"
+    local log = deploy.DeploymentManager{ config = config }:instances("production")[2].log
+    local f = assert(io.open(log, "a"))
+    f:write("written after the follow began\n")
+    f:close()
+    fixtures.wait_until(function() return follow:output():find("[1.0.0#1] written after the follow began", 1, true) end,
+                        10, "the followed line")
+    fixtures.kill(follow.pid, "INT")
+    assert.equal(0, (follow:wait(10)))
   end)
 
   it("status notices servers a restarted HAProxy forgot, and reconcile puts them back", function()

@@ -300,13 +300,14 @@ end
 -- n sequential GETs of url over one curl (one keep-alive connection when
 -- the server allows it). Returns version -> count for 2xx answers (the
 -- body, trailing newline dropped) and the number of other outcomes,
--- failed connections included.
-function fixtures.sample_url(url, n)
+-- failed connections included. wrap (optional) turns a command into one
+-- run elsewhere (a network namespace: hosts.lua's net:wrap).
+function fixtures.sample_url(url, n, wrap)
   local counts, bad, seen = {}, 0, 0
   -- curl's URL globbing: /?[1-n] is n URLs, the query is ignored by the app.
   local glob = url .. (url:find("?", 1, true) and "&" or "?") .. "[1-" .. n .. "]"
-  local out = capture(string.format("curl -s -m %d -o - -w %s %s",
-                                    10 + n // 20, q(SEP), q(glob)))
+  local cmd = string.format("curl -s -m %d -o - -w %s %s", 10 + n // 20, q(SEP), q(glob))
+  local out = capture(wrap and wrap(cmd) or cmd)
   local pos = 1
   while true do
     local s, e, code = out:find("\n@@fixtures:(%d+)@@\n", pos)
@@ -376,10 +377,13 @@ local function haproxy_config(opts)
     -- No `option redispatch`: a request sent to a dead server must fail
     -- visibly, not be quietly moved to another one.
   }
+  if opts.stats_tcp then
+    table.insert(lines, 3, "  stats socket ipv4@" .. opts.bind .. ":" .. opts.stats_tcp .. " level admin")
+  end
   if opts.retries then lines[#lines + 1] = "  retries " .. opts.retries end
   lines[#lines + 1] = ""
   lines[#lines + 1] = "frontend fe"
-  lines[#lines + 1] = "  bind 127.0.0.1:" .. opts.port
+  lines[#lines + 1] = "  bind " .. opts.bind .. ":" .. opts.port
   lines[#lines + 1] = "  default_backend " .. opts.backend
   lines[#lines + 1] = ""
   lines[#lines + 1] = "backend " .. opts.backend
@@ -403,8 +407,8 @@ local function socket_answers(sock)
 end
 
 function Haproxy:_start()
-  self.pid = spawn(string.format("exec %s -db -f %s", q(haproxy_bin()), q(self.config)),
-                   self.log, true)
+  local cmd = string.format("%s -db -f %s", q(haproxy_bin()), q(self.config))
+  self.pid = spawn("exec " .. (self.wrap and self.wrap(cmd) or cmd), self.log, true)
   fixtures.wait_until(function()
     if not fixtures.alive(self.pid) then
       error("fixtures: haproxy exited at start-up:\n" .. (read_file(self.log) or ""), 0)
@@ -467,7 +471,7 @@ function Haproxy:servers()
 end
 
 function Haproxy:url(path)
-  return "http://127.0.0.1:" .. self.port .. (path or "/")
+  return "http://" .. self.bind .. ":" .. self.port .. (path or "/")
 end
 
 -- One GET through the frontend: status (0 when no answer), body.
@@ -478,7 +482,7 @@ end
 -- n sequential GETs of `path` (default /) through the frontend, one curl.
 -- Returns { [version] = count } of 2xx answers and the count of the rest.
 function Haproxy:sample(n, path)
-  return fixtures.sample_url(self:url(path), n)
+  return fixtures.sample_url(self:url(path), n, self.client_wrap)
 end
 
 -- kill -9, then start again with the same config and port: runtime
@@ -506,20 +510,29 @@ end
 -- opts: backend (default "app"), servers (nil: none; else a list of
 -- { name, addr, port, weight } or raw "name addr:port ..." strings),
 -- retries (default: HAProxy's), port (default: a free one).
+-- Elsewhere than this machine's 127.0.0.1: bind (the frontend's address,
+-- also the TCP stats socket's), wrap (runs HAProxy there: a function from
+-- a command to the command that runs it, e.g. in a network namespace),
+-- client_wrap (the same for the curl of sample()), stats_tcp (a port for
+-- `stats socket ipv4@bind:PORT`, self.stats_tcp).
 function fixtures.haproxy(opts)
   opts = opts or {}
   local dir = fixtures.tmpdir("haproxy")
   local self = setmetatable({
     dir = dir,
     port = opts.port or fixtures.free_port(),
+    bind = opts.bind or "127.0.0.1",
     socket = dir .. "/admin.sock",
     backend = opts.backend or "app",
     config = dir .. "/haproxy.cfg",
     log = dir .. "/haproxy.log",
+    wrap = opts.wrap,
+    client_wrap = opts.client_wrap,
+    stats_tcp = opts.stats_tcp,
   }, Haproxy)
   write_file(self.config, haproxy_config{
-    socket = self.socket, port = self.port, backend = self.backend,
-    servers = opts.servers, retries = opts.retries,
+    socket = self.socket, port = self.port, backend = self.backend, bind = self.bind,
+    servers = opts.servers, retries = opts.retries, stats_tcp = opts.stats_tcp,
   })
   haproxies[#haproxies + 1] = self
   self:_start()
@@ -784,16 +797,18 @@ function Load:kill()
 end
 
 -- Runs `wrk -t2 -c<n> -d<seconds>s --latency url` in the background.
--- opts.headers: list of extra request headers ("Connection: close").
+-- opts.headers: list of extra request headers ("Connection: close");
+-- opts.wrap: as for sample_url (a function alone is taken as opts.wrap).
 function fixtures.load(n, url, seconds, opts)
+  if type(opts) == "function" then opts = { wrap = opts } end
   seconds = math.tointeger(seconds or 3) or math.ceil(seconds)
   local dir = fixtures.tmpdir("wrk")
   local log = dir .. "/wrk.log"
   local threads = math.min(2, n)
   local headers = ""
   for _, h in ipairs(opts and opts.headers or {}) do headers = headers .. " -H " .. q(h) end
-  local pid = spawn(string.format("exec wrk -t%d -c%d -d%ds --latency%s %s",
-                                  threads, n, seconds, headers, q(url)), log)
+  local cmd = string.format("wrk -t%d -c%d -d%ds --latency%s %s", threads, n, seconds, headers, q(url))
+  local pid = spawn("exec " .. (opts and opts.wrap and opts.wrap(cmd) or cmd), log)
   return setmetatable({ pid = pid, log = log, seconds = seconds, url = url }, Load)
 end
 
