@@ -20,7 +20,10 @@
  * hook (the mechanism the runtime uses for untrusted Lua), not by a
  * timeout: a loop costs at most INSN_LIMIT instructions, deterministically,
  * so it reproduces and never shows up as a slow input. Memory is bounded
- * by the allocator: a string.rep of a gigabyte is an error like any other. */
+ * by the allocator: a string.rep of a gigabyte is an error like any other.
+ * The one thing an input may do outside the process: a target with hosts
+ * over ssh makes its private control directory (mkdtemp under /tmp), and
+ * removes it when the config is freed; no ssh runs until a command does. */
 #include "fuzz.h"
 
 #include <lauxlib.h>
