@@ -501,9 +501,34 @@ static void read_health(lua_State *L, int idx, const char *path, target_health *
   lua_pop(L, 1);
 }
 
+/* retain = { history, versions, logs }: each key defaults to `base` (the
+ * top level's, for a target). */
+static void read_retain(lua_State *L, int idx, const char *path, const target_retain *base, target_retain *r) {
+  static const char *const allowed[] = {"history", "versions", "logs", NULL};
+  char p[160];
+  dc_fmt(p, sizeof p, "%s.retain", path[0] ? path : "");
+  *r = *base;
+  if (!sub_table(L, idx, path, "retain", 0)) {
+    lua_pop(L, 1);
+    return;
+  }
+  int ri = lua_gettop(L);
+  check_keys(L, ri, p, allowed);
+  r->history = int_field(L, ri, p, "history", base->history, 1, 1000000);
+  r->versions = int_field(L, ri, p, "versions", base->versions, 1, 10000);
+  r->log_mb = num_field(L, ri, p, "logs", base->log_mb, 0, 1048576);
+  if (r->versions > r->history) {
+    char why[200];
+    dc_fmt(why, sizeof why, "versions (%d) is more than history (%d): the history is how deployctl knows a "
+           "version's logs; raise history to at least %d", r->versions, r->history, r->versions);
+    fail(L, p, "%s", why);
+  }
+  lua_pop(L, 1);
+}
+
 static void read_target(lua_State *L, lconfig *c, const char *name, int idx, const char *log_dir,
-                        const char *tag) {
-  static const char *const allowed[] = {"instances", "hosts", "provider", "router", "health", NULL};
+                        const char *tag, const target_retain *retain) {
+  static const char *const allowed[] = {"instances", "hosts", "provider", "router", "health", "retain", NULL};
   char path[128], err[DC_ERR_MAX];
   dc_fmt(path, sizeof path, "targets.%s", name);
   if (dc_validate_target_name(name, err) != 0)
@@ -518,6 +543,7 @@ static void read_target(lua_State *L, lconfig *c, const char *name, int idx, con
   t->instances = int_field(L, idx, path, "instances", 1, 1, 64);
   read_hosts(L, idx, path, t);
   read_health(L, idx, path, &t->health);
+  read_retain(L, idx, path, retain, &t->retain);
   make_provider(L, idx, path, t, log_dir, tag);
   make_router(L, idx, path, t);
 }
@@ -592,7 +618,7 @@ static void store_tag(const char *state, char *tag, size_t tsize, char *log_dir,
 }
 
 lconfig *lconfig_load(lua_State *L, int idx) {
-  static const char *const allowed[] = {"state", "clock", "targets", NULL};
+  static const char *const allowed[] = {"state", "clock", "targets", "retain", NULL};
   idx = lua_absindex(L, idx);
   if (lua_type(L, idx) == LUA_TSTRING)
     load_file(L, idx);
@@ -617,6 +643,8 @@ lconfig *lconfig_load(lua_State *L, int idx) {
 
   char log_dir[1100], tag[1024];
   store_tag(c->state, tag, sizeof tag, log_dir, sizeof log_dir);
+  target_retain defaults = {.history = 200, .versions = 10, .log_mb = 100}, retain;
+  read_retain(L, idx, "", &defaults, &retain);
 
   sub_table(L, idx, "", "targets", 1);
   int ti = lua_gettop(L);
@@ -645,7 +673,7 @@ lconfig *lconfig_load(lua_State *L, int idx) {
     lua_rawgeti(L, ni, (lua_Integer)i);
     dc_strlcpy(name, lua_tostring(L, -1), sizeof name);
     lua_rawget(L, ti);
-    read_target(L, c, name, lua_gettop(L), log_dir, tag);
+    read_target(L, c, name, lua_gettop(L), log_dir, tag, &retain);
     lua_pop(L, 1);
   }
   size_t now = 0;

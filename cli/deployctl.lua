@@ -57,6 +57,7 @@ local COMMANDS = {
   { "abort", "TARGET", "abort a running rollout (back to the old version)" },
   { "reconcile", "TARGET", "put TARGET back on its live version (after an HAProxy restart, a reboot)" },
   { "logs", "TARGET [--host H] [--version V] [--lines N] [--follow]", "the output of TARGET's instances, from every host" },
+  { "prune", "[TARGET]", "apply the retention now: old history and old versions' logs go" },
   { "report", "DEPLOYMENT_ID", "a self-contained HTML report of one deployment" },
   { "store", "migrate --to URL [--from FILE]", "copy the SQLite history into PostgreSQL" },
   { "diff", "--repo URL [--branch B] [--path P]", "what a GitOps sync would change" },
@@ -141,6 +142,22 @@ started again, HAProxy gets back the servers it forgot (a restart or reload
 drops servers added at runtime), and any other instance of TARGET is
 stopped. It takes the target's lock: while a deployment of TARGET runs it
 changes nothing and exits 3. `status TARGET` says when it is needed.
+]],
+  prune = [[
+Usage: deployctl prune [TARGET]
+
+Applies the retention of TARGET (or of every target) now; it also runs
+after every deployment. The config says what is kept:
+
+  retain = { history = 200, versions = 10, logs = 100 }
+
+history: deployments kept in the store per target (older ones go with
+their events); versions: versions whose instance logs are kept (older
+versions' logs are deleted, on every host); logs: MiB an instance log may
+reach before it is rotated (copied to .log.1 and emptied; 0: never). The
+live version, the previous one (what a rollback goes back to) and anything
+a running deployment uses are never pruned. Set it at the top level or
+per target (targets.NAME.retain).
 ]],
   logs = [[
 Usage: deployctl logs TARGET [--host H] [--version V] [--lines N] [--follow]
@@ -622,6 +639,31 @@ function commands.reconcile(opts, args)
   local s = m:get_status(pos[1])
   printf("%s: %s on %d instance(s), %s\n", pos[1], s.current_version or "nothing", s.instances, s.health)
   return EXIT_OK
+end
+
+local function fmt_bytes(n)
+  if n >= 1024 * 1024 then return string.format("%.1f MiB", n / 1024 / 1024) end
+  if n >= 1024 then return string.format("%.1f KiB", n / 1024) end
+  return string.format("%d bytes", n)
+end
+
+function commands.prune(opts, args)
+  local flags, pos = parse_flags("prune", args, {}, 1)
+  if flags.help then out:write(HELP.prune) return EXIT_OK end
+  local m = open_manager(opts)
+  local targets = pos[1] and { pos[1] } or m:targets()
+  if pos[1] then check_target(m, pos[1]) end
+  local failed = false
+  for _, t in ipairs(targets) do
+    local r = m:prune(t)
+    printf("%s: %d deployment(s) and %d log file(s) (%s) removed, %d log(s) rotated\n", t, r.deployments,
+      r.logs_removed, fmt_bytes(r.bytes_freed), r.logs_rotated)
+    if r.error then
+      eprintf("deployctl: prune %s: %s\n", t, r.error)
+      failed = true
+    end
+  end
+  return failed and EXIT_FAILED or EXIT_OK
 end
 
 function commands.logs(opts, args)

@@ -25,7 +25,7 @@
 #include "engine.h"
 #include "store.h"
 
-#define PROVIDER_VERSION 3
+#define PROVIDER_VERSION 4
 
 /* What a provider reports about one instance it started or found. */
 typedef struct provider_instance {
@@ -54,6 +54,9 @@ typedef void (*provider_inspect_cb)(void *payload, int alive, const provider_ins
  * valid during the call), then exactly once with done = 1, err set when
  * the log could not be read. */
 typedef void (*provider_logs_cb)(void *payload, const char *text, size_t len, int done, const char *err);
+/* What a prune did: files deleted, logs rotated, bytes freed; err names
+ * what could not be done (a host unreachable, a directory unreadable). */
+typedef void (*provider_prune_cb)(void *payload, size_t removed, size_t rotated, uint64_t freed, const char *err);
 /* A logs call in progress (for logs_stop); the provider's own type. */
 typedef struct provider_stream provider_stream;
 
@@ -85,6 +88,12 @@ struct provider {
    * start on every one of these nodes now? Called before a rollout starts
    * anything; cb's err names each node that cannot, and why. */
   int (*preflight)(provider *p, const char *const *nodes, size_t n, provider_cb cb, void *payload, char *err);
+  /* Optional (NULL: the provider keeps nothing per version). Retention on
+   * every one of these nodes: deletes the logs of target's versions in
+   * drop (never one written within the last few seconds), and rotates any
+   * other log of the target past max_bytes (0: never), see logprune.h. */
+  int (*prune)(provider *p, const char *target, const char *const *nodes, size_t nnodes, const char *const *drop,
+               size_t ndrop, uint64_t max_bytes, provider_prune_cb cb, void *payload, char *err);
   void (*free)(provider *p);
 };
 

@@ -1292,15 +1292,31 @@ static void preflight_step(rollout *r, const char *err) {
 static void preflight_hosts(void *payload, const char *err) { preflight_step(payload, err); }
 static void preflight_router(void *payload, const char *err) { preflight_step(payload, err); }
 
+static void preflight_nothing(void *payload) { preflight_step(payload, NULL); }
+
 static void preflight(rollout *r) {
   char err[DC_ERR_MAX];
   provider *p = r->t->provider;
   router *rt = r->t->router;
-  r->preflight_pending = p->preflight ? 2 : 1;
+  /* nginx's include is a local file the router owns: a read that finds it
+   * edited by hand is no reason not to start (apply rewrites it, and
+   * `nginx -t` checks everything else before any reload). */
+  int read_router = strcmp(rt->kind, "nginx") != 0;
+  r->preflight_pending = (p->preflight ? 1 : 0) + (read_router ? 1 : 0);
   r->preflight_err[0] = '\0';
-  engine_hold(r->e);
-  if (rt->read(rt, &r->probe, 1, &r->nprobe, preflight_router, r, err) != 0)
-    preflight_router(r, err);
+  if (r->preflight_pending == 0) {
+    /* nothing to ask: go on from the loop, as an answer would */
+    engine_hold(r->e);
+    r->preflight_pending = 1;
+    if (engine_soon(r->e, preflight_nothing, r) != 0)
+      preflight_step(r, NULL);
+    return;
+  }
+  if (read_router) {
+    engine_hold(r->e);
+    if (rt->read(rt, &r->probe, 1, &r->nprobe, preflight_router, r, err) != 0)
+      preflight_router(r, err);
+  }
   if (!p->preflight)
     return;
   engine_hold(r->e);

@@ -871,12 +871,14 @@ function fixtures.set_unhealthy(dir, version, on)
   end
 end
 
--- opts: targets (name -> target table), state (default: <tmpdir>/state.db).
+-- opts: targets (name -> target table), state (default: <tmpdir>/state.db),
+-- retain (passed through).
 function fixtures.config(opts)
   opts = opts or {}
   return {
     state = opts.state or (fixtures.tmpdir("state") .. "/state.db"),
     targets = opts.targets or {},
+    retain = opts.retain,
   }
 end
 
