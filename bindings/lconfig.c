@@ -3,6 +3,7 @@
  * provider and router are created from it. */
 #include <errno.h>
 #include <limits.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -113,8 +114,8 @@ static int int_field(lua_State *L, int idx, const char *path, const char *k, int
   char full[256];
   dc_fmt(full, sizeof full, "%s.%s", path, k);
   int t = field(L, idx, k);
-  if (t == LUA_TNUMBER && !lua_isinteger(L, -1) &&
-      lua_tonumber(L, -1) != (double)(lua_Integer)lua_tonumber(L, -1))
+  /* floor, not a cast to an integer: 1e308 or NaN do not fit one (UB). */
+  if (t == LUA_TNUMBER && !lua_isinteger(L, -1) && floor(lua_tonumber(L, -1)) != lua_tonumber(L, -1))
     fail(L, full, "must be a whole number, got %s", lua_tostring(L, -1));
   lua_pop(L, 1);
   return (int)num_field(L, idx, path, k, def, lo, hi);
@@ -657,27 +658,43 @@ lconfig *lconfig_load(lua_State *L, int idx) {
 
   sub_table(L, idx, "", "targets", 1);
   int ti = lua_gettop(L);
+  /* The names first, into a table of our own, then each target by name:
+   * reading a target may run Lua (an __index metamethod) that changes the
+   * targets table, and lua_next over a table that changes may or may not
+   * visit what was added (the array below has room for n). */
+  lua_newtable(L);
+  int ni = lua_gettop(L);
   size_t n = 0;
   lua_pushnil(L);
   while (lua_next(L, ti)) {
     if (lua_type(L, -2) != LUA_TSTRING)
       fail(L, ".targets", "must map target names to tables, found a key of type %s", luaL_typename(L, -2));
-    n++;
     lua_pop(L, 1);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, ni, (lua_Integer)++n);
   }
   if (n == 0)
     fail(L, ".targets", "is empty: %s", "declare at least one target, e.g. targets = { production = { ... } }");
   c->targets = calloc(n, sizeof *c->targets);
   if (!c->targets)
     lerror(L, "deploy: out of memory reading the config");
-  lua_pushnil(L);
-  while (lua_next(L, ti)) {
+  for (size_t i = 1; i <= n; i++) {
     char name[128];
-    dc_strlcpy(name, lua_tostring(L, -2), sizeof name);
+    lua_rawgeti(L, ni, (lua_Integer)i);
+    dc_strlcpy(name, lua_tostring(L, -1), sizeof name);
+    lua_rawget(L, ti);
     read_target(L, c, name, lua_gettop(L), log_dir, tag, &retain);
     lua_pop(L, 1);
   }
-  lua_pop(L, 1);
+  size_t now = 0;
+  lua_pushnil(L);
+  while (lua_next(L, ti)) {
+    now++;
+    lua_pop(L, 1);
+  }
+  if (now != n)
+    fail(L, ".targets", "changed while it was read (%s)", "a metamethod added to it: build the table first");
+  lua_settop(L, ci);
   lconfig_simulate(L, idx, c);
   lua_settop(L, ci);
   return c;

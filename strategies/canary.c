@@ -33,12 +33,17 @@ static double first_share(const canary_strategy *c, double now) {
   return next > 100 ? 100 : next;
 }
 
-/* Traffic steps from the share `first` up to 100 %, both included. */
-static int steps_from(const canary_strategy *c, double first) {
+/* Traffic steps from the share `first` up to 100 %, both included, in
+ * double: with an increment such as 1e-300 the count is far beyond an int,
+ * and the share never moves (10 + 1e-300 == 10), so strategy_canary_new
+ * refuses more than CANARY_MAX_STEPS before steps_from ever converts it. */
+static double step_count(double first, double increment) {
   if (first >= 100)
     return 1;
-  return 1 + (int)ceil((100.0 - first) / c->increment - 1e-9);
+  return 1 + ceil((100.0 - first) / increment - 1e-9);
 }
+
+static int steps_from(const canary_strategy *c, double first) { return (int)step_count(first, c->increment); }
 
 static int pauses_at(const canary_strategy *c, double pct) {
   for (int i = 0; i < c->npause; i++)
@@ -131,6 +136,13 @@ int strategy_canary_new(strategy **out, const canary_params *p, char *err) {
   if (check_pct(p->initial_percentage, "initial_percentage", err) ||
       check_pct(p->increment, "increment", err))
     return -1;
+  double steps = step_count(p->initial_percentage, p->increment);
+  if (steps > CANARY_MAX_STEPS) {
+    dc_fmt(err, DC_ERR_MAX,
+           "deploy: CanaryStrategy increment %g takes %.4g steps from initial_percentage %g to 100 %%: at most %d "
+           "are allowed (raise increment)", p->increment, steps, p->initial_percentage, CANARY_MAX_STEPS);
+    return -1;
+  }
   if (!(p->interval >= 0 && p->interval < 1e9)) {
     dc_fmt(err, DC_ERR_MAX, "deploy: CanaryStrategy interval must be a number of seconds >= 0, got %g", p->interval);
     return -1;
