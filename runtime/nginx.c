@@ -1552,3 +1552,29 @@ int router_nginx_new(router **out, engine *e, const router_nginx_opts *o,
   *out = &n->base;
   return DC_OK;
 }
+
+/* ---- fuzzing ------------------------------------------------------------- */
+
+#ifdef DEPLOY_FUZZ
+/* As in haproxy.c: an entry point compiled only for fuzz/nginx.c, so the
+ * readers stay static and where they are. */
+int nginx_fuzz_include(const char *upstream, const char *sock, const char *text, size_t len,
+                       router_server **out, size_t *nout, char *err) {
+  /* the names of the include whose generation socket is sock */
+  char dir[NGX_SOCK_MAX];
+  ngx_names nm;
+  route_rules routes;
+  dc_strlcpy(dir, sock, sizeof dir);
+  char *slash = strrchr(dir, '/');
+  if (slash != NULL)
+    *slash = '\0';
+  *out = NULL;
+  *nout = 0;
+  if (nginx_include_names(&nm, dir, upstream, err) < 0)
+    return DC_ERROR;
+  nm.path = "(fuzz input)";
+  return nginx_include_parse(&nm, text, len, out, nout, &routes, err);
+}
+
+void nginx_fuzz_message(const char *text, char *out, size_t size) { nginx_message(text, out, size); }
+#endif

@@ -21,6 +21,13 @@ typedef struct target_health {
 
 #define TARGET_ROUTERS_MAX 8
 
+/* What is kept of a target's past (retain.h). */
+typedef struct target_retain {
+  int history;              /* deployments kept in the store, 200 */
+  int versions;             /* versions whose instance logs are kept, 10 (<= history) */
+  double log_mb;            /* an instance log past this many MiB is rotated, 100; 0: never */
+} target_retain;
+
 typedef struct target_config {
   char name[64];
   int instances;            /* per node, >= 1 */
@@ -41,6 +48,7 @@ typedef struct target_config {
   double boot_limit_pct;
   double boot_wait;
   ssh_ctx *ssh;             /* the target's ssh connections (provider, router), owned; may be NULL */
+  target_retain retain;
 } target_config;
 
 void target_health_default(target_health *h);
