@@ -403,7 +403,7 @@ describe("the nginx router", function()
                      config_error(function(r) r.upstream = "my app" end))
       assert.matches("nginx: router%.conf 'nginx%.conf' must be an absolute path",
                      config_error(function(r) r.conf = "nginx.conf" end))
-      assert.matches("router kind 'ngnix' is not known %(known: haproxy, nginx, none%)",
+      assert.matches("router kind 'ngnix' is not known %(known: haproxy, nginx, none, test%)",
                      config_error(function(r) r.kind = "ngnix" end))
       assert.matches("router%.timeout must be between 0%.01 and 600",
                      config_error(function(r) r.timeout = 0 end))
