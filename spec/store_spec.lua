@@ -68,7 +68,7 @@ describe("the store", function()
                               " \"UPDATE meta SET value='99' WHERE key='schema_version'\""))
     local ok, err = pcall(deploy.DeploymentManager, { config = cfg })
     assert.is_false(ok)
-    assert.matches("was written by a newer deployctl %(schema 99, this build knows 2%)", err)
+    assert.matches("was written by a newer deployctl %(schema 99, this build knows 3%)", err)
   end)
 end)
 
