@@ -235,7 +235,8 @@ describe("deployctl output", function()
     h:restart()
     local code, _, err = cli.run({ "--config", config, "status", "production" })
     assert.equal(0, code)
-    assert.matches("1 live instance%(s%) of production are missing from HAProxy %(restarted%?%): run 'deployctl reconcile production'", err)
+    assert.matches("1 live instance%(s%) of production are missing from haproxy " .. h.socket:gsub("%p", "%%%0") ..
+                   " %(backend app%) %(restarted%?%): run 'deployctl reconcile production'", err)
     local out
     code, out = cli.run({ "--config", config, "reconcile", "production" })
     assert.equal(0, code)
