@@ -32,6 +32,17 @@ typedef struct router_server {
   int weight;        /* 0..256 */
 } router_server;
 
+/* One server's counters as the proxy keeps them (HAProxy's `show stat`,
+ * notes/haproxy.md). Counts only grow: analysis takes the difference of
+ * two reads. */
+typedef struct router_stat {
+  char name[64];
+  double hrsp[6];    /* responses 1xx, 2xx, 3xx, 4xx, 5xx, other */
+  double eresp;      /* response errors (the server closed, a bad answer) */
+  double econ;       /* connection errors */
+  double rtime;      /* ms: average response time over its last 1024 requests */
+} router_stat;
+
 /* err is NULL on success, else the reason (valid during the callback). */
 typedef void (*router_cb)(void *payload, const char *err);
 
@@ -52,6 +63,11 @@ struct router {
   int (*read)(router *r, router_server *out, size_t cap, size_t *n,
               router_cb cb, void *payload, char *err);
   void (*free)(router *r);
+  /* Optional (NULL: the proxy keeps no per-server counters, as nginx
+   * without modules): the counters of our servers, up to cap entries, as
+   * read; asynchronous like read. */
+  int (*stats)(router *r, router_stat *out, size_t cap, size_t *n,
+               router_cb cb, void *payload, char *err);
 };
 
 typedef struct ssh_ctx ssh_ctx;
