@@ -41,6 +41,7 @@ void target_config_free(target_config *t) {
     t->router->free(t->router);
   /* After both: they cancel their commands, which live in it. */
   ssh_ctx_free(t->ssh);
+  analysis_spec_free(t->analysis);
   for (size_t i = 0; i < t->nnodes; i++)
     free(t->nodes[i]);
   free(t->nodes);

@@ -12,6 +12,7 @@
 #include <jansson.h>
 
 #include "action.h"
+#include "analysis_spec.h"
 
 #define CANARY_MAX_PAUSES 16
 
@@ -22,11 +23,14 @@ typedef struct canary_params {
   const char *health_check_url;
   double pause_at[CANARY_MAX_PAUSES]; /* shares at which to wait for an operator */
   int npause;
+  const json_t *analysis;     /* NULL, or { interval, failure_limit, metrics } */
 } canary_params;
 
 typedef struct bluegreen_params {
   double switch_delay;        /* seconds >= 0; default 0 */
+  double scale_down_delay;    /* seconds >= 0 blue stays up after the switch; default 30 */
   const char *health_check_url;
+  const json_t *analysis;
 } bluegreen_params;
 
 typedef struct canary_strategy {
@@ -34,11 +38,14 @@ typedef struct canary_strategy {
   double initial_percentage, increment, interval;
   double pause_at[CANARY_MAX_PAUSES];
   int npause;
+  analysis_spec *analysis;    /* base.analysis */
 } canary_strategy;
 
 typedef struct bluegreen_strategy {
   strategy base;
   double switch_delay;
+  double scale_down_delay;
+  analysis_spec *analysis;
 } bluegreen_strategy;
 
 void canary_params_default(canary_params *p);
