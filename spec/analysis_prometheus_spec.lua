@@ -9,12 +9,12 @@ local prom, ports
 
 local function setup()
   local h = fixtures.haproxy{}
-  local target = fixtures.target_config{ haproxy = h, instances = 2, ports = ports }
+  local target, dir = fixtures.target_config{ haproxy = h, instances = 2, ports = ports }
   local cfg = fixtures.config{ targets = { production = target } }
   cfg.clock = "real"
   local m = deploy.DeploymentManager{ config = cfg, strategy = deploy.BlueGreenStrategy{ scale_down_delay = 0 } }
   assert.is_true(m:deploy("production", "v1").success)
-  return m, h
+  return m, h, dir
 end
 
 local function events_of(m, kind)
@@ -77,6 +77,16 @@ describe("analysis with Prometheus", function()
     assert.matches("failed 1 time %(failure_limit 0%): Prometheus refused the query %(bad_data%): invalid parameter " ..
                    "\"query\": .*parse error", r.errors[1])
     assert.equal("error", events_of(m, "analysis")[1].data.verdict)
+    -- one number is wanted: several series are an error that says how to fix the query
+    r = m:deploy("production", "b2", { strategy = canary(gauge_metric{ query = 'demo_error_ratio{version="{version}"}',
+                                                                        success = { max = 1 } }) })
+    assert.is_false(r.success)
+    assert.matches("the query returned 2 series: aggregate them to one %(sum, max, %.%.%.%)", r.errors[1])
+    -- and a Prometheus that does not answer
+    r = m:deploy("production", "b3", { strategy = canary(gauge_metric{ address = "http://127.0.0.1:" .. fixtures.free_port(),
+                                                                        success = { max = 1 } }) })
+    assert.is_false(r.success)
+    assert.matches("Prometheus at http://127%.0%.0%.1:%d+ did not answer: connection refused", r.errors[1])
   end)
 
   it("a query with no data fails, unless the metric says no_data = 'pass'", function()
@@ -94,7 +104,7 @@ describe("analysis with Prometheus", function()
     for _, ev in ipairs(events_of(m, "analysis")) do assert.equal("pass", ev.data.verdict) end
   end)
 
-  it("a value between the success and failure conditions pauses the rollout until promote, health still watched", function()
+  it("a value between the success and failure conditions pauses the rollout until promote", function()
     local m, h = setup()
     local metric = gauge_metric{ success = { max = 0.05 }, failure = { min = 0.5 } }
     local paused, traffic_after_pause, promoted_at = 0, 0, {}
@@ -137,6 +147,24 @@ describe("analysis with Prometheus", function()
     local counts = h:sample(40)
     assert.is_nil(counts.v1)
     assert.is_true(counts["d-err20"] >= 30) -- it answers 20 % with 500s, by design
+  end)
+
+  it("while paused, health is still watched: a version that turns unhealthy goes back without an operator", function()
+    local m, h, target_dir = setup()
+    local paused
+    local results = deploy.parallel{
+      function()
+        return m:deploy("production", "h-err20", { strategy = canary(gauge_metric{ success = { max = 0.05 },
+          failure = { min = 0.5 } }), on_event = function(ev) if ev.kind == "paused" then paused = true end end })
+      end,
+      function()
+        while not paused do deploy.sleep(0.02) end
+        fixtures.set_unhealthy(target_dir, "h-err20")
+      end,
+    }
+    assert.is_false(results[1].success)
+    assert.matches("^canary aborted at 50 %%: unhealthy after 3 consecutive failed checks", results[1].errors[1])
+    assert.same({ v1 = 20 }, (h:sample(20)))
   end)
 
   it("an inconclusive pause ends with abort: back to the old version", function()
