@@ -1241,11 +1241,10 @@ static void on_read_answer(hap *h, void *vop, const char *err, char *answer) {
   free(op);
 }
 
-static int hap_read(router *r, router_server *out, size_t cap, size_t *n,
-                    router_cb cb, void *payload, char *err) {
-  hap *h = (hap *)r;
-  char cmd[HAP_CMD_MAX];
-  *n = 0;
+/* A read (servers or stats): one command, its answer parsed into the
+ * caller's buffer by done; listed so that free can tell it. */
+static int read_start(hap *h, const read_op *proto, const char *cmd, hap_done done, char *err) {
+  *proto->n = 0;
   if (h->closing) {
     dc_fmt(err, DC_ERR_MAX, "haproxy: router used after free");
     return DC_ERROR;
@@ -1255,19 +1254,23 @@ static int hap_read(router *r, router_server *out, size_t cap, size_t *n,
     dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
     return DC_ERROR;
   }
-  op->cb = cb;
-  op->payload = payload;
-  op->out = out;
-  op->cap = cap;
-  op->n = n;
-  dc_fmt(cmd, sizeof cmd, "show servers state %s", h->backend);
-  if (cmd_start(h, op, cmd, on_read_answer, err) < 0) {
+  *op = *proto;
+  if (cmd_start(h, op, cmd, done, err) < 0) {
     free(op);
     return DC_ERROR;
   }
   op->next = h->reads;
   h->reads = op;
   return DC_OK;
+}
+
+static int hap_read(router *r, router_server *out, size_t cap, size_t *n,
+                    router_cb cb, void *payload, char *err) {
+  hap *h = (hap *)r;
+  char cmd[HAP_CMD_MAX];
+  read_op op = {.cb = cb, .payload = payload, .out = out, .cap = cap, .n = n};
+  dc_fmt(cmd, sizeof cmd, "show servers state %s", h->backend);
+  return read_start(h, &op, cmd, on_read_answer, err);
 }
 
 /* ---- stats --------------------------------------------------------------- */
@@ -1330,29 +1333,9 @@ static int hap_stats(router *r, router_stat *out, size_t cap, size_t *n, router_
                      char *err) {
   hap *h = (hap *)r;
   char cmd[HAP_CMD_MAX];
-  *n = 0;
-  if (h->closing) {
-    dc_fmt(err, DC_ERR_MAX, "haproxy: router used after free");
-    return DC_ERROR;
-  }
-  read_op *op = calloc(1, sizeof *op);
-  if (op == NULL) {
-    dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
-    return DC_ERROR;
-  }
-  op->cb = cb;
-  op->payload = payload;
-  op->stats = out;
-  op->cap = cap;
-  op->n = n;
+  read_op op = {.cb = cb, .payload = payload, .stats = out, .cap = cap, .n = n};
   dc_fmt(cmd, sizeof cmd, "show stat %s 4 -1", h->backend);
-  if (cmd_start(h, op, cmd, on_stats_answer, err) < 0) {
-    free(op);
-    return DC_ERROR;
-  }
-  op->next = h->reads;
-  h->reads = op;
-  return DC_OK;
+  return read_start(h, &op, cmd, on_stats_answer, err);
 }
 
 /* ---- life cycle ---------------------------------------------------------- */
