@@ -1601,7 +1601,7 @@ static void preflight(rollout *r) {
 void rollout_next_action(rollout *r, const strategy *st, strategy_action *out) {
   /* canary:execute(d) in a Lua strategy: its analysis, unless the Lua
    * strategy declared one of its own. */
-  if (st->analysis && !r->st->analysis)
+  if (st->analysis && !r->st->analysis && !r->t->simulated)
     r->an_spec = st->analysis;
   st->step(st, &r->run, out);
 }
@@ -1677,7 +1677,8 @@ int rollout_start(rollout **out, engine *e, store *s, target_config *t, strategy
   *out = NULL;
   if (dc_validate_version(o->version, "version", err) != 0 || strategy_check(st, err) != 0)
     return DC_ERROR;
-  const analysis_spec *an_spec = st->analysis ? st->analysis : t->analysis;
+  /* A dry run measures nothing: its instances are scripted. */
+  const analysis_spec *an_spec = t->simulated ? NULL : st->analysis ? st->analysis : t->analysis;
   if (analysis_check_router(an_spec, t->router, t->name, err) != 0)
     return DC_ERROR;
   rollout *r = calloc(1, sizeof *r);

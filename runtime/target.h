@@ -44,6 +44,7 @@ typedef struct target_config {
   double boot_wait;
   ssh_ctx *ssh;             /* the target's ssh connections (provider, router), owned; may be NULL */
   analysis_spec *analysis;  /* measured during every hold unless the strategy has its own; owned; may be NULL */
+  int simulated;            /* --simulate: scripted instances, a recording router: no analysis is measured */
   target_retain retain;
 } target_config;
 

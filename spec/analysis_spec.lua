@@ -231,6 +231,26 @@ describe("analysis", function()
     assert.matches('<circle class="analysis fail"', out, 1, true)
   end)
 
+  it("is not measured by a dry run (--simulate): its instances are scripted, its router only records", function()
+    local _, _, _, cfg = setup{ target_analysis = { interval = 1, metrics = {
+      { name = "errors", source = "haproxy", measure = "5xx_ratio", success = { max = 0.01 } } } } }
+    local dir = fixtures.tmpdir("analysis-sim")
+    cfg.state = dir .. "/state.db"
+    local config = cli.write_config(dir, cfg)
+    assert.equal(0, (cli.run({ "--config", config, "deploy", "production", "v1" })))
+    local code, out, err = cli.run({ "--config", config, "deploy", "production", "v2", "--simulate", "--strategy",
+                                     "canary", "--set", "interval=60" })
+    assert.equal(0, code, out .. err)
+    assert.matches("%[simulated%] [^\n]*; analysis is not measured in a dry run", out)
+    assert.matches("production traffic +new version at 100 %%", out)
+    assert.matches("production: v2 would be deployed in", out)
+    assert.is_nil(out:match("production analysis "))
+    -- the real rollout measures it, at every share
+    code, out, err = cli.run({ "--config", config, "deploy", "production", "v2", "--strategy", "canary",
+                               "--set", "interval=0.3", "--set", "increment=90" })
+    assert.matches("production analysis ", out)
+  end)
+
   describe("bad input", function()
     local ok_metric = { name = "errors", source = "haproxy", measure = "5xx_ratio", success = { max = 0.01 } }
     local function with(metric) return { metrics = { metric } } end
