@@ -1607,6 +1607,20 @@ int haproxy_fuzz_answers(const char *backend, const char *prefix, const router_s
   out->nlive = nlive;
   out->nsteps = op.nsteps;
   out->busy = -2;
+  /* The same answer as the analysis source reads it (before the drain's
+   * reader cuts it up). */
+  char *stat_copy = strdup(stat);
+  if (stat_copy == NULL) {
+    free(op.steps);
+    dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
+    return DC_ERROR;
+  }
+  char stat_err[DC_ERR_MAX];
+  read_op sop = {.stats = out->stats, .cap = sizeof out->stats / sizeof *out->stats, .n = &out->nstats};
+  dc_fmt(cmd, sizeof cmd, "show stat %s 4 -1", h.backend);
+  out->stats_rc = parse_stats(&h, cmd, stat_copy, &sop, stat_err);
+  free(stat_copy);
+  dc_fmt(cmd, sizeof cmd, "show servers state %s", h.backend);
   for (size_t i = 0; i < op.nsteps; i++) {
     step(payload, op.steps[i].name, op.steps[i].text);
     if (op.steps[i].kind == STEP_DRAIN && out->busy == -2) {

@@ -141,6 +141,9 @@ typedef struct haproxy_fuzz_result {
   size_t nsteps;         /* steps of the plan */
   long busy;             /* sessions on the servers retired; -1 refused, -2 no drain */
   int ok_empty, ok_add, ok_addr;  /* the third answer as each kind of success */
+  int stats_rc;          /* the second answer read as analysis reads it: 0, or -1 refused */
+  size_t nstats;         /* our servers' rows in it */
+  router_stat stats[16];
 } haproxy_fuzz_result;
 typedef void (*haproxy_fuzz_step_cb)(void *payload, const char *server, const char *command);
 int haproxy_fuzz_answers(const char *backend, const char *prefix, const router_server *want, size_t nwant,
