@@ -18,6 +18,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -964,6 +965,16 @@ static void on_step_answer(hap *h, void *vop, const char *err, char *answer) {
     next_step(h, op);
 }
 
+/* A server's current sessions (scur) added to a count, saturating: the
+ * answer is HAProxy's text, and a number past LONG_MAX must not wrap. */
+static long add_sessions(long busy, const char *scur) {
+  char *end;
+  long v = strtol(scur, &end, 10);
+  if (end == scur || v <= 0)
+    return busy;
+  return v > LONG_MAX - busy ? LONG_MAX : busy + v;
+}
+
 /* Sessions still open on the servers being retired, from the CSV of
  * "show stat <backend> 4 -1"; -1 when the answer is not that CSV. */
 static long busy_sessions(const hap *h, const apply_op *op, char *answer) {
@@ -986,7 +997,7 @@ static long busy_sessions(const hap *h, const apply_op *op, char *answer) {
     for (size_t i = op->cur; i < op->nsteps; i++)
       if (op->steps[i].kind == STEP_DEL &&
           strcmp(op->steps[i].name, f[sv]) == 0)
-        busy += atol(f[scur]);
+        busy = add_sessions(busy, f[scur]);
   }
   return busy;
 }
