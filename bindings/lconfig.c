@@ -10,6 +10,7 @@
 
 #include "lconfig.h"
 
+#include "analysis.h"
 #include "engine.h"
 #include "lutil.h"
 #include "ssh.h"
@@ -568,6 +569,28 @@ static void read_health(lua_State *L, int idx, const char *path, target_health *
   lua_pop(L, 1);
 }
 
+/* analysis = { interval, failure_limit, metrics }: checked by the one
+ * parser of runtime/analysis_spec.c, and against the target's router. */
+static void read_analysis(lua_State *L, int idx, const char *path, target_config *t) {
+  char where[160], err[DC_ERR_MAX];
+  dc_fmt(where, sizeof where, "config %s.analysis", path);
+  if (!sub_table(L, idx, path, "analysis", 0)) {
+    lua_pop(L, 1);
+    return;
+  }
+  json_t *v = ljson_from(L, -1, where);
+  lua_pop(L, 1);
+  int rc = analysis_spec_parse(&t->analysis, v, where, err);
+  json_decref(v);
+  if (rc != 0)
+    lerror(L, err);
+  if (analysis_check_router(t->analysis, t->router, t->name, err) != 0) {
+    char msg[DC_ERR_MAX];
+    dc_fmt(msg, sizeof msg, "deploy: config %s.analysis: %s", path, dc_unprefix(err));
+    lerror(L, msg);
+  }
+}
+
 /* retain = { history, versions, logs }: each key defaults to `base` (the
  * top level's, for a target). */
 static void read_retain(lua_State *L, int idx, const char *path, const target_retain *base, target_retain *r) {
@@ -596,7 +619,7 @@ static void read_retain(lua_State *L, int idx, const char *path, const target_re
 static void read_target(lua_State *L, lconfig *c, const char *name, int idx, const char *log_dir,
                         const char *tag, const target_retain *retain) {
   static const char *const allowed[] = {"instances", "hosts", "provider", "router", "routers", "health", "retain",
-                                        NULL};
+                                        "analysis", NULL};
   char path[128], err[DC_ERR_MAX];
   dc_fmt(path, sizeof path, "targets.%s", name);
   if (dc_validate_target_name(name, err) != 0)
@@ -614,6 +637,7 @@ static void read_target(lua_State *L, lconfig *c, const char *name, int idx, con
   read_retain(L, idx, path, retain, &t->retain);
   make_provider(L, idx, path, t, log_dir, tag);
   make_router(L, idx, path, t);
+  read_analysis(L, idx, path, t);
 }
 
 static void resolve_state(lua_State *L, int idx, lconfig *c) {

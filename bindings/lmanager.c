@@ -262,15 +262,60 @@ static void version_chosen(void *payload, int rc, const char *version, const cha
   w->done = 1;
 }
 
+static void running_rolled_back(void *payload, int rc, const store_deployment *d, const char *err) {
+  lwait *w = payload;
+  w->rc = rc;
+  if (d)
+    w->ok = store_deployment_copy(w->extra, d) == 0;
+  if (err)
+    dc_strlcpy(w->err, err, sizeof w->err);
+  w->done = 1;
+}
+
+/* A deployment of the target runs with its old set warm: the rollback is
+ * its abort (the service tells it, and waits for its end). 1 with the
+ * result pushed; 0 when the rollback is a deployment of its own (none
+ * runs, or it promoted before it heard). */
+static int rollback_running(lua_State *L, lmanager *m, const char *target, const char *given) {
+  store_deployment d;
+  memset(&d, 0, sizeof d);
+  double t0 = engine_now(service_engine(m->svc));
+  lwait w = {.L = L, .extra = &d};
+  wait_for(L, &w, service_rollback_running(m->svc, target, given, running_rolled_back, &w, w.err));
+  if (w.rc == DC_NOTFOUND || (w.rc == DC_OK && strcmp(d.status, "succeeded") == 0)) {
+    store_deployment_clear(&d);
+    return 0;
+  }
+  rollout_result res;
+  memset(&res, 0, sizeof res);
+  const char *e = w.rc == DC_OK ? NULL : w.err;
+  res.success = w.rc == DC_OK && w.ok;
+  dc_strlcpy(res.target, target, sizeof res.target);
+  dc_strlcpy(res.version, d.from_version, sizeof res.version);
+  dc_strlcpy(res.strategy, "rollback", sizeof res.strategy);
+  res.duration = engine_now(service_engine(m->svc)) - t0;
+  res.errors = e ? &e : NULL;
+  res.nerrors = e ? 1 : 0;
+  lrun_push_result(L, &res);
+  /* Which deployment went back: its history row says how. */
+  lset_string(L, "rolled_back_deployment", d.id);
+  store_deployment_clear(&d);
+  return 1;
+}
+
 /* rollback(target[, version]): blue-green, to the previous version or one
  * from the history. The service chooses and checks the version: one never
- * deployed there is a mistake (raised), no previous version an answer. */
+ * deployed there is a mistake (raised), no previous version an answer.
+ * While a deployment runs with its old set warm, it is that deployment's
+ * abort instead: one router change, no restart. */
 static int manager_rollback(lua_State *L) {
   lsched_check_can_wait(L);
   lmanager *m = manager_at(L, 1);
   const char *target = check_target(L, m, 2, "manager:rollback()");
   lua_settop(L, 3);
   const char *given = lua_isnil(L, 3) ? NULL : check_version(L, 3, "manager:rollback()");
+  if (rollback_running(L, m, target, given))
+    return 1;
   char version[129] = "";
   lwait w = {.L = L, .extra = version};
   wait_for(L, &w, service_rollback_version(m->svc, target, given, version_chosen, &w, w.err));
@@ -288,7 +333,7 @@ static int manager_rollback(lua_State *L) {
     lrun_push_result(L, &res);
     return 1;
   }
-  lstrategy_push_bluegreen(L);
+  lstrategy_push_bluegreen(L, 1);
   lua_pushstring(L, version); /* kept alive on the stack */
   lrun_spec sp = {.svc = m->svc, .target = target, .version = lua_tostring(L, -1), .kind = "rollback",
                   .strategy_idx = lua_gettop(L) - 1, .hook_timeout = 30};
@@ -1095,7 +1140,7 @@ static int manager_new(lua_State *L) {
   lua_getfield(L, 1, "strategy"); /* 4 */
   if (lua_isnil(L, 4)) {
     lua_pop(L, 1);
-    lstrategy_push_bluegreen(L);
+    lstrategy_push_bluegreen(L, 0);
   } else if (!lstrategy_test(L, 4) && !lua_istable(L, 4)) {
     return luaL_error(L, "deploy: DeploymentManager strategy must be a strategy (deploy.CanaryStrategy{...}, "
                          "deploy.BlueGreenStrategy{...} or a DeploymentStrategy class), got %s",

@@ -193,8 +193,26 @@ static int opts_index(lua_State *L, const char *cls) {
 }
 
 static const char *const canary_allowed[] = {"initial_percentage", "increment", "interval", "health_check_url",
-                                             "pause_at", "session_affinity", "test_route", "hooks", NULL};
-static const char *const bluegreen_allowed[] = {"switch_delay", "health_check_url", "test_route", "hooks", NULL};
+                                             "pause_at", "session_affinity", "test_route", "hooks", "analysis", NULL};
+static const char *const bluegreen_allowed[] = {"switch_delay", "scale_down_delay", "health_check_url", "test_route",
+                                                "hooks", "analysis", NULL};
+
+/* analysis = { ... } as JSON (one parser for Lua, config and manifests:
+ * runtime/analysis_spec.c); NULL when absent. Raises for what JSON cannot
+ * hold, before anything is allocated. */
+static json_t *opt_analysis(lua_State *L, int idx, const char *cls) {
+  char what[64];
+  json_t *v = NULL;
+  if (lua_getfield(L, idx, "analysis") != LUA_TNIL) {
+    if (!lua_istable(L, -1))
+      luaL_error(L, "deploy: %s analysis must be a table such as { interval = 60, metrics = { ... } }, got %s", cls,
+                 luaL_typename(L, -1));
+    dc_fmt(what, sizeof what, "%s analysis", cls);
+    v = ljson_from(L, -1, what);
+  }
+  lua_pop(L, 1);
+  return v;
+}
 
 static int canary_new(lua_State *L) {
   const char *const *allowed = canary_allowed;
@@ -209,8 +227,12 @@ static int canary_new(lua_State *L) {
   p.health_check_url = opt_url(L, idx, "CanaryStrategy", url, sizeof url);
   p.npause = read_pauses(L, idx, p.pause_at, CANARY_MAX_PAUSES);
   read_routes(L, idx, "CanaryStrategy", 1, &p.routes);
+  json_t *analysis = opt_analysis(L, idx, "CanaryStrategy");
+  p.analysis = analysis;
   strategy *s;
-  if (strategy_canary_new(&s, &p, err) != 0)
+  int rc = strategy_canary_new(&s, &p, err);
+  json_decref(analysis);
+  if (rc != 0)
     return lerror(L, err);
   push_strategy(L, s, idx);
   return 1;
@@ -224,20 +246,27 @@ static int bluegreen_new(lua_State *L) {
   bluegreen_params p;
   bluegreen_params_default(&p);
   p.switch_delay = opt_number(L, idx, "BlueGreenStrategy", "switch_delay", p.switch_delay);
+  p.scale_down_delay = opt_number(L, idx, "BlueGreenStrategy", "scale_down_delay", p.scale_down_delay);
   p.health_check_url = opt_url(L, idx, "BlueGreenStrategy", url, sizeof url);
   read_routes(L, idx, "BlueGreenStrategy", 0, &p.routes);
+  json_t *analysis = opt_analysis(L, idx, "BlueGreenStrategy");
+  p.analysis = analysis;
   strategy *s;
-  if (strategy_bluegreen_new(&s, &p, err) != 0)
+  int rc = strategy_bluegreen_new(&s, &p, err);
+  json_decref(analysis);
+  if (rc != 0)
     return lerror(L, err);
   push_strategy(L, s, idx);
   return 1;
 }
 
-strategy *lstrategy_push_bluegreen(lua_State *L) {
+strategy *lstrategy_push_bluegreen(lua_State *L, int rollback) {
   bluegreen_params p;
   char err[DC_ERR_MAX];
   strategy *s;
   bluegreen_params_default(&p);
+  if (rollback)
+    p.scale_down_delay = 0;
   if (strategy_bluegreen_new(&s, &p, err) != 0)
     lerror(L, err);
   push_strategy(L, s, 0);
@@ -255,6 +284,13 @@ static int strategy_index(lua_State *L) {
   }
   if (strcmp(k, "hooks") == 0) {
     lua_getiuservalue(L, 1, 1);
+    return 1;
+  }
+  if (strcmp(k, "analysis") == 0) {
+    if (s->analysis)
+      ljson_push(L, s->analysis->json);
+    else
+      lua_pushnil(L);
     return 1;
   }
   if (strcmp(k, "health_check_url") == 0) {
@@ -307,6 +343,9 @@ static int strategy_index(lua_State *L) {
     }
   } else if (strcmp(k, "switch_delay") == 0) {
     lpush_number(L, ((bluegreen_strategy *)s)->switch_delay);
+    return 1;
+  } else if (strcmp(k, "scale_down_delay") == 0) {
+    lpush_number(L, ((bluegreen_strategy *)s)->scale_down_delay);
     return 1;
   }
   luaL_getmetatable(L, STRATEGY_MT);

@@ -103,10 +103,14 @@ Usage: deployctl deploy TARGET VERSION [--strategy canary|blue-green] [--set key
 Deploys VERSION to TARGET with the given strategy (default blue-green).
 --set gives the strategy's parameters, e.g.
   deployctl deploy production 1.4.2 --strategy canary --set initial_percentage=5 --set interval=60
-  deployctl deploy production 1.4.2 --set switch_delay=10
+  deployctl deploy production 1.4.2 --set switch_delay=10 --set scale_down_delay=60
   deployctl deploy production 1.4.2 --strategy canary --set pause_at=25,50   (a list: comma-separated)
   deployctl deploy production 1.4.2 --strategy canary --set session_affinity.cookie=canary \
     --set test_route.header=X-Canary                       (a table's fields: table.field=value)
+  deployctl deploy production 1.4.2 --strategy canary --set analysis=@analysis.json
+  deployctl deploy production 1.4.2 --set 'analysis={"interval":30,"metrics":[...]}'
+analysis takes a JSON object, or @FILE holding one (see the README's Analysis);
+without it the target's analysis (config) applies.
 A strategy registered by a pipeline is not available here: use `run`.
 
   --simulate   print the timeline this rollout would follow, each line
@@ -119,6 +123,11 @@ Usage: deployctl rollback TARGET [VERSION] [--json|--quiet]
 
 Rolls TARGET back to its previous version, or to VERSION from its history,
 with an instant blue-green switch.
+
+While a deployment of TARGET runs (a canary's steps, its hold at 100 %, a
+blue-green's scale_down_delay), the version it came from still runs: the
+rollback aborts that deployment (in whatever process runs it), which
+returns traffic in one router change, no restart, and waits for its end.
 
 ]] .. OUTPUT_FLAGS,
   status = [[
@@ -386,7 +395,12 @@ local function event_line(ev)
   elseif ev.kind == "promoted" then
     detail = d.version
   elseif ev.kind == "paused" or ev.kind == "resumed" then
-    detail = string.format("at %g %%", d.pct)
+    detail = string.format("at %g %%%s", d.pct, d.reason and (": " .. d.reason) or "")
+  elseif ev.kind == "analysis" then
+    detail = string.format("%s %s: %s%s", d.metric, d.verdict,
+      d.value ~= nil and (tostring(d.value) .. " ") or "", d.detail or "")
+  elseif ev.kind == "bake" then
+    detail = string.format("holding %g %% for %gs, %d old instance(s) still running", d.pct, d.seconds, d.old)
   elseif ev.kind == "finished" then
     detail = d.success and "success" or "failed"
   elseif ev.kind == "log" then
@@ -441,6 +455,8 @@ local function progress_printer(interval)
     if ev.kind == "healthy" or ev.kind == "verified" then s.health = "healthy" end
     if ev.kind == "health_failed" then s.health = d.state .. " (" .. d.consecutive .. ")" end
     if ev.kind == "paused" then s.health = "paused: deployctl promote|abort " .. ev.target end
+    if ev.kind == "bake" then s.health = "holding, old set warm" end
+    if ev.kind == "analysis" and d.verdict ~= "pass" then s.health = "analysis " .. d.metric .. ": " .. d.verdict end
     draw(ev, s)
     if ev.kind == "aborted" or ev.kind == "finished" then
       out:write("\n")
@@ -544,6 +560,32 @@ end
 -- string; max_age a number), the strategy checks the fields.
 local LIST_PARAMS = { pause_at = true }
 local NUMBER_FIELDS = { max_age = true }
+-- Parameters that take a JSON object, given as text or as @FILE.
+local JSON_PARAMS = { analysis = true }
+
+local function json_param(k, v)
+  local text, from = v, "its value"
+  if v:sub(1, 1) == "@" then
+    local f = io.open(v:sub(2), "r")
+    if not f then usage_error("deploy: --set %s=%s: cannot read the file '%s'", k, v, v:sub(2)) end
+    text, from = f:read("a"), "file '" .. v:sub(2) .. "'"
+    f:close()
+  end
+  local ok, decoded = pcall(cjson.decode, text)
+  if not ok or type(decoded) ~= "table" then
+    usage_error("deploy: --set %s: %s is not a JSON object (%s): write e.g. --set '%s={\"interval\":30,\"metrics\":[...]}' "
+                .. "or --set %s=@file.json", k, from, ok and ("a " .. type(decoded)) or tostring(decoded):gsub("^.-: ", ""), k, k)
+  end
+  -- JSON null has no place in a strategy's parameters.
+  local function check(t)
+    for key, item in pairs(t) do
+      if item == cjson.null then usage_error("deploy: --set %s: '%s' is null: leave it out instead", k, tostring(key)) end
+      if type(item) == "table" then check(item) end
+    end
+  end
+  check(decoded)
+  return decoded
+end
 
 local function strategy_params(sets)
   local params = {}
@@ -560,6 +602,8 @@ local function strategy_params(sets)
       end
       params[k] = params[k] or {}
       params[k][field] = NUMBER_FIELDS[field] and tonumber(v) or v
+    elseif JSON_PARAMS[k] then
+      params[k] = json_param(k, v)
     elseif type(params[k]) == "table" then
       usage_error("deploy: --set %s=%s: %s takes fields, e.g. --set %s.NAME=VALUE", k, v, k, k)
     elseif LIST_PARAMS[k] then
@@ -627,7 +671,34 @@ function commands.rollback(opts, args)
   check_target(m, pos[1])
   local ok, res = pcall(m.rollback, m, pos[1], pos[2])
   if not ok then usage_error("%s", tostring(res)) end
+  if res.rolled_back_deployment and res.success and not flags.json then
+    printf("%s: back on %s in %s: deployment %s was still running with %s warm, traffic returned in one router "
+           .. "change (no restart)\n", res.target, res.version, fmt_duration(res.duration), res.rolled_back_deployment,
+           res.version)
+    return EXIT_OK
+  end
   return result_exit(res, flags)
+end
+
+-- The last measurement of each analysis metric of the target's newest
+-- deployment (nil when it measured nothing).
+local function last_analysis(m, target)
+  local d = m:history(target, 1)[1]
+  if not d then return nil end
+  local by_metric, order = {}, {}
+  for _, ev in ipairs(m:events(d.id)) do
+    if ev.kind == "analysis" then
+      local a = ev.data
+      if not by_metric[a.metric] then order[#order + 1] = a.metric end
+      by_metric[a.metric] = { metric = a.metric, source = a.source, verdict = a.verdict, value = a.value,
+                              baseline = a.baseline, pct = a.pct, detail = a.detail, failures = a.failures,
+                              failure_limit = a.failure_limit, time = ev.time }
+    end
+  end
+  if #order == 0 then return nil end
+  local list = {}
+  for _, name in ipairs(order) do list[#list + 1] = by_metric[name] end
+  return { deployment_id = d.id, version = d.version, status = d.status, metrics = list }
 end
 
 function commands.status(opts, args)
@@ -640,9 +711,10 @@ function commands.status(opts, args)
   for _, t in ipairs(targets) do rows[#rows + 1] = m:get_status(t) end
   local instances, router_error, routers
   if pos[1] then instances, router_error, routers = m:live_instances(pos[1]) end
+  local analysis = pos[1] and last_analysis(m, pos[1]) or nil
   if flags.json then
     local doc = { targets = rows, instances = instances, router_error = router_error, routers = routers,
-                  lock = pos[1] and m:lock(pos[1]) or nil }
+                  lock = pos[1] and m:lock(pos[1]) or nil, analysis = analysis }
     out:write(redact(cjson.encode(doc)), "\n")
     return EXIT_OK
   end
@@ -687,6 +759,16 @@ function commands.status(opts, args)
     printf("\nWEIGHT per router:\n")
     for k, r in ipairs(routers) do
       printf("  %d  %s%s\n", k, r.router, r.error and "  (could not be read)" or "")
+    end
+  end
+  if analysis then
+    printf("\nANALYSIS of %s (%s, %s)\n", analysis.deployment_id, analysis.version, analysis.status)
+    printf("%-16s %-11s %-13s %-12s %-9s %s\n", "METRIC", "SOURCE", "VERDICT", "VALUE", "FAILURES", "AT")
+    for _, a in ipairs(analysis.metrics) do
+      printf("%-16s %-11s %-13s %-12s %-9s %g %% %s\n", a.metric, a.source, a.verdict,
+        a.value ~= nil and string.format("%.6g", a.value) or "-",
+        string.format("%d/%d", a.failures or 0, a.failure_limit or 0), a.pct or 0, a.time)
+      printf("    %s\n", a.detail or "")
     end
   end
   if pos[1] then

@@ -10,7 +10,7 @@
 
 #include "routes.h"
 
-#define STRATEGY_VERSION 3
+#define STRATEGY_VERSION 4
 
 typedef enum {
   ACTION_START,        /* start the new instances beside the old ones */
@@ -42,6 +42,7 @@ typedef struct strategy_run {
 
 typedef struct rollout rollout;
 typedef struct strategy strategy;
+struct analysis_spec;
 
 /* A strategy is one of two shapes (cf. libgit2's odb_backend: a versioned
  * struct of function pointers, `free` required):
@@ -56,6 +57,9 @@ struct strategy {
   int version;         /* STRATEGY_VERSION */
   const char *name;    /* "canary", "blue-green", a Lua class's name */
   char health_check_url[512]; /* "" or a URL with {host} {port} placeholders */
+  /* Measured during every hold (analysis_spec.h), owned by the strategy;
+   * NULL: the target's analysis, if it has one. */
+  const struct analysis_spec *analysis;
   void (*step)(const strategy *s, strategy_run *run, strategy_action *out);
   void (*drive)(strategy *s, rollout *r);
   void (*free)(strategy *s);

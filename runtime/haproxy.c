@@ -141,7 +141,8 @@ typedef struct read_op {
   struct read_op *next;
   router_cb cb;
   void *payload;
-  router_server *out;
+  router_server *out;     /* read: "show servers state" */
+  router_stat *stats;     /* stats: "show stat", instead */
   size_t cap;
   size_t *n;
 } read_op;
@@ -1662,11 +1663,10 @@ static void on_read_answer(hap *h, void *vop, const char *err, char *answer) {
   free(op);
 }
 
-static int hap_read(router *r, router_server *out, size_t cap, size_t *n,
-                    router_cb cb, void *payload, char *err) {
-  hap *h = (hap *)r;
-  char cmd[HAP_CMD_MAX];
-  *n = 0;
+/* A read (servers or stats): one command, its answer parsed into the
+ * caller's buffer by done; listed so that free can tell it. */
+static int read_start(hap *h, const read_op *proto, const char *cmd, hap_done done, char *err) {
+  *proto->n = 0;
   if (h->closing) {
     dc_fmt(err, DC_ERR_MAX, "haproxy: router used after free");
     return DC_ERROR;
@@ -1676,19 +1676,88 @@ static int hap_read(router *r, router_server *out, size_t cap, size_t *n,
     dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
     return DC_ERROR;
   }
-  op->cb = cb;
-  op->payload = payload;
-  op->out = out;
-  op->cap = cap;
-  op->n = n;
-  dc_fmt(cmd, sizeof cmd, "show servers state %s", h->backend);
-  if (cmd_start(h, op, cmd, on_read_answer, err) < 0) {
+  *op = *proto;
+  if (cmd_start(h, op, cmd, done, err) < 0) {
     free(op);
     return DC_ERROR;
   }
   op->next = h->reads;
   h->reads = op;
   return DC_OK;
+}
+
+static int hap_read(router *r, router_server *out, size_t cap, size_t *n,
+                    router_cb cb, void *payload, char *err) {
+  hap *h = (hap *)r;
+  char cmd[HAP_CMD_MAX];
+  read_op op = {.cb = cb, .payload = payload, .out = out, .cap = cap, .n = n};
+  dc_fmt(cmd, sizeof cmd, "show servers state %s", h->backend);
+  return read_start(h, &op, cmd, on_read_answer, err);
+}
+
+/* ---- stats --------------------------------------------------------------- */
+
+/* Counter columns of "show stat" read for analysis, in router_stat order. */
+static const char *const stat_cols[] = {"hrsp_1xx", "hrsp_2xx", "hrsp_3xx", "hrsp_4xx", "hrsp_5xx",
+                                        "hrsp_other", "eresp", "econ", "rtime"};
+#define NSTAT_COLS (sizeof stat_cols / sizeof *stat_cols)
+
+/* Our servers' rows of the CSV of "show stat <backend> 4 -1". An empty
+ * field (a counter HAProxy does not keep for that row) reads as 0. */
+static int parse_stats(const hap *h, const char *cmd, char *answer, read_op *op, char *err) {
+  char *rest = answer;
+  char *f[HAP_MAX_COLS];
+  char *hdr = cut(&rest, '\n');
+  int col[NSTAT_COLS];
+  if (!starts_with(hdr, "# ")) {
+    msg_answered(h, cmd, hdr, err);
+    return DC_ERROR;
+  }
+  int n = split_fields(hdr + 2, ',', f, HAP_MAX_COLS);
+  int px = col_index(f, n, "pxname"), sv = col_index(f, n, "svname");
+  for (size_t i = 0; i < NSTAT_COLS; i++) {
+    col[i] = col_index(f, n, stat_cols[i]);
+    if (col[i] < 0 || px < 0 || sv < 0) {
+      dc_fmt(err, DC_ERR_MAX, "haproxy: '%s' has no column %s (HAProxy 2.6 or later, backend in mode http, needed)",
+             cmd, col[i] < 0 ? stat_cols[i] : "pxname/svname");
+      return DC_ERROR;
+    }
+  }
+  *op->n = 0;
+  while (*rest != '\0' && *op->n < op->cap) {
+    char *line = cut(&rest, '\n');
+    n = split_fields(line, ',', f, HAP_MAX_COLS);
+    if (n <= px || n <= sv || strcmp(f[px], h->backend) != 0 || !starts_with(f[sv], h->prefix))
+      continue;
+    router_stat *st = &op->stats[(*op->n)++];
+    memset(st, 0, sizeof *st);
+    dc_strlcpy(st->name, f[sv], sizeof st->name);
+    double *v[NSTAT_COLS] = {&st->hrsp[0], &st->hrsp[1], &st->hrsp[2], &st->hrsp[3], &st->hrsp[4],
+                             &st->hrsp[5], &st->eresp, &st->econ, &st->rtime};
+    for (size_t i = 0; i < NSTAT_COLS; i++)
+      *v[i] = col[i] < n ? strtod(f[col[i]], NULL) : 0;
+  }
+  return DC_OK;
+}
+
+static void on_stats_answer(hap *h, void *vop, const char *err, char *answer) {
+  read_op *op = vop;
+  char msg[DC_ERR_MAX], cmd[HAP_CMD_MAX];
+  read_unlink(h, op);
+  dc_fmt(cmd, sizeof cmd, "show stat %s 4 -1", h->backend);
+  if (err == NULL && parse_stats(h, cmd, answer, op, msg) < 0)
+    err = msg;
+  op->cb(op->payload, err);
+  free(op);
+}
+
+static int hap_stats(router *r, router_stat *out, size_t cap, size_t *n, router_cb cb, void *payload,
+                     char *err) {
+  hap *h = (hap *)r;
+  char cmd[HAP_CMD_MAX];
+  read_op op = {.cb = cb, .payload = payload, .stats = out, .cap = cap, .n = n};
+  dc_fmt(cmd, sizeof cmd, "show stat %s 4 -1", h->backend);
+  return read_start(h, &op, cmd, on_stats_answer, err);
 }
 
 /* ---- life cycle ---------------------------------------------------------- */
@@ -1907,6 +1976,7 @@ int router_haproxy_new(router **out, engine *e, const router_haproxy_opts *o,
   h->base.apply = hap_apply;
   h->base.read = hap_read;
   h->base.free = hap_free;
+  h->base.stats = hap_stats;
   *out = &h->base;
   return DC_OK;
 }
@@ -1948,6 +2018,20 @@ int haproxy_fuzz_answers(const char *backend, const char *prefix, const router_s
   out->nlive = nlive;
   out->nsteps = op.nsteps;
   out->busy = -2;
+  /* The same answer as the analysis source reads it (before the drain's
+   * reader cuts it up). */
+  char *stat_copy = strdup(stat);
+  if (stat_copy == NULL) {
+    free(op.steps);
+    dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
+    return DC_ERROR;
+  }
+  char stat_err[DC_ERR_MAX];
+  read_op sop = {.stats = out->stats, .cap = sizeof out->stats / sizeof *out->stats, .n = &out->nstats};
+  dc_fmt(cmd, sizeof cmd, "show stat %s 4 -1", h.backend);
+  out->stats_rc = parse_stats(&h, cmd, stat_copy, &sop, stat_err);
+  free(stat_copy);
+  dc_fmt(cmd, sizeof cmd, "show servers state %s", h.backend);
   for (size_t i = 0; i < op.nsteps; i++) {
     step(payload, op.steps[i].name, op.steps[i].text);
     if (op.steps[i].kind == STEP_DRAIN && out->busy == -2) {

@@ -52,6 +52,16 @@ typedef struct router_plan {
    * old version, a repair). A single router ignores it. */
   int all_or_nothing;
 } router_plan;
+/* One server's counters as the proxy keeps them (HAProxy's `show stat`,
+ * notes/haproxy.md). Counts only grow: analysis takes the difference of
+ * two reads. */
+typedef struct router_stat {
+  char name[64];
+  double hrsp[6];    /* responses 1xx, 2xx, 3xx, 4xx, 5xx, other */
+  double eresp;      /* response errors (the server closed, a bad answer) */
+  double econ;       /* connection errors */
+  double rtime;      /* ms: average response time over its last 1024 requests */
+} router_stat;
 
 /* err is NULL on success, else the reason (valid during the callback). */
 typedef void (*router_cb)(void *payload, const char *err);
@@ -80,6 +90,11 @@ struct router {
   int (*read)(router *r, router_server *out, size_t cap, size_t *n,
               router_cb cb, void *payload, char *err);
   void (*free)(router *r);
+  /* Optional (NULL: the proxy keeps no per-server counters, as nginx
+   * without modules): the counters of our servers, up to cap entries, as
+   * read; asynchronous like read. */
+  int (*stats)(router *r, router_stat *out, size_t cap, size_t *n,
+               router_cb cb, void *payload, char *err);
 };
 
 typedef struct ssh_ctx ssh_ctx;
@@ -168,6 +183,9 @@ typedef struct haproxy_fuzz_result {
   size_t nsteps;         /* steps of the plan */
   long busy;             /* sessions on the servers retired; -1 refused, -2 no drain */
   int ok_empty, ok_add, ok_addr;  /* the third answer as each kind of success */
+  int stats_rc;          /* the second answer read as analysis reads it: 0, or -1 refused */
+  size_t nstats;         /* our servers' rows in it */
+  router_stat stats[16];
 } haproxy_fuzz_result;
 typedef void (*haproxy_fuzz_step_cb)(void *payload, const char *server, const char *command);
 int haproxy_fuzz_answers(const char *backend, const char *prefix, const router_server *want, size_t nwant,

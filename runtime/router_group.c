@@ -536,6 +536,21 @@ static void group_free(router *r) {
   uv_close((uv_handle_t *)&g->tick, tick_closed);
 }
 
+/* Analysis reads the counters of the first member that keeps any (an
+ * HAProxy): each load balancer sees its own share of the clients, a sample
+ * of the same traffic, so one of them judges the new set as well as all. */
+static router *stats_member(const group *g) {
+  for (size_t i = 0; i < g->n; i++)
+    if (g->m[i].r->stats)
+      return g->m[i].r;
+  return NULL;
+}
+
+static int group_stats(router *r, router_stat *out, size_t cap, size_t *n, router_cb cb, void *payload, char *err) {
+  router *m = stats_member((group *)r);
+  return m->stats(m, out, cap, n, cb, payload, err);
+}
+
 int router_group_new(router **out, engine *e, router **members, size_t n, char *err) {
   *out = NULL;
   if (n < 2) {
@@ -577,6 +592,7 @@ int router_group_new(router **out, engine *e, router **members, size_t n, char *
   g->base.apply = group_apply;
   g->base.read = group_read;
   g->base.free = group_free;
+  g->base.stats = stats_member(g) ? group_stats : NULL;
   *out = &g->base;
   return DC_OK;
 }

@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "health.h"
 #include "instset.h"
@@ -1169,6 +1170,108 @@ void service_logs_stop(service_logs *l) {
   for (size_t i = 0; i < l->n; i++)
     if (l->streams[i].open && l->streams[i].ps)
       p->logs_stop(p, l->streams[i].ps);
+}
+
+/* ---- rollback inside a warm window ---- */
+
+#define WARM_POLL_S 0.1
+
+typedef struct warm_req {
+  service *svc;
+  char target[64];
+  char version[129];       /* "" any */
+  char id[48];             /* the running deployment */
+  service_warm_cb cb;
+  void *payload;
+  int told;                /* the rollback command is written */
+} warm_req;
+
+static void warm_end(warm_req *w, int rc, const store_deployment *d, const char *err) {
+  w->cb(w->payload, rc, d, err);
+  service_unref(w->svc);
+  free(w);
+}
+
+/* Its runner is a process of this machine that is gone: nobody would act
+ * on the command (the next deployment recovers the target instead). */
+static int owner_gone(const store_deployment *d) {
+  char host[64] = "";
+  if (gethostname(host, sizeof host - 1) != 0 || strcmp(host, d->owner_host) != 0)
+    return 0;
+  return d->owner_pid <= 0 || !dc_proc_alive(d->owner_pid, d->owner_start);
+}
+
+static void warm_poll(void *payload);
+
+/* Watches the deployment until it has ended. */
+static void warm_row(void *payload, const store_result *r) {
+  warm_req *w = payload;
+  char err[DC_ERR_MAX];
+  if (r->rc != DC_OK || r->ndeployments < 1) {
+    warm_end(w, r->rc == DC_OK ? DC_ERROR : r->rc, NULL, r->err ? r->err : "deployment not found");
+    return;
+  }
+  const store_deployment *d = &r->deployments[0];
+  if (!w->told) {
+    /* Only a deployment that has an old set to go back to, the one asked for. */
+    char who[128];
+    if (strcmp(d->status, "running") != 0 || strcmp(d->kind, "deploy") != 0 || !d->from_version[0] ||
+        (w->version[0] && strcmp(w->version, d->from_version) != 0) || owner_gone(d)) {
+      warm_end(w, DC_NOTFOUND, NULL, NULL);
+      return;
+    }
+    dc_whoami(who, sizeof who);
+    /* Its answer is the deployment's end, watched below. */
+    if (store_control_set(w->svc->s, w->target, "rollback", who, NULL, NULL, err) != 0) {
+      warm_end(w, DC_ERROR, NULL, err);
+      return;
+    }
+    w->told = 1;
+  } else if (strcmp(d->status, "running") != 0) {
+    warm_end(w, DC_OK, d, NULL);
+    return;
+  }
+  if (!engine_timer_start(w->svc->e, WARM_POLL_S, warm_poll, w))
+    warm_end(w, DC_ERROR, NULL, "deploy: out of memory");
+}
+
+static void warm_poll(void *payload) {
+  warm_req *w = payload;
+  char err[DC_ERR_MAX];
+  if (store_deployment_get(w->svc->s, w->id, warm_row, w, err) != 0)
+    warm_end(w, DC_ERROR, NULL, err);
+}
+
+static void warm_lock(void *payload, const store_result *r) {
+  warm_req *w = payload;
+  if (r->rc != DC_OK || !r->lock || strcmp(r->lock->purpose, "deploy") != 0) {
+    warm_end(w, r->rc == DC_OK || r->rc == DC_NOTFOUND ? DC_NOTFOUND : r->rc, NULL, r->err);
+    return;
+  }
+  dc_strlcpy(w->id, r->lock->deployment_id, sizeof w->id);
+  warm_poll(w);
+}
+
+int service_rollback_running(service *svc, const char *target, const char *version, service_warm_cb cb,
+                             void *payload, char *err) {
+  if (!check_target(svc, target, err))
+    return DC_ERROR;
+  warm_req *w = calloc(1, sizeof *w);
+  if (!w) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
+    return DC_ERROR;
+  }
+  w->svc = service_ref(svc);
+  dc_strlcpy(w->target, target, sizeof w->target);
+  dc_strlcpy(w->version, version ? version : "", sizeof w->version);
+  w->cb = cb;
+  w->payload = payload;
+  if (store_lock_get(svc->s, target, warm_lock, w, err) != 0) {
+    service_unref(svc);
+    free(w);
+    return DC_ERROR;
+  }
+  return DC_OK;
 }
 
 /* ---- operator commands ---- */

@@ -58,6 +58,18 @@ typedef void (*service_version_cb)(void *payload, int rc, const char *version, c
 int service_rollback_version(service *svc, const char *target, const char *version, service_version_cb cb,
                              void *payload, char *err);
 
+/* A rollback while a deployment of the target runs (in any process
+ * sharing the store): its old set still runs, so the rollback is that
+ * deployment's abort, one router change, no restart. The deployment is
+ * told (a "rollback" operator command) and cb runs once it has ended, with
+ * its final row. cb gets DC_NOTFOUND (nothing written) when no deployment
+ * of the target runs, when the running one has no old version to go back
+ * to, or when `version` (NULL: any) is not the version it came from: the
+ * rollback is then a deployment of its own. */
+typedef void (*service_warm_cb)(void *payload, int rc, const store_deployment *d, const char *err);
+int service_rollback_running(service *svc, const char *target, const char *version, service_warm_cb cb,
+                             void *payload, char *err);
+
 /* ---- repair ---- */
 
 /* Brings the target back to exactly its live version, under its lock

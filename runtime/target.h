@@ -4,6 +4,7 @@
 #ifndef DEPLOY_TARGET_H
 #define DEPLOY_TARGET_H
 
+#include "analysis_spec.h"
 #include "engine.h"
 #include "provider.h"
 #include "router.h"
@@ -48,6 +49,8 @@ typedef struct target_config {
   double boot_limit_pct;
   double boot_wait;
   ssh_ctx *ssh;             /* the target's ssh connections (provider, router), owned; may be NULL */
+  analysis_spec *analysis;  /* measured during every hold unless the strategy has its own; owned; may be NULL */
+  int simulated;            /* --simulate: scripted instances, a recording router: no analysis is measured */
   target_retain retain;
 } target_config;
 

@@ -62,8 +62,9 @@ int strategy_check_routes(const route_rules *r, const char *cls, int affinity_ok
 }
 
 const char *const canary_param_names[] = {"initial_percentage", "increment", "interval", "health_check_url",
-                                          "pause_at", "session_affinity", "test_route", NULL};
-const char *const bluegreen_param_names[] = {"switch_delay", "health_check_url", "test_route", NULL};
+                                          "pause_at", "session_affinity", "test_route", "analysis", NULL};
+const char *const bluegreen_param_names[] = {"switch_delay", "scale_down_delay", "health_check_url", "test_route",
+                                             "analysis", NULL};
 
 static int known(const char *const *names, const char *key) {
   for (; *names; names++)
@@ -253,12 +254,15 @@ int strategy_from_json(const json_t *obj, strategy **out, char *err) {
         number(obj, cls, "interval", &p.interval, err) || url(obj, cls, &p.health_check_url, err) || pauses(obj, &p, err) ||
         routes_from_json(obj, cls, &p.routes, err))
       return -1;
+    p.analysis = json_object_get(obj, "analysis");
     return strategy_canary_new(out, &p, err) == 0 ? 1 : -1;
   }
   bluegreen_params p;
   bluegreen_params_default(&p);
-  if (number(obj, cls, "switch_delay", &p.switch_delay, err) || url(obj, cls, &p.health_check_url, err) ||
+  if (number(obj, cls, "switch_delay", &p.switch_delay, err) ||
+      number(obj, cls, "scale_down_delay", &p.scale_down_delay, err) || url(obj, cls, &p.health_check_url, err) ||
       routes_from_json(obj, cls, &p.routes, err))
     return -1;
+  p.analysis = json_object_get(obj, "analysis");
   return strategy_bluegreen_new(out, &p, err) == 0 ? 1 : -1;
 }

@@ -12,6 +12,7 @@
 #include <jansson.h>
 
 #include "action.h"
+#include "analysis_spec.h"
 
 #define CANARY_MAX_PAUSES 16
 /* Traffic steps a canary may take up to 100 % (from 10 %, an increment of
@@ -27,12 +28,15 @@ typedef struct canary_params {
   double pause_at[CANARY_MAX_PAUSES]; /* shares at which to wait for an operator */
   int npause;
   route_rules routes;         /* session_affinity (affinity_*), test_route (test_*) */
+  const json_t *analysis;     /* NULL, or { interval, failure_limit, metrics } */
 } canary_params;
 
 typedef struct bluegreen_params {
   double switch_delay;        /* seconds >= 0; default 0 */
+  double scale_down_delay;    /* seconds >= 0 blue stays up after the switch; default 30 */
   const char *health_check_url;
   route_rules routes;         /* test_route (test_*) */
+  const json_t *analysis;
 } bluegreen_params;
 
 typedef struct canary_strategy {
@@ -40,11 +44,14 @@ typedef struct canary_strategy {
   double initial_percentage, increment, interval;
   double pause_at[CANARY_MAX_PAUSES];
   int npause;
+  analysis_spec *analysis;    /* base.analysis */
 } canary_strategy;
 
 typedef struct bluegreen_strategy {
   strategy base;
   double switch_delay;
+  double scale_down_delay;
+  analysis_spec *analysis;
 } bluegreen_strategy;
 
 void canary_params_default(canary_params *p);

@@ -829,6 +829,71 @@ function NginxSite:weights()
 end
 
 ------------------------------------------------------------------------
+-- Prometheus
+--
+-- Debian's prometheus, its data in a temp dir, listening on a free
+-- 127.0.0.1 port, scraping /metrics of every "host:port" in opts.targets
+-- every opts.scrape_interval (default "1s"). The targets may listen or not:
+-- give the whole port range of a target, and whatever instance runs there
+-- is scraped. Returns once its targets are active (Prometheus applies a
+-- new target list up to 5 s after start).
+
+local Prometheus = {}
+Prometheus.__index = Prometheus
+
+local function prometheus_bin()
+  local env = os.getenv("PROMETHEUS")
+  if env and env ~= "" then return env end
+  return "/usr/bin/prometheus"
+end
+
+-- An instant query; returns the decoded answer (cjson) and the raw text.
+function Prometheus:query(promql)
+  local cjson = require "cjson"
+  local out = capture(string.format("curl -s -m 5 -G --data-urlencode %s %s", q("query=" .. promql),
+                                    q(self.url .. "/api/v1/query")))
+  local ok, doc = pcall(cjson.decode, out)
+  return ok and doc or nil, out
+end
+
+function Prometheus:stop()
+  if self.pid then
+    fixtures.stop(self.pid, 5)
+    self.pid = nil
+  end
+end
+
+function fixtures.prometheus(opts)
+  opts = opts or {}
+  local dir = fixtures.tmpdir("prometheus")
+  local port = fixtures.free_port()
+  local targets = {}
+  for _, t in ipairs(opts.targets or {}) do targets[#targets + 1] = "'" .. t .. "'" end
+  write_file(dir .. "/prometheus.yml", table.concat({
+    "global:",
+    "  scrape_interval: " .. (opts.scrape_interval or "1s"),
+    "  scrape_timeout: " .. (opts.scrape_interval or "1s"),
+    "  evaluation_interval: " .. (opts.scrape_interval or "1s"),
+    "scrape_configs:",
+    "  - job_name: demo",
+    "    static_configs:",
+    "      - targets: [" .. table.concat(targets, ", ") .. "]",
+  }, "\n") .. "\n")
+  local self = setmetatable({ dir = dir, port = port, url = "http://127.0.0.1:" .. port }, Prometheus)
+  self.pid = spawn(string.format("exec %s --config.file=%s --storage.tsdb.path=%s --web.listen-address=127.0.0.1:%d "
+                                 .. "--log.level=warn", q(prometheus_bin()), q(dir .. "/prometheus.yml"),
+                                 q(dir .. "/data"), port), dir .. "/prometheus.log")
+  fixtures.wait_until(function()
+    if not fixtures.alive(self.pid) then
+      error("fixtures: prometheus exited at start-up:\n" .. (read_file(dir .. "/prometheus.log") or ""), 0)
+    end
+    local code, body = fixtures.http_get(self.url .. "/api/v1/targets", 2)
+    return code == 200 and body:find('"activeTargets":%[{') ~= nil
+  end, 20, "prometheus on 127.0.0.1:" .. port .. " to scrape its targets")
+  return self
+end
+
+------------------------------------------------------------------------
 -- Load with wrk
 
 local Load = {}
