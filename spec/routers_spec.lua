@@ -118,6 +118,23 @@ describe("several routers", function()
       assert.is_nil(router_error)
       assert.same({ "haproxy", "nginx" }, { routers[1].kind, routers[2].kind })
     end)
+
+    -- nginx keeps no per-upstream counters: the group reads the first
+    -- member that does, here the HAProxy listed second.
+    it("analysis by HAProxy's counters works behind nginx and HAProxy: 30 % 5xx aborts at the first share", function()
+      local a = haproxies()
+      local site = nginx():site()
+      local m = setup({ site:router(), hap_router(a) })
+      local load = fixtures.load(4, a:url("/"), 30)
+      local r = m:deploy("production", "v2-err30", { strategy = deploy.CanaryStrategy{
+        initial_percentage = 10, increment = 45, interval = 1,
+        analysis = { metrics = { { name = "errors", source = "haproxy", measure = "5xx_ratio", success = { max = 0.01 } } } } } })
+      load:finish()
+      assert.is_false(r.success)
+      assert.matches("^canary aborted at 10 %%: analysis failed: metric 'errors' %(haproxy%)", errors(r))
+      assert.same({ v1 = 30 }, (a:sample(30)))
+      assert.same({ v1 = 30 }, (site:sample(30)))
+    end)
   end)
 
   describe("a step that fails on one router", function()
