@@ -363,10 +363,8 @@ static void status_seen(void *payload, const service_status *st, const char *err
       dc_iso8601(st->maintenance_since, ts, sizeof ts);
       lset_string(L, "since", ts);
       lset_string(L, "by", st->maintenance_by);
-    } else {
-      lua_pushboolean(L, 0);
+      lua_setfield(L, -2, "maintenance");
     }
-    lua_setfield(L, -2, "maintenance");
     w->ok = 1;
   }
   w->done = 1;
