@@ -63,7 +63,7 @@ describe("targets across hosts: the config", function()
                    .. "connect_timeout, boot_limit, boot_wait%)", err)
     err = refused({ instances = 1, provider = { kind = "process", command = "./app", boot_limit = 1 } })
     assert.matches("provider has an unknown field 'boot_limit' %(known: kind, command, ports, stop_timeout, workdir, env%)", err)
-    assert.matches("kind 'kubernetes' is not known %(known: process, ssh%)", refused(ssh_target{ kind = "kubernetes" }))
+    assert.matches("kind 'kubernetes' is not known %(known: process, ssh, test%)", refused(ssh_target{ kind = "kubernetes" }))
   end)
 
   it("refuses hosts without the ssh provider, the ssh provider without hosts, and bad values", function()
