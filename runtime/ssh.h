@@ -16,7 +16,9 @@
  * longer than ControlPersist, or its link died), the next command opens a
  * new one. The control sockets live in a private 0700 directory; unix
  * socket paths are limited to 108 bytes, so it must be short.
- * ssh_ctx_free closes the masters it opened (`ssh -O exit`).
+ * ssh_ctx_free closes the masters it opened: MUX_C_TERMINATE on the control
+ * socket, as `ssh -O exit` sends it (that command when the master does not
+ * answer).
  *
  * Host keys are checked strictly (StrictHostKeyChecking=yes): an unknown or
  * changed key is refused with an error naming the host; accept_new opts in
