@@ -13,6 +13,7 @@
 #   DEPLOYCTL-AGENT/1 inspect state=alive|dead pid=N starttime=T found=pid|tag|none boot=B
 #                     (one such line per instance asked about, in order)
 #   DEPLOYCTL-AGENT/1 stop result=stopped|killed|gone pid=N
+#                     (one such line per instance asked about, in order)
 #   DEPLOYCTL-AGENT/1 prune removed=N rotated=N freed=BYTES
 #   DEPLOYCTL-AGENT/1 error CODE MESSAGE          (exit status 3)
 # `logs` prints the log's lines themselves (exit 0), or the error line.
@@ -44,10 +45,12 @@
 #     DEPLOY_INSTANCE=TAG (the session leader first), found=tag; else dead.
 #     Each --tag begins the next instance: one answer line each, in order
 #     (all of them checked before any is answered).
-#   stop --pid N --starttime T --boot B [--timeout-ms MS]
-#     SIGTERM to the process group, SIGKILL after MS (default 10000), until
-#     no member is left. A pid that now names another process (start time
-#     or boot differs) is never signalled: result=gone.
+#   stop --pid N --starttime T --boot B [--pid N ...] [--timeout-ms MS]
+#     SIGTERM to each instance's process group, SIGKILL after MS (default
+#     10000), until no member is left; every instance at once, one answer
+#     line each, in order (a field given twice begins the next instance).
+#     A pid that now names another process (start time or boot differs) is
+#     never signalled: result=gone.
 #   prune --dir DIR --target T [--max-bytes N] [--drop VERSION ...]
 #     Retention (runtime/logprune.h does the same on the deploy machine):
 #     deletes T's logs DIR/T-VERSION-N.log (and .log.1) of each dropped
@@ -490,50 +493,113 @@ send() {
   kill -s "$1" -- "-$pid" 2>/dev/null || kill -s "$1" "$pid" 2>/dev/null || :
 }
 
+# One instance of the stop's list, from the options read so far.
+stop_item() {
+  if ! is_uint "$pid" || ! is_uint "$start" || [ -z "$boot" ]; then
+    fail usage "stop: --pid, --starttime and --boot are required for each instance, --pid and --starttime numbers"
+  fi
+  # kill -- -1 would signal everything we may signal.
+  [ "$pid" -gt 1 ] || fail usage "stop: pid $pid is not an instance"
+  # A boot id holds no spaces (it is a field of the list): anything
+  # unusual names no boot of this host.
+  case $boot in *[!A-Za-z0-9-]*) boot=other;; esac
+  items="$items$pid $start $boot$NL"
+  pid= start= boot=
+}
+
+# Every instance of the list gets SIGTERM at once, then the wait for all
+# of them, SIGKILL to those left after MS: stopping a host's instances
+# takes one timeout, not one each.
 do_stop() {
-  pid= start= boot= timeout_ms=10000
+  pid= start= boot= timeout_ms=10000 items=
   while [ $# -gt 0 ]; do
     case $1 in
       --pid|--starttime|--boot|--timeout-ms)
         [ $# -ge 2 ] || fail usage "$1 needs a value"
         check_value "$1" "$2"
+        # A field given twice begins the next instance.
         case $1 in
-          --pid) pid=$2;; --starttime) start=$2;; --boot) boot=$2;; --timeout-ms) timeout_ms=$2;;
+          --pid) [ -z "$pid" ] || stop_item; pid=$2;;
+          --starttime) [ -z "$start" ] || stop_item; start=$2;;
+          --boot) [ -z "$boot" ] || stop_item; boot=$2;;
+          --timeout-ms) timeout_ms=$2;;
         esac
         shift 2;;
       *) fail usage "stop: unknown option '$1'";;
     esac
   done
-  if ! is_uint "$pid" || ! is_uint "$start" || ! is_uint "$timeout_ms" || [ -z "$boot" ]; then
-    fail usage "stop: --pid, --starttime and --boot are required, --pid, --starttime and --timeout-ms numbers"
+  if [ -n "$pid$start$boot" ] || [ -z "$items" ]; then
+    stop_item
   fi
-  # kill -- -1 would signal everything we may signal.
-  [ "$pid" -gt 1 ] || fail usage "stop: pid $pid is not an instance"
+  is_uint "$timeout_ms" || fail usage "stop: --timeout-ms must be a number"
   # A pid from another boot names nobody of ours.
   boot_id
-  if [ "$boot" != "$boot_now" ] || instance_gone; then
-    printf '%s stop result=gone pid=%s\n' "$PROTO" "$pid"
-    return 0
-  fi
-  send TERM
+  todo=$items list=
+  while [ -n "$todo" ]; do
+    it=${todo%%"$NL"*}
+    todo=${todo#*"$NL"}
+    # shellcheck disable=SC2086
+    set -- $it
+    pid=$1 start=$2
+    if [ "$3" != "$boot_now" ] || instance_gone; then
+      res=gone
+    else
+      send TERM
+      res=term
+    fi
+    list="$list$pid $start $res$NL"
+  done
   now_cs
   deadline=$((cs + timeout_ms / 10))
-  while ! instance_gone; do
+  sig=TERM
+  while :; do
+    todo=$list list= left=
+    while [ -n "$todo" ]; do
+      it=${todo%%"$NL"*}
+      todo=${todo#*"$NL"}
+      # shellcheck disable=SC2086
+      set -- $it
+      pid=$1 start=$2 res=$3
+      case $res in
+        term|kill)
+          if instance_gone; then
+            case $res in term) res=stopped;; *) res=killed;; esac
+          else
+            left=$pid
+          fi;;
+      esac
+      list="$list$pid $start $res$NL"
+    done
+    [ -n "$left" ] || break
     now_cs
     if [ "$cs" -ge "$deadline" ]; then
-      send KILL
-      deadline=$((cs + 500))
-      while ! instance_gone; do
-        now_cs
-        [ "$cs" -lt "$deadline" ] || fail stuck "process group $pid is still there 5 s after SIGKILL"
-        nap
+      [ $sig = TERM ] || fail stuck "process group $left is still there 5 s after SIGKILL"
+      sig=KILL
+      todo=$list list=
+      while [ -n "$todo" ]; do
+        it=${todo%%"$NL"*}
+        todo=${todo#*"$NL"}
+        # shellcheck disable=SC2086
+        set -- $it
+        pid=$1 start=$2 res=$3
+        if [ "$res" = term ]; then
+          send KILL
+          res=kill
+        fi
+        list="$list$pid $start $res$NL"
       done
-      printf '%s stop result=killed pid=%s\n' "$PROTO" "$pid"
-      return 0
+      deadline=$((cs + 500))
     fi
     nap
   done
-  printf '%s stop result=stopped pid=%s\n' "$PROTO" "$pid"
+  todo=$list
+  while [ -n "$todo" ]; do
+    it=${todo%%"$NL"*}
+    todo=${todo#*"$NL"}
+    # shellcheck disable=SC2086
+    set -- $it
+    printf '%s stop result=%s pid=%s\n' "$PROTO" "$3" "$1"
+  done
 }
 
 # ---- logs ----
@@ -583,22 +649,39 @@ do_prune() {
   [ -n "$dir" ] && [ -n "$target" ] || fail usage "prune: --dir and --target are required"
   is_uint "$max" || fail usage "prune: --max-bytes must be a number"
   removed=0 rotated=0 freed=0
-  now=$(date +%s)
+  # Our logs, then one stat for all of them: a fork per file (wc, stat)
+  # cost more than everything else the verb does.
+  set --
   for f in "$dir/$target"-*.log "$dir/$target"-*.log.1; do
     [ -f "$f" ] && [ ! -L "$f" ] || continue
+    rest=${f##*/}
+    rest=${rest#"$target"-}
+    rest=${rest%.1}
+    rest=${rest%.log}
+    idx=${rest##*-} ver=${rest%-*}
+    is_uint "$idx" && [ -n "$ver" ] && [ "$ver" != "$rest" ] || continue
+    set -- "$@" "$f"
+  done
+  stats=
+  if [ $# -gt 0 ]; then
+    now=$(date +%s)
+    stats=$(stat -c '%s %Y %n' -- "$@" 2>/dev/null)
+  fi
+  while [ -n "$stats" ]; do
+    line=${stats%%"$NL"*}
+    case $stats in *"$NL"*) stats=${stats#*"$NL"};; *) stats=;; esac
+    size=${line%% *} line=${line#* }
+    mtime=${line%% *} f=${line#* }
+    is_uint "$size" && is_uint "$mtime" || continue
     rest=${f##*/}
     rest=${rest#"$target"-}
     case $rest in
       *.log.1) rest=${rest%.log.1} rot=1;;
       *) rest=${rest%.log} rot=0;;
     esac
-    idx=${rest##*-} ver=${rest%-*}
-    is_uint "$idx" && [ -n "$ver" ] && [ "$ver" != "$rest" ] || continue
-    size=$(wc -c < "$f") || continue
-    size=$((size))
+    ver=${rest%-*}
     case $NL$drops in
       *"$NL$ver$NL"*)
-        mtime=$(stat -c %Y -- "$f" 2>/dev/null) || continue
         [ $((now - mtime)) -ge 10 ] || continue
         rm -f -- "$f" && removed=$((removed + 1)) freed=$((freed + size));;
       *)
