@@ -315,21 +315,32 @@ int ssh_agent_hello_command(char **cmd, char *err) {
 
 int ssh_agent_stop_command(char **cmd, const ssh_agent_instance *inst,
                            double timeout, char *err) {
+  return ssh_agent_stop_many_command(cmd, inst, 1, timeout, err);
+}
+
+int ssh_agent_stop_many_command(char **cmd, const ssh_agent_instance *inst, size_t n, double timeout, char *err) {
   *cmd = NULL;
-  if (check_instance(inst, err) != 0)
+  if (n == 0) {
+    dc_fmt(err, DC_ERR_MAX, "agent: stop: no instance given");
     return -1;
+  }
+  for (size_t i = 0; i < n; i++)
+    if (check_instance(&inst[i], err) != 0)
+      return -1;
   if (!(timeout > 0 && timeout <= 86400)) {
     dc_fmt(err, DC_ERR_MAX, "agent: stop timeout %g is not between 0 and 86400 seconds", timeout);
     return -1;
   }
   sb b = {0};
   sb_begin(&b, "stop");
-  sb_arg(&b, "--pid");
-  sb_int(&b, inst->pid);
-  sb_arg(&b, "--starttime");
-  sb_int(&b, (long long)inst->start_time);
-  sb_arg(&b, "--boot");
-  sb_arg(&b, inst->boot_id);
+  for (size_t i = 0; i < n; i++) {
+    sb_arg(&b, "--pid");
+    sb_int(&b, inst[i].pid);
+    sb_arg(&b, "--starttime");
+    sb_int(&b, (long long)inst[i].start_time);
+    sb_arg(&b, "--boot");
+    sb_arg(&b, inst[i].boot_id);
+  }
   sb_arg(&b, "--timeout-ms");
   sb_int(&b, (long long)(timeout * 1000.0 + 0.5));
   return sb_end(&b, cmd, err);
@@ -659,24 +670,58 @@ int ssh_agent_parse_hello(ssh_agent_hello *out, const ssh_result *r, char *err) 
   return 0;
 }
 
+static const char *const STOP_RESULTS[] = {"stopped", "killed", "gone", NULL};
+
+/* One stop answer line; 0, or -1. */
+static int stop_line(ssh_agent_stop_result *out, int *pid, const char *line) {
+  cursor c = {line, 0};
+  expect(&c, SSH_AGENT_PROTO " stop ");
+  int res = word(&c, "result=", 0, STOP_RESULTS);
+  uint64_t p = number(&c, "pid=", 1, 2, PID_MAX_LIMIT);
+  if (c.bad)
+    return -1;
+  *out = res == 0 ? SSH_AGENT_STOPPED : res == 1 ? SSH_AGENT_KILLED : SSH_AGENT_GONE;
+  *pid = (int)p;
+  return 0;
+}
+
 int ssh_agent_parse_stop(ssh_agent_stop_result *out, int *pid, const ssh_result *r,
                          char *err) {
-  static const char *const results[] = {"stopped", "killed", "gone", NULL};
   char line[256];
   *out = SSH_AGENT_GONE;
   *pid = 0;
   if (answered(r, "stop", line, sizeof line, err) != 0)
     return -1;
-  cursor c = {line, 0};
-  expect(&c, SSH_AGENT_PROTO " stop ");
-  int res = word(&c, "result=", 0, results);
-  uint64_t p = number(&c, "pid=", 1, 2, PID_MAX_LIMIT);
-  if (c.bad) {
+  if (stop_line(out, pid, line) != 0) {
+    *out = SSH_AGENT_GONE;
+    *pid = 0;
     unexpected(err, r, "stop");
     return -1;
   }
-  *out = res == 0 ? SSH_AGENT_STOPPED : res == 1 ? SSH_AGENT_KILLED : SSH_AGENT_GONE;
-  *pid = (int)p;
+  return 0;
+}
+
+int ssh_agent_parse_stop_many(ssh_agent_stop_result *out, int *pid, size_t n, const ssh_result *r, char *err) {
+  char line[256];
+  for (size_t i = 0; i < n; i++) {
+    out[i] = SSH_AGENT_GONE;
+    pid[i] = 0;
+  }
+  if (answered(r, "stop", NULL, 0, err) != 0)
+    return -1;
+  const char *p = r->out, *end = r->out + r->out_len;
+  for (size_t i = 0; i < n; i++) {
+    const char *nl = memchr(p, '\n', (size_t)(end - p));
+    if (!nl || one_line(line, sizeof line, p, (size_t)(nl - p) + 1) != 0 || stop_line(&out[i], &pid[i], line) != 0) {
+      unexpected(err, r, "stop");
+      return -1;
+    }
+    p = nl + 1;
+  }
+  if (p != end) {
+    unexpected(err, r, "stop");
+    return -1;
+  }
   return 0;
 }
 

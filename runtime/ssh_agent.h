@@ -107,6 +107,9 @@ int ssh_agent_hello_command(char **cmd, char *err);
  * 5 s more: give ssh_run at least timeout + 10. */
 int ssh_agent_stop_command(char **cmd, const ssh_agent_instance *inst,
                            double timeout, char *err);
+/* Several instances of one host in one command: all signalled at once,
+ * one answer line each, in order; the same deadline as one. */
+int ssh_agent_stop_many_command(char **cmd, const ssh_agent_instance *inst, size_t n, double timeout, char *err);
 int ssh_agent_logs_command(char **cmd, const char *log_path, int lines,
                            int follow, char *err);
 void ssh_agent_free_input(char *input, size_t len);
@@ -125,6 +128,8 @@ int ssh_agent_parse_inspect_many(ssh_agent_state *out, size_t n, const ssh_resul
 int ssh_agent_parse_hello(ssh_agent_hello *out, const ssh_result *r, char *err);
 int ssh_agent_parse_stop(ssh_agent_stop_result *out, int *pid, const ssh_result *r,
                          char *err);
+/* Exactly n answer lines, into out[0..n) and pid[0..n). */
+int ssh_agent_parse_stop_many(ssh_agent_stop_result *out, int *pid, size_t n, const ssh_result *r, char *err);
 /* logs: the text is r->out itself; this checks it is not an error. */
 int ssh_agent_parse_logs(const ssh_result *r, char *err);
 int ssh_agent_parse_prune(size_t *removed, size_t *rotated, uint64_t *freed, const ssh_result *r, char *err);

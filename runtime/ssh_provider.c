@@ -47,6 +47,7 @@
 #define DEFAULT_LOG_DIR ".deployctl/logs"
 #define DEFAULT_CONNECT_TIMEOUT 10.0
 #define INSPECT_BATCH_MAX 64
+#define STOP_BATCH_MAX 64
 #define EXPAND_MAX 16384
 #define ERROR_PREFIX SSH_AGENT_PROTO " error "
 
@@ -54,7 +55,7 @@ typedef struct ssh_provider ssh_provider;
 typedef struct node node;
 typedef struct op op;
 
-typedef enum { OP_HELLO, OP_START, OP_STOP_FIND, OP_STOP, OP_INSPECT, OP_LOGS, OP_PRUNE } op_kind;
+typedef enum { OP_HELLO, OP_START, OP_STOP_FIND, OP_STOP, OP_STOP_BATCH, OP_INSPECT, OP_LOGS, OP_PRUNE } op_kind;
 
 /* One inspect asked for, waiting for its node's next batch. */
 typedef struct inspect_req {
@@ -79,6 +80,7 @@ struct node {
   int hello_running;
   op *waiting;         /* starts waiting for the address */
   inspect_req *batch, *batch_tail;
+  op *stops, *stops_tail; /* stops with a handle, waiting for the next batch */
 };
 
 /* A remote command in flight, or a start waiting for its node's address. */
@@ -98,6 +100,8 @@ struct op {
   provider_start_cb start_cb;
   /* stop */
   provider_cb cb;
+  ssh_agent_instance ai; /* a stop waiting for its node's batch */
+  op *members, *mnext;   /* a batch: the stops it carries */
   /* inspect */
   inspect_req *reqs;
   size_t nreqs;
@@ -698,6 +702,67 @@ static void stop_done(op *o, const ssh_result *r, const char *err) {
   stop_finish(o, ssh_agent_parse_stop(&res, &pid, r, why) == 0 ? NULL : why);
 }
 
+/* The answers of one batch, in the order of its members. */
+static void stop_batch_done(op *b, const ssh_result *r, const char *err) {
+  char why[DC_ERR_MAX];
+  size_t n = 0;
+  for (op *m = b->members; m; m = m->mnext)
+    n++;
+  ssh_agent_stop_result *res = calloc(n ? n : 1, sizeof *res);
+  int *pids = calloc(n ? n : 1, sizeof *pids);
+  if (!err && (!res || !pids)) {
+    dc_fmt(why, sizeof why, "deploy: out of memory");
+    err = why;
+  }
+  if (!err && ssh_agent_parse_stop_many(res, pids, n, r, why) != 0)
+    err = why;
+  free(res);
+  free(pids);
+  op *m = b->members;
+  b->members = NULL;
+  while (m) {
+    op *next = m->mnext;
+    m->mnext = NULL;
+    stop_finish(m, err);
+    m = next;
+  }
+  op_free(b);
+}
+
+/* Sends one batch of up to STOP_BATCH_MAX stops of node n: one command
+ * signals them all, so a host's instances stop within one stop_timeout
+ * and one ssh session. */
+static void stop_batch_send(ssh_provider *p, node *n) {
+  char err[DC_ERR_MAX], *cmd = NULL;
+  ssh_agent_instance v[STOP_BATCH_MAX];
+  op *first = n->stops, *last = NULL;
+  size_t k = 0;
+  while (n->stops && k < STOP_BATCH_MAX) {
+    last = n->stops;
+    v[k++] = last->ai;
+    n->stops = last->mnext;
+  }
+  last->mnext = NULL;
+  if (!n->stops)
+    n->stops_tail = NULL;
+  op *b = op_new(p, n, OP_STOP_BATCH, err);
+  if (!b) {
+    for (op *m = first; m;) {
+      op *next = m->mnext;
+      stop_finish(m, err);
+      m = next;
+    }
+    return;
+  }
+  b->members = first;
+  /* The agent waits stop_timeout, then up to 5 s after SIGKILL. */
+  if (ssh_agent_stop_many_command(&cmd, v, k, p->stop_timeout, err) != 0) {
+    fail_later(b, err);
+    return;
+  }
+  run(b, cmd, NULL, 0, deadline(p, n, p->stop_timeout + 10), NULL);
+}
+
 static int sp_stop(provider *base, const store_instance *inst, provider_cb cb, void *payload, char *err) {
   ssh_provider *p = (ssh_provider *)base;
   node *n = node_get(p, inst->node, err);
@@ -709,9 +774,18 @@ static int sp_stop(provider *base, const store_instance *inst, provider_cb cb, v
   o->inst = *inst;
   o->cb = cb;
   o->payload = payload;
-  ssh_agent_instance ai;
-  if (parse_handle(inst, &ai)) {
-    stop_send(o, &ai);
+  if (parse_handle(inst, &o->ai)) {
+    /* Whatever else is stopped on this node in this loop turn goes in the
+     * same command. Queued, it holds the virtual clock already. */
+    o->held = 1;
+    engine_hold(p->e);
+    if (n->stops_tail)
+      n->stops_tail->mnext = o;
+    else
+      n->stops = o;
+    n->stops_tail = o;
+    if (!uv_is_active((uv_handle_t *)&p->flush))
+      uv_timer_start(&p->flush, on_flush, 0, 0);
     return 0;
   }
   char tag[1200];
@@ -819,9 +893,12 @@ static void batch_send(ssh_provider *p, node *n) {
 
 static void on_flush(uv_timer_t *t) {
   ssh_provider *p = t->data;
-  for (node *n = p->nodes; n; n = n->next)
+  for (node *n = p->nodes; n; n = n->next) {
     while (n->batch)
       batch_send(p, n);
+    while (n->stops)
+      stop_batch_send(p, n);
+  }
   /* Failures found before a command ran, reported as ssh reports its own. */
   while (p->late) {
     op *o = p->late;
@@ -1103,6 +1180,9 @@ static void on_ssh_done(void *payload, const ssh_result *r, const char *err) {
   case OP_STOP:
     stop_done(o, r, err);
     return;
+  case OP_STOP_BATCH:
+    stop_batch_done(o, r, err);
+    return;
   case OP_INSPECT:
     inspect_done(o, r, err);
     return;
@@ -1140,6 +1220,14 @@ static void sp_free(provider *base) {
       rq = next;
     }
     n->batch = n->batch_tail = NULL;
+    /* Stops not sent yet: no one listens any more (closing). */
+    op *m = n->stops;
+    n->stops = n->stops_tail = NULL;
+    while (m) {
+      op *next = m->mnext;
+      op_free(m);
+      m = next;
+    }
     /* Starts waiting for a hello are freed when the hello answers. */
   }
   for (op *o = p->ops.next; o != &p->ops; o = o->next)

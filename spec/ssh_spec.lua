@@ -88,6 +88,16 @@ describe("the ssh agent's answers", function()
     assert.is_false(parse("inspect-2", 0, alive).ok)               -- one line short
     assert.is_false(parse("inspect-2", 0, alive .. dead .. dead).ok) -- one too many
     assert.is_false(parse("inspect-2", 0, alive .. "noise\n").ok)
+    -- a host's stops in one command: one line per instance, in order
+    local stopped = "DEPLOYCTL-AGENT/1 stop result=stopped pid=4242\n"
+    local gone = "DEPLOYCTL-AGENT/1 stop result=gone pid=4243\n"
+    assert.is_true(parse("stop-2", 0, stopped .. gone).ok)
+    assert.is_false(parse("stop-2", 0, stopped).ok)                  -- one line short
+    assert.is_false(parse("stop-2", 0, stopped .. gone .. gone).ok)  -- one too many
+    assert.is_false(parse("stop-2", 0, stopped .. "DEPLOYCTL-AGENT/1 stop result=paused pid=4243\n").ok)
+    local r2 = parse("stop-2", 3, "DEPLOYCTL-AGENT/1 error stuck process group 4243 is still there 5 s after SIGKILL\n")
+    assert.is_false(r2.ok)
+    assert.matches("stuck", r2.error, 1, true)
     assert.is_true(parse("hello", 0, "DEPLOYCTL-AGENT/1 hello addr=10.0.0.5 " .. boot .. "\n").ok)
     assert.is_true(parse("hello", 0, "DEPLOYCTL-AGENT/1 hello addr=fd42:d55::11 " .. boot .. "\n").ok)
     local r = parse("hello", 0, "DEPLOYCTL-AGENT/1 hello addr=app1.example.com " .. boot .. "\n")

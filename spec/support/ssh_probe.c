@@ -537,6 +537,12 @@ static int mode_parse(int argc, char **argv) {
     ssh_agent_stop_result s;
     int pid;
     ok = ssh_agent_parse_stop(&s, &pid, &r, err) == 0;
+  } else if (strncmp(argv[0], "stop-", 5) == 0) {
+    /* stop-N: N answer lines (a batch of stops on one host) */
+    ssh_agent_stop_result s[8];
+    int pids[8];
+    size_t want = (size_t)num(argv[0] + 5, "stop-N");
+    ok = want >= 1 && want <= 8 && ssh_agent_parse_stop_many(s, pids, want, &r, err) == 0;
   } else {
     ok = ssh_agent_parse_logs(&r, err) == 0;
   }
