@@ -1,12 +1,13 @@
 /* require "deploy": the module table, made of the classes' register
  * functions, and the few module-level functions (sleep, now, _host,
- * router_weights). */
+ * router_weights, http.request). */
 #include <stdlib.h>
 #include <string.h>
 
 #include "ldeployment.h"
 #include "lgitops.h"
 #include "lhealth.h"
+#include "lhttp.h"
 #include "lmanager.h"
 #include "lparallel.h"
 #include "lsched.h"
@@ -164,5 +165,6 @@ int luaopen_deploy(lua_State *L) {
   ldeployment_register(L);
   lparallel_register(L);
   lgitops_register(L);
+  lhttp_register(L);
   return 1;
 }

@@ -57,20 +57,6 @@ static void set_err(char *err, const char *fmt, ...) {
   va_end(ap);
 }
 
-/* Error messages may end up in logs: a password in the URL becomes "***". */
-static void redact_url(char *dst, size_t size, const char *url) {
-  const char *auth = strstr(url, "://");
-  auth = auth ? auth + 3 : url;
-  size_t host_off = strcspn(auth, "/?#");
-  const char *at = memchr(auth, '@', host_off);
-  const char *colon = at ? memchr(auth, ':', (size_t)(at - auth)) : NULL;
-  if (!colon) {
-    dc_strlcpy(dst, url, size);
-    return;
-  }
-  dc_fmt(dst, size, "%.*s:***%s", (int)(colon - url), url, at);
-}
-
 /* ---- lifetime ----------------------------------------------------------- */
 
 static void check_free(check *c) {
@@ -248,7 +234,7 @@ static int probe_prepare(check *c, size_t i, const char *url, char *err) {
     set_err(err, "health: URL #%zu is missing (NULL)", i + 1);
     return -1;
   }
-  redact_url(shown, sizeof shown, url);
+  dc_redact_url(shown, sizeof shown, url);
   if (url_validate(url, why, sizeof why) != 0) {
     set_err(err, "health: bad URL '%s': %s (expected http://host:port/path)",
             shown, why);
@@ -277,7 +263,7 @@ static int start_all(check *c, http *h, char *err) {
       continue;
     }
     char shown[256];
-    redact_url(shown, sizeof shown, c->urls[i]);
+    dc_redact_url(shown, sizeof shown, c->urls[i]);
     set_err(err, "health: could not start the check of '%s' (out of memory, "
                  "or the engine is shutting down)", shown);
     if (c->pending == 0)
@@ -309,18 +295,7 @@ static int start_empty(engine *e, check *c, char *err) {
   return 0;
 }
 
-static void engine_http_free(void *h) { http_free(h); }
-
-/* The engine's libcurl multi, made on first use and freed with the engine. */
-static http *engine_http(engine *e) {
-  if (!e->http) {
-    e->http = http_new(e->loop);
-    e->http_free = engine_http_free;
-  }
-  return e->http;
-}
-
-static int hc_start(engine *e, const char *const *urls, size_t n,
+int healthcheck_start(engine *e, const char *const *urls, size_t n,
                     const health_opts *opts, health_cb cb, void *payload,
                     char *err) {
   if (!e || !e->loop || !cb || (n > 0 && !urls)) {
@@ -341,7 +316,7 @@ static int hc_start(engine *e, const char *const *urls, size_t n,
       return -1;
     }
   }
-  http *h = engine_http(e);
+  http *h = http_of_engine(e);
   if (!h) {
     set_err(err, "health: the engine has no HTTP client (libcurl multi "
                  "could not be created)");
@@ -350,10 +325,3 @@ static int hc_start(engine *e, const char *const *urls, size_t n,
   }
   return start_all(c, h, err);
 }
-
-/* ---- the module's one entry point ---- */
-
-__attribute__((visibility("default"))) const health_api deploy_http_api = {
-    .version = HEALTH_API_VERSION,
-    .check_start = hc_start,
-};
