@@ -11,6 +11,7 @@
 
 #include "engine.h"
 #include "lutil.h"
+#include "lwebhook.h"
 #include "ssh.h"
 #include "util.h"
 
@@ -500,9 +501,26 @@ static void read_health(lua_State *L, int idx, const char *path, target_health *
   lua_pop(L, 1);
 }
 
+/* webhooks = { {...}, ... } and notify = { {...}, ... }: checked by the
+ * runtime (webhook.c, notify.c), owned by the target. */
+static void read_hooks(lua_State *L, int idx, const char *path, target_config *t) {
+  char what[160];
+  if (field(L, idx, "webhooks") != LUA_TNIL) {
+    dc_fmt(what, sizeof what, "deploy: config %s.webhooks", path);
+    lwebhook_read(L, lua_gettop(L), what, &t->webhooks);
+  }
+  lua_pop(L, 1);
+  if (field(L, idx, "notify") != LUA_TNIL) {
+    dc_fmt(what, sizeof what, "deploy: config %s.notify", path);
+    lnotify_read(L, lua_gettop(L), what, &t->notify);
+  }
+  lua_pop(L, 1);
+}
+
 static void read_target(lua_State *L, lconfig *c, const char *name, int idx, const char *log_dir,
                         const char *tag) {
-  static const char *const allowed[] = {"instances", "hosts", "provider", "router", "health", NULL};
+  static const char *const allowed[] = {"instances", "hosts", "provider", "router", "health", "webhooks", "notify",
+                                        NULL};
   char path[128], err[DC_ERR_MAX];
   dc_fmt(path, sizeof path, "targets.%s", name);
   if (dc_validate_target_name(name, err) != 0)
@@ -519,6 +537,7 @@ static void read_target(lua_State *L, lconfig *c, const char *name, int idx, con
   read_health(L, idx, path, &t->health);
   make_provider(L, idx, path, t, log_dir, tag);
   make_router(L, idx, path, t);
+  read_hooks(L, idx, path, t);
 }
 
 static void resolve_state(lua_State *L, int idx, lconfig *c) {

@@ -344,6 +344,11 @@ local function event_line(ev)
     detail = d.message or cjson.encode(d)
   elseif ev.kind == "hook_failed" then
     detail = string.format("%s: %s", d.hook, d.error)
+  elseif ev.kind == "webhook" then
+    detail = string.format("%s (%s): %s%s", d.name, d.type, d.ok and "ok" or "failed",
+                           d.detail and d.detail ~= "" and (", " .. d.detail) or "")
+  elseif ev.kind == "webhook_waiting" then
+    detail = string.format("%s (%s) says not yet: %s; asking every %gs", d.name, d.type, d.detail or "", d.interval or 0)
   end
   return string.format("%s %-10s %-16s %s\n", ev.time, ev.target, ev.kind, detail)
 end
@@ -392,6 +397,7 @@ local function progress_printer(interval)
     if ev.kind == "healthy" or ev.kind == "verified" then s.health = "healthy" end
     if ev.kind == "health_failed" then s.health = d.state .. " (" .. d.consecutive .. ")" end
     if ev.kind == "paused" then s.health = "paused: deployctl promote|abort " .. ev.target end
+    if ev.kind == "webhook_waiting" then s.health = "waiting for webhook " .. d.name .. " (" .. d.type .. ")" end
     draw(ev, s)
     if ev.kind == "aborted" or ev.kind == "finished" then
       out:write("\n")

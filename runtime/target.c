@@ -41,6 +41,8 @@ void target_config_free(target_config *t) {
     t->router->free(t->router);
   /* After both: they cancel their commands, which live in it. */
   ssh_ctx_free(t->ssh);
+  webhook_list_clear(&t->webhooks);
+  notify_list_clear(&t->notify);
   for (size_t i = 0; i < t->nnodes; i++)
     free(t->nodes[i]);
   free(t->nodes);

@@ -5,10 +5,12 @@
 #define DEPLOY_TARGET_H
 
 #include "engine.h"
+#include "notify.h"
 #include "provider.h"
 #include "router.h"
 #include "ssh.h"
 #include "store.h"
+#include "webhook.h"
 
 typedef struct target_health {
   char path[256];           /* "/healthz" */
@@ -35,12 +37,14 @@ typedef struct target_config {
   double boot_limit_pct;
   double boot_wait;
   ssh_ctx *ssh;             /* the target's ssh connections (provider, router), owned; may be NULL */
+  webhook_list webhooks;    /* called by every rollout of the target (webhook_hooks.h) */
+  notify_list notify;       /* told about every rollout of the target (notify.h) */
 } target_config;
 
 void target_health_default(target_health *h);
 /* A target with one node, this machine; NULL when out of memory. */
 target_config *target_config_new(const char *name);
-void target_config_free(target_config *t); /* frees provider, router, ssh, nodes; NULL-safe */
+void target_config_free(target_config *t); /* frees provider, router, ssh, nodes, webhooks; NULL-safe */
 
 /* How many nodes one boot wave starts on (>= 1). */
 size_t target_wave_size(const target_config *t);
