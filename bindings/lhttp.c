@@ -213,8 +213,12 @@ static double read_number(lua_State *L, const char *field, double def, double lo
   else if (t != LUA_TNIL)
     luaL_error(L, "deploy.http.request: %s must be a number of %s, got %s", field, unit, luaL_typename(L, -1));
   lua_pop(L, 1);
-  if (!(v >= lo && v <= hi))
-    luaL_error(L, "deploy.http.request: %s must be between %g and %g %s, got %g", field, lo, hi, unit, v);
+  if (!(v >= lo && v <= hi)) {
+    char msg[DC_ERR_MAX];
+    dc_fmt(msg, sizeof msg, "deploy.http.request: %s must be between %.15g and %.15g %s, got %.15g", field, lo, hi, unit,
+           v);
+    lerror(L, msg);
+  }
   return v;
 }
 
@@ -247,8 +251,11 @@ static void read_args(lua_State *L, req_args *a) {
   lua_pop(L, 1);
   a->timeout = read_number(L, "timeout", HTTPREQ_DEFAULT_TIMEOUT, 0.001, HTTPREQ_MAX_TIMEOUT, "seconds");
   double max = read_number(L, "max_body", HTTPREQ_DEFAULT_MAX_BODY, 1, HTTPREQ_MAX_BODY_LIMIT, "bytes");
-  if (max != (double)(size_t)max)
-    luaL_error(L, "deploy.http.request: max_body must be a whole number of bytes, got %g", max);
+  if (max != (double)(size_t)max) {
+    char msg[DC_ERR_MAX];
+    dc_fmt(msg, sizeof msg, "deploy.http.request: max_body must be a whole number of bytes, got %g", max);
+    lerror(L, msg);
+  }
   a->max_body = (size_t)max;
 }
 

@@ -85,6 +85,18 @@ static int deploy_now(lua_State *L) {
   return 1;
 }
 
+/* deploy._flush([seconds]): lets the notifications and event webhooks
+ * still queued leave before the process exits (deployctl calls it last;
+ * nothing else waits for them). At most `seconds` (10): what is left is
+ * dropped with the process. Returns how many were left. */
+static int deploy_flush(lua_State *L) {
+  double s = luaL_optnumber(L, 1, 10);
+  if (!(s >= 0 && s <= 3600))
+    return luaL_error(L, "deploy._flush: seconds must be between 0 and 3600, got %f", s);
+  lua_pushinteger(L, (lua_Integer)engine_flush(lengine_get(L), s));
+  return 1;
+}
+
 /* deploy._host{ config = path, simulate = bool }: set by deployctl run.
  * config: what DeploymentManager{} uses when given no config; simulate:
  * the virtual clock for everything in this process. */
@@ -152,6 +164,7 @@ int luaopen_deploy(lua_State *L) {
   static const luaL_Reg functions[] = {{"sleep", deploy_sleep},
                                        {"now", deploy_now},
                                        {"_host", deploy_host},
+                                       {"_flush", deploy_flush},
                                        {"router_weights", deploy_router_weights},
                                        {"migrate_store", deploy_migrate_store},
                                        {NULL, NULL}};

@@ -888,6 +888,10 @@ local ok, rv = xpcall(main, function(e)
   return debug.traceback(tostring(e), 2)
 end, ...)
 out:flush()
+-- Notifications and event webhooks are never waited for by a rollout; they
+-- still get up to 10 s to leave before the process ends (not after Ctrl-C).
+local left = (ok or not tostring(rv):find("interrupted", 1, true)) and deploy._flush(10) or 0
+if left > 0 then eprintf("deployctl: %d notification(s) not delivered in 10 s: dropped\n", left) end
 if ok then return rv end
 if type(rv) == "table" then
   eprintf("deployctl: %s\n", rv.usage)

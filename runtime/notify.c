@@ -97,10 +97,25 @@ struct notifier {
   char reason[DC_ERR_MAX];
 };
 
-/* Slack reads &, < and > as markup (links, mentions): they are escaped. */
+/* Slack reads &, < and > as markup (links, mentions): they are escaped.
+ * A URL in a reason (a health check's) would become a link: it goes
+ * without its scheme in a code span, which Slack shows as text. */
 static char *slack_text(const char *s) {
   dc_buf b = {0};
   for (const char *p = s; *p; p++) {
+    size_t scheme = strncmp(p, "http://", 7) == 0 ? 7 : strncmp(p, "https://", 8) == 0 ? 8 : 0;
+    if (scheme) {
+      const char *start = p + scheme, *end = start;
+      while (*end && *end != ' ' && *end != '<' && *end != '>' && *end != '&' && *end != '`')
+        end++;
+      while (end > start && strchr(":;,.)", end[-1]))
+        end--; /* the sentence's punctuation, not the URL's */
+      dc_buf_puts(&b, "`");
+      dc_buf_add(&b, start, (size_t)(end - start));
+      dc_buf_puts(&b, "`");
+      p = end - 1;
+      continue;
+    }
     if (*p == '&')
       dc_buf_puts(&b, "&amp;");
     else if (*p == '<')

@@ -29,7 +29,8 @@ outbox *outbox_new(engine *e) {
   return b;
 }
 
-static void post_free(post *p) {
+static void post_free(outbox *b, post *p) {
+  engine_outgoing(b->e, -1);
   json_decref(p->body);
   explicit_bzero(&p->w, sizeof p->w);
   free(p);
@@ -58,7 +59,7 @@ static void sent(void *payload, const webhook_answer *a) {
   if (!b->head)
     b->tail = NULL;
   b->n--;
-  post_free(p);
+  post_free(b, p);
   send_next(b);
 }
 
@@ -73,7 +74,7 @@ static void send_next(outbox *b) {
     if (!b->head)
       b->tail = NULL;
     b->n--;
-    post_free(p);
+    post_free(b, p);
   }
   if (!b->head && b->released)
     free(b);
@@ -87,16 +88,18 @@ void outbox_post(outbox *b, const webhook *w, const char *label, json_t *body, c
   post *p = calloc(1, sizeof *p);
   if (!p || b->n >= OUTBOX_MAX) {
     if (p) {
+      engine_outgoing(b->e, 1); /* post_free uncounts it */
       p->w = *w;
       dc_strlcpy(p->what, what, sizeof p->what);
       say_dropped(p, "too many waiting already (the receiver is slow or down)");
       p->body = body;
-      post_free(p);
+      post_free(b, p);
     } else {
       json_decref(body);
     }
     return;
   }
+  engine_outgoing(b->e, 1);
   p->w = *w;
   dc_strlcpy(p->label, label ? label : "", sizeof p->label);
   dc_strlcpy(p->what, what, sizeof p->what);

@@ -1322,7 +1322,9 @@ static void run_step(rollout *r) {
 }
 
 static void begin_after_hook(rollout *r, int ok, const char *err) {
-  if (!ok) {
+  /* An abort that ended the hook's wait (a confirm-rollout gate) is the
+   * reason, not the hook failing because of it. */
+  if (!ok && !r->abort_requested) {
     strategy_action a;
     memset(&a, 0, sizeof a);
     a.kind = ACTION_ABORT;

@@ -17,6 +17,7 @@
  *   /ok                  200 {"ok":true}
  *   /status/NNN          NNN
  *   /gate/NAME           200 once the file D/open-NAME exists, else 403
+ *   /wait/NAME           holds the answer until D/open-NAME exists, then 200
  *   /rollback/NAME       200 once D/rollback-NAME exists, else 404
  *   /flaky/N/NAME        500 for the first N requests to it, then 200
  *   /slow/MS             200 after MS milliseconds
@@ -24,6 +25,7 @@
  *   /huge/BYTES          200 with a body of BYTES bytes
  *   /redirect            302 to /ok
  *   /text                200 with a body that is not JSON
+ *   /notify/NAME         200 (a notification destination: only logged)
  *   anything else        404
  * SIGTERM or SIGINT ends it. */
 #include <uv.h>
@@ -44,6 +46,7 @@
 
 typedef struct conn {
   uv_tcp_t tcp;
+  char waiting_for[256];   /* /wait/NAME: the file that releases the answer */
   uv_timer_t timer;
   uv_write_t wreq;
   int handles;
@@ -236,6 +239,14 @@ static int file_exists(const char *prefix, const char *name) {
 
 static void on_slow(uv_timer_t *t) { respond_text(t->data, 200, "{\"ok\":true,\"slow\":true}"); }
 
+static void on_wait(uv_timer_t *t) {
+  conn *c = t->data;
+  if (file_exists("open-", c->waiting_for)) {
+    uv_timer_stop(t);
+    respond_text(c, 200, "{\"waited\":true}");
+  }
+}
+
 static void answer(conn *c, const char *path) {
   if (strcmp(path, "/ok") == 0) {
     respond_text(c, 200, "{\"ok\":true}");
@@ -270,6 +281,11 @@ static void answer(conn *c, const char *path) {
       respond_text(c, 200, "{\"flaky\":\"ok\"}");
   } else if (strncmp(path, "/slow/", 6) == 0) {
     uv_timer_start(&c->timer, on_slow, (uint64_t)atol(path + 6), 0);
+  } else if (strncmp(path, "/wait/", 6) == 0) {
+    snprintf(c->waiting_for, sizeof c->waiting_for, "%.200s", path + 6);
+    uv_timer_start(&c->timer, on_wait, 0, 20);
+  } else if (strncmp(path, "/notify/", 8) == 0) {
+    respond_text(c, 200, "{\"ok\":true}");
   } else if (strcmp(path, "/hang") == 0) {
     /* never answers; the connection closes when the client gives up */
   } else if (strncmp(path, "/huge/", 6) == 0) {
