@@ -25,7 +25,7 @@ int lmanager_start(lua_State *L, int manager_idx, const char *target, const char
                    const char *metadata_json, const webhook_list *webhooks, lrun_done_cb cb, void *payload,
                    char *err);
 /* Pushes a DeploymentManager{} made from the host's default config
- * ($DEPLOY_CONFIG, ./deploy.lua); what_for names the caller in the error
+ * ($DEPLOY_CONFIG, ./deployctl.lua); what_for names the caller in the error
  * when there is none. */
 void lmanager_push_default(lua_State *L, const char *what_for);
 

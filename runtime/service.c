@@ -8,6 +8,7 @@
 #include "instset.h"
 #include "json.h"
 #include "notify.h"
+#include "retain.h"
 #include "util.h"
 #include "webhook_hooks.h"
 
@@ -101,6 +102,9 @@ typedef struct run_ref {
   webhook_hooks *hooks;    /* NULL: no webhook */
   notifier *notify;        /* NULL: nobody to tell */
   event_sink sink;         /* the caller's */
+  rollout **handle;        /* the caller's pointer to the rollout, cleared as it ends */
+  rollout_result res;      /* a copy, held while the retention runs */
+  char **errors;
 } run_ref;
 
 static void run_event(void *payload, const store_event *ev) {
@@ -116,13 +120,6 @@ static void run_free(run_ref *rr) {
   notifier_release(rr->notify);
   service_unref(rr->svc);
   free(rr);
-}
-
-static void run_done(void *payload, const rollout_result *res) {
-  run_ref *rr = payload;
-  if (rr->cb)
-    rr->cb(rr->payload, res);
-  run_free(rr);
 }
 
 /* The target's webhooks with the strategy's over them (same name: the
@@ -147,6 +144,46 @@ static int run_extras(run_ref *rr, const target_config *t, const rollout_opts *o
   return 0;
 }
 
+static void run_report(run_ref *rr) {
+  rr->res.errors = (const char *const *)rr->errors;
+  if (rr->cb)
+    rr->cb(rr->payload, &rr->res);
+  for (size_t i = 0; i < rr->res.nerrors; i++)
+    free(rr->errors[i]);
+  free(rr->errors);
+  run_free(rr);
+}
+
+static void retained(void *payload, const retain_result *r) {
+  /* Retention never fails a deployment: the next one tries again. */
+  if (r->err)
+    fprintf(stderr, "deployctl: retention: %s\n", r->err);
+  run_report(payload);
+}
+
+/* After every deployment that ran (not one refused as locked), what is
+ * past the target's retention goes, before the caller hears of the end:
+ * whoever deploys next finds the store and the logs within their limits. */
+static void run_done(void *payload, const rollout_result *res) {
+  run_ref *rr = payload;
+  char err[DC_ERR_MAX];
+  /* The rollout is gone once this returns, while the caller hears of the
+   * end only after the retention: its handle must not outlive the rollout. */
+  if (rr->handle)
+    *rr->handle = NULL;
+  rr->res = *res;
+  rr->res.nerrors = 0;
+  rr->errors = res->nerrors ? calloc(res->nerrors, sizeof *rr->errors) : NULL;
+  for (size_t i = 0; rr->errors && i < res->nerrors; i++)
+    if ((rr->errors[i] = strdup(res->errors[i])) != NULL)
+      rr->res.nerrors++;
+  if (!res->recorded || retain_target(rr->svc, res->target, retained, rr, err) != DC_OK) {
+    if (res->recorded)
+      fprintf(stderr, "deployctl: retention: %s\n", err);
+    run_report(rr);
+  }
+}
+
 int service_deploy(service *svc, const char *target, strategy *st, const rollout_opts *o, rollout_done_cb cb,
                    void *payload, rollout **out, char *err) {
   rollout *r = NULL;
@@ -162,6 +199,7 @@ int service_deploy(service *svc, const char *target, strategy *st, const rollout
   rr->svc = service_ref(svc);
   rr->cb = cb;
   rr->payload = payload;
+  rr->handle = out;
   rollout_opts with;
   if (run_extras(rr, t, o, &with, err) != 0 || rollout_start(&r, svc->e, svc->s, t, st, &with, run_done, rr, err) != DC_OK) {
     run_free(rr);

@@ -21,6 +21,13 @@ typedef struct target_health {
   double start_timeout;     /* seconds new instances get to turn healthy, 60 */
 } target_health;
 
+/* What is kept of a target's past (retain.h). */
+typedef struct target_retain {
+  int history;              /* deployments kept in the store, 200 */
+  int versions;             /* versions whose instance logs are kept, 10 (<= history) */
+  double log_mb;            /* an instance log past this many MiB is rotated, 100; 0: never */
+} target_retain;
+
 typedef struct target_config {
   char name[64];
   int instances;            /* per node, >= 1 */
@@ -39,6 +46,7 @@ typedef struct target_config {
   ssh_ctx *ssh;             /* the target's ssh connections (provider, router), owned; may be NULL */
   webhook_list webhooks;    /* called by every rollout of the target (webhook_hooks.h) */
   notify_list notify;       /* told about every rollout of the target (notify.h) */
+  target_retain retain;
 } target_config;
 
 void target_health_default(target_health *h);
