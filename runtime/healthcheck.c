@@ -307,7 +307,7 @@ int healthcheck_start(engine *e, const char *const *urls, size_t n,
       return -1;
     }
   }
-  http *h = http_of_engine(e);
+  http *h = http_engine_client(e);
   if (!h) {
     dc_errf(err, "health: the engine has no HTTP client (libcurl multi "
                  "could not be created)");

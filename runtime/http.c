@@ -5,6 +5,8 @@
 #include "http.h"
 
 #include <pthread.h>
+
+#include "engine.h"
 #include <stdlib.h>
 
 /* One socket curl asked us to watch. Lives until its poll handle's close
@@ -294,7 +296,7 @@ int http_remove(http *h, CURL *easy) {
 
 static void engine_http_free(void *h) { http_free(h); }
 
-http *http_of_engine(engine *e) {
+http *http_engine_client(engine *e) {
   if (!e->http) {
     e->http = http_new(e->loop);
     e->http_free = engine_http_free;

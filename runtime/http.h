@@ -31,12 +31,14 @@ int http_active(const http *h);
  * h is being freed (then its callback runs, with CURLE_ABORTED_BY_CALLBACK). */
 int http_remove(http *h, CURL *easy);
 
-/* The engine's client, made on first use and freed with the engine
- * (e->http). NULL when libcurl's multi cannot be made. */
-http *http_of_engine(engine *e);
-
 /* The module's parts, reached from its table (httpreq.c). */
 int healthcheck_start(engine *e, const char *const *urls, size_t n, const health_opts *opts, health_cb cb,
                       void *payload, char *err);
+
+/* The engine's client, made on first use and freed with the engine: one
+ * multi handle per loop for every request of the module. NULL when it
+ * cannot be made. */
+struct engine;
+http *http_engine_client(struct engine *e);
 
 #endif

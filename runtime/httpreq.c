@@ -351,7 +351,7 @@ static int request_start(void **out, engine *e, const httpreq_opts *o, httpreq_c
     req_free(r);
     return rc;
   }
-  r->h = http_of_engine(e);
+  r->h = http_engine_client(e);
   if (!r->h || http_add(r->h, r->easy, on_done, r) != 0) {
     req_free(r);
     set_err(err, "http: could not start the request (out of memory, or the engine is shutting down)");
