@@ -169,7 +169,8 @@ describe("webhooks", function()
     -- the v1 deploy of target() is told too
     fixtures.wait_until(function() return #events(info) == 2 end, 10, "the v1 notifications")
     assert.is_true(m:deploy("production", "v2", { strategy = fast_canary() }).success)
-    local r = m:deploy("production", "v3", { strategy = fast_canary(), hooks = {
+    -- holds of 1 s: time for three failed checks at 50 %
+    local r = m:deploy("production", "v3", { strategy = fast_canary{ interval = 1 }, hooks = {
       after_step = function(pct) if pct >= 50 then fixtures.set_unhealthy(dir, "v3") end end } })
     assert.is_false(r.success)
     fixtures.wait_until(function() return #events(info) == 6 and #events(errors) == 1 end, 10, "the notifications")
@@ -211,9 +212,9 @@ describe("webhooks", function()
     local m = target{ webhooks = { { name = "audit", type = "event", url = rx:url("/notify/audit-" .. n), secret = SECRET } } }
     local path = "/notify/audit-" .. n
     assert.is_true(m:deploy("production", "v2", { strategy = fast_canary() }).success)
-    local evs = last_events(m, "production")
-    local v2 = {}
+    local evs, v2 = {}, {}
     fixtures.wait_until(function()
+      evs = last_events(m, "production") -- the store may write the last ones after deploy() returned
       v2 = {}
       for _, req in ipairs(rx:requests(path)) do
         if req.json.version == "v2" then v2[#v2 + 1] = req end
