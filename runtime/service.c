@@ -130,6 +130,15 @@ static void run_free(run_ref *rr) {
 /* The target's webhooks with the strategy's over them (same name: the
  * strategy's); a rollback runs only the event ones. */
 static int run_extras(run_ref *rr, const target_config *t, const rollout_opts *o, rollout_opts *out, char *err) {
+  *out = *o;
+  rr->sink = o->sink;
+  out->sink = (event_sink){run_event, rr};
+  /* A dry run tells nobody and asks nobody: its gates pass, as they would
+   * with every receiver answering 2xx. */
+  if (t->simulated) {
+    out->webhook_hooks = NULL;
+    return 0;
+  }
   webhook_list all;
   if (webhook_list_merge(&all, &t->webhooks, o->webhooks, err) != 0)
     return -1;
@@ -142,9 +151,6 @@ static int run_extras(run_ref *rr, const target_config *t, const rollout_opts *o
     dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
     return -1;
   }
-  *out = *o;
-  rr->sink = o->sink;
-  out->sink = (event_sink){run_event, rr};
   out->webhook_hooks = webhook_hooks_vtable(rr->hooks);
   return 0;
 }
@@ -195,12 +201,11 @@ int service_deploy(service *svc, const char *target, strategy *st, const rollout
   target_config *t = check_target(svc, target, err);
   if (!t)
     return DC_ERROR;
-  run_ref *rr = malloc(sizeof *rr);
+  run_ref *rr = calloc(1, sizeof *rr);
   if (!rr) {
     dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
     return DC_ERROR;
   }
-  memset(rr, 0, sizeof *rr);
   rr->svc = service_ref(svc);
   rr->cb = cb;
   rr->payload = payload;

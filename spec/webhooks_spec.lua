@@ -391,6 +391,22 @@ describe("webhooks", function()
     end, 10, "the rolled_back notification")
   end)
 
+  it("a dry run (--simulate) calls no webhook and sends no notification; its gates pass, and it says so", function()
+    local gate = fresh("dry")
+    local t = fixtures.target_config{ instances = 1 }
+    t.webhooks = { { name = "qa", type = "confirm-promotion", url = rx:url("/gate/" .. gate), secret = SECRET, interval = 0.05 },
+                   { name = "ev", type = "event", url = rx:url("/event/" .. gate), secret = SECRET } }
+    t.notify = { { url = rx:url("/notify/" .. gate), format = "json", secret = SECRET } }
+    local dir = fixtures.tmpdir("dry")
+    local config = cli.write_config(dir, fixtures.config{ state = dir .. "/state.db", targets = { production = t } })
+    local code, out, err = cli.run({ "--config", config, "deploy", "production", "v1", "--simulate" })
+    assert.equal(0, code, out .. err)
+    assert.matches("webhooks and notifications are not sent %(gates pass%)", out .. err)
+    assert.same({}, rx:requests("/gate/" .. gate))
+    assert.same({}, rx:requests("/event/" .. gate))
+    assert.same({}, rx:requests("/notify/" .. gate))
+  end)
+
   it("a strategy's webhook replaces the target's of the same name; before_promote is a Lua hook too", function()
     local gate = fresh("target-gate")
     local m = target{ webhooks = { { name = "gate", type = "confirm-promotion", url = rx:url("/gate/" .. gate) } } }
