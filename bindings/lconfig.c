@@ -502,7 +502,7 @@ static void read_health(lua_State *L, int idx, const char *path, target_health *
 
 static void read_target(lua_State *L, lconfig *c, const char *name, int idx, const char *log_dir,
                         const char *tag) {
-  static const char *const allowed[] = {"instances", "hosts", "provider", "router", "health", NULL};
+  static const char *const allowed[] = {"instances", "hosts", "provider", "router", "health", "restart", NULL};
   char path[128], err[DC_ERR_MAX];
   dc_fmt(path, sizeof path, "targets.%s", name);
   if (dc_validate_target_name(name, err) != 0)
@@ -515,10 +515,87 @@ static void read_target(lua_State *L, lconfig *c, const char *name, int idx, con
     lerror(L, "deploy: out of memory");
   c->targets[c->ntargets++] = t;
   t->instances = int_field(L, idx, path, "instances", 1, 1, 64);
+  str_field(L, idx, path, "restart", "on-failure", t->restart, sizeof t->restart);
+  if (strcmp(t->restart, "on-failure") != 0 && strcmp(t->restart, "always") != 0 && strcmp(t->restart, "never") != 0) {
+    char full[160];
+    dc_fmt(full, sizeof full, "%s.restart", path);
+    fail(L, full, "'%s' is not known: use 'on-failure', 'always' or 'never'", t->restart);
+  }
   read_hosts(L, idx, path, t);
   read_health(L, idx, path, &t->health);
   make_provider(L, idx, path, t, log_dir, tag);
   make_router(L, idx, path, t);
+}
+
+/* ---- what `deployctl serve` reads: gitops = { {...}, ... }, serve = {...} ---- */
+
+static void copy_str(lua_State *L, int from, int to, const char *path, const char *k, const char *def) {
+  char buf[2048];
+  int t = field(L, from, k);
+  lua_pop(L, 1);
+  if (t == LUA_TNIL && !def)
+    return;
+  str_field(L, from, path, k, def, buf, sizeof buf);
+  lua_pushstring(L, buf);
+  lua_setfield(L, to, k);
+}
+
+/* Pushes the checked copy of config.gitops: a list of { repo_url, branch,
+ * path, interval, prune, secret }. */
+static void read_gitops(lua_State *L, int idx) {
+  static const char *const allowed[] = {"repo_url", "branch", "path", "interval", "prune", "secret", NULL};
+  lua_newtable(L);
+  int out = lua_gettop(L);
+  if (!sub_table(L, idx, "", "gitops", 0))
+    return;
+  int gi = lua_gettop(L);
+  lua_Integer n = (lua_Integer)lua_rawlen(L, gi);
+  lua_pushnil(L);
+  while (lua_next(L, gi)) {
+    if (!lua_isinteger(L, -2) || lua_tointeger(L, -2) < 1 || lua_tointeger(L, -2) > n)
+      fail(L, ".gitops", "must be a list of tables, e.g. gitops = { { repo_url = \"...\", branch = \"main\" } }%s", "");
+    lua_pop(L, 1);
+  }
+  for (lua_Integer i = 1; i <= n; i++) {
+    char path[64];
+    dc_fmt(path, sizeof path, ".gitops[%lld]", (long long)i);
+    lua_rawgeti(L, gi, i);
+    int ei = lua_gettop(L);
+    if (!lua_istable(L, ei))
+      fail(L, path, "must be a table, got %s", luaL_typename(L, ei));
+    check_keys(L, ei, path, allowed);
+    lua_newtable(L);
+    int oi = lua_gettop(L);
+    copy_str(L, ei, oi, path, "repo_url", NULL);
+    if (lua_getfield(L, oi, "repo_url") == LUA_TNIL)
+      fail(L, path, "has no repo_url: %s", "add repo_url = \"https://...\" (the repository of the manifests)");
+    lua_pop(L, 1);
+    copy_str(L, ei, oi, path, "branch", "main");
+    copy_str(L, ei, oi, path, "path", "/");
+    copy_str(L, ei, oi, path, "secret", NULL);
+    lua_pushnumber(L, num_field(L, ei, path, "interval", 60, 0.01, 86400));
+    lua_setfield(L, oi, "interval");
+    lua_pushboolean(L, bool_field(L, ei, path, "prune", 0));
+    lua_setfield(L, oi, "prune");
+    lua_rawseti(L, out, i);
+    lua_settop(L, gi);
+  }
+  lua_settop(L, out);
+}
+
+/* Pushes the checked copy of config.serve: { listen, tls_cert, tls_key }. */
+static void read_serve(lua_State *L, int idx) {
+  static const char *const allowed[] = {"listen", "tls_cert", "tls_key", NULL};
+  lua_newtable(L);
+  int out = lua_gettop(L);
+  if (!sub_table(L, idx, "", "serve", 0))
+    return;
+  int si = lua_gettop(L);
+  check_keys(L, si, ".serve", allowed);
+  copy_str(L, si, out, ".serve", "listen", NULL);
+  copy_str(L, si, out, ".serve", "tls_cert", NULL);
+  copy_str(L, si, out, ".serve", "tls_key", NULL);
+  lua_settop(L, out);
 }
 
 static void resolve_state(lua_State *L, int idx, lconfig *c) {
@@ -591,14 +668,14 @@ static void store_tag(const char *state, char *tag, size_t tsize, char *log_dir,
 }
 
 lconfig *lconfig_load(lua_State *L, int idx) {
-  static const char *const allowed[] = {"state", "clock", "targets", NULL};
+  static const char *const allowed[] = {"state", "clock", "targets", "gitops", "serve", NULL};
   idx = lua_absindex(L, idx);
   if (lua_type(L, idx) == LUA_TSTRING)
     load_file(L, idx);
   else if (!lua_istable(L, idx))
     fail(L, "", "must be a table or the path of a Lua file that returns one, got %s", luaL_typename(L, idx));
   check_keys(L, idx, "(top level)", allowed);
-  lconfig *c = lua_newuserdatauv(L, sizeof *c, 0);
+  lconfig *c = lua_newuserdatauv(L, sizeof *c, 1);
   memset(c, 0, sizeof *c);
   if (luaL_newmetatable(L, LCONFIG_MT)) {
     static const luaL_Reg meta[] = {{"__gc", config_gc}, {NULL, NULL}};
@@ -640,6 +717,14 @@ lconfig *lconfig_load(lua_State *L, int idx) {
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
+  lua_settop(L, ci);
+  /* The sections only serve reads, kept as checked Lua tables. */
+  lua_createtable(L, 0, 2);
+  read_gitops(L, idx);
+  lua_setfield(L, -2, "gitops");
+  read_serve(L, idx);
+  lua_setfield(L, -2, "serve");
+  lua_setiuservalue(L, ci, 1);
   lua_settop(L, ci);
   return c;
 }

@@ -19,6 +19,9 @@ typedef struct lconfig {
  * raises a Lua error naming the field on bad input. The config is owned by
  * the userdata pushed on the stack (its __gc frees what was not taken). */
 lconfig *lconfig_load(lua_State *L, int idx);
+/* The config userdata's first user value is a table { gitops = {...},
+ * serve = {...} }: those sections, checked (README "deployctl serve"). */
+
 /* Hands the targets over (to a service); the config keeps none. */
 target_config **lconfig_take_targets(lconfig *c, size_t *n);
 

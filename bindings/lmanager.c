@@ -7,6 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "describe.h"
 #include "lconfig.h"
 #include "lsched.h"
 #include "lstrategy.h"
@@ -19,7 +20,7 @@ typedef struct lmanager {
   service *svc; /* a reference; NULL once closed */
 } lmanager;
 
-enum { UV_STRATEGY = 1, UV_ON_EVENT = 2, UV_STRATEGIES = 3, UV_COUNT = 3 };
+enum { UV_STRATEGY = 1, UV_ON_EVENT = 2, UV_STRATEGIES = 3, UV_SETTINGS = 4, UV_COUNT = 4 };
 
 static lmanager *manager_at(lua_State *L, int idx) {
   lmanager *m = luaL_checkudata(L, idx, MANAGER_MT);
@@ -297,31 +298,34 @@ static int manager_rollback(lua_State *L) {
 
 /* ---- status ---- */
 
-static void status_seen(void *payload, const service_status *st, const char *err) {
-  lwait *w = payload;
-  lua_State *L = w->L;
-  if (!st) {
-    dc_strlcpy(w->err, err, sizeof w->err);
-  } else {
-    lua_createtable(L, 0, 5);
-    lset_string(L, "target", st->target);
-    lset_string_or_nil(L, "current_version", st->current_version);
-    lset_string(L, "status", st->status);
-    lset_string(L, "health", st->health);
-    lset_integer(L, "instances", st->instances);
-    w->ok = 1;
-  }
-  w->done = 1;
+/* The specification's fields (target, current_version, status, health,
+ * instances) and beside them the rest of the target's view (view.h). */
+typedef struct lstatus {
+  lwait w;
+  json_t *view;
+} lstatus;
+
+static void status_seen(void *payload, const json_t *view, const char *err) {
+  lstatus *st = payload;
+  if (!view)
+    dc_strlcpy(st->w.err, err, sizeof st->w.err);
+  else
+    st->view = json_incref((json_t *)view);
+  st->w.ok = view != NULL;
+  st->w.done = 1;
 }
 
 static int manager_get_status(lua_State *L) {
   lsched_check_can_wait(L);
   lmanager *m = manager_at(L, 1);
   const char *target = check_target(L, m, 2, "manager:get_status()");
-  lwait w = {.L = L};
-  wait_for(L, &w, service_get_status(m->svc, target, status_seen, &w, w.err));
-  if (!w.ok)
-    return lerror(L, w.err);
+  lstatus st = {.w = {.L = L}};
+  describe_opts o = {.check = 1};
+  wait_for(L, &st.w, service_describe(m->svc, target, &o, status_seen, &st, st.w.err));
+  if (!st.w.ok)
+    return lerror(L, st.w.err);
+  ljson_push(L, st.view);
+  json_decref(st.view);
   return 1;
 }
 
@@ -822,6 +826,14 @@ static int manager_lock(lua_State *L) {
   return 1;
 }
 
+/* The config's gitops and serve sections, checked: { gitops = { ... },
+ * serve = { ... } } (what `deployctl serve` runs with). */
+static int manager_settings(lua_State *L) {
+  manager_at(L, 1);
+  lua_getiuservalue(L, 1, UV_SETTINGS);
+  return 1;
+}
+
 static int manager_state_path(lua_State *L) {
   lmanager *m = manager_at(L, 1);
   lua_pushstring(L, store_location(service_store(m->svc)));
@@ -1014,6 +1026,8 @@ static int manager_new(lua_State *L) {
   }
   lua_pop(L, 1);
   lua_setiuservalue(L, 6, UV_STRATEGIES);
+  lua_getiuservalue(L, 3, 1);
+  lua_setiuservalue(L, 6, UV_SETTINGS);
   open_service(L, m, cfg);
   lua_settop(L, 6);
   return 1;
@@ -1045,6 +1059,7 @@ void lmanager_register(lua_State *L) {
       {"targets", manager_targets},
       {"reconcile", manager_reconcile},
       {"state_path", manager_state_path},
+      {"settings", manager_settings},
       {"lock", manager_lock},
       {"integrity_check", manager_integrity_check},
       {"promote", manager_promote},

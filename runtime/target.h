@@ -35,6 +35,9 @@ typedef struct target_config {
   double boot_limit_pct;
   double boot_wait;
   ssh_ctx *ssh;             /* the target's ssh connections (provider, router), owned; may be NULL */
+  /* What `deployctl serve` does when a live instance dies between
+   * deployments (supervise.h): "on-failure" (default), "always", "never". */
+  char restart[16];
 } target_config;
 
 void target_health_default(target_health *h);
