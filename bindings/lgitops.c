@@ -558,6 +558,15 @@ static int sync_new(lua_State *L) {
   return 1;
 }
 
+gitsync *lgitops_gitsync(lua_State *L, int idx) {
+  lgitops *lg = luaL_testudata(L, idx, GITOPS_MT);
+  if (!lg)
+    luaL_error(L, "deploy: a GitOpsSynchronizer was expected, got %s", luaL_typename(L, idx));
+  if (!lg->gs)
+    luaL_error(L, "deploy: this GitOpsSynchronizer was closed");
+  return lg->gs;
+}
+
 void lgitops_register(lua_State *L) {
   static const luaL_Reg methods[] = {{"get_diff", sync_get_diff}, {"sync", sync_sync}, {"watch", sync_watch},
                                      {"close", sync_close},       {NULL, NULL}};

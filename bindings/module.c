@@ -9,6 +9,7 @@
 #include "lhealth.h"
 #include "lmanager.h"
 #include "lparallel.h"
+#include "lserve.h"
 #include "lsched.h"
 #include "lstrategy.h"
 #include "lutil.h"
@@ -164,5 +165,6 @@ int luaopen_deploy(lua_State *L) {
   ldeployment_register(L);
   lparallel_register(L);
   lgitops_register(L);
+  lserve_register(L);
   return 1;
 }

@@ -62,6 +62,7 @@ local COMMANDS = {
   { "diff", "--repo URL [--branch B] [--path P]", "what a GitOps sync would change" },
   { "sync", "--repo URL [--branch B] [--path P] [--prune]", "apply what the git repository wants" },
   { "watch", "--repo URL [--branch B] [--path P] [--interval S]", "keep syncing as the repository changes" },
+  { "serve", "[--listen ADDR:PORT] [--tls-cert F --tls-key F]", "the agent: dashboard, API, /metrics, webhooks, supervision" },
   { "completion", "bash", "print the bash completion script" },
   { "man", "", "print the man page (troff)" },
   { "version", "", "print deployctl's version" },
@@ -188,6 +189,9 @@ local gitops_ok, gitops = pcall(require, "deployctl.gitops")
 if gitops_ok and type(gitops) == "table" and gitops.help then
   for k, v in pairs(gitops.help) do HELP[k] = v end
 end
+
+local serve_ok, serve_cli = pcall(require, "deployctl.serve")
+if serve_ok and type(serve_cli) == "table" and serve_cli.help then HELP.serve = serve_cli.help end
 
 local function main_help()
   local lines = { "Usage: deployctl [--config FILE] <command> [arguments]", "", "Commands:" }
@@ -857,6 +861,11 @@ for _, name in ipairs{ "diff", "sync", "watch" } do
     end
     return gitops[name](gitops_ctx(opts), args)
   end
+end
+
+function commands.serve(opts, args)
+  if not serve_ok then usage_error("serve: not built into this deployctl") end
+  return serve_cli.serve(gitops_ctx(opts), args)
 end
 
 -- ---------------------------------------------------------------------------
