@@ -583,9 +583,11 @@ static void read_gitops(lua_State *L, int idx) {
   lua_settop(L, out);
 }
 
-/* Pushes the checked copy of config.serve: { listen, tls_cert, tls_key }. */
+/* Pushes the checked copy of config.serve: { listen, tls_cert, tls_key,
+ * supervise = { interval, limit, window, backoff_max } }. */
 static void read_serve(lua_State *L, int idx) {
-  static const char *const allowed[] = {"listen", "tls_cert", "tls_key", NULL};
+  static const char *const allowed[] = {"listen", "tls_cert", "tls_key", "supervise", NULL};
+  static const char *const sup_allowed[] = {"interval", "limit", "window", "backoff_max", NULL};
   lua_newtable(L);
   int out = lua_gettop(L);
   if (!sub_table(L, idx, "", "serve", 0))
@@ -595,6 +597,20 @@ static void read_serve(lua_State *L, int idx) {
   copy_str(L, si, out, ".serve", "listen", NULL);
   copy_str(L, si, out, ".serve", "tls_cert", NULL);
   copy_str(L, si, out, ".serve", "tls_key", NULL);
+  if (sub_table(L, si, ".serve", "supervise", 0)) {
+    int pi = lua_gettop(L);
+    check_keys(L, pi, ".serve.supervise", sup_allowed);
+    lua_createtable(L, 0, 4);
+    lua_pushnumber(L, num_field(L, pi, ".serve.supervise", "interval", 1, 0.05, 3600));
+    lua_setfield(L, -2, "interval");
+    lua_pushinteger(L, int_field(L, pi, ".serve.supervise", "limit", 5, 1, 1000));
+    lua_setfield(L, -2, "limit");
+    lua_pushnumber(L, num_field(L, pi, ".serve.supervise", "window", 300, 1, 86400));
+    lua_setfield(L, -2, "window");
+    lua_pushnumber(L, num_field(L, pi, ".serve.supervise", "backoff_max", 60, 0.1, 3600));
+    lua_setfield(L, -2, "backoff_max");
+    lua_setfield(L, out, "supervise");
+  }
   lua_settop(L, out);
 }
 

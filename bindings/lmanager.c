@@ -428,10 +428,31 @@ static int manager_history(lua_State *L) {
   return 1;
 }
 
-/* deployment(id): by id or a unique prefix of one; nil and why when none. */
+static void push_newest(lua_State *L, const store_result *r, void *extra) {
+  if (r->ndeployments == 0)
+    lua_pushnil(L);
+  else
+    push_deployment_row(L, &r->deployments[0]);
+}
+
+/* deployment(id): by id or a unique prefix of one; deployment("latest",
+ * target): the target's newest. nil and why when none. */
 static int manager_deployment(lua_State *L) {
   lmanager *m = manager_at(L, 1);
   const char *id = lcheck_string(L, 2, "id", "manager:deployment()");
+  if (strcmp(id, "latest") == 0) {
+    if (lua_isnoneornil(L, 3))
+      return luaL_error(L, "deploy: manager:deployment(\"latest\", target): 'latest' needs the target");
+    const char *target = check_target(L, m, 3, "manager:deployment()");
+    lread rd = {.w = {.L = L}, .push = push_newest};
+    if (!read_and_wait(L, &rd, store_history(service_store(m->svc), target, 1, read_done, &rd, rd.w.err)))
+      return lerror(L, rd.w.err);
+    if (lua_isnil(L, -1)) {
+      lua_pushfstring(L, "deploy: '%s' has no deployment yet", target);
+      return 2;
+    }
+    return 1;
+  }
   lread rd = {.w = {.L = L}, .push = push_one_deployment};
   if (!read_and_wait(L, &rd, store_deployment_get(service_store(m->svc), id, read_done, &rd, rd.w.err))) {
     /* Not found, or a prefix of several: an answer, not a failure. */

@@ -183,10 +183,25 @@ static int server_new(lua_State *L) {
   serve_opts o = {.host = host, .port = port, .tls_cert = opt_str(L, "tls_cert", NULL),
                   .tls_key = opt_str(L, "tls_key", NULL), .token = opt_str(L, "token", NULL),
                   .version = opt_str(L, "version", NULL), .supervise = 1, .max_body = SERVE_MAX_BODY};
-  if (lua_getfield(L, 1, "supervise") != LUA_TNIL) {
-    if (!lua_isboolean(L, -1))
-      return luaL_error(L, "deploy: Server supervise must be true or false, got %s", luaL_typename(L, -1));
+  /* supervise: true, false, or { interval, limit, window, backoff_max }
+   * (config.serve.supervise, checked by the config) */
+  int st = lua_getfield(L, 1, "supervise");
+  if (st == LUA_TBOOLEAN) {
     o.supervise = lua_toboolean(L, -1);
+  } else if (st == LUA_TTABLE) {
+    static const char *const sup_known[] = {"interval", "limit", "window", "backoff_max", NULL};
+    lcheck_keys(L, lua_gettop(L), sup_known, "deploy: Server supervise has no option '%s' (known: %s)");
+    lua_getfield(L, -1, "interval");
+    o.supervision.interval = lua_tonumber(L, -1);
+    lua_getfield(L, -2, "limit");
+    o.supervision.max_restarts = (int)lua_tointeger(L, -1);
+    lua_getfield(L, -3, "window");
+    o.supervision.window = lua_tonumber(L, -1);
+    lua_getfield(L, -4, "backoff_max");
+    o.supervision.backoff_max = lua_tonumber(L, -1);
+    lua_pop(L, 4);
+  } else if (st != LUA_TNIL) {
+    return luaL_error(L, "deploy: Server supervise must be true, false or a table, got %s", luaL_typename(L, -1));
   }
   lua_pop(L, 1);
   if (lua_getfield(L, 1, "poll") != LUA_TNIL) {

@@ -85,6 +85,12 @@ static int deploy_now(lua_State *L) {
   return 1;
 }
 
+/* deploy.virtual_clock(): true when waits return at once (simulating). */
+static int deploy_virtual_clock(lua_State *L) {
+  lua_pushboolean(L, lengine_get(L)->virtual_clock);
+  return 1;
+}
+
 /* deploy._host{ config = path, simulate = bool }: set by deployctl run.
  * config: what DeploymentManager{} uses when given no config; simulate:
  * the virtual clock for everything in this process. */
@@ -151,6 +157,7 @@ static int deploy_migrate_store(lua_State *L) {
 int luaopen_deploy(lua_State *L) {
   static const luaL_Reg functions[] = {{"sleep", deploy_sleep},
                                        {"now", deploy_now},
+                                       {"virtual_clock", deploy_virtual_clock},
                                        {"_host", deploy_host},
                                        {"router_weights", deploy_router_weights},
                                        {"migrate_store", deploy_migrate_store},

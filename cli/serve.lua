@@ -71,7 +71,8 @@ function M.serve(ctx, args)
   if token == "" then token = nil end
   local ok, server = pcall(ctx.deploy.Server, {
     manager = m, listen = flags.listen or cfg.listen, tls_cert = cert, tls_key = key, token = token,
-    repos = repos, supervise = not flags["no-supervise"], version = ctx.deploy._VERSION })
+    repos = repos, supervise = not flags["no-supervise"] and (cfg.supervise or true),
+    version = ctx.deploy._VERSION })
   if not ok then ctx.usage_error("%s", (tostring(server):gsub("^deploy: ", ""))) end
   local host = server.listen:match("^(.*):%d+$") or "127.0.0.1"
   local scheme = cert and "https" or "http"

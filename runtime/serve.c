@@ -388,8 +388,7 @@ int serve_start(serve **out, service *svc, const serve_opts *o, char *err) {
     s->httpd_open = rc == 0;
   }
   if (rc == 0 && o->supervise) {
-    supervise_opts so = {0};
-    rc = supervise_start(&s->sv, svc, &so, err);
+    rc = supervise_start(&s->sv, svc, &o->supervision, err);
   }
   if (rc != 0) {
     serve_stop(s, NULL, NULL);

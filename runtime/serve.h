@@ -19,6 +19,7 @@
 
 #include "gitsync.h"
 #include "service.h"
+#include "supervise.h"
 
 typedef struct serve serve;
 
@@ -39,6 +40,7 @@ typedef struct serve_opts {
   size_t nrepos;
   double poll;                  /* seconds between store polls (0.5) */
   int supervise;                /* restart dead live instances (supervise.h) */
+  supervise_opts supervision;   /* zeros: the defaults */
   size_t max_body;              /* bytes; larger requests get 413 (1 MiB) */
   const char *version;          /* deployctl's, for /api/v1/status */
 } serve_opts;
