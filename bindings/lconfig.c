@@ -80,8 +80,10 @@ static const char *str_field(lua_State *L, int idx, const char *path, const char
     fail(L, full, "%s", "could not be registered as holding secrets: out of memory");
   lua_pop(L, 1);
   /* ${NAME} is read from the environment now, except in the command, which
-   * is expanded only when an instance starts (its values are never kept). */
-  if (strcmp(k, "command") != 0 && strstr(buf, "${")) {
+   * is expanded only when an instance starts (its values are never kept),
+   * and in a webhook secret, which only `deployctl serve` reads (other
+   * commands need not have it in their environment). */
+  if (strcmp(k, "command") != 0 && strcmp(k, "secret") != 0 && strstr(buf, "${")) {
     char expanded[4096], err[DC_ERR_MAX];
     if (dc_expand_env(expanded, sizeof expanded, buf, err) != 0)
       fail(L, full, "%s", dc_unprefix(err));

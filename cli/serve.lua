@@ -34,6 +34,19 @@ Exit codes: 0 stopped by a signal, 2 usage or configuration error (a port in use
 a certificate that does not load).
 ]]
 
+-- A webhook secret as the config gives it: ${NAME} read from the
+-- environment now (the config keeps it unexpanded: only serve needs it).
+local function expand_secret(ctx, i, s)
+  if not s then return nil end
+  return (s:gsub("%${([%w_]+)}", function(name)
+    local v = os.getenv(name)
+    if not v or v == "" then
+      ctx.usage_error("serve: config gitops[%d].secret names ${%s}, which is not set in the environment: set it", i, name)
+    end
+    return v
+  end))
+end
+
 local FLAGS = { listen = "value", ["tls-cert"] = "value", ["tls-key"] = "value", ["no-supervise"] = "bool",
                 quiet = "bool" }
 
@@ -65,7 +78,7 @@ function M.serve(ctx, args)
     local ok, sync = pcall(ctx.deploy.GitOpsSynchronizer, {
       repo_url = g.repo_url, branch = g.branch, path = g.path, interval = g.interval, prune = g.prune, manager = m })
     if not ok then ctx.usage_error("serve: config gitops[%d]: %s", i, (tostring(sync):gsub("^deploy: ", ""))) end
-    repos[#repos + 1] = { sync = sync, secret = g.secret }
+    repos[#repos + 1] = { sync = sync, secret = expand_secret(ctx, i, g.secret) }
   end
   local token = os.getenv("DEPLOY_API_TOKEN")
   if token == "" then token = nil end
