@@ -171,6 +171,7 @@ static provider *inproc_provider(void) {
   provider *p = calloc(1, sizeof *p);
   p->version = PROVIDER_VERSION;
   p->kind = "inproc";
+  p->on_engine_clock = 1; /* in-process: up at once, nothing real to wait for */
   p->start = p_start;
   p->stop = p_stop;
   p->inspect = p_inspect;

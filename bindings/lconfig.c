@@ -3,6 +3,7 @@
  * provider and router are created from it. */
 #include <errno.h>
 #include <limits.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -115,8 +116,8 @@ static int int_field(lua_State *L, int idx, const char *path, const char *k, int
   char full[256];
   dc_fmt(full, sizeof full, "%s.%s", path, k);
   int t = field(L, idx, k);
-  if (t == LUA_TNUMBER && !lua_isinteger(L, -1) &&
-      lua_tonumber(L, -1) != (double)(lua_Integer)lua_tonumber(L, -1))
+  /* floor, not a cast to an integer: 1e308 or NaN do not fit one (UB). */
+  if (t == LUA_TNUMBER && !lua_isinteger(L, -1) && floor(lua_tonumber(L, -1)) != lua_tonumber(L, -1))
     fail(L, full, "must be a whole number, got %s", lua_tostring(L, -1));
   lua_pop(L, 1);
   return (int)num_field(L, idx, path, k, def, lo, hi);
@@ -282,9 +283,14 @@ static void make_provider(lua_State *L, int idx, const char *path, target_config
   sub_table(L, idx, path, "provider", 1);
   int pi = lua_gettop(L);
   str_field(L, pi, p, "kind", "process", kind, sizeof kind);
+  if (strcmp(kind, "test") == 0) {
+    lconfig_test_provider(L, pi, p, t);
+    lua_pop(L, 1);
+    return;
+  }
   int ssh = strcmp(kind, "ssh") == 0;
   if (!ssh && strcmp(kind, "process") != 0)
-    fail(L, p, "kind '%s' is not known (known: process, ssh)", kind);
+    fail(L, p, "kind '%s' is not known (known: process, ssh, test)", kind);
   check_keys(L, pi, p, ssh ? ssh_fields : process_fields);
   int remote = t->nnodes > 1 || t->nodes[0][0];
   if (ssh && !remote)
@@ -435,8 +441,13 @@ static void make_router(lua_State *L, int idx, const char *path, target_config *
   }
   int ri = lua_gettop(L);
   str_field(L, ri, p, "kind", "none", kind, sizeof kind);
+  if (strcmp(kind, "test") == 0) {
+    lconfig_test_router(L, ri, p, t);
+    lua_pop(L, 1);
+    return;
+  }
   if (strcmp(kind, "none") != 0 && strcmp(kind, "haproxy") != 0 && strcmp(kind, "nginx") != 0)
-    fail(L, p, "kind '%s' is not known (known: haproxy, nginx, none)", kind);
+    fail(L, p, "kind '%s' is not known (known: haproxy, nginx, none, test)", kind);
   int rc;
   if (strcmp(kind, "nginx") == 0) {
     rc = make_nginx_router(L, ri, p, e, t, err);
@@ -502,9 +513,34 @@ static void read_health(lua_State *L, int idx, const char *path, target_health *
   lua_pop(L, 1);
 }
 
+/* retain = { history, versions, logs }: each key defaults to `base` (the
+ * top level's, for a target). */
+static void read_retain(lua_State *L, int idx, const char *path, const target_retain *base, target_retain *r) {
+  static const char *const allowed[] = {"history", "versions", "logs", NULL};
+  char p[160];
+  dc_fmt(p, sizeof p, "%s.retain", path[0] ? path : "");
+  *r = *base;
+  if (!sub_table(L, idx, path, "retain", 0)) {
+    lua_pop(L, 1);
+    return;
+  }
+  int ri = lua_gettop(L);
+  check_keys(L, ri, p, allowed);
+  r->history = int_field(L, ri, p, "history", base->history, 1, 1000000);
+  r->versions = int_field(L, ri, p, "versions", base->versions, 1, 10000);
+  r->log_mb = num_field(L, ri, p, "logs", base->log_mb, 0, 1048576);
+  if (r->versions > r->history) {
+    char why[200];
+    dc_fmt(why, sizeof why, "versions (%d) is more than history (%d): the history is how deployctl knows a "
+           "version's logs; raise history to at least %d", r->versions, r->history, r->versions);
+    fail(L, p, "%s", why);
+  }
+  lua_pop(L, 1);
+}
+
 static void read_target(lua_State *L, lconfig *c, const char *name, int idx, const char *log_dir,
-                        const char *tag) {
-  static const char *const allowed[] = {"instances", "hosts", "provider", "router", "health", "restart", NULL};
+                        const char *tag, const target_retain *retain) {
+  static const char *const allowed[] = {"instances", "hosts", "provider", "router", "health", "retain", "restart", NULL};
   char path[128], err[DC_ERR_MAX];
   dc_fmt(path, sizeof path, "targets.%s", name);
   if (dc_validate_target_name(name, err) != 0)
@@ -525,6 +561,7 @@ static void read_target(lua_State *L, lconfig *c, const char *name, int idx, con
   }
   read_hosts(L, idx, path, t);
   read_health(L, idx, path, &t->health);
+  read_retain(L, idx, path, retain, &t->retain);
   make_provider(L, idx, path, t, log_dir, tag);
   make_router(L, idx, path, t);
 }
@@ -631,7 +668,7 @@ static void load_file(lua_State *L, int idx) {
   const char *path = lua_tostring(L, idx);
   char msg[DC_ERR_MAX];
   if (access(path, R_OK) != 0) {
-    dc_fmt(msg, sizeof msg, "deploy: cannot read config file '%s': %s (give --config FILE or create ./deploy.lua)",
+    dc_fmt(msg, sizeof msg, "deploy: cannot read config file '%s': %s (give --config FILE or create ./deployctl.lua)",
            path, strerror(errno));
     lerror(L, msg);
   }
@@ -686,7 +723,7 @@ static void store_tag(const char *state, char *tag, size_t tsize, char *log_dir,
 }
 
 lconfig *lconfig_load(lua_State *L, int idx) {
-  static const char *const allowed[] = {"state", "clock", "targets", "gitops", "serve", NULL};
+  static const char *const allowed[] = {"state", "clock", "targets", "retain", "simulate", "gitops", "serve", NULL};
   idx = lua_absindex(L, idx);
   if (lua_type(L, idx) == LUA_TSTRING)
     load_file(L, idx);
@@ -711,30 +748,49 @@ lconfig *lconfig_load(lua_State *L, int idx) {
 
   char log_dir[1100], tag[1024];
   store_tag(c->state, tag, sizeof tag, log_dir, sizeof log_dir);
+  target_retain defaults = {.history = 200, .versions = 10, .log_mb = 100}, retain;
+  read_retain(L, idx, "", &defaults, &retain);
 
   sub_table(L, idx, "", "targets", 1);
   int ti = lua_gettop(L);
+  /* The names first, into a table of our own, then each target by name:
+   * reading a target may run Lua (an __index metamethod) that changes the
+   * targets table, and lua_next over a table that changes may or may not
+   * visit what was added (the array below has room for n). */
+  lua_newtable(L);
+  int ni = lua_gettop(L);
   size_t n = 0;
   lua_pushnil(L);
   while (lua_next(L, ti)) {
     if (lua_type(L, -2) != LUA_TSTRING)
       fail(L, ".targets", "must map target names to tables, found a key of type %s", luaL_typename(L, -2));
-    n++;
     lua_pop(L, 1);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, ni, (lua_Integer)++n);
   }
   if (n == 0)
     fail(L, ".targets", "is empty: %s", "declare at least one target, e.g. targets = { production = { ... } }");
   c->targets = calloc(n, sizeof *c->targets);
   if (!c->targets)
     lerror(L, "deploy: out of memory reading the config");
-  lua_pushnil(L);
-  while (lua_next(L, ti)) {
+  for (size_t i = 1; i <= n; i++) {
     char name[128];
-    dc_strlcpy(name, lua_tostring(L, -2), sizeof name);
-    read_target(L, c, name, lua_gettop(L), log_dir, tag);
+    lua_rawgeti(L, ni, (lua_Integer)i);
+    dc_strlcpy(name, lua_tostring(L, -1), sizeof name);
+    lua_rawget(L, ti);
+    read_target(L, c, name, lua_gettop(L), log_dir, tag, &retain);
     lua_pop(L, 1);
   }
-  lua_pop(L, 1);
+  size_t now = 0;
+  lua_pushnil(L);
+  while (lua_next(L, ti)) {
+    now++;
+    lua_pop(L, 1);
+  }
+  if (now != n)
+    fail(L, ".targets", "changed while it was read (%s)", "a metamethod added to it: build the table first");
+  lua_settop(L, ci);
+  lconfig_simulate(L, idx, c);
   lua_settop(L, ci);
   /* The sections only serve reads, kept as checked Lua tables. */
   lua_createtable(L, 0, 2);
@@ -745,4 +801,20 @@ lconfig *lconfig_load(lua_State *L, int idx) {
   lua_setiuservalue(L, ci, 1);
   lua_settop(L, ci);
   return c;
+}
+
+/* ---- the readers, for the other config files (lconfig_test.c) ---- */
+
+int lconfig_fail(lua_State *L, const char *path, const char *fmt, const char *a) { return fail(L, path, fmt, a); }
+void lconfig_check_keys(lua_State *L, int idx, const char *path, const char *const *allowed) {
+  check_keys(L, idx, path, allowed);
+}
+double lconfig_num(lua_State *L, int idx, const char *path, const char *k, double def, double lo, double hi) {
+  return num_field(L, idx, path, k, def, lo, hi);
+}
+int lconfig_bool(lua_State *L, int idx, const char *path, const char *k, int def) {
+  return bool_field(L, idx, path, k, def);
+}
+int lconfig_sub_table(lua_State *L, int idx, const char *path, const char *k, int required) {
+  return sub_table(L, idx, path, k, required);
 }

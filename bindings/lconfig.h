@@ -22,6 +22,23 @@ lconfig *lconfig_load(lua_State *L, int idx);
 /* The config userdata's first user value is a table { gitops = {...},
  * serve = {...} }: those sections, checked (README "deployctl serve"). */
 
+/* The config file used when none is named (lconfig_path.c): $DEPLOY_CONFIG,
+ * else ./deployctl.lua, else a ./deploy.lua that is a config (legacy set,
+ * a warning printed once). Returns buf. */
+const char *lconfig_default_path(lua_State *L, char *buf, size_t size, int *legacy);
+/* 1 when the file returns a table with a targets table, run sandboxed. */
+int lconfig_is_config_file(lua_State *L, const char *path);
+/* deploy._config_path() -> path, legacy */
+int lconfig_path_lua(lua_State *L);
+/* lconfig_test.c: provider/router kind "test" from the section at idx
+ * (named path), and --simulate: with deploy._host{ simulate = true },
+ * every target's provider and router replaced by test ones (instances
+ * scripted by the config's `simulate` section, those of the store taken
+ * as running) and the store by a temporary copy. */
+void lconfig_test_provider(lua_State *L, int idx, const char *path, target_config *t);
+void lconfig_test_router(lua_State *L, int idx, const char *path, target_config *t);
+int lconfig_simulating(lua_State *L);
+void lconfig_simulate(lua_State *L, int idx, lconfig *c);
 /* Hands the targets over (to a service); the config keeps none. */
 target_config **lconfig_take_targets(lconfig *c, size_t *n);
 

@@ -511,12 +511,19 @@ static int builtin_after(lua_State *L, int status, lua_KContext ctx) {
   return builtin_step(L, run);
 }
 
+/* The step machine's PROMOTE is not carried out: a delegated execute
+ * returns true to its caller, whose strategy goes on (a hold, a pause);
+ * the rollout promotes when the outermost execute(d) returns, or on
+ * d:promote(). */
 static int builtin_step(lua_State *L, lrun *run) {
   strategy_action a;
   rollout_next_action(run->r, run->builtin, &a);
-  if (a.kind == ACTION_PROMOTE)
-    run->builtin_final = 1;
-  else if (a.kind == ACTION_ABORT)
+  if (a.kind == ACTION_PROMOTE) {
+    run->builtin = NULL;
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  if (a.kind == ACTION_ABORT)
     run->builtin_final = 2;
   return start_action(L, run, &a, builtin_after);
 }
@@ -528,6 +535,7 @@ static int d_run_builtin(lua_State *L) {
     return luaL_error(L, "deploy: only built-in strategies run through d._run_builtin");
   run->builtin = st;
   run->builtin_final = 0;
+  rollout_delegate_begin(run->r);
   lua_settop(L, 2); /* keeps the strategy alive while it runs */
   return builtin_step(L, run);
 }

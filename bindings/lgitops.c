@@ -25,6 +25,12 @@ typedef struct lgitops {
   lua_State *L;            /* the thread that created it: callbacks run Lua on it */
   int manager_ref;         /* the DeploymentManager */
   char path_given[1024];
+  /* Made from repo_url, branch, path alone (the specification's
+   * constructor), it finds its manager at the first call that needs one:
+   * until then gs is NULL and these say what to build. */
+  char url[2048], branch[256];
+  double interval;
+  int prune, closed;
   /* the round in flight */
   int done;
   int report_ref;          /* the converted report, in the registry */
@@ -35,15 +41,44 @@ typedef struct lgitops {
   sig_atomic_t seen_interrupts;
 } lgitops;
 
+static void build(lua_State *L, lgitops *lg, int manager_idx);
+
+/* The URL as the synchronizer shows it before it is built: a password or
+ * token in its user-info replaced by *** (as gitops_url does). */
+static void push_redacted_url(lua_State *L, const char *url) {
+  const char *scheme = strstr(url, "://");
+  const char *host = scheme ? scheme + 3 : url;
+  const char *at = strchr(host, '@'), *slash = strchr(host, '/');
+  if (!scheme || !at || (slash && slash < at)) {
+    lua_pushstring(L, url);
+    return;
+  }
+  const char *colon = memchr(host, ':', (size_t)(at - host));
+  if (colon)
+    lua_pushfstring(L, "%s***%s", lua_pushlstring(L, url, (size_t)(colon + 1 - url)), at);
+  else
+    lua_pushfstring(L, "%s***%s", lua_pushlstring(L, url, (size_t)(host - url)), at);
+  lua_remove(L, -2);
+}
+
 static lgitops *check_sync(lua_State *L) {
   lgitops *lg = luaL_checkudata(L, 1, GITOPS_MT);
-  if (!lg->gs)
+  if (lg->closed)
     luaL_error(L, "deploy: this GitOpsSynchronizer was closed");
+  if (!lg->gs) {
+    int top = lua_gettop(L);
+    /* Raises, naming the synchronizer and the two ways to give it a
+     * manager, when there is no config file either. */
+    lmanager_push_default(L, "GitOpsSynchronizer");
+    build(L, lg, lua_gettop(L));
+    lua_settop(L, top);
+  }
   return lg;
 }
 
 static int sync_close(lua_State *L) {
   lgitops *lg = luaL_checkudata(L, 1, GITOPS_MT);
+  lg->closed = 1;
   gitsync_free(lg->gs);
   lg->gs = NULL;
   luaL_unref(L, LUA_REGISTRYINDEX, lg->manager_ref);
@@ -438,8 +473,12 @@ static int sync_index(lua_State *L) {
   const gitops *g = lg->gs ? gitsync_gitops(lg->gs) : NULL;
   if (strcmp(k, "repo_url") == 0 && g)
     lua_pushstring(L, gitops_url(g));
+  else if (strcmp(k, "repo_url") == 0 && !lg->closed)
+    push_redacted_url(L, lg->url);
   else if (strcmp(k, "branch") == 0 && g)
     lua_pushstring(L, gitops_branch(g));
+  else if (strcmp(k, "branch") == 0 && !lg->closed)
+    lua_pushstring(L, lg->branch);
   else if (strcmp(k, "path") == 0)
     lua_pushstring(L, lg->path_given);
   else if (strcmp(k, "interval") == 0 && lg->gs)
@@ -467,6 +506,11 @@ static int sync_index(lua_State *L) {
 static int sync_tostring(lua_State *L) {
   lgitops *lg = luaL_checkudata(L, 1, GITOPS_MT);
   const gitops *g = lg->gs ? gitsync_gitops(lg->gs) : NULL;
+  if (!g && !lg->closed) {
+    push_redacted_url(L, lg->url);
+    lua_pushfstring(L, "GitOpsSynchronizer(%s, %s, %s)", lua_tostring(L, -1), lg->branch, lg->path_given);
+    return 1;
+  }
   lua_pushfstring(L, "GitOpsSynchronizer(%s, %s, %s)", g ? gitops_url(g) : "closed", g ? gitops_branch(g) : "",
                   lg->path_given);
   return 1;
@@ -521,7 +565,6 @@ static void cache_dir(const char *state, char *buf, size_t size) {
 }
 
 static int sync_new(lua_State *L) {
-  char err[DC_ERR_MAX], cache[1100];
   lua_settop(L, 1);
   if (!lua_istable(L, 1))
     return luaL_error(L, "deploy: GitOpsSynchronizer expects a table { repo_url = ..., branch = \"main\", "
@@ -536,25 +579,26 @@ static int sync_new(lua_State *L) {
   const char *path = opt_string(L, "path", "/");
   double interval = opt_interval(L);
   int prune = opt_prune(L);
-  if (lua_getfield(L, 1, "manager") == LUA_TNIL) { /* 2 */
-    lua_pop(L, 1);
-    lmanager_push_default(L, "GitOpsSynchronizer");
-  }
-  service *svc = lmanager_service(L, 2);
+  if (strlen(url) >= sizeof ((lgitops *)0)->url || strlen(branch) >= sizeof ((lgitops *)0)->branch ||
+      strlen(path) >= sizeof ((lgitops *)0)->path_given)
+    return luaL_error(L, "deploy: GitOpsSynchronizer repo_url, branch or path is too long");
+  int manager = lua_getfield(L, 1, "manager") != LUA_TNIL; /* 2 */
+  if (manager)
+    lmanager_service(L, 2); /* raises unless it is an open DeploymentManager */
   lgitops *lg = lua_newuserdatauv(L, sizeof *lg, 0); /* 3 */
   memset(lg, 0, sizeof *lg);
   lg->manager_ref = LUA_NOREF;
   luaL_setmetatable(L, GITOPS_MT);
-  lua_pushvalue(L, 2);
-  lg->manager_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lg->L = L;
   dc_strlcpy(lg->path_given, path, sizeof lg->path_given);
-  cache_dir(store_location(service_store(svc)), cache, sizeof cache);
-  gitsync_opts o = {.url = url, .branch = branch, .path = path, .cache_dir = cache, .interval = interval,
-                    .prune = prune, .checks = {check_target, check_strategy, lg}, .deploy = start_deploy,
-                    .payload = lg, .sink = {on_prune_event, lg}};
-  if (gitsync_new(&lg->gs, svc, &o, err) != 0)
-    return lerror(L, err);
+  dc_strlcpy(lg->url, url, sizeof lg->url);
+  dc_strlcpy(lg->branch, branch, sizeof lg->branch);
+  lg->interval = interval;
+  lg->prune = prune;
+  /* With a manager, everything is checked now; without, at the first
+   * call that needs one (the default config's manager). */
+  if (manager)
+    build(L, lg, 2);
   return 1;
 }
 
@@ -562,9 +606,27 @@ gitsync *lgitops_gitsync(lua_State *L, int idx) {
   lgitops *lg = luaL_testudata(L, idx, GITOPS_MT);
   if (!lg)
     luaL_error(L, "deploy: a GitOpsSynchronizer was expected, got %s", luaL_typename(L, idx));
-  if (!lg->gs)
+  if (lg->closed)
     luaL_error(L, "deploy: this GitOpsSynchronizer was closed");
+  if (!lg->gs) /* built at its first use when made without a manager */
+    luaL_error(L, "deploy: this GitOpsSynchronizer has no manager yet: give it manager = ...");
   return lg->gs;
+}
+
+static void build(lua_State *L, lgitops *lg, int manager_idx) {
+  char err[DC_ERR_MAX], cache[1100];
+  service *svc = lmanager_service(L, manager_idx);
+  lua_pushvalue(L, manager_idx);
+  lg->manager_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  cache_dir(store_location(service_store(svc)), cache, sizeof cache);
+  gitsync_opts o = {.url = lg->url, .branch = lg->branch, .path = lg->path_given, .cache_dir = cache,
+                    .interval = lg->interval, .prune = lg->prune, .checks = {check_target, check_strategy, lg},
+                    .deploy = start_deploy, .payload = lg, .sink = {on_prune_event, lg}};
+  if (gitsync_new(&lg->gs, svc, &o, err) != 0) {
+    luaL_unref(L, LUA_REGISTRYINDEX, lg->manager_ref);
+    lg->manager_ref = LUA_NOREF;
+    lerror(L, err);
+  }
 }
 
 void lgitops_register(lua_State *L) {

@@ -12,6 +12,7 @@
 #include "lsched.h"
 #include "lstrategy.h"
 #include "lutil.h"
+#include "retain.h"
 #include "util.h"
 
 #define MANAGER_MT "deploy.DeploymentManager"
@@ -793,6 +794,52 @@ static int manager_reconcile(lua_State *L) {
   return push_outcome(L, &w);
 }
 
+static void retained(void *payload, const retain_result *r) {
+  lwait *w = payload;
+  retain_result *out = w->extra;
+  *out = *r;
+  out->err = NULL;
+  w->ok = r->err == NULL;
+  if (r->err)
+    dc_strlcpy(w->err, r->err, sizeof w->err);
+  w->done = 1;
+}
+
+/* prune([target]): applies the retention of one target, or of all, now
+ * (it also runs after every deployment). A table of what went
+ * (deployments, logs_removed, logs_rotated, bytes_freed, and error when
+ * part of it could not be done). */
+static int manager_prune(lua_State *L) {
+  lsched_check_can_wait(L);
+  lmanager *m = manager_at(L, 1);
+  const char *only = lua_isnoneornil(L, 2) ? NULL : check_target(L, m, 2, "manager:prune()");
+  retain_result sum = {0};
+  dc_buf errors = {0};
+  for (size_t i = 0; i < service_ntargets(m->svc); i++) {
+    const char *name = service_target_at(m->svc, i)->name;
+    if (only && strcmp(only, name) != 0)
+      continue;
+    retain_result one = {0};
+    lwait w = {.L = L, .extra = &one};
+    wait_for(L, &w, retain_target(m->svc, name, retained, &w, w.err));
+    sum.deployments += one.deployments;
+    sum.logs_removed += one.logs_removed;
+    sum.logs_rotated += one.logs_rotated;
+    sum.bytes_freed += one.bytes_freed;
+    if (!w.ok)
+      dc_buf_printf(&errors, "%s%s: %s", errors.len ? "; " : "", name, dc_unprefix(w.err));
+  }
+  lua_createtable(L, 0, 5);
+  lset_integer(L, "deployments", (lua_Integer)sum.deployments);
+  lset_integer(L, "logs_removed", (lua_Integer)sum.logs_removed);
+  lset_integer(L, "logs_rotated", (lua_Integer)sum.logs_rotated);
+  lset_integer(L, "bytes_freed", (lua_Integer)sum.bytes_freed);
+  if (errors.len)
+    lset_string(L, "error", errors.data);
+  dc_buf_free(&errors);
+  return 1;
+}
+
 static void integrity_seen(void *payload, const store_result *r) {
   lwait *w = payload;
   w->ok = r->rc == DC_OK;
@@ -973,10 +1020,6 @@ static void open_service(lua_State *L, lmanager *m, lconfig *cfg) {
     fprintf(stderr, "deploy: recovering interrupted deployments: %s\n", w.err);
 }
 
-static const char *default_config(void) {
-  const char *path = getenv("DEPLOY_CONFIG");
-  return path && *path ? path : "deploy.lua";
-}
 
 static int manager_new(lua_State *L) {
   lsched_check_can_wait(L);
@@ -998,7 +1041,9 @@ static int manager_new(lua_State *L) {
     lua_pop(L, 1);
   }
   if (lua_isnil(L, 2)) {
-    const char *path = default_config();
+    char buf[1024];
+    int legacy;
+    const char *path = lconfig_default_path(L, buf, sizeof buf, &legacy);
     if (access(path, F_OK) != 0)
       return luaL_error(L, "deploy: DeploymentManager needs config = { targets = { ... } } or the path of a config "
                            "file (none given and %s does not exist)", path);
@@ -1055,11 +1100,14 @@ static int manager_new(lua_State *L) {
 }
 
 void lmanager_push_default(lua_State *L, const char *what_for) {
+  char buf[1024];
+  int legacy;
   if (lua_getfield(L, LUA_REGISTRYINDEX, "deploy.default_config") != LUA_TSTRING &&
-      access(default_config(), F_OK) != 0) {
+      access(lconfig_default_path(L, buf, sizeof buf, &legacy), F_OK) != 0) {
     lua_pop(L, 1);
-    luaL_error(L, "deploy: %s needs a DeploymentManager: give manager = deploy.DeploymentManager{ config = ... }, or "
-                  "a config file (--config FILE, $DEPLOY_CONFIG, or ./%s)", what_for, default_config());
+    luaL_error(L, "deploy: %s needs a DeploymentManager and found none: give manager = "
+                  "deploy.DeploymentManager{ config = ... } to it, or write a config file (--config FILE, "
+                  "$DEPLOY_CONFIG, or %s)", what_for, buf[0] == '/' ? buf : "./deployctl.lua");
   }
   lua_pop(L, 1);
   lua_pushcfunction(L, manager_new);
@@ -1079,6 +1127,7 @@ void lmanager_register(lua_State *L) {
       {"logs", manager_logs},
       {"targets", manager_targets},
       {"reconcile", manager_reconcile},
+      {"prune", manager_prune},
       {"state_path", manager_state_path},
       {"settings", manager_settings},
       {"lock", manager_lock},

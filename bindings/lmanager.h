@@ -24,7 +24,7 @@ int lmanager_push_handler(lua_State *L, int manager_idx);
 int lmanager_start(lua_State *L, int manager_idx, const char *target, const char *version, int strategy_idx,
                    const char *metadata_json, lrun_done_cb cb, void *payload, char *err);
 /* Pushes a DeploymentManager{} made from the host's default config
- * ($DEPLOY_CONFIG, ./deploy.lua); what_for names the caller in the error
+ * ($DEPLOY_CONFIG, ./deployctl.lua); what_for names the caller in the error
  * when there is none. */
 void lmanager_push_default(lua_State *L, const char *what_for);
 

@@ -7,6 +7,7 @@
 #include "ldeployment.h"
 #include "lgitops.h"
 #include "lhealth.h"
+#include "lconfig.h"
 #include "lmanager.h"
 #include "lparallel.h"
 #include "lserve.h"
@@ -17,7 +18,9 @@
 #include "store_pg.h"
 #include "util.h"
 
-#define DEPLOY_VERSION "0.1.0"
+#ifndef DEPLOY_VERSION
+#define DEPLOY_VERSION "0.0.0-dev" /* set by CMake from project(VERSION) */
+#endif
 
 typedef struct sleep_wait {
   int fired, awaiting;
@@ -93,7 +96,8 @@ static int deploy_virtual_clock(lua_State *L) {
 
 /* deploy._host{ config = path, simulate = bool }: set by deployctl run.
  * config: what DeploymentManager{} uses when given no config; simulate:
- * the virtual clock for everything in this process. */
+ * a dry run for everything in this process: the virtual clock, test
+ * providers and routers, a copy of the store. */
 static int deploy_host(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   if (lua_getfield(L, 1, "config") == LUA_TSTRING)
@@ -101,9 +105,40 @@ static int deploy_host(lua_State *L) {
   else
     lua_pop(L, 1);
   lua_getfield(L, 1, "simulate");
-  if (lua_toboolean(L, -1) && engine_set_virtual(lengine_get(L), 1) != 0)
-    return luaL_error(L, "deploy: cannot switch to the virtual clock while timers are pending");
+  if (lua_toboolean(L, -1)) {
+    if (engine_set_virtual(lengine_get(L), 1) != 0)
+      return luaL_error(L, "deploy: cannot switch to the virtual clock while timers are pending");
+    /* Every config loaded from now on is simulated (lconfig_simulate). */
+    lua_pushboolean(L, 1);
+    lua_setfield(L, LUA_REGISTRYINDEX, "deploy.simulate");
+  }
   return 0;
+}
+
+/* deploy._clock([mode]) -> the engine's clock ("real" or "virtual") before
+ * the call; with mode, switches to it (deploy.testing gives the process
+ * its clock back when a kit closes). */
+static int deploy_clock(lua_State *L) {
+  engine *e = lengine_get(L);
+  lua_pushstring(L, e->virtual_clock ? "virtual" : "real");
+  if (lua_isnoneornil(L, 1))
+    return 1;
+  const char *mode = luaL_checkstring(L, 1);
+  luaL_argcheck(L, strcmp(mode, "real") == 0 || strcmp(mode, "virtual") == 0, 1, "must be 'real' or 'virtual'");
+  if (engine_set_virtual(e, strcmp(mode, "virtual") == 0) != 0)
+    return luaL_error(L, "deploy: cannot switch clocks while timers are pending");
+  return 1;
+}
+
+/* deploy._simulation() -> what a --simulate run starts from (the store
+ * copied, or an empty one), or nil when not simulating. */
+static int deploy_simulation(lua_State *L) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, "deploy.simulate") == LUA_TNIL)
+    return 1;
+  lua_getfield(L, LUA_REGISTRYINDEX, "deploy.simulate_note");
+  if (lua_isnil(L, -1))
+    lua_pushliteral(L, "simulated");
+  return 1;
 }
 
 /* deploy.migrate_store(from, to): copies the SQLite store at `from` into
@@ -161,9 +196,16 @@ int luaopen_deploy(lua_State *L) {
                                        {"_host", deploy_host},
                                        {"router_weights", deploy_router_weights},
                                        {"migrate_store", deploy_migrate_store},
+                                       {"_config_path", lconfig_path_lua},
+                                       {"_simulation", deploy_simulation},
+                                       {"_clock", deploy_clock},
                                        {NULL, NULL}};
   lengine_get(L);
   luaL_newlib(L, functions);
+  /* deploy.VERSION: semantic versioning, CHANGELOG.md (_VERSION: the
+   * same, the name Lua modules traditionally use). */
+  lua_pushliteral(L, DEPLOY_VERSION);
+  lua_setfield(L, -2, "VERSION");
   lua_pushliteral(L, DEPLOY_VERSION);
   lua_setfield(L, -2, "_VERSION");
   lstrategy_register(L);

@@ -52,7 +52,7 @@ end
 
 local COMMANDS = {
   { "run", "[--simulate] SCRIPT [ARGS...]", "run a Lua pipeline script (arguments in `arg`)" },
-  { "deploy", "TARGET VERSION [--strategy canary|blue-green] [--set key=value ...]", "deploy VERSION to TARGET" },
+  { "deploy", "TARGET VERSION [--strategy canary|blue-green] [--set key=value ...] [--simulate]", "deploy VERSION to TARGET" },
   { "rollback", "TARGET [VERSION]", "go back to the previous version, or to VERSION" },
   { "status", "[TARGET]", "current version, status, health and instances" },
   { "history", "TARGET [--limit N]", "past deployments of TARGET" },
@@ -60,6 +60,7 @@ local COMMANDS = {
   { "abort", "TARGET", "abort a running rollout (back to the old version)" },
   { "reconcile", "TARGET", "put TARGET back on its live version (after an HAProxy restart, a reboot)" },
   { "logs", "TARGET [--host H] [--version V] [--lines N] [--follow]", "the output of TARGET's instances, from every host" },
+  { "prune", "[TARGET]", "apply the retention now: old history and old versions' logs go" },
   { "report", "DEPLOYMENT_ID | latest TARGET", "a self-contained HTML report of one deployment" },
   { "store", "migrate --to URL [--from FILE]", "copy the SQLite history into PostgreSQL" },
   { "diff", "--repo URL [--branch B] [--path P]", "what a GitOps sync would change" },
@@ -87,14 +88,20 @@ Runs a Lua pipeline script with `deploy` preloaded (require "deploy").
 The script's arguments are in the global table `arg` (arg[0] is SCRIPT).
 A script that returns an integer sets the exit code; false means 1.
 DeploymentManager{} without a config uses --config's (or $DEPLOY_CONFIG,
-or ./deploy.lua).
+or ./deployctl.lua).
 
-  --simulate   run on the virtual clock: every wait returns at once and
-               events carry virtual timestamps (instances still start and
-               health checks still run for real)
+  --simulate   a dry run: no instance starts, no router changes, the store
+               is not written. Every target's provider and router are
+               replaced by simulated ones (instances in this process that
+               come up after `simulate.start_time` seconds, 1 by default,
+               and answer health as the config's `simulate` section says; a
+               router that only records weights), on the virtual clock,
+               with a temporary copy of the store: the pipeline sees the
+               timeline the real rollout would follow, in a fraction of a
+               second. See CONFIGURATION in `deployctl man`.
 ]],
   deploy = [[
-Usage: deployctl deploy TARGET VERSION [--strategy canary|blue-green] [--set key=value ...] [--json|--quiet]
+Usage: deployctl deploy TARGET VERSION [--strategy canary|blue-green] [--set key=value ...] [--simulate] [--json|--quiet]
 
 Deploys VERSION to TARGET with the given strategy (default blue-green).
 --set gives the strategy's parameters, e.g.
@@ -102,6 +109,10 @@ Deploys VERSION to TARGET with the given strategy (default blue-green).
   deployctl deploy production 1.4.2 --set switch_delay=10
   deployctl deploy production 1.4.2 --strategy canary --set pause_at=25,50   (a list: comma-separated)
 A strategy registered by a pipeline is not available here: use `run`.
+
+  --simulate   print the timeline this rollout would follow, each line
+               marked [simulated], and change nothing: no instance starts,
+               no router is touched, the store is not written (see `run`)
 
 ]] .. OUTPUT_FLAGS,
   rollback = [[
@@ -156,6 +167,22 @@ started again, HAProxy gets back the servers it forgot (a restart or reload
 drops servers added at runtime), and any other instance of TARGET is
 stopped. It takes the target's lock: while a deployment of TARGET runs it
 changes nothing and exits 3. `status TARGET` says when it is needed.
+]],
+  prune = [[
+Usage: deployctl prune [TARGET]
+
+Applies the retention of TARGET (or of every target) now; it also runs
+after every deployment. The config says what is kept:
+
+  retain = { history = 200, versions = 10, logs = 100 }
+
+history: deployments kept in the store per target (older ones go with
+their events); versions: versions whose instance logs are kept (older
+versions' logs are deleted, on every host); logs: MiB an instance log may
+reach before it is rotated (copied to .log.1 and emptied; 0: never). The
+live version, the previous one (what a rollback goes back to) and anything
+a running deployment uses are never pruned. Set it at the top level or
+per target (targets.NAME.retain).
 ]],
   logs = [[
 Usage: deployctl logs TARGET [--host H] [--version V] [--lines N] [--follow]
@@ -218,7 +245,7 @@ local function main_help()
   end
   lines[#lines + 1] = ""
   lines[#lines + 1] = "Options:"
-  lines[#lines + 1] = "  --config FILE   configuration (else $DEPLOY_CONFIG, else ./deploy.lua)"
+  lines[#lines + 1] = "  -c, --config FILE  configuration (else $DEPLOY_CONFIG, else ./deployctl.lua)"
   lines[#lines + 1] = "  --help          help for any command: deployctl COMMAND --help"
   lines[#lines + 1] = ""
   lines[#lines + 1] = "Exit codes: 0 success, 1 deployment failed and rolled back,"
@@ -300,17 +327,18 @@ local function parse_flags(cmd, args, spec, max_positional)
   return flags, pos
 end
 
+-- --config, else $DEPLOY_CONFIG, else ./deployctl.lua (a ./deploy.lua that
+-- is a config is still read, with a warning, for this release).
 local function config_path(opts)
-  local path = opts.config or os.getenv("DEPLOY_CONFIG")
-  if path and path ~= "" then return path end
-  return "deploy.lua"
+  if opts.config and opts.config ~= "" then return opts.config end
+  return (deploy._config_path())
 end
 
 local function open_manager(opts, extra)
   local path = config_path(opts)
   local f = io.open(path, "r")
   if not f then
-    usage_error("cannot read config file '%s' (give --config FILE, set DEPLOY_CONFIG, or create ./deploy.lua)", path)
+    usage_error("cannot read config file '%s' (give --config FILE, set DEPLOY_CONFIG, or create ./deployctl.lua)", path)
   end
   note_secrets(f:read("a") or "")
   f:close()
@@ -492,9 +520,20 @@ local function progress_printer(interval)
 end
 
 -- The event sink for a command: --json, --quiet, a terminal, or plain
--- lines; and on a terminal, a ticker that redraws the progress line.
+-- lines; and on a terminal, a ticker that redraws the progress line. A
+-- simulated run prints its timeline as plain lines, each marked.
 local function event_sink(flags, interval)
   if flags.quiet then return nil end
+  if flags.simulate and flags.json then
+    return function(ev)
+      local line = event_json(ev)
+      out:write(redact(line:sub(1, -3) .. ',"simulated":true}\n'))
+      out:flush()
+    end
+  end
+  if flags.simulate then
+    return function(ev) out:write(redact("[simulated] " .. event_line(ev))) out:flush() end
+  end
   if flags.json then return function(ev) out:write(redact(event_json(ev))) out:flush() end end
   if is_terminal() then
     local printer = progress_printer(interval)
@@ -527,8 +566,12 @@ local function with_ticker(tick, fn)
 end
 
 local function result_exit(res, flags)
+  if flags.simulate then res.simulated = true end
   if flags.json then
     out:write(redact(cjson.encode({ result = res })), "\n")
+  elseif res.success and flags.simulate then
+    printf("%s: %s would be deployed in %s (%s), simulated: nothing was started or changed\n", res.target,
+           res.version, fmt_duration(res.duration), res.strategy)
   elseif res.success then
     printf("%s: %s deployed in %s (%s)\n", res.target, res.version, fmt_duration(res.duration), res.strategy)
   end
@@ -581,6 +624,10 @@ function commands.run(opts, args)
   -- --simulate every wait runs on the virtual clock.
   deploy._host{ config = opts.config, simulate = simulate }
   local rv = chunk(table.unpack(script_arg))
+  if simulate then
+    eprintf("[simulated] %s: no instance was started, no router was changed, the store was not written\n",
+            deploy._simulation() or "dry run")
+  end
   if math.type(rv) == "integer" then return rv end
   if rv == false then return EXIT_FAILED end
   return EXIT_OK
@@ -620,10 +667,22 @@ local function with_output(spec)
   return t
 end
 
+-- --simulate: everything after this runs dry (deploy._host), and says so.
+local function start_simulation(flags)
+  deploy._host{ simulate = true }
+  return function()
+    if not flags.json then
+      printf("[simulated] %s: no instance starts, no router changes, the store is not written\n",
+             deploy._simulation() or "dry run")
+    end
+  end
+end
+
 function commands.deploy(opts, args)
-  local flags, pos = parse_flags("deploy", args, with_output{ strategy = "value", set = "list" }, 2)
+  local flags, pos = parse_flags("deploy", args, with_output{ strategy = "value", set = "list", simulate = "bool" }, 2)
   if flags.help then out:write(HELP.deploy) return EXIT_OK end
   if #pos < 2 then usage_error("deploy: needs TARGET and VERSION (see 'deployctl deploy --help')") end
+  local banner = flags.simulate and start_simulation(flags)
   local kinds = { canary = deploy.CanaryStrategy, ["blue-green"] = deploy.BlueGreenStrategy,
                   bluegreen = deploy.BlueGreenStrategy }
   local class = kinds[flags.strategy or "blue-green"]
@@ -636,6 +695,7 @@ function commands.deploy(opts, args)
   local sink, tick = event_sink(flags, interval)
   local m = open_manager(opts, { on_event = sink })
   check_target(m, pos[1])
+  if banner then banner() end
   local done, res = pcall(with_ticker, tick, function() return m:deploy(pos[1], pos[2], { strategy = strategy }) end)
   if not done then usage_error("%s", tostring(res)) end
   return result_exit(res, flags)
@@ -773,6 +833,31 @@ function commands.reconcile(opts, args)
   local s = m:get_status(pos[1])
   printf("%s: %s on %d instance(s), %s\n", pos[1], s.current_version or "nothing", s.instances, s.health)
   return EXIT_OK
+end
+
+local function fmt_bytes(n)
+  if n >= 1024 * 1024 then return string.format("%.1f MiB", n / 1024 / 1024) end
+  if n >= 1024 then return string.format("%.1f KiB", n / 1024) end
+  return string.format("%d bytes", n)
+end
+
+function commands.prune(opts, args)
+  local flags, pos = parse_flags("prune", args, {}, 1)
+  if flags.help then out:write(HELP.prune) return EXIT_OK end
+  local m = open_manager(opts)
+  local targets = pos[1] and { pos[1] } or m:targets()
+  if pos[1] then check_target(m, pos[1]) end
+  local failed = false
+  for _, t in ipairs(targets) do
+    local r = m:prune(t)
+    printf("%s: %d deployment(s) and %d log file(s) (%s) removed, %d log(s) rotated\n", t, r.deployments,
+      r.logs_removed, fmt_bytes(r.bytes_freed), r.logs_rotated)
+    if r.error then
+      eprintf("deployctl: prune %s: %s\n", t, r.error)
+      failed = true
+    end
+  end
+  return failed and EXIT_FAILED or EXIT_OK
 end
 
 function commands.logs(opts, args)
@@ -930,6 +1015,56 @@ function commands.report(opts, args)
 end
 
 -- The man page and bash completion, both made from COMMANDS and HELP.
+-- The man page's CONFIGURATION and FILES sections (README.md has the
+-- same with examples).
+local CONFIGURATION = [[
+The configuration is a Lua file returning a table: --config FILE (or -c
+FILE), else $DEPLOY_CONFIG, else ./deployctl.lua. (A ./deploy.lua that is a
+config is still read in this release, with a warning: rename it; that
+name hides the deploy module from require in its directory.)
+
+return {
+  state = ".deploy/state.db",   -- or postgresql://USER@HOST/DB; $DEPLOY_STATE wins
+  clock = "real",               -- or "virtual"; unset: the process's clock
+  retain = { history = 200, versions = 10, logs = 100 },
+  simulate = { start_time = 1, versions = { ["1.2.0"] = { unhealthy_after = 60 } } },
+  targets = {
+    production = {
+      instances = 2,            -- per host, 1..64
+      hosts = { "app1", "deploy@10.0.0.7:2222" },   -- only with provider kind ssh
+      provider = { kind = "process", command = "./app --port {port}", ports = "20000-20999",
+                   stop_timeout = 10, env = { TOKEN = "${TOKEN}" }, workdir = "/srv/app" },
+      router = { kind = "haproxy", socket = "/run/haproxy/admin.sock", backend = "app",
+                 prefix = "dc_", timeout = 5, drain_timeout = 30 },
+      health = { path = "/healthz", expect_status = 200, timeout = 2, interval = 1,
+                 failure_threshold = 3, start_timeout = 60 },
+      retain = { history = 50 },
+    },
+  },
+}
+
+provider.kind: process (local processes), ssh (on the target's hosts: also
+log_dir, key, known_hosts, ssh_config, accept_new, connect_timeout,
+boot_limit, boot_wait), test (instances inside deployctl, for specs:
+start_time, unhealthy, unhealthy_after, error_rate, crash_after, versions).
+router.kind: haproxy (socket: a path, tcp://ADDR:PORT or ssh://HOST/path;
+backend; prefix of the server names it owns, default dc_; timeout per
+command, default 5; drain_timeout, default 30), nginx (include, upstream,
+conf, pid, nginx, timeout, drain_timeout), none (the split follows the
+instance ratio), test (records weights). simulate: how --simulate's
+instances behave (the test provider's fields; start_time defaults to 1).
+Placeholders in commands: {port} {version} {target} {instance} {host};
+${NAME} is read from the environment and never stored or printed.]]
+
+local FILES = {
+  { "./deployctl.lua", "the configuration (see CONFIGURATION)" },
+  { ".deploy/state.db", "the store (SQLite, WAL), unless config.state or $DEPLOY_STATE say otherwise" },
+  { ".deploy/logs/TARGET-VERSION-N.log", "each local instance's output (beside the store: STATE_DIR/logs)" },
+  { ".deploy/git/", "GitOps repository caches (beside the store)" },
+  { "PREFIX/lib/deployctl/deploy-git.so, deploy-http.so", "modules loaded on first use (git, HTTP); $DEPLOY_MODULE_DIR first" },
+  { "PREFIX/lib/lua/5.4/deploy.so", "the Lua module: require \"deploy\" and require \"deploy.testing\"" },
+}
+
 function commands.man(opts, args)
   local flags = parse_flags("man", args, {}, 0)
   if flags.help then out:write(HELP.man) return EXIT_OK end
@@ -937,13 +1072,21 @@ function commands.man(opts, args)
   local lines = {
     '.TH DEPLOYCTL 1 "" "deployctl ' .. deploy._VERSION .. '" "User Commands"',
     ".SH NAME", "deployctl \\- safe canary and blue-green rollouts behind HAProxy, scripted in Lua",
-    ".SH SYNOPSIS", ".B deployctl", "[\\-\\-config FILE] COMMAND [ARGUMENTS]",
+    ".SH SYNOPSIS",
+  }
+  -- each command's whole usage line, from its help (flags included)
+  for _, c in ipairs(COMMANDS) do
+    local usage = (HELP[c[1]] or ""):match("^Usage: deployctl " .. c[1]:gsub("%p", "%%%0") .. " ?([^\n]*)")
+    lines[#lines + 1] = ".br"
+    lines[#lines + 1] = "\\fBdeployctl\\fR [\\-c|\\-\\-config FILE] \\fB" .. c[1] .. "\\fR " .. esc(usage or c[2])
+  end
+  for _, l in ipairs({
     ".SH DESCRIPTION",
     "deployctl puts new versions of an application on target environments with canary and blue-green rollouts, "
       .. "gates every step on health checks, rolls back by itself, keeps a durable history, and syncs desired "
       .. "versions from a git repository.",
     ".SH COMMANDS",
-  }
+  }) do lines[#lines + 1] = l end
   for _, c in ipairs(COMMANDS) do
     lines[#lines + 1] = ".TP"
     lines[#lines + 1] = "\\fB" .. c[1] .. "\\fR " .. esc(c[2])
@@ -956,9 +1099,20 @@ function commands.man(opts, args)
       lines[#lines + 1] = ".RE"
     end
   end
+  lines[#lines + 1] = ".SH CONFIGURATION"
+  lines[#lines + 1] = ".nf"
+  lines[#lines + 1] = esc(CONFIGURATION)
+  lines[#lines + 1] = ".fi"
+  lines[#lines + 1] = ".SH FILES"
+  for _, f in ipairs(FILES) do
+    lines[#lines + 1] = ".TP\n" .. esc(f[1]) .. "\n" .. esc(f[2])
+  end
   lines[#lines + 1] = ".SH ENVIRONMENT"
   lines[#lines + 1] = ".TP\nDEPLOY_CONFIG\nthe configuration file when --config is not given"
-  lines[#lines + 1] = ".TP\nDEPLOY_STATE\nthe state file (SQLite), over config.state"
+  lines[#lines + 1] = ".TP\nDEPLOY_STATE\nthe store (a SQLite file or postgresql:// URL), over config.state"
+  lines[#lines + 1] = ".TP\nDEPLOY_MODULE_DIR\nwhere deploy-git.so and deploy-http.so are looked for first"
+  lines[#lines + 1] = ".TP\nDEPLOY_SSH_KEY\nthe ssh provider's key (a path or the key itself)"
+  lines[#lines + 1] = ".TP\nDEPLOY_GIT_USERNAME, DEPLOY_GIT_TOKEN, DEPLOY_GIT_SSH_KEY\nGitOps credentials"
   lines[#lines + 1] = ".SH EXIT STATUS"
   lines[#lines + 1] = "0 success, 1 deployment failed and rolled back, 2 usage or configuration error, 3 target locked; "
     .. "status TARGET: 4 degraded, 5 unhealthy."

@@ -17,6 +17,7 @@
 #include "util.h"
 
 int luaopen_deploy(lua_State *L);
+int luaopen_deploy_testing(lua_State *L);
 
 static lua_State *global_L;
 
@@ -85,6 +86,8 @@ static int pmain(lua_State *L) {
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
   lua_pushcfunction(L, luaopen_deploy);
   lua_setfield(L, -2, "deploy");
+  lua_pushcfunction(L, luaopen_deploy_testing);
+  lua_setfield(L, -2, "deploy.testing");
   for (int i = 0; deployctl_modules[i].name; i++) {
     if (strcmp(deployctl_modules[i].name, "deployctl") == 0)
       continue;

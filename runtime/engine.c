@@ -218,8 +218,18 @@ static void real_timer_cb(uv_timer_t *h) {
   cb(payload);
 }
 
+static engine_timer *timer_start(engine *e, double seconds, engine_timer_cb cb, void *payload, int virtual_clock);
+
 engine_timer *engine_timer_start(engine *e, double seconds, engine_timer_cb cb,
                                  void *payload) {
+  return timer_start(e, seconds, cb, payload, e->virtual_clock);
+}
+
+engine_timer *engine_timer_start_real(engine *e, double seconds, engine_timer_cb cb, void *payload) {
+  return timer_start(e, seconds, cb, payload, 0);
+}
+
+static engine_timer *timer_start(engine *e, double seconds, engine_timer_cb cb, void *payload, int virtual_clock) {
   engine_timer *t = calloc(1, sizeof *t);
   if (!t)
     return NULL;
@@ -229,7 +239,7 @@ engine_timer *engine_timer_start(engine *e, double seconds, engine_timer_cb cb,
   t->cb = cb;
   t->payload = payload;
   t->seq = e->seq++;
-  if (!e->virtual_clock) {
+  if (!virtual_clock) {
     uv_timer_init(e->loop, &t->uv);
     t->uv.data = t;
     pending_add(e, t);

@@ -51,6 +51,10 @@ int engine_set_virtual(engine *e, int on);
  * handle is valid until the callback has run or engine_timer_cancel. */
 engine_timer *engine_timer_start(engine *e, double seconds, engine_timer_cb cb,
                                  void *payload);
+/* The same on the real clock whichever clock the engine runs: for real
+ * work that the virtual clock waits for (a process starting up), polled
+ * in real time while the engine is held. */
+engine_timer *engine_timer_start_real(engine *e, double seconds, engine_timer_cb cb, void *payload);
 /* Cancel a pending timer; its callback never runs. NULL is ignored. */
 void engine_timer_cancel(engine_timer *t);
 

@@ -663,7 +663,11 @@ static int push_srv(hap_srv **v, size_t *n, size_t *cap, const hap_srv *s) {
   return DC_OK;
 }
 
-/* One data line of "show servers state"; 1 when it is one of ours. */
+/* One data line of "show servers state"; 1 when it is one of ours, -1
+ * when it names one of ours in a way HAProxy never would (s->name then
+ * shows it, non-printable bytes as '?'): every name of ours is sent back
+ * in commands, and HAProxy's CLI would read "dc_1;disable frontend fe"
+ * as two commands. */
 static int state_line(const hap *h, char *line, const state_cols *c,
                       hap_srv *s) {
   char *f[HAP_MAX_COLS];
@@ -672,6 +676,13 @@ static int state_line(const hap *h, char *line, const state_cols *c,
       n <= c->weight || !starts_with(f[c->name], h->prefix))
     return 0;
   memset(s, 0, sizeof *s);
+  if (!valid_name(f[c->name]) || strlen(f[c->name]) >= sizeof s->name) {
+    dc_strlcpy(s->name, f[c->name], sizeof s->name);
+    for (char *p = s->name; *p != '\0'; p++)
+      if ((unsigned char)*p < 0x20 || (unsigned char)*p >= 0x7f)
+        *p = '?';
+    return -1;
+  }
   dc_strlcpy(s->name, f[c->name], sizeof s->name);
   dc_strlcpy(s->addr, f[c->addr], sizeof s->addr);
   s->port = atoi(f[c->port]);
@@ -709,11 +720,23 @@ static int parse_state(const hap *h, const char *cmd, char *answer,
         return DC_ERROR;
       }
       have_cols = 1;
-    } else if (have_cols && state_line(h, line, &cols, &s) &&
-               push_srv(&v, n, &cap, &s) < 0) {
-      dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
-      free(v);
-      return DC_ERROR;
+    } else if (have_cols) {
+      int ours = state_line(h, line, &cols, &s);
+      if (ours < 0) {
+        dc_fmt(err, DC_ERR_MAX,
+               "haproxy: '%s' answered a server '%s' whose name HAProxy does "
+               "not allow (letters, digits, '_', '-', '.', ':', at most 63 "
+               "bytes): nothing is sent back with it (is %s HAProxy's stats "
+               "socket? if so, rename or delete that server)",
+               cmd, s.name, h->socket);
+        free(v);
+        return DC_ERROR;
+      }
+      if (ours > 0 && push_srv(&v, n, &cap, &s) < 0) {
+        dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
+        free(v);
+        return DC_ERROR;
+      }
     }
   }
   *out = v;
@@ -1476,3 +1499,66 @@ int router_haproxy_new(router **out, engine *e, const router_haproxy_opts *o,
   *out = &h->base;
   return DC_OK;
 }
+
+/* ---- fuzzing ------------------------------------------------------------- */
+
+#ifdef DEPLOY_FUZZ
+/* An entry point here rather than the parsers split into a file of their
+ * own: they stay static and where they are, the normal build compiles the
+ * same code as before, and what the fuzzer runs is what the router runs.
+ * No loop is involved: none of these readers touches a handle. */
+int haproxy_fuzz_answers(const char *backend, const char *prefix, const router_server *want, size_t nwant,
+                         char *state, char *stat, char *answer, haproxy_fuzz_step_cb step, void *payload,
+                         haproxy_fuzz_result *out, char *err) {
+  hap h;
+  apply_op op;
+  hap_srv *live = NULL;
+  size_t nlive = 0;
+  char cmd[HAP_CMD_MAX];
+  memset(out, 0, sizeof *out);
+  memset(&h, 0, sizeof h);
+  dc_strlcpy(h.socket, "/run/haproxy/admin.sock", sizeof h.socket);
+  dc_strlcpy(h.backend, backend, sizeof h.backend);
+  dc_strlcpy(h.prefix, prefix, sizeof h.prefix);
+  dc_fmt(cmd, sizeof cmd, "show servers state %s", h.backend);
+  /* The servers wanted are checked as apply checks them, before any answer. */
+  if (check_servers(&h, want, nwant, err) < 0 || parse_state(&h, cmd, state, &live, &nlive, err) < 0)
+    return DC_ERROR;
+  memset(&op, 0, sizeof op);
+  op.want = (router_server *)want;
+  op.nwant = nwant;
+  int rc = plan(&h, &op, live, nlive);
+  free(live);
+  if (rc < 0) {
+    free(op.steps);
+    dc_strlcpy(err, op.err, DC_ERR_MAX);
+    return DC_ERROR;
+  }
+  out->nlive = nlive;
+  out->nsteps = op.nsteps;
+  out->busy = -2;
+  for (size_t i = 0; i < op.nsteps; i++) {
+    step(payload, op.steps[i].name, op.steps[i].text);
+    if (op.steps[i].kind == STEP_DRAIN && out->busy == -2) {
+      op.cur = i;
+      out->busy = busy_sessions(&h, &op, stat);
+    }
+  }
+  free(op.steps);
+  size_t len = strlen(answer);
+  char *copy = malloc(len + 1);
+  if (copy == NULL) {
+    dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
+    return DC_ERROR;
+  }
+  const answer_kind kinds[] = {ANS_EMPTY, ANS_ADD, ANS_ADDR};
+  int *oks[] = {&out->ok_empty, &out->ok_add, &out->ok_addr};
+  for (size_t k = 0; k < 3; k++) {
+    memcpy(copy, answer, len + 1);
+    *oks[k] = answer_ok(kinds[k], copy);
+  }
+  msg_answered(&h, cmd, answer, err);
+  free(copy);
+  return DC_OK;
+}
+#endif

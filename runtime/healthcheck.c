@@ -47,16 +47,6 @@ struct check {
   uv_timer_t timer;      /* n == 0 only: calls cb from the loop */
 };
 
-__attribute__((format(printf, 2, 3)))
-static void set_err(char *err, const char *fmt, ...) {
-  if (!err)
-    return;
-  va_list ap;
-  va_start(ap, fmt);
-  dc_vfmt(err, DC_ERR_MAX, fmt, ap);
-  va_end(ap);
-}
-
 /* Error messages may end up in logs: a password in the URL becomes "***". */
 static void redact_url(char *dst, size_t size, const char *url) {
   const char *auth = strstr(url, "://");
@@ -245,12 +235,12 @@ static void probe_configure(probe *p, const char *url, long timeout_ms) {
 static int probe_prepare(check *c, size_t i, const char *url, char *err) {
   char why[256], shown[256];
   if (!url) {
-    set_err(err, "health: URL #%zu is missing (NULL)", i + 1);
+    dc_errf(err, "health: URL #%zu is missing (NULL)", i + 1);
     return -1;
   }
   redact_url(shown, sizeof shown, url);
   if (url_validate(url, why, sizeof why) != 0) {
-    set_err(err, "health: bad URL '%s': %s (expected http://host:port/path)",
+    dc_errf(err, "health: bad URL '%s': %s (expected http://host:port/path)",
             shown, why);
     return -1;
   }
@@ -260,7 +250,7 @@ static int probe_prepare(check *c, size_t i, const char *url, char *err) {
   c->urls[i] = strdup(url);
   p->easy = curl_easy_init();
   if (!c->urls[i] || !p->easy) {
-    set_err(err, "health: out of memory preparing the check of '%s'", shown);
+    dc_errf(err, "health: out of memory preparing the check of '%s'", shown);
     return -1;
   }
   c->results[i].url = c->urls[i];
@@ -278,7 +268,7 @@ static int start_all(check *c, http *h, char *err) {
     }
     char shown[256];
     redact_url(shown, sizeof shown, c->urls[i]);
-    set_err(err, "health: could not start the check of '%s' (out of memory, "
+    dc_errf(err, "health: could not start the check of '%s' (out of memory, "
                  "or the engine is shutting down)", shown);
     if (c->pending == 0)
       check_free(c);
@@ -302,7 +292,7 @@ static int start_empty(engine *e, check *c, char *err) {
   uv_timer_init(e->loop, &c->timer); /* cannot fail */
   c->timer.data = c;
   if (uv_timer_start(&c->timer, on_empty_timer, 0, 0) != 0) {
-    set_err(err, "health: could not schedule an empty check");
+    dc_errf(err, "health: could not schedule an empty check");
     uv_close((uv_handle_t *)&c->timer, on_empty_closed);
     return -1;
   }
@@ -324,13 +314,13 @@ static int hc_start(engine *e, const char *const *urls, size_t n,
                     const health_opts *opts, health_cb cb, void *payload,
                     char *err) {
   if (!e || !e->loop || !cb || (n > 0 && !urls)) {
-    set_err(err, "health: health_check_start needs an engine with a loop, "
+    dc_errf(err, "health: health_check_start needs an engine with a loop, "
                  "a callback and the urls");
     return -1;
   }
   check *c = check_new(n, opts, cb, payload);
   if (!c) {
-    set_err(err, "health: out of memory starting a check of %zu URLs", n);
+    dc_errf(err, "health: out of memory starting a check of %zu URLs", n);
     return -1;
   }
   if (n == 0)
@@ -343,7 +333,7 @@ static int hc_start(engine *e, const char *const *urls, size_t n,
   }
   http *h = engine_http(e);
   if (!h) {
-    set_err(err, "health: the engine has no HTTP client (libcurl multi "
+    dc_errf(err, "health: the engine has no HTTP client (libcurl multi "
                  "could not be created)");
     check_free(c);
     return -1;

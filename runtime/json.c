@@ -146,8 +146,19 @@ static int check_value(const json_t *v, int depth, char *err, size_t size) {
 
 json_t *dc_json_parse(const char *text, size_t len, char *err, size_t errsize) {
   json_error_t je;
-  /* jansson refuses NUL bytes inside strings without JSON_ALLOW_NUL, and a
-   * NUL after the value as trailing data. */
+  /* jansson refuses a NUL inside a string, but its reader takes a NUL after
+   * the value for the end of the text: {"version":"g7"}\0{...} would read
+   * as g7 (found by fuzz/json.c). So a NUL anywhere is refused here. */
+  const char *nul = memchr(text, '\0', len);
+  if (nul) {
+    int line = 1, column = 1;
+    for (const char *p = text; p < nul; p++) {
+      column = *p == '\n' ? 1 : column + 1;
+      line += *p == '\n';
+    }
+    dc_fmt(err, errsize, "line %d, column %d: a NUL byte (JSON is text; nothing after it is read)", line, column);
+    return NULL;
+  }
   json_t *v = json_loadb(text, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &je);
   if (!v) {
     dc_fmt(err, errsize, "line %d, column %d: %s", je.line, je.column, je.text);

@@ -55,6 +55,18 @@ static const void *load(const char *name, const char *symbol, int version, char 
   void *h = open_in(getenv("DEPLOY_MODULE_DIR"), name, tried, sizeof tried, &len);
   if (!h)
     h = open_in(dir, name, tried, sizeof tried, &len);
+  /* Installed: deployctl in PREFIX/bin, deploy.so in PREFIX/lib/lua/5.4,
+   * the modules in PREFIX/lib/deployctl, whatever PREFIX is (a package, a
+   * scratch prefix, a DESTDIR). */
+  char rel[4200];
+  if (!h && dir[0]) {
+    dc_fmt(rel, sizeof rel, "%s/../lib/deployctl", dir);
+    h = open_in(rel, name, tried, sizeof tried, &len);
+  }
+  if (!h && dir[0]) {
+    dc_fmt(rel, sizeof rel, "%s/../../deployctl", dir);
+    h = open_in(rel, name, tried, sizeof tried, &len);
+  }
   if (!h)
     h = open_in(DEPLOY_MODULE_INSTALL_DIR, name, tried, sizeof tried, &len);
   if (!h) {

@@ -1765,3 +1765,19 @@ int router_nginx_new(router **out, engine *e, const router_nginx_opts *o,
   *out = &n->base;
   return DC_OK;
 }
+
+/* ---- fuzzing ------------------------------------------------------------- */
+
+#ifdef DEPLOY_FUZZ
+/* As in haproxy.c: an entry point compiled only for fuzz/nginx.c, so the
+ * readers stay static and where they are. */
+int nginx_fuzz_include(const char *upstream, const char *sock, const char *text, size_t len,
+                       router_server **out, size_t *nout, char *err) {
+  static ngx n;
+  dc_strlcpy(n.upstream, upstream, sizeof n.upstream);
+  dc_strlcpy(n.sock, sock, sizeof n.sock);
+  return parse_include(&n, text, len, out, nout, err);
+}
+
+void nginx_fuzz_message(const char *text, char *out, size_t size) { nginx_message(text, out, size); }
+#endif

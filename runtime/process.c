@@ -30,6 +30,7 @@
 #endif
 
 #include "provider.h"
+#include "logprune.h"
 #include "util.h"
 
 #include <arpa/inet.h>
@@ -139,6 +140,7 @@ struct process_provider {
   double stop_timeout;
   recent_port recent[RECENT_PORTS];
   owned handles;  /* list sentinel */
+  int works;      /* prunes on the thread pool: the provider outlives them */
   int closing;
 };
 
@@ -201,7 +203,7 @@ static void on_closed(uv_handle_t *h) {
   o->next->prev = o->prev;
   free(o->heap);
   free(o);
-  if (p->closing && p->handles.next == &p->handles)
+  if (p->closing && p->handles.next == &p->handles && p->works == 0)
     destroy(p);
 }
 
@@ -220,7 +222,7 @@ static void pp_free(provider *base) {
   p->closing = 1;
   for (owned *o = p->handles.next; o != &p->handles; o = o->next)
     close_owned(o);
-  if (p->handles.next == &p->handles)
+  if (p->handles.next == &p->handles && p->works == 0)
     destroy(p);
 }
 
@@ -1213,6 +1215,84 @@ static int copy_opts(process_provider *p, const provider_process_opts *o) {
   return 0;
 }
 
+/* ---- prune: retention of logs, on the thread pool ---- */
+
+typedef struct prune_work {
+  uv_work_t w;
+  process_provider *p;
+  char *dir, *target;
+  char **drop;
+  size_t ndrop;
+  uint64_t max_bytes;
+  logprune_stats st;
+  int rc;
+  char err[DC_ERR_MAX];
+  provider_prune_cb cb;
+  void *payload;
+} prune_work;
+
+static void prune_free(prune_work *pw) {
+  for (size_t i = 0; i < pw->ndrop; i++)
+    free(pw->drop[i]);
+  free(pw->drop);
+  free(pw->dir);
+  free(pw->target);
+  free(pw);
+}
+
+static void prune_run(uv_work_t *w) {
+  prune_work *pw = w->data;
+  pw->rc = logprune_dir(pw->dir, pw->target, (const char *const *)pw->drop, pw->ndrop, pw->max_bytes, &pw->st,
+                        pw->err);
+}
+
+static void prune_after(uv_work_t *w, int status) {
+  prune_work *pw = w->data;
+  process_provider *p = pw->p;
+  p->works--;
+  engine_release(p->e);
+  if (!p->closing && pw->cb)
+    pw->cb(pw->payload, pw->st.removed, pw->st.rotated, pw->st.freed,
+           status != 0 ? "deploy: log pruning was cancelled" : pw->rc != 0 ? pw->err : NULL);
+  prune_free(pw);
+  if (p->closing && p->handles.next == &p->handles && p->works == 0)
+    destroy(p);
+}
+
+/* Only this machine's logs: nodes are all "" for this provider. */
+static int pp_prune(provider *base, const char *target, const char *const *nodes, size_t nnodes,
+                    const char *const *drop, size_t ndrop, uint64_t max_bytes, provider_prune_cb cb, void *payload,
+                    char *err) {
+  (void)nodes;
+  (void)nnodes;
+  process_provider *p = (process_provider *)base;
+  prune_work *pw = calloc(1, sizeof *pw);
+  int ok = pw && (pw->dir = strdup(p->log_dir)) && (pw->target = strdup(target)) &&
+           (ndrop == 0 || (pw->drop = calloc(ndrop, sizeof *pw->drop)));
+  for (size_t i = 0; ok && i < ndrop; i++)
+    ok = (pw->drop[pw->ndrop++] = strdup(drop[i])) != NULL;
+  if (!ok) {
+    if (pw)
+      prune_free(pw);
+    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory pruning logs");
+    return -1;
+  }
+  pw->p = p;
+  pw->max_bytes = max_bytes;
+  pw->cb = cb;
+  pw->payload = payload;
+  pw->w.data = pw;
+  int rc = uv_queue_work(p->e->loop, &pw->w, prune_run, prune_after);
+  if (rc != 0) {
+    prune_free(pw);
+    dc_fmt(err, DC_ERR_MAX, "deploy: cannot prune logs: %s", uv_strerror(rc));
+    return -1;
+  }
+  p->works++;
+  engine_hold(p->e);
+  return 0;
+}
+
 int provider_process_new(provider **out, engine *e,
                          const provider_process_opts *o, char *err) {
   *out = NULL;
@@ -1234,6 +1314,7 @@ int provider_process_new(provider **out, engine *e,
   p->base.inspect = pp_inspect;
   p->base.logs = pp_logs;
   p->base.logs_stop = pp_logs_stop;
+  p->base.prune = pp_prune;
   p->base.free = pp_free;
   *out = &p->base;
   return 0;

@@ -25,7 +25,7 @@
 #include "engine.h"
 #include "store.h"
 
-#define PROVIDER_VERSION 3
+#define PROVIDER_VERSION 5
 
 /* What a provider reports about one instance it started or found. */
 typedef struct provider_instance {
@@ -54,6 +54,9 @@ typedef void (*provider_inspect_cb)(void *payload, int alive, const provider_ins
  * valid during the call), then exactly once with done = 1, err set when
  * the log could not be read. */
 typedef void (*provider_logs_cb)(void *payload, const char *text, size_t len, int done, const char *err);
+/* What a prune did: files deleted, logs rotated, bytes freed; err names
+ * what could not be done (a host unreachable, a directory unreadable). */
+typedef void (*provider_prune_cb)(void *payload, size_t removed, size_t rotated, uint64_t freed, const char *err);
 /* A logs call in progress (for logs_stop); the provider's own type. */
 typedef struct provider_stream provider_stream;
 
@@ -65,6 +68,12 @@ struct provider {
    * at most this often and reuse the last answer in between (0: every
    * round). A remote inspect is a command on every host. */
   double inspect_every;
+  /* Its instances live on the engine's clock (the test provider: they
+   * come up after a scripted number of seconds of it). Otherwise an
+   * instance starts in real time, and on the virtual clock a rollout
+   * holds the clock while new instances come up, so start_timeout counts
+   * real seconds. */
+  int on_engine_clock;
   /* Start one instance (its row exists): choose a port not in req->taken,
    * start it detached so it outlives deployctl, and report where. */
   int (*start)(provider *p, const provider_start_req *req, provider_start_cb cb, void *payload, char *err);
@@ -85,6 +94,12 @@ struct provider {
    * start on every one of these nodes now? Called before a rollout starts
    * anything; cb's err names each node that cannot, and why. */
   int (*preflight)(provider *p, const char *const *nodes, size_t n, provider_cb cb, void *payload, char *err);
+  /* Optional (NULL: the provider keeps nothing per version). Retention on
+   * every one of these nodes: deletes the logs of target's versions in
+   * drop (never one written within the last few seconds), and rotates any
+   * other log of the target past max_bytes (0: never), see logprune.h. */
+  int (*prune)(provider *p, const char *target, const char *const *nodes, size_t nnodes, const char *const *drop,
+               size_t ndrop, uint64_t max_bytes, provider_prune_cb cb, void *payload, char *err);
   void (*free)(provider *p);
 };
 
@@ -127,5 +142,34 @@ typedef struct provider_ssh_opts {
 } provider_ssh_opts;
 
 int provider_ssh_new(provider **out, engine *e, const provider_ssh_opts *o, char *err);
+
+/* The test provider (test_provider.c): each instance is an HTTP server on
+ * 127.0.0.1 inside this process, on the engine's loop, answering every
+ * request (health checks included) as its script says, on the engine's
+ * clock. For users' specs (deploy.testing) and for --simulate. Its
+ * instances end with the provider. */
+typedef struct provider_test_script {
+  double start_time;         /* seconds after the start before it answers (a slow start); 0 */
+  int unhealthy;             /* answers 500 from the first request on */
+  double unhealthy_after;    /* seconds after it came up from which it answers 500; < 0: never */
+  double error_rate;         /* share of answers that are 500, spread evenly (0.25: every 4th); 0..1 */
+  double crash_after;        /* seconds after it came up its process is gone; < 0: never */
+} provider_test_script;
+
+typedef struct provider_test_opts {
+  provider_test_script script;            /* every version's, unless listed below */
+  const char *const *versions;            /* n versions with a script of their own */
+  const provider_test_script *scripts;
+  size_t n;
+  /* Instances it did not start (rows of a real store, under --simulate)
+   * are taken to be as the store records them: running, stopped at once. */
+  int adopt;
+} provider_test_opts;
+
+void provider_test_script_default(provider_test_script *s);
+int provider_test_new(provider **out, engine *e, const provider_test_opts *o, char *err);
+/* Requests the instances of version (NULL: every version) answered, and
+ * how many of those with a 5xx. -1 when p is not a test provider. */
+int provider_test_stats(const provider *p, const char *version, unsigned long *requests, unsigned long *errors);
 
 #endif

@@ -52,6 +52,11 @@ struct rollout {
   /* health monitoring */
   enum monitor_mode mon;
   double mon_deadline;
+  /* MON_HEALTHY on the virtual clock with instances that start in real
+   * time: the engine is held and rounds run on real timers until they are
+   * up (real_deadline: wall seconds). */
+  int real_wait;
+  double real_deadline;
   int mon_failures;
   rollout_health health;
   rollout_health_cb health_cb;
@@ -190,7 +195,17 @@ static void complete_now(void *payload) {
  * this turn's events ran: a handler that reacts to "traffic" (makes the
  * version unhealthy, samples the split) sees the step before the next one
  * starts, as it would if it ran inside the event. */
+/* Leaves a real-time wait for starting instances: the virtual clock may
+ * move again. */
+static void real_wait_end(rollout *r) {
+  if (!r->real_wait)
+    return;
+  r->real_wait = 0;
+  engine_release(r->e);
+}
+
 static void complete(rollout *r, int ok, const char *err) {
+  real_wait_end(r);
   r->after_healthy = NULL;
   r->act_ok = ok;
   if (!ok)
@@ -433,7 +448,8 @@ static void monitor_schedule(rollout *r) {
     next = r->mon_deadline - now;
   if (next < 0)
     next = 0;
-  r->timer = engine_timer_start(r->e, next, monitor_tick, r);
+  r->timer = r->real_wait ? engine_timer_start_real(r->e, next, monitor_tick, r)
+                          : engine_timer_start(r->e, next, monitor_tick, r);
 }
 
 static json_t *health_json(const rollout_health *h, int consecutive) {
@@ -467,6 +483,7 @@ static void monitor_observed(void *payload, const rollout_health *h) {
         void (*next)(rollout *) = r->after_healthy;
         r->after_healthy = NULL;
         r->mon = MON_NONE;
+        real_wait_end(r);
         next(r);
         return;
       }
@@ -477,7 +494,7 @@ static void monitor_observed(void *payload, const rollout_health *h) {
       dc_fmt(msg, sizeof msg, "new instances of %s unhealthy after %d consecutive failed checks: %s", r->version,
              r->mon_failures, h->detail);
       complete(r, 0, msg);
-    } else if (now >= r->mon_deadline) {
+    } else if (r->real_wait ? dc_wall_now() >= r->real_deadline : now >= r->mon_deadline) {
       dc_fmt(msg, sizeof msg, "new instances of %s not healthy after %g s: %s", r->version,
              r->t->health.start_timeout, h->detail);
       complete(r, 0, msg);
@@ -546,6 +563,14 @@ static void monitor_start(rollout *r, enum monitor_mode mode, double seconds) {
   r->mon = mode;
   r->mon_failures = 0;
   r->mon_deadline = engine_now(r->e) + seconds;
+  if (mode == MON_HEALTHY && r->e->virtual_clock && !r->t->provider->on_engine_clock && !r->real_wait) {
+    /* A process takes the real time it takes to listen: the virtual clock
+     * must not run start_timeout out meanwhile (holding it also keeps
+     * rollouts simulated side by side on one timeline). */
+    r->real_wait = 1;
+    r->real_deadline = dc_wall_now() + seconds;
+    engine_hold(r->e);
+  }
   if (mode == MON_GATED) {
     if (seconds <= 0 || r->promote_pending) {
       if (r->promote_pending) {
@@ -1292,15 +1317,31 @@ static void preflight_step(rollout *r, const char *err) {
 static void preflight_hosts(void *payload, const char *err) { preflight_step(payload, err); }
 static void preflight_router(void *payload, const char *err) { preflight_step(payload, err); }
 
+static void preflight_nothing(void *payload) { preflight_step(payload, NULL); }
+
 static void preflight(rollout *r) {
   char err[DC_ERR_MAX];
   provider *p = r->t->provider;
   router *rt = r->t->router;
-  r->preflight_pending = p->preflight ? 2 : 1;
+  /* nginx's include is a local file the router owns: a read that finds it
+   * edited by hand is no reason not to start (apply rewrites it, and
+   * `nginx -t` checks everything else before any reload). */
+  int read_router = strcmp(rt->kind, "nginx") != 0;
+  r->preflight_pending = (p->preflight ? 1 : 0) + (read_router ? 1 : 0);
   r->preflight_err[0] = '\0';
-  engine_hold(r->e);
-  if (rt->read(rt, &r->probe, 1, &r->nprobe, preflight_router, r, err) != 0)
-    preflight_router(r, err);
+  if (r->preflight_pending == 0) {
+    /* nothing to ask: go on from the loop, as an answer would */
+    engine_hold(r->e);
+    r->preflight_pending = 1;
+    if (engine_soon(r->e, preflight_nothing, r) != 0)
+      preflight_step(r, NULL);
+    return;
+  }
+  if (read_router) {
+    engine_hold(r->e);
+    if (rt->read(rt, &r->probe, 1, &r->nprobe, preflight_router, r, err) != 0)
+      preflight_router(r, err);
+  }
   if (!p->preflight)
     return;
   engine_hold(r->e);
@@ -1309,6 +1350,15 @@ static void preflight(rollout *r) {
 }
 
 void rollout_next_action(rollout *r, const strategy *st, strategy_action *out) { st->step(st, &r->run, out); }
+
+void rollout_delegate_begin(rollout *r) {
+  /* The step machine starts from its beginning; the share, and whether an
+   * old version serves, stay what the rollout has now. */
+  r->run.phase = 0;
+  r->run.last_ok = 1;
+  r->run.last_error[0] = '\0';
+  r->run.step = 0;
+}
 
 void rollout_record(rollout *r, int ok, const char *err) {
   r->run.last_ok = ok;

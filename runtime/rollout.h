@@ -99,6 +99,9 @@ void rollout_action(rollout *r, const strategy_action *a, rollout_action_cb cb, 
  * strategy): the next action of st's step machine given the run so far,
  * and the outcome of an action, recorded for its next decision. */
 void rollout_next_action(rollout *r, const strategy *st, strategy_action *out);
+/* Before a step machine is run from inside a driver: its progress starts
+ * over, from the share the rollout is at now. */
+void rollout_delegate_begin(rollout *r);
 void rollout_record(rollout *r, int ok, const char *err);
 int rollout_ending(const rollout *r);
 const char *rollout_id(const rollout *r);

@@ -93,10 +93,50 @@ int router_nginx_new(router **out, engine *e, const router_nginx_opts *o,
  * instance ratio): apply succeeds at once. */
 int router_none_new(router **out, engine *e, char *err);
 
+/* The test router (test_router.c): weighs servers and records every
+ * apply, touching no proxy. For users' specs and --simulate. */
+typedef struct router_test_apply {
+  double at;                 /* engine clock */
+  router_server *servers;
+  size_t n;
+} router_test_apply;
+
+int router_test_new(router **out, engine *e, char *err);
+/* What a test router was asked to serve, oldest first (valid until the
+ * next apply or free). -1 when r is not a test router. */
+int router_test_log(const router *r, const router_test_apply **log, size_t *n);
+
 /* The exact split of notes/haproxy.md: share pct (0..100) to n_new servers
  * and the rest to n_old, equal weights inside a group, each weight 0..256.
  * pct 0: new weights 0; pct 100: old weights 0; otherwise both >= 1. */
 void router_split_weights(double pct, int n_old, int n_new, int *w_old,
                           int *w_new);
+
+#ifdef DEPLOY_FUZZ
+/* Only in the fuzzing build (cmake -DDEPLOY_FUZZ=ON, fuzz/haproxy.c): the
+ * router's readers of HAProxy's answers, run on given text instead of a
+ * socket. The "show servers state" answer is planned against want as an
+ * apply plans it (each step handed to step), the "show stat" answer is
+ * read as the drain step reads it, and the third answer is checked as a
+ * command's answer is. Answers are modified in place, as the router does.
+ * Returns -1 with err when want or the state answer is refused, else 0. */
+typedef struct haproxy_fuzz_result {
+  size_t nlive;          /* our servers in the state answer */
+  size_t nsteps;         /* steps of the plan */
+  long busy;             /* sessions on the servers retired; -1 refused, -2 no drain */
+  int ok_empty, ok_add, ok_addr;  /* the third answer as each kind of success */
+} haproxy_fuzz_result;
+typedef void (*haproxy_fuzz_step_cb)(void *payload, const char *server, const char *command);
+int haproxy_fuzz_answers(const char *backend, const char *prefix, const router_server *want, size_t nwant,
+                         char *state, char *stat, char *answer, haproxy_fuzz_step_cb step, void *payload,
+                         haproxy_fuzz_result *out, char *err);
+/* The nginx router's readers (runtime/nginx.c): its include file as
+ * read() and apply read it back (0 with the servers, which the caller
+ * frees, when it is exactly what the router writes; -1 with err), and
+ * the one-line summary of nginx -T's stderr that errors quote. */
+int nginx_fuzz_include(const char *upstream, const char *sock, const char *text, size_t len,
+                       router_server **out, size_t *nout, char *err);
+void nginx_fuzz_message(const char *text, char *out, size_t size);
+#endif
 
 #endif

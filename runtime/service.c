@@ -7,6 +7,7 @@
 #include "health.h"
 #include "instset.h"
 #include "json.h"
+#include "retain.h"
 #include "util.h"
 
 struct service {
@@ -93,14 +94,50 @@ typedef struct run_ref {
   service *svc;
   rollout_done_cb cb;
   void *payload;
+  rollout **handle;       /* the caller's pointer to the rollout, cleared as it ends */
+  rollout_result res;     /* a copy, held while the retention runs */
+  char **errors;
 } run_ref;
 
-static void run_done(void *payload, const rollout_result *res) {
-  run_ref *rr = payload;
+static void run_report(run_ref *rr) {
+  rr->res.errors = (const char *const *)rr->errors;
   if (rr->cb)
-    rr->cb(rr->payload, res);
+    rr->cb(rr->payload, &rr->res);
+  for (size_t i = 0; i < rr->res.nerrors; i++)
+    free(rr->errors[i]);
+  free(rr->errors);
   service_unref(rr->svc);
   free(rr);
+}
+
+static void retained(void *payload, const retain_result *r) {
+  /* Retention never fails a deployment: the next one tries again. */
+  if (r->err)
+    fprintf(stderr, "deployctl: retention: %s\n", r->err);
+  run_report(payload);
+}
+
+/* After every deployment that ran (not one refused as locked), what is
+ * past the target's retention goes, before the caller hears of the end:
+ * whoever deploys next finds the store and the logs within their limits. */
+static void run_done(void *payload, const rollout_result *res) {
+  run_ref *rr = payload;
+  char err[DC_ERR_MAX];
+  /* The rollout is gone once this returns, while the caller hears of the
+   * end only after the retention: its handle must not outlive the rollout. */
+  if (rr->handle)
+    *rr->handle = NULL;
+  rr->res = *res;
+  rr->res.nerrors = 0;
+  rr->errors = res->nerrors ? calloc(res->nerrors, sizeof *rr->errors) : NULL;
+  for (size_t i = 0; rr->errors && i < res->nerrors; i++)
+    if ((rr->errors[i] = strdup(res->errors[i])) != NULL)
+      rr->res.nerrors++;
+  if (!res->recorded || retain_target(rr->svc, res->target, retained, rr, err) != DC_OK) {
+    if (res->recorded)
+      fprintf(stderr, "deployctl: retention: %s\n", err);
+    run_report(rr);
+  }
 }
 
 int service_deploy(service *svc, const char *target, strategy *st, const rollout_opts *o, rollout_done_cb cb,
@@ -117,6 +154,7 @@ int service_deploy(service *svc, const char *target, strategy *st, const rollout
   rr->svc = service_ref(svc);
   rr->cb = cb;
   rr->payload = payload;
+  rr->handle = out;
   if (rollout_start(&r, svc->e, svc->s, t, st, o, run_done, rr, err) != DC_OK) {
     service_unref(svc);
     free(rr);

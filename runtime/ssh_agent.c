@@ -355,6 +355,31 @@ int ssh_agent_logs_command(char **cmd, const char *log_path, int lines,
   return sb_end(&b, cmd, err);
 }
 
+int ssh_agent_prune_command(char **cmd, const char *dir, const char *target, const char *const *drop, size_t ndrop,
+                            uint64_t max_bytes, char *err) {
+  *cmd = NULL;
+  if (check_text("the log directory", dir, SSH_AGENT_PATH_MAX, err) != 0 ||
+      check_text("the target", target, 64, err) != 0)
+    return -1;
+  sb b = {0};
+  sb_begin(&b, "prune");
+  sb_arg(&b, "--dir");
+  sb_arg(&b, dir);
+  sb_arg(&b, "--target");
+  sb_arg(&b, target);
+  sb_arg(&b, "--max-bytes");
+  sb_int(&b, (long long)max_bytes);
+  for (size_t i = 0; i < ndrop; i++) {
+    if (check_text("a version", drop[i], 128, err) != 0) {
+      free(b.p);
+      return -1;
+    }
+    sb_arg(&b, "--drop");
+    sb_arg(&b, drop[i]);
+  }
+  return sb_end(&b, cmd, err);
+}
+
 /* ---- reading answers ---------------------------------------------------- */
 
 /* The answer as one line (without its newline) in dst, or -1: not exactly
@@ -652,6 +677,27 @@ int ssh_agent_parse_stop(ssh_agent_stop_result *out, int *pid, const ssh_result 
   }
   *out = res == 0 ? SSH_AGENT_STOPPED : res == 1 ? SSH_AGENT_KILLED : SSH_AGENT_GONE;
   *pid = (int)p;
+  return 0;
+}
+
+int ssh_agent_parse_prune(size_t *removed, size_t *rotated, uint64_t *freed, const ssh_result *r, char *err) {
+  char line[256];
+  *removed = *rotated = 0;
+  *freed = 0;
+  if (answered(r, "prune", line, sizeof line, err) != 0)
+    return -1;
+  cursor c = {line, 0};
+  expect(&c, SSH_AGENT_PROTO " prune ");
+  uint64_t rm = number(&c, "removed=", 0, 0, 1000000000);
+  uint64_t rot = number(&c, "rotated=", 0, 0, 1000000000);
+  uint64_t fr = number(&c, "freed=", 1, 0, UINT64_C(1) << 62);
+  if (c.bad) {
+    unexpected(err, r, "prune");
+    return -1;
+  }
+  *removed = (size_t)rm;
+  *rotated = (size_t)rot;
+  *freed = fr;
   return 0;
 }
 

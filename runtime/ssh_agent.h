@@ -110,6 +110,9 @@ int ssh_agent_stop_command(char **cmd, const ssh_agent_instance *inst,
 int ssh_agent_logs_command(char **cmd, const char *log_path, int lines,
                            int follow, char *err);
 void ssh_agent_free_input(char *input, size_t len);
+/* Retention of target's logs in dir (see the agent's prune verb). */
+int ssh_agent_prune_command(char **cmd, const char *dir, const char *target, const char *const *drop, size_t ndrop,
+                            uint64_t max_bytes, char *err);
 
 /* Reading a finished command's result (r->status must be SSH_OK: a
  * transport failure has its own message from ssh_cb). 0, or -1 with err
@@ -124,6 +127,7 @@ int ssh_agent_parse_stop(ssh_agent_stop_result *out, int *pid, const ssh_result 
                          char *err);
 /* logs: the text is r->out itself; this checks it is not an error. */
 int ssh_agent_parse_logs(const ssh_result *r, char *err);
+int ssh_agent_parse_prune(size_t *removed, size_t *rotated, uint64_t *freed, const ssh_result *r, char *err);
 
 /* The script, as compiled in. */
 const char *ssh_agent_script(void);

@@ -13,6 +13,7 @@
 #   DEPLOYCTL-AGENT/1 inspect state=alive|dead pid=N starttime=T found=pid|tag|none boot=B
 #                     (one such line per instance asked about, in order)
 #   DEPLOYCTL-AGENT/1 stop result=stopped|killed|gone pid=N
+#   DEPLOYCTL-AGENT/1 prune removed=N rotated=N freed=BYTES
 #   DEPLOYCTL-AGENT/1 error CODE MESSAGE          (exit status 3)
 # `logs` prints the log's lines themselves (exit 0), or the error line.
 # starttime is field 22 of /proc/PID/stat; boot is
@@ -47,6 +48,11 @@
 #     SIGTERM to the process group, SIGKILL after MS (default 10000), until
 #     no member is left. A pid that now names another process (start time
 #     or boot differs) is never signalled: result=gone.
+#   prune --dir DIR --target T [--max-bytes N] [--drop VERSION ...]
+#     Retention (runtime/logprune.h does the same on the deploy machine):
+#     deletes T's logs DIR/T-VERSION-N.log (and .log.1) of each dropped
+#     VERSION unless written in the last 10 seconds; rotates every other
+#     log of T over N bytes (copied to .log.1, then truncated).
 #   logs --log PATH [--lines N] [--follow]
 #     The last N lines (default 100); --follow keeps printing until stdin
 #     reaches EOF (ssh closes it when the caller goes away).
@@ -560,6 +566,50 @@ do_logs() {
   exit 0
 }
 
+do_prune() {
+  dir= target= max=0 drops=
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --dir|--target|--max-bytes|--drop)
+        [ $# -ge 2 ] || fail usage "$1 needs a value"
+        check_value "$1" "$2"
+        case $1 in
+          --dir) dir=$2;; --target) target=$2;; --max-bytes) max=$2;; --drop) drops=$drops$2$NL;;
+        esac
+        shift 2;;
+      *) fail usage "prune: unknown option '$1'";;
+    esac
+  done
+  [ -n "$dir" ] && [ -n "$target" ] || fail usage "prune: --dir and --target are required"
+  is_uint "$max" || fail usage "prune: --max-bytes must be a number"
+  removed=0 rotated=0 freed=0
+  now=$(date +%s)
+  for f in "$dir/$target"-*.log "$dir/$target"-*.log.1; do
+    [ -f "$f" ] && [ ! -L "$f" ] || continue
+    rest=${f##*/}
+    rest=${rest#"$target"-}
+    case $rest in
+      *.log.1) rest=${rest%.log.1} rot=1;;
+      *) rest=${rest%.log} rot=0;;
+    esac
+    idx=${rest##*-} ver=${rest%-*}
+    is_uint "$idx" && [ -n "$ver" ] && [ "$ver" != "$rest" ] || continue
+    size=$(wc -c < "$f") || continue
+    size=$((size))
+    case $NL$drops in
+      *"$NL$ver$NL"*)
+        mtime=$(stat -c %Y -- "$f" 2>/dev/null) || continue
+        [ $((now - mtime)) -ge 10 ] || continue
+        rm -f -- "$f" && removed=$((removed + 1)) freed=$((freed + size));;
+      *)
+        if [ $rot = 0 ] && [ "$max" -gt 0 ] && [ "$size" -gt "$max" ]; then
+          cp -- "$f" "$f.1.tmp" && mv -f -- "$f.1.tmp" "$f.1" && : > "$f" && rotated=$((rotated + 1))
+        fi;;
+    esac
+  done
+  printf '%s prune removed=%s rotated=%s freed=%s\n' "$PROTO" "$removed" "$rotated" "$freed"
+}
+
 verb=${1:-}
 [ $# -gt 0 ] && shift
 case $verb in
@@ -568,6 +618,7 @@ case $verb in
   inspect) do_inspect "$@";;
   stop) do_stop "$@";;
   logs) do_logs "$@";;
-  *) fail usage "unknown verb '$verb' (hello, start, inspect, stop, logs)";;
+  prune) do_prune "$@";;
+  *) fail usage "unknown verb '$verb' (hello, start, inspect, stop, logs, prune)";;
 esac
 exit 0

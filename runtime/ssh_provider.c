@@ -54,7 +54,7 @@ typedef struct ssh_provider ssh_provider;
 typedef struct node node;
 typedef struct op op;
 
-typedef enum { OP_HELLO, OP_START, OP_STOP_FIND, OP_STOP, OP_INSPECT, OP_LOGS } op_kind;
+typedef enum { OP_HELLO, OP_START, OP_STOP_FIND, OP_STOP, OP_INSPECT, OP_LOGS, OP_PRUNE } op_kind;
 
 /* One inspect asked for, waiting for its node's next batch. */
 typedef struct inspect_req {
@@ -103,6 +103,8 @@ struct op {
   size_t nreqs;
   /* preflight (hello ops share one) */
   struct preflight *pf;
+  /* prune (the ops of one prune share one) */
+  struct prune_all *pa;
   /* logs */
   provider_stream *stream;
   void *payload;
@@ -127,6 +129,16 @@ typedef struct preflight {
   provider_cb cb;
   void *payload;
 } preflight;
+
+typedef struct prune_all {
+  ssh_provider *p;
+  int pending;
+  size_t removed, rotated;
+  uint64_t freed;
+  dc_buf errors;
+  provider_prune_cb cb;
+  void *payload;
+} prune_all;
 
 struct ssh_provider {
   provider base;       /* first */
@@ -1004,6 +1016,73 @@ static int sp_preflight(provider *base, const char *const *nodes, size_t nn, pro
   return 0;
 }
 
+/* ---- prune: retention on every host ---- */
+
+static void prune_step(prune_all *pa, const char *dest, const char *err) {
+  if (err)
+    dc_buf_printf(&pa->errors, "%scannot prune logs on '%s': %s", pa->errors.len ? "; " : "", dest, dc_unprefix(err));
+  if (--pa->pending > 0)
+    return;
+  if (!pa->p->closing && pa->cb)
+    pa->cb(pa->payload, pa->removed, pa->rotated, pa->freed,
+           pa->errors.len ? pa->errors.data : pa->errors.oom ? "deploy: out of memory" : NULL);
+  dc_buf_free(&pa->errors);
+  free(pa);
+}
+
+static void prune_done(op *o, const ssh_result *r, const char *err) {
+  char why[DC_ERR_MAX];
+  size_t removed = 0, rotated = 0;
+  uint64_t freed = 0;
+  const char *fail = err;
+  if (!fail && ssh_agent_parse_prune(&removed, &rotated, &freed, r, why) != 0)
+    fail = why;
+  o->pa->removed += removed;
+  o->pa->rotated += rotated;
+  o->pa->freed += freed;
+  prune_step(o->pa, o->n->dest, fail);
+}
+
+/* The agent's prune on every node, at once. */
+static int sp_prune(provider *base, const char *target, const char *const *nodes, size_t nn, const char *const *drop,
+                    size_t ndrop, uint64_t max_bytes, provider_prune_cb cb, void *payload, char *err) {
+  ssh_provider *p = (ssh_provider *)base;
+  prune_all *pa = calloc(1, sizeof *pa);
+  if (!pa) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
+    return -1;
+  }
+  pa->p = p;
+  pa->cb = cb;
+  pa->payload = payload;
+  pa->pending = 1; /* held until every command is sent */
+  size_t sent = 0;
+  for (size_t i = 0; i < nn; i++) {
+    char why[DC_ERR_MAX], *cmd = NULL;
+    node *n = node_get(p, nodes[i], why);
+    op *o = NULL;
+    pa->pending++;
+    if (n && ssh_agent_prune_command(&cmd, p->log_dir, target, drop, ndrop, max_bytes, why) == 0 &&
+        (o = op_new(p, n, OP_PRUNE, why)) != NULL) {
+      o->pa = pa;
+      run(o, cmd, NULL, 0, deadline(p, n, 30), NULL);
+      sent++;
+      continue;
+    }
+    free(cmd);
+    prune_step(pa, nodes[i], why);
+  }
+  if (sent == 0) {
+    /* Nothing went out: no callback may run inside this call. */
+    dc_fmt(err, DC_ERR_MAX, "deploy: %s", pa->errors.len ? pa->errors.data : "no host given to prune");
+    dc_buf_free(&pa->errors);
+    free(pa);
+    return -1;
+  }
+  prune_step(pa, NULL, NULL);
+  return 0;
+}
+
 /* ---- completion of every remote command ---- */
 
 static void on_ssh_done(void *payload, const ssh_result *r, const char *err) {
@@ -1029,6 +1108,10 @@ static void on_ssh_done(void *payload, const ssh_result *r, const char *err) {
     return;
   case OP_LOGS:
     logs_done(o, r, err);
+    return;
+  case OP_PRUNE:
+    prune_done(o, r, err);
+    op_free(o);
     return;
   }
 }
@@ -1173,6 +1256,7 @@ int provider_ssh_new(provider **out, engine *e, const provider_ssh_opts *o, char
   p->base.logs = sp_logs;
   p->base.logs_stop = sp_logs_stop;
   p->base.preflight = sp_preflight;
+  p->base.prune = sp_prune;
   p->base.free = sp_free;
   *out = &p->base;
   return 0;

@@ -64,7 +64,7 @@ struct store {
 
 /* ---- ops ---- */
 
-static void clear_rows(store_op *op) {
+void store_op_clear_results(store_op *op) {
   for (size_t i = 0; i < op->ndeployments; i++)
     store_deployment_clear(&op->deployments[i]);
   for (size_t i = 0; i < op->nevents; i++)
@@ -74,12 +74,22 @@ static void clear_rows(store_op *op) {
   free(op->events);
   free(op->controls);
   free(op->ports);
+  op->deployments = NULL;
+  op->instances = NULL;
+  op->events = NULL;
+  op->controls = NULL;
+  op->ports = NULL;
+  op->ndeployments = op->ninstances = op->nevents = op->ncontrols = op->nports = 0;
+  op->has_target = op->has_lock = 0;
+  op->out_id = 0;
+  op->rc = DC_OK;
+  op->err[0] = '\0';
 }
 
-static void op_free(store_op *op) {
+void store_op_free(store_op *op) {
   if (!op)
     return;
-  clear_rows(op);
+  store_op_clear_results(op);
   store_deployment_clear(&op->dep);
   store_event_clear(&op->ev);
   free(op->fin_errors);
@@ -232,7 +242,7 @@ static void deliver(store *s, store_op *op) {
   result_of(op, &r);
   if (op->cb)
     op->cb(op->payload, &r);
-  op_free(op);
+  store_op_free(op);
 }
 
 /* ---- the group commit ---- */
@@ -360,7 +370,7 @@ static void read_done(void *ctx) {
 static int submit_read(store *s, store_op *op, char *err) {
   read_ctx *rc = malloc(sizeof *rc);
   if (!rc) {
-    op_free(op);
+    store_op_free(op);
     dc_fmt(err, DC_ERR_MAX, "deploy: store: out of memory");
     return -1;
   }
@@ -389,7 +399,7 @@ int store_target_ensure(store *s, const char *name, store_cb cb, void *payload, 
 int store_deployment_begin(store *s, const store_deployment *d, store_cb cb, void *payload, char *err) {
   NEW_OP(STORE_OP_BEGIN);
   if (store_deployment_copy(&op->dep, d) != 0) {
-    op_free(op);
+    store_op_free(op);
     dc_fmt(err, DC_ERR_MAX, "deploy: store: out of memory");
     return -1;
   }
@@ -404,7 +414,7 @@ int store_deployment_finish(store *s, const store_finish *f, store_cb cb, void *
   dc_strlcpy(op->fin_tstatus, f->target_status ? f->target_status : "", sizeof op->fin_tstatus);
   dc_strlcpy(op->fin_thealth, f->target_health ? f->target_health : "", sizeof op->fin_thealth);
   if (f->errors_json && !(op->fin_errors = strdup(f->errors_json))) {
-    op_free(op);
+    store_op_free(op);
     dc_fmt(err, DC_ERR_MAX, "deploy: store: out of memory");
     return -1;
   }
@@ -430,7 +440,7 @@ int store_event_add(store *s, const store_event *ev, store_cb cb, void *payload,
   op->ev = *ev;
   op->ev.data = NULL;
   if (ev->data && !(op->ev.data = strdup(ev->data))) {
-    op_free(op);
+    store_op_free(op);
     dc_fmt(err, DC_ERR_MAX, "deploy: store: out of memory");
     return -1;
   }

@@ -100,6 +100,12 @@ store_instance *store_op_add_instance(store_op *op);
 store_event *store_op_add_event(store_op *op);
 store_control *store_op_add_control(store_op *op);
 int store_op_add_port(store_op *op, int port);
+/* Drops an op's results (its rows, rc, err), as before it ran: a backend
+ * that runs an op again (after a reconnection) starts from there. */
+void store_op_clear_results(store_op *op);
+/* Frees an op with its arguments and results (store.c's, and a test
+ * driver's). */
+void store_op_free(store_op *op);
 /* What an operation is, for "deploy: store: <what>: <why>": the same
  * words from every backend. */
 void store_op_describe(const store_op *op, char *what, size_t size);

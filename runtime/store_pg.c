@@ -500,16 +500,6 @@ static const char *nz(const char *p) {
   return p ? p : "";
 }
 
-static void set_err(char *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void set_err(char *err, const char *fmt, ...) {
-  if (!err)
-    return;
-  va_list ap;
-  va_start(ap, fmt);
-  dc_vfmt(err, DC_ERR_MAX, fmt, ap);
-  va_end(ap);
-}
-
 static void op_err(store_op *op, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static void op_err(store_op *op, int rc, const char *fmt, ...) {
   va_list ap;
@@ -654,11 +644,11 @@ static int parse_url(pg *b, const char *url, char *err) {
   const char *hint = "write postgresql://user@host:port/database (the password in ~/.pgpass or PGPASSWORD)";
   size_t slen = strncmp(url, "postgresql://", 13) == 0 ? 13 : strncmp(url, "postgres://", 11) == 0 ? 11 : 0;
   if (slen == 0) {
-    set_err(err, "deploy: store: not a PostgreSQL URL: %s", hint);
+    dc_errf(err, "deploy: store: not a PostgreSQL URL: %s", hint);
     return DC_ERROR;
   }
   if (strlen(url) >= URL_MAX - 64) {
-    set_err(err, "deploy: store: the PostgreSQL URL is too long (%zu bytes, at most %d)", strlen(url),
+    dc_errf(err, "deploy: store: the PostgreSQL URL is too long (%zu bytes, at most %d)", strlen(url),
             URL_MAX - 65);
     return DC_ERROR;
   }
@@ -710,7 +700,7 @@ static int parse_url(pg *b, const char *url, char *err) {
       if (strcmp(key, "lease") == 0 || strcmp(key, "timeout") == 0) {
         int lease = key[0] == 'l';
         if (parse_seconds(dec, lease ? 86400 : 3600, lease ? &b->lease : &b->timeout) != 0) {
-          set_err(err, "deploy: store: invalid %s '%s' in PostgreSQL URL %s: give seconds, e.g. ?%s=%d",
+          dc_errf(err, "deploy: store: invalid %s '%s' in PostgreSQL URL %s: give seconds, e.g. ?%s=%d",
                   key, dec, shown, key, lease ? (int)STORE_PG_LEASE_DEFAULT : (int)STORE_PG_TIMEOUT_DEFAULT);
           return DC_ERROR;
         }
@@ -740,7 +730,7 @@ static int parse_url(pg *b, const char *url, char *err) {
     clean_reason(b, perr ? perr : "out of memory", why, sizeof why, 1);
     PQfreemem(perr);
     explicit_bzero(given, sizeof given);
-    set_err(err, "deploy: store: invalid PostgreSQL URL %s: %s: %s", b->location, why, hint);
+    dc_errf(err, "deploy: store: invalid PostgreSQL URL %s: %s: %s", b->location, why, hint);
     return DC_ERROR;
   }
   explicit_bzero(given, sizeof given);
@@ -751,7 +741,7 @@ static int parse_url(pg *b, const char *url, char *err) {
   b->val = calloc((size_t)n + 8, sizeof *b->val);
   if (!b->kw || !b->val) {
     PQconninfoFree(opts);
-    set_err(err, "deploy: store: cannot open %s: out of memory", b->location);
+    dc_errf(err, "deploy: store: cannot open %s: out of memory", b->location);
     return DC_ERROR;
   }
   for (PQconninfoOption *o = opts; o->keyword; o++) {
@@ -774,7 +764,7 @@ static int parse_url(pg *b, const char *url, char *err) {
   }
   for (int i = 0; i < b->nkw; i++)
     if (!b->kw[i] || !b->val[i]) {
-      set_err(err, "deploy: store: cannot open %s: out of memory", b->location);
+      dc_errf(err, "deploy: store: cannot open %s: out of memory", b->location);
       return DC_ERROR;
     }
   return DC_OK;
@@ -813,7 +803,7 @@ static int plan_hosts(pg *b, char *err) {
     if (c)
       *c = '\0';
     if (b->nhosts == 8) {
-      set_err(err, "deploy: store: PostgreSQL URL %s names more than 8 hosts", b->location);
+      dc_errf(err, "deploy: store: PostgreSQL URL %s names more than 8 hosts", b->location);
       return DC_ERROR;
     }
     pg_host *x = &b->hosts[b->nhosts];
@@ -830,7 +820,7 @@ static int plan_hosts(pg *b, char *err) {
     h = c + 1;
   }
   if (np > 1 && np != b->nhosts) {
-    set_err(err, "deploy: store: PostgreSQL URL %s gives %d ports for %d hosts: give one port, or one "
+    dc_errf(err, "deploy: store: PostgreSQL URL %s gives %d ports for %d hosts: give one port, or one "
             "for each host", b->location, np, b->nhosts);
     return DC_ERROR;
   }
@@ -845,27 +835,6 @@ static const char *finish_id(const store_op *op) {
 
 
 /* Drops whatever results an op has so far (it runs again, or failed). */
-static void op_reset(store_op *op) {
-  for (size_t i = 0; i < op->ndeployments; i++)
-    store_deployment_clear(&op->deployments[i]);
-  for (size_t i = 0; i < op->nevents; i++)
-    store_event_clear(&op->events[i]);
-  free(op->deployments);
-  free(op->instances);
-  free(op->events);
-  free(op->controls);
-  free(op->ports);
-  op->deployments = NULL;
-  op->instances = NULL;
-  op->events = NULL;
-  op->controls = NULL;
-  op->ports = NULL;
-  op->ndeployments = op->ninstances = op->nevents = op->ncontrols = op->nports = 0;
-  op->has_target = op->has_lock = 0;
-  op->out_id = 0;
-  op->rc = DC_OK;
-  op->err[0] = '\0';
-}
 
 /* ---- reading result rows ---------------------------------------------------------- */
 
@@ -1723,7 +1692,7 @@ static void fail_ops(pg *b, pg_job *j, const char *tail, int not_recorded) {
     store_op *op = j->ops[i];
     char what[256];
     store_op_describe(op, what, sizeof what);
-    op_reset(op);
+    store_op_clear_results(op);
     lease **pp = op->kind == STORE_OP_LOCK_RENEW ? lease_find(b, op->id) : NULL;
     if (pp && *pp && now >= (*pp)->valid_until) {
       op_err(op, DC_LOCKED, "deploy: store: the lease of deployment '%s' may have run out while %s: another "
@@ -2037,7 +2006,7 @@ static int send_commit_round(pg *b, pg_job *j) {
     return -1;
   }
   for (size_t i = j->resume; i < j->n; i++) {
-    op_reset(j->ops[i]);
+    store_op_clear_results(j->ops[i]);
     if (send_q(b, j, R_SAVEPOINT, (int)i, 0, "SAVEPOINT op", NULL) != 0 || send_op(b, j, i) != 0 ||
         send_q(b, j, R_RELEASE, (int)i, 0, "RELEASE SAVEPOINT op", NULL) != 0)
       return -1;
@@ -2064,7 +2033,7 @@ static void start_job(pg *b, pg_job *j) {
     rc = send_commit_round(b, j);
   } else if (j->kind == J_READ) {
     round_reset(j);
-    op_reset(j->ops[0]);
+    store_op_clear_results(j->ops[0]);
     rc = send_op(b, j, 0) != 0 || send_sync(b, j) != 0 ? -1 : 0;
   } else {
     rc = import_send(b, j);
@@ -2164,7 +2133,7 @@ static void op_sql_failed(pg *b, store_op *op, const PGresult *r) {
   store_op_describe(op, what, sizeof what);
   result_error(r, msg, sizeof msg);
   clean_reason(b, msg, clean, sizeof clean, 0);
-  op_reset(op);
+  store_op_clear_results(op);
   op_err(op, DC_ERROR, "deploy: store: %s: %s", what, clean);
 }
 
@@ -2787,12 +2756,12 @@ int store_pg_open(store_backend **out, engine *e, const char *url, char *err) {
   if (out)
     *out = NULL;
   if (!out || !e || !url) {
-    set_err(err, "deploy: store: no PostgreSQL URL given: set config.state");
+    dc_errf(err, "deploy: store: no PostgreSQL URL given: set config.state");
     return DC_ERROR;
   }
   pg *b = calloc(1, sizeof *b);
   if (!b) {
-    set_err(err, "deploy: store: cannot open a PostgreSQL store: out of memory");
+    dc_errf(err, "deploy: store: cannot open a PostgreSQL store: out of memory");
     return DC_ERROR;
   }
   b->base.version = STORE_BACKEND_VERSION;
@@ -3087,13 +3056,13 @@ static void import_round_done(pg *b, pg_job *j) {
 int store_pg_import(store_backend *base, const char *sqlite_path, store_pg_import_cb cb, void *payload,
                     char *err) {
   if (!base || !base->kind || strcmp(base->kind, PG_KIND) != 0) {
-    set_err(err, "deploy: store: only a PostgreSQL store can copy an SQLite store in");
+    dc_errf(err, "deploy: store: only a PostgreSQL store can copy an SQLite store in");
     return DC_ERROR;
   }
   pg *b = (pg *)base;
   sqlite3 *db = NULL;
   if (sqlite3_open_v2(nz(sqlite_path), &db, SQLITE_OPEN_READONLY, NULL) != SQLITE_OK) {
-    set_err(err, "deploy: store: cannot open state file %s: %s", nz(sqlite_path),
+    dc_errf(err, "deploy: store: cannot open state file %s: %s", nz(sqlite_path),
             db ? sqlite3_errmsg(db) : "out of memory");
     sqlite3_close(db);
     return DC_ERROR;
@@ -3106,7 +3075,7 @@ int store_pg_import(store_backend *base, const char *sqlite_path, store_pg_impor
   sqlite3_finalize(st);
   st = NULL;
   if (app != SQLITE_APP_ID) {
-    set_err(err, "deploy: store: %s is not a deployctl state file: give the path of one (.deploy/state.db)",
+    dc_errf(err, "deploy: store: %s is not a deployctl state file: give the path of one (.deploy/state.db)",
             sqlite_path);
     sqlite3_close(db);
     return DC_ERROR;
@@ -3117,10 +3086,10 @@ int store_pg_import(store_backend *base, const char *sqlite_path, store_pg_impor
   sqlite3_finalize(st);
   if (version < 1 || version > STORE_SCHEMA_VERSION) {
     if (version > STORE_SCHEMA_VERSION)
-      set_err(err, "deploy: store: state file %s was written by a newer deployctl (schema %d, this build knows %d): "
+      dc_errf(err, "deploy: store: state file %s was written by a newer deployctl (schema %d, this build knows %d): "
               "upgrade deployctl", sqlite_path, version, STORE_SCHEMA_VERSION);
     else
-      set_err(err, "deploy: store: state file %s is damaged (no valid schema version in its meta table)",
+      dc_errf(err, "deploy: store: state file %s is damaged (no valid schema version in its meta table)",
               sqlite_path);
     sqlite3_close(db);
     return DC_ERROR;
@@ -3131,7 +3100,7 @@ int store_pg_import(store_backend *base, const char *sqlite_path, store_pg_impor
     free(j);
     free(imp);
     sqlite3_close(db);
-    set_err(err, "deploy: store: cannot copy %s: out of memory", sqlite_path);
+    dc_errf(err, "deploy: store: cannot copy %s: out of memory", sqlite_path);
     return DC_ERROR;
   }
   imp->db = db;
@@ -3169,7 +3138,7 @@ int store_pg_copy_file(engine *e, const char *sqlite_path, const char *url, stor
   copy_file *x = calloc(1, sizeof *x);
   if (!x) {
     b->free(b);
-    set_err(err, "deploy: store: cannot copy %s: out of memory", nz(sqlite_path));
+    dc_errf(err, "deploy: store: cannot copy %s: out of memory", nz(sqlite_path));
     return DC_ERROR;
   }
   x->b = b;

@@ -191,16 +191,6 @@ _Static_assert(sizeof migrations / sizeof migrations[0] == STORE_SCHEMA_VERSION,
 
 static const char *nz(const char *p) { return p ? p : ""; }
 
-static void set_err(char *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void set_err(char *err, const char *fmt, ...) {
-  if (!err)
-    return;
-  va_list ap;
-  va_start(ap, fmt);
-  dc_vfmt(err, DC_ERR_MAX, fmt, ap);
-  va_end(ap);
-}
-
 /* An I/O error that came without a useful errno (a failed fsync, a journal
  * the kernel aborted): creating a file beside the store says what the disk
  * does now (EROFS: it turned read-only; ENOSPC: it is full). */
@@ -241,7 +231,7 @@ static int db_fail(sqlite3 *db, char *err, const char *what) {
     hint = ": another process has held the store's write lock for over 10 s (a stuck sqlite3 shell?)";
   else if ((code & 0xff) == SQLITE_IOERR)
     hint = ": check the disk (dmesg)";
-  set_err(err, "deploy: store %s: %s: %s%s%s", path && *path ? path : "(memory)", what, sqlite3_errmsg(db), sysmsg,
+  dc_errf(err, "deploy: store %s: %s: %s%s%s", path && *path ? path : "(memory)", what, sqlite3_errmsg(db), sysmsg,
           hint);
   return DC_ERROR;
 }
@@ -478,7 +468,7 @@ static int collect(sqlite3 *db, sqlite3_stmt *st, store_op *op, rows_kind kind, 
       break;
     }
     if (oom) {
-      set_err(op->err, "deploy: store: %s: out of memory", what);
+      dc_errf(op->err, "deploy: store: %s: out of memory", what);
       rc = DC_ERROR;
       break;
     }
@@ -495,12 +485,12 @@ static int get_deployment(sqlite3 *db, const char *id, store_deployment *out, ch
     return DC_ERROR;
   int rc = step_row(db, st, err, what);
   if (rc == 1 && read_deployment(st, out) != 0) {
-    set_err(err, "deploy: store: %s: out of memory", what);
+    dc_errf(err, "deploy: store: %s: out of memory", what);
     rc = DC_ERROR;
   }
   sqlite3_finalize(st);
   if (rc == 0)
-    set_err(err, "deploy: store: unknown deployment '%s'", nz(id));
+    dc_errf(err, "deploy: store: unknown deployment '%s'", nz(id));
   if (rc < 0)
     store_deployment_clear(out);
   return rc == 1 ? DC_OK : rc == 0 ? DC_NOTFOUND : DC_ERROR;
@@ -515,7 +505,7 @@ static int get_target(sqlite3 *db, const char *name, store_target *out, char *er
     read_target(st, out);
   sqlite3_finalize(st);
   if (rc == 0)
-    set_err(err, "deploy: store: unknown target '%s'", nz(name));
+    dc_errf(err, "deploy: store: unknown target '%s'", nz(name));
   return rc == 1 ? DC_OK : rc == 0 ? DC_NOTFOUND : DC_ERROR;
 }
 
@@ -572,10 +562,10 @@ static int check_lock(sqlite_backend *b, const char *target, char *err, const ch
     char since[32];
     dc_iso8601(l.acquired_at, since, sizeof since);
     if (strcmp(l.purpose, "reconcile") == 0)
-      set_err(err, "target locked: '%s' is being reconciled (pid %d on %s, since %s): wait for it to finish", target,
+      dc_errf(err, "target locked: '%s' is being reconciled (pid %d on %s, since %s): wait for it to finish", target,
               l.pid, l.host, since);
     else
-      set_err(err, "target locked: '%s' is being deployed by deployment %s (pid %d on %s, since %s): wait for it "
+      dc_errf(err, "target locked: '%s' is being deployed by deployment %s (pid %d on %s, since %s): wait for it "
                    "to finish",
               target, l.deployment_id, l.pid, l.host, since);
     return DC_LOCKED;
@@ -688,7 +678,7 @@ static int op_finish(sqlite3 *db, store_op *op, const char *what) {
 static int op_control_set(sqlite3 *db, store_op *op, const char *what) {
   store_deployment *d = store_op_add_deployment(op);
   if (!d) {
-    set_err(op->err, "deploy: store: %s: out of memory", what);
+    dc_errf(op->err, "deploy: store: %s: out of memory", what);
     return DC_ERROR;
   }
   sqlite3_stmt *st = query(db, op->err, what,
@@ -705,7 +695,7 @@ static int op_control_set(sqlite3 *db, store_op *op, const char *what) {
     return DC_ERROR;
   if (rc == 0) {
     op->ndeployments = 0;
-    set_err(op->err, "no deployment of '%s' is running: nothing to %s", op->name, op->command);
+    dc_errf(op->err, "no deployment of '%s' is running: nothing to %s", op->name, op->command);
     return DC_NOTFOUND;
   }
   if (run(db, op->err, what,
@@ -733,7 +723,7 @@ static int op_recover(sqlite_backend *b, store_op *op, const char *what) {
     rc = interrupt_deployment(db, d->id, d->owner_pid, op->err, what);
     store_deployment *row = rc == DC_OK ? store_op_add_deployment(op) : NULL;
     if (rc == DC_OK && !row) {
-      set_err(op->err, "deploy: store: %s: out of memory", what);
+      dc_errf(op->err, "deploy: store: %s: out of memory", what);
       rc = DC_ERROR;
     }
     if (rc == DC_OK)
@@ -783,7 +773,7 @@ static int op_instance_update(sqlite3 *db, store_op *op, const char *what) {
                "ssisiusissdI", in->node, in->host, in->port, in->handle, in->pid, in->pid_start, in->state,
                in->weight, in->server, in->log_path, in->started_at, in->id);
   if (rc == DC_OK && sqlite3_changes(db) == 0) {
-    set_err(op->err, "deploy: store: unknown instance %lld", (long long)in->id);
+    dc_errf(op->err, "deploy: store: unknown instance %lld", (long long)in->id);
     return DC_NOTFOUND;
   }
   return rc;
@@ -826,7 +816,7 @@ static int run_write(sqlite_backend *b, store_op *op, const char *what) {
   case STORE_OP_PRUNE:
     return op_prune(db, op, what);
   default:
-    set_err(op->err, "deploy: store: %s: not a write", what);
+    dc_errf(op->err, "deploy: store: %s: not a write", what);
     return DC_ERROR;
   }
 }
@@ -942,7 +932,7 @@ static int id_prefix_ok(const char *s) {
 
 static int read_deployment_by_prefix(sqlite3 *db, store_op *op, const char *what) {
   if (!id_prefix_ok(op->id)) {
-    set_err(op->err, "deploy: no deployment '%s': ids look like d0194c1a2b3c4d5e6f (see 'deployctl history TARGET')",
+    dc_errf(op->err, "deploy: no deployment '%s': ids look like d0194c1a2b3c4d5e6f (see 'deployctl history TARGET')",
             op->id);
     return DC_NOTFOUND;
   }
@@ -955,7 +945,7 @@ static int read_deployment_by_prefix(sqlite3 *db, store_op *op, const char *what
   if (rc != DC_OK)
     return rc;
   if (op->ndeployments == 0) {
-    set_err(op->err, "deploy: store: unknown deployment '%s'", op->id);
+    dc_errf(op->err, "deploy: store: unknown deployment '%s'", op->id);
     return DC_NOTFOUND;
   }
   if (op->ndeployments > 1 && strcmp(op->deployments[0].id, op->id) != 0) {
@@ -964,7 +954,7 @@ static int read_deployment_by_prefix(sqlite3 *db, store_op *op, const char *what
     for (size_t i = 0; i < op->ndeployments && i < 5; i++)
       len += (size_t)snprintf(list + len, len < sizeof list ? sizeof list - len : 0, "%s%s", i ? ", " : "",
                               op->deployments[i].id);
-    set_err(op->err, "deploy: '%s' names more than one deployment (%s%s): give more of the id", op->id, list,
+    dc_errf(op->err, "deploy: '%s' names more than one deployment (%s%s): give more of the id", op->id, list,
             op->ndeployments > 5 ? ", ..." : "");
     return DC_AMBIGUOUS;
   }
@@ -1031,12 +1021,12 @@ static int run_read(sqlite_backend *b, store_op *op, const char *what) {
       return DC_ERROR;
     if (strcmp(result, "ok") == 0)
       return DC_OK;
-    set_err(op->err, "deploy: state file %s is damaged (integrity check: %s): restore a backup or move it away",
+    dc_errf(op->err, "deploy: state file %s is damaged (integrity check: %s): restore a backup or move it away",
             b->path, result);
     return DC_ERROR;
   }
   default:
-    set_err(op->err, "deploy: store: %s: not a read", what);
+    dc_errf(op->err, "deploy: store: %s: not a read", what);
     return DC_ERROR;
   }
 }
@@ -1096,7 +1086,7 @@ static int make_parent_dirs(const char *path, char *err) {
     char c = *p;
     *p = '\0';
     if (mkdir(dir, 0755) != 0 && errno != EEXIST) {
-      set_err(err, "deploy: cannot create directory '%s' for state file %s: %s: check its permissions or point "
+      dc_errf(err, "deploy: cannot create directory '%s' for state file %s: %s: check its permissions or point "
                    "config.state elsewhere",
               dir, path, strerror(errno));
       return DC_ERROR;
@@ -1111,10 +1101,10 @@ static int make_parent_dirs(const char *path, char *err) {
  * at all, so its errors get the most specific message. */
 static int open_fail(sqlite3 *db, const char *path, char *err) {
   if (sqlite3_errcode(db) == SQLITE_NOTADB)
-    set_err(err, "deploy: state file %s is not a SQLite database: move it away or point config.state elsewhere",
+    dc_errf(err, "deploy: state file %s is not a SQLite database: move it away or point config.state elsewhere",
             path);
   else
-    set_err(err, "deploy: cannot open state file %s: %s: check the path and its permissions", path,
+    dc_errf(err, "deploy: cannot open state file %s: %s: check the path and its permissions", path,
             sqlite3_errmsg(db));
   return DC_ERROR;
 }
@@ -1149,7 +1139,7 @@ static int read_meta_version(sqlite3 *db, const char *path, int *version, char *
   int valid = v && *end == '\0' && n >= 1 && n <= 1000000;
   sqlite3_finalize(st); /* frees v */
   if (!valid) {
-    set_err(err, "deploy: state file %s is damaged (no valid schema version in its meta table): restore a backup "
+    dc_errf(err, "deploy: state file %s is damaged (no valid schema version in its meta table): restore a backup "
                  "or move it away",
             path);
     return DC_ERROR;
@@ -1170,7 +1160,7 @@ static int read_schema_version(sqlite3 *db, const char *path, int *version, char
   if (app_id == 0 && tables == 0)
     return DC_OK;
   if (app_id != APP_ID) {
-    set_err(err, "deploy: state file %s is not a deployctl store (it is a SQLite database of another program): "
+    dc_errf(err, "deploy: state file %s is not a deployctl store (it is a SQLite database of another program): "
                  "point config.state elsewhere",
             path);
     return DC_ERROR;
@@ -1178,7 +1168,7 @@ static int read_schema_version(sqlite3 *db, const char *path, int *version, char
   if (read_meta_version(db, path, version, err) != DC_OK)
     return DC_ERROR;
   if (*version > STORE_SCHEMA_VERSION) {
-    set_err(err, "deploy: state file %s was written by a newer deployctl (schema %d, this build knows %d): upgrade "
+    dc_errf(err, "deploy: state file %s was written by a newer deployctl (schema %d, this build knows %d): upgrade "
                  "deployctl or point config.state elsewhere",
             path, *version, STORE_SCHEMA_VERSION);
     return DC_ERROR;
@@ -1218,7 +1208,7 @@ static int configure(sqlite3 *db, const char *path, char *err) {
    * loss; an in-memory database (no file name) has no journal to speak of. */
   const char *file = sqlite3_db_filename(db, "main");
   if (strcmp(mode, "wal") != 0 && file && file[0] != '\0') {
-    set_err(err, "deploy: state file %s cannot use WAL journaling (got '%s'): put it on a local filesystem", path,
+    dc_errf(err, "deploy: state file %s cannot use WAL journaling (got '%s'): put it on a local filesystem", path,
             mode);
     return DC_ERROR;
   }
@@ -1261,7 +1251,7 @@ static int migrate(sqlite3 *db, const char *path, char *err) {
 static int open_conn(sqlite3 **db, const char *path, char *err) {
   int rc = sqlite3_open_v2(path, db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
   if (rc != SQLITE_OK && !*db) {
-    set_err(err, "deploy: cannot open state file %s: out of memory", path);
+    dc_errf(err, "deploy: cannot open state file %s: out of memory", path);
     return DC_ERROR;
   }
   if (rc != SQLITE_OK)
@@ -1295,13 +1285,13 @@ static int open_db(sqlite_backend *b, char *err) {
 int store_sqlite_open(store_backend **out, engine *e, const char *path, char *err) {
   *out = NULL;
   if (strlen(path) >= PATH_SIZE) {
-    set_err(err, "deploy: state file path is too long (%zu bytes, at most %d): point config.state elsewhere",
+    dc_errf(err, "deploy: state file path is too long (%zu bytes, at most %d): point config.state elsewhere",
             strlen(path), PATH_SIZE - 1);
     return DC_ERROR;
   }
   sqlite_backend *b = calloc(1, sizeof *b);
   if (!b) {
-    set_err(err, "deploy: cannot open state file %s: out of memory", path);
+    dc_errf(err, "deploy: cannot open state file %s: out of memory", path);
     return DC_ERROR;
   }
   dc_strlcpy(b->path, path, sizeof b->path);

@@ -19,6 +19,13 @@ typedef struct target_health {
   double start_timeout;     /* seconds new instances get to turn healthy, 60 */
 } target_health;
 
+/* What is kept of a target's past (retain.h). */
+typedef struct target_retain {
+  int history;              /* deployments kept in the store, 200 */
+  int versions;             /* versions whose instance logs are kept, 10 (<= history) */
+  double log_mb;            /* an instance log past this many MiB is rotated, 100; 0: never */
+} target_retain;
+
 typedef struct target_config {
   char name[64];
   int instances;            /* per node, >= 1 */
@@ -38,6 +45,7 @@ typedef struct target_config {
   /* What `deployctl serve` does when a live instance dies between
    * deployments (supervise.h): "on-failure" (default), "always", "never". */
   char restart[16];
+  target_retain retain;
 } target_config;
 
 void target_health_default(target_health *h);

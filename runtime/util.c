@@ -24,6 +24,15 @@ char *dc_vfmt(char *dst, size_t size, const char *fmt, va_list ap) {
   return dst;
 }
 
+void dc_errf(char *err, const char *fmt, ...) {
+  if (!err)
+    return;
+  va_list ap;
+  va_start(ap, fmt);
+  dc_vfmt(err, DC_ERR_MAX, fmt, ap);
+  va_end(ap);
+}
+
 char *dc_fmt(char *dst, size_t size, const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);

@@ -34,6 +34,8 @@ enum {
 char *dc_fmt(char *dst, size_t size, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 char *dc_vfmt(char *dst, size_t size, const char *fmt, va_list ap);
+/* An error message into err (DC_ERR_MAX bytes); err may be NULL. */
+void dc_errf(char *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Copy with truncation, always terminated. */
 void dc_strlcpy(char *dst, const char *src, size_t size);
 

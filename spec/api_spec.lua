@@ -279,7 +279,7 @@ describe("bad input", function()
       { 42, "must be a table or the path of a Lua file" },
       { { targets = {} }, "config %.targets is empty" },
       { { state = dir .. "/s.db" }, "config %.targets is missing" },
-      { { targets = { production = t }, colour = "blue" }, "config %(top level%) has an unknown field 'colour' %(known: state, clock, targets%)" },
+      { { targets = { production = t }, colour = "blue" }, "config %(top level%) has an unknown field 'colour' %(known: state, clock, targets, retain%)" },
       { cfg(function(_, p) p.instances = 0 end), "config targets%.production%.instances must be between 1 and 64" },
       { cfg(function(_, p) p.instances = "two" end), "targets%.production%.instances must be a number, got string" },
       { cfg(function(_, p) p.provider = nil end), "targets%.production%.provider is missing" },

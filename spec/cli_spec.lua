@@ -101,7 +101,7 @@ describe("deployctl", function()
     end
   end)
 
-  it("finds its config in $DEPLOY_CONFIG, then ./deploy.lua", function()
+  it("finds its config in $DEPLOY_CONFIG, then ./deployctl.lua", function()
     local config, dir = setup()
     local code, out = cli.run({ "status", "staging" }, { DEPLOY_CONFIG = config })
     assert.equal(0, code)
@@ -357,7 +357,7 @@ describe("shell completion and man page", function()
 
   it("completes commands, flags and strategy names from the help text", function()
     assert.same({ "deploy", "diff" }, complete("deployctl d"))
-    assert.same({ "--json", "--quiet", "--set", "--strategy" }, (function()
+    assert.same({ "--json", "--quiet", "--set", "--simulate", "--strategy" }, (function()
       local all = complete("deployctl deploy production 1.0 --")
       local keep = {}
       for _, w in ipairs(all) do if w ~= "--help" then keep[#keep + 1] = w end end
@@ -384,5 +384,23 @@ describe("shell completion and man page", function()
     p:close()
     assert.matches("safe canary and blue%-green rollouts", rendered)
     assert.matches("EXIT STATUS", rendered)
+    -- the configuration, the files, and every command's whole synopsis
+    assert.matches("\nCONFIGURATION\n.-%./deployctl%.lua.-targets = {", rendered)
+    assert.matches("\nFILES\n.-%.deploy/state%.db", rendered)
+    assert.matches("router%.kind: haproxy .-prefix.-timeout", rendered)
+    local synopsis = rendered:match("\nSYNOPSIS\n(.-)\nDESCRIPTION")
+    for _, line in ipairs({ "deploy TARGET VERSION [--strategy canary|blue-green] [--set key=value ...] [--simulate] [--json|--quiet]",
+                            "logs TARGET [--host H] [--version V] [--lines N] [--follow]", "history TARGET [--limit N] [--json]" }) do
+      assert.is_truthy(synopsis:gsub("%s+", " "):find(line, 1, true), line)
+    end
+  end)
+
+  it("deployctl version and deploy.VERSION show the one version of CMakeLists.txt", function()
+    local v = fixtures.read_file(fixtures.root() .. "/CMakeLists.txt"):match("project%(deployctl VERSION ([%d.]+)")
+    local code, out = cli.run({ "version" })
+    assert.equal(0, code)
+    assert.equal("deployctl " .. v .. " (Lua 5.4)\n", out)
+    assert.equal(v, require("deploy").VERSION)
+    assert.matches("## %[" .. v:gsub("%.", "%%.") .. "%]", fixtures.read_file(fixtures.root() .. "/CHANGELOG.md"))
   end)
 end)

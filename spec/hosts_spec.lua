@@ -148,6 +148,7 @@ describe("targets across hosts", function()
         provider = provider,
         router = { kind = "haproxy", socket = socket, backend = lb.backend },
         health = { path = "/healthz", timeout = 1, interval = 0.2, failure_threshold = opts.failure_threshold or 3 },
+        retain = opts.retain,
       } },
     }
     local config = cli.write_config(dir, cfg)
@@ -531,6 +532,34 @@ m:deploy("production", "v2", {
       if ev.kind == "boot_wave" then waves[#waves + 1] = table.concat(ev.data.hosts, ",") end
     end
     assert.same({ "h1,h2", "h3" }, waves)
+  end)
+
+  it("prunes old versions' logs and rotates big ones on every host (retention)", function()
+    local e = env{ socket = "ssh", retain = { versions = 1, logs = 0.001 } }
+    local logs = e.dir .. "/logs"
+    local function names(version)
+      local p = io.popen("ls -1 " .. q(logs) .. " | grep -c -- '^production-" .. version .. "-' ; true")
+      local n = tonumber(p:read("a"):match("%d+"))
+      p:close()
+      return n
+    end
+    deployed(e, "v1")
+    deployed(e, "v2")
+    assert.equal(6, names("v1"))
+    -- the hosts write into one directory here (one file system): each file
+    -- is one instance's, 0..5
+    os.execute("touch -d '1 hour ago' " .. q(logs) .. "/*")
+    deployed(e, "v3")
+    assert.equal(0, names("v1"))
+    assert.equal(6, names("v2")) -- the previous version's stay
+    local f = assert(io.open(logs .. "/production-v3-0.log", "a"))
+    f:write(string.rep("x", 2000), "\n")
+    f:close()
+    local code, out, err = dctl(e, { "prune", "production" })
+    assert.equal(0, code, out .. err)
+    assert.matches("production: 0 deployment%(s%) and 0 log file%(s%) %(0 bytes%) removed, 1 log%(s%) rotated", out)
+    assert.equal("", fixtures.read_file(logs .. "/production-v3-0.log"))
+    assert.matches(string.rep("x", 2000), fixtures.read_file(logs .. "/production-v3-0.log.1"))
   end)
 
   it("reads the logs of every host, of one host, and follows them", function()

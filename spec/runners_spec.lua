@@ -15,21 +15,29 @@ describe("several runners on one PostgreSQL store", function()
     return
   end
 
-  local cluster
-  teardown(pg.teardown)
-  before_each(function() cluster = pg.cluster() end)
-  after_each(function()
+  local shared, cluster, n = nil, nil, 0
+  setup(function() shared = pg.cluster() end)
+  teardown(function()
     pg.cleanup()
+    pg.teardown()
     fixtures.cleanup()
+  end)
+  before_each(function()
+    n = n + 1
+    cluster = shared:database("runners" .. n)
+  end)
+  after_each(function()
+    pg.end_probes()
+    if not shared.running then shared:start() end
+    fixtures.cleanup{ keep = { shared } }
   end)
 
   -- A config on the cluster's database (lease in seconds), and HAProxy.
   local function runner_config(lease)
-    local db = pg.DB
     local h = fixtures.haproxy{}
     local target, tdir = fixtures.target_config{ haproxy = h, instances = 2 }
     local dir = fixtures.tmpdir("runner")
-    local state = cluster:url{ db = db, lease = lease or 15, timeout = 5 }
+    local state = cluster:url{ lease = lease or 15, timeout = 5 }
     local config = cli.write_config(dir, fixtures.config{ state = state, targets = { production = target } })
     return config, h, tdir, state
   end

@@ -1,5 +1,5 @@
--- The PostgreSQL store backend against a real PostgreSQL (a throwaway cluster
--- per spec), driven from C by store-probe: group commit, savepoints, leases
+-- The PostgreSQL store backend against a real PostgreSQL (one throwaway
+-- cluster for the file, a database per spec), driven from C by store-probe: group commit, savepoints, leases
 -- across runners, operator commands, a server that goes away, and where
 -- the password may appear (nowhere).
 local fixtures = require "spec.support.fixtures"
@@ -35,12 +35,22 @@ describe("the PostgreSQL store", function()
     return
   end
 
-  local c
-  teardown(pg.teardown)
-  before_each(function() c = pg.cluster() end)
-  after_each(function()
+  local cluster, c, n = nil, nil, 0
+  setup(function() cluster = pg.cluster() end)
+  teardown(function()
     pg.cleanup()
+    pg.teardown()
     fixtures.cleanup()
+  end)
+  before_each(function()
+    n = n + 1
+    c = cluster:database("spec" .. n)
+  end)
+  after_each(function()
+    pg.end_probes()
+    -- a spec that stopped the server leaves it running for the next
+    if not cluster.running then cluster:start() end
+    fixtures.cleanup{ keep = { cluster } }
   end)
 
   it("creates its schema once when runners start together, and refuses newer or foreign schemas", function()
@@ -350,7 +360,7 @@ describe("the PostgreSQL store", function()
     local down = p:send("event d1 web while-down")
     assert.equal("error", down.rc)
     assert.matches("cannot add event 'while%-down' of deployment 'd1': not recorded: the PostgreSQL database at "
-      .. "postgresql://deployer@/deploystate%?host=.- is unreachable", down.err)
+      .. "postgresql://deployer@/" .. c.db .. "%?host=.- is unreachable", down.err)
     local read = p:send("history web")
     assert.equal("error", read.rc)
     assert.matches("cannot read the history of target 'web': the PostgreSQL database at .- is unreachable", read.err)
@@ -420,7 +430,7 @@ describe("the PostgreSQL store", function()
     assert.equal("ok", p:send("ensure web").rc)
     -- another session holds the target's row, so the BEGIN waits on it
     local holder = fixtures.spawn(string.format("%s/psql -X -q -U postgres -h %s -p %d -d %s -c %s",
-      pg.BIN, fixtures.shell_quote(c.dir), c.port, pg.DB,
+      pg.BIN, fixtures.shell_quote(c.dir), c.port, c.db,
       fixtures.shell_quote("BEGIN; SELECT 1 FROM targets WHERE name = 'web' FOR UPDATE; SELECT pg_sleep(60);")))
     fixtures.wait_until(function()
       return c:sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'") == "1"
@@ -460,18 +470,18 @@ describe("the PostgreSQL store", function()
       { "ensure web", "history" })
     assert_clean(code, err, out)
     assert.equal("ok", answers[2].rc, answers[2].err)
-    assert.equal(string.format("postgresql://%s@127.0.0.1:%d/%s?application_name=pwtest", pg.USER, c.port, pg.DB),
+    assert.equal(string.format("postgresql://%s@127.0.0.1:%d/%s?application_name=pwtest", pg.USER, c.port, c.db),
       answers[1].location)
     -- a wrong password: refused, and said so without either password
     answers = run(c:url{ password = true, password_value = "wrong-" .. secret }, { "history" })
     assert.equal("error", answers[2].rc)
     assert.matches("password authentication failed for user \"deployer\"", answers[2].err)
     -- the password as a parameter, and in a URL libpq cannot read
-    answers = run(string.format("postgresql://%s@127.0.0.1:%d/%s?password=%s", pg.USER, c.port, pg.DB, secret),
+    answers = run(string.format("postgresql://%s@127.0.0.1:%d/%s?password=%s", pg.USER, c.port, c.db, secret),
       { "history" })
     assert.equal("ok", answers[2].rc, answers[2].err)
     assert.is_nil(answers[1].location:find("password", 1, true))
-    answers = run(string.format("postgresql://%s:%s%%zz@127.0.0.1:%d/%s", pg.USER, secret, c.port, pg.DB), { "history" })
+    answers = run(string.format("postgresql://%s:%s%%zz@127.0.0.1:%d/%s", pg.USER, secret, c.port, c.db), { "history" })
     assert.equal("open", answers[1].cmd)
     assert.equal("error", answers[1].rc)
     assert.matches("invalid PostgreSQL URL", answers[1].err)
@@ -479,7 +489,7 @@ describe("the PostgreSQL store", function()
     answers = run(c:url{ tcp = true }, { "history" }, { PGPASSWORD = secret })
     assert.equal("ok", answers[2].rc, answers[2].err)
     local home = fixtures.tmpdir("home")
-    fixtures.write_file(home .. "/.pgpass", string.format("127.0.0.1:%d:%s:%s:%s\n", c.port, pg.DB, pg.USER, secret))
+    fixtures.write_file(home .. "/.pgpass", string.format("127.0.0.1:%d:%s:%s:%s\n", c.port, c.db, pg.USER, secret))
     assert(os.execute("chmod 600 " .. fixtures.shell_quote(home .. "/.pgpass")))
     answers = run(c:url{ tcp = true }, { "history" }, { HOME = home })
     assert.equal("ok", answers[2].rc, answers[2].err)
@@ -526,7 +536,7 @@ describe("the PostgreSQL store", function()
     -- a host name is looked up off the loop, each of its addresses tried
     -- (localhost: ::1, where nothing listens, and 127.0.0.1)
     local answers = pg.run_probe(string.format("postgresql://%s:%s@localhost:%d/%s", pg.USER, pg.PASSWORD, c.port,
-      pg.DB), { "history" })
+      c.db), { "history" })
     assert.equal("ok", answers[2].rc, answers[2].err)
   end)
 

@@ -24,7 +24,7 @@ describe("the store", function()
     local config = cli.write_config(dir, cfg)
     -- default: relative to the working directory
     os.execute("cd " .. fixtures.shell_quote(dir) .. " && " .. fixtures.shell_quote(cli.bin()) ..
-               " --config deploy.lua status >/dev/null 2>&1")
+               " --config deployctl.lua status >/dev/null 2>&1")
     assert.is_true(exists(dir .. "/.deploy/state.db"))
     -- config.state
     cfg.state = dir .. "/custom/state.db"

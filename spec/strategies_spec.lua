@@ -83,6 +83,86 @@ describe("a strategy written in Lua", function()
     assert.same({ v2 = 20 }, (h:sample(20)))
   end)
 
+  it("a delegated canary continues from the share the rollout is at: max(initial_percentage, now + increment)", function()
+    local m = setup()
+    local DarkLaunch = deploy.DeploymentStrategy:extend{ name = "dark-launch" }
+    function DarkLaunch:execute(d)
+      assert(d:start())
+      assert(d:set_traffic(5))
+      assert(d:wait(0.05))
+      return deploy.CanaryStrategy{ initial_percentage = 50, increment = 10, interval = 0.05 }:execute(d)
+    end
+    local r = m:deploy("production", "v2", { strategy = DarkLaunch })
+    assert.is_true(r.success, table.concat(r.errors or {}, "\n"))
+    local pcts, steps = {}, {}
+    for _, ev in ipairs(events(m, "traffic")) do
+      pcts[#pcts + 1] = ev.data.pct
+      steps[#steps + 1] = ev.data.step .. "/" .. ev.data.steps
+    end
+    assert.same({ 5, 50, 60, 70, 80, 90, 100 }, pcts)
+    -- the canary's own steps: 50 .. 100 is six of them
+    assert.same({ "1/6", "2/6", "3/6", "4/6", "5/6", "6/6" }, { table.unpack(steps, 2) })
+  end)
+
+  it("a delegated canary returns to its caller: canary, then a hold of its own, then promotion", function()
+    local m, h = setup()
+    local seen = {}
+    local Held = deploy.DeploymentStrategy:extend{ name = "canary-then-hold" }
+    function Held:execute(d)
+      local ok, why = fast_canary():execute(d)
+      if not ok then return false, why end
+      seen.after_canary = m:get_status("production").current_version
+      d:log("holding at 100 %")
+      assert(d:wait(0.1))
+      seen.after_hold = m:get_status("production").current_version
+      return true
+    end
+    local r = m:deploy("production", "v2", { strategy = Held })
+    assert.is_true(r.success, table.concat(r.errors or {}, "\n"))
+    -- not promoted when the canary ended, nor during the hold: when execute returned
+    assert.equal("v1", seen.after_canary)
+    assert.equal("v1", seen.after_hold)
+    assert.equal("v2", m:get_status("production").current_version)
+    local kinds = {}
+    for _, ev in ipairs(events(m)) do
+      if ev.kind == "log" or ev.kind == "promoted" then kinds[#kinds + 1] = ev.kind end
+    end
+    assert.same({ "log", "promoted" }, kinds)
+    assert.same({ v2 = 10 }, (h:sample(10)))
+  end)
+
+  it("a delegated blue-green is followed by d:promote() from the caller", function()
+    local m = setup()
+    local S = deploy.DeploymentStrategy:extend{ name = "bg-then-promote" }
+    local promoted_after
+    function S:execute(d)
+      assert(deploy.BlueGreenStrategy{}:execute(d))
+      assert(d:promote())
+      promoted_after = m:get_status("production").current_version
+    end
+    local r = m:deploy("production", "v2", { strategy = S })
+    assert.is_true(r.success, table.concat(r.errors or {}, "\n"))
+    assert.equal("v2", promoted_after)
+    assert.equal(1, #events(m, "promoted"))
+  end)
+
+  it("a delegated canary that fails hands false and the reason back; the caller's false rolls back", function()
+    local m, h = setup()
+    local S = deploy.DeploymentStrategy:extend{ name = "caller" }
+    local got
+    function S:execute(d)
+      local ok, why = fast_canary():execute(d)
+      got = { ok, why }
+      return ok, why
+    end
+    local r = m:deploy("production", "v2", { strategy = S, hooks = {
+      analysis = function(d) return "fail", "error rate 7 %" end } })
+    assert.is_false(r.success)
+    assert.is_false(got[1])
+    assert.matches("error rate 7 %%", got[2])
+    assert.same({ v1 = 10 }, (h:sample(10)))
+  end)
+
   it("aborts when execute raises, with the traceback, and the old version keeps serving", function()
     local m, h = setup()
     local Broken = deploy.DeploymentStrategy:extend{ name = "broken" }

@@ -1,7 +1,12 @@
 /* Canary: start the new instances, wait until healthy, then give them
  * initial_percentage of the traffic and add `increment` every `interval`
  * seconds while they stay healthy; at 100 % promote. Any failure aborts:
- * traffic back to 100 % old in one step. */
+ * traffic back to 100 % old in one step.
+ *
+ * Run from a Lua strategy that already moved some traffic (a 5 % dark
+ * launch, then canary:execute(d)), it continues from that share: its
+ * first step is the larger of initial_percentage and the share now plus
+ * increment, so it never goes back down. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,7 +14,7 @@
 #include "strategy.h"
 #include "util.h"
 
-enum { START, WAIT_HEALTHY, SHIFT, PAUSE, HOLD, VERIFY, PROMOTE, DONE };
+enum { START, WAIT_HEALTHY, FIRST_SHIFT, SHIFT, PAUSE, HOLD, VERIFY, PROMOTE, DONE };
 
 void canary_params_default(canary_params *p) {
   p->initial_percentage = 10;
@@ -19,11 +24,26 @@ void canary_params_default(canary_params *p) {
   p->npause = 0;
 }
 
-static int steps_of(const canary_strategy *c) {
-  if (c->initial_percentage >= 100)
-    return 1;
-  return 1 + (int)ceil((100.0 - c->initial_percentage) / c->increment - 1e-9);
+/* The first share this canary gives: initial_percentage, or more when the
+ * rollout already serves the new version some traffic. */
+static double first_share(const canary_strategy *c, double now) {
+  double next = now > 0 ? now + c->increment : c->initial_percentage;
+  if (next < c->initial_percentage)
+    next = c->initial_percentage;
+  return next > 100 ? 100 : next;
 }
+
+/* Traffic steps from the share `first` up to 100 %, both included, in
+ * double: with an increment such as 1e-300 the count is far beyond an int,
+ * and the share never moves (10 + 1e-300 == 10), so strategy_canary_new
+ * refuses more than CANARY_MAX_STEPS before steps_from ever converts it. */
+static double step_count(double first, double increment) {
+  if (first >= 100)
+    return 1;
+  return 1 + ceil((100.0 - first) / increment - 1e-9);
+}
+
+static int steps_from(const canary_strategy *c, double first) { return (int)step_count(first, c->increment); }
 
 static int pauses_at(const canary_strategy *c, double pct) {
   for (int i = 0; i < c->npause; i++)
@@ -44,7 +64,14 @@ static void abort_with(strategy_run *run, strategy_action *out, const char *why)
 static void canary_step(const strategy *s, strategy_run *run, strategy_action *out) {
   const canary_strategy *c = (const canary_strategy *)s;
   memset(out, 0, sizeof *out);
-  run->steps = run->has_old ? steps_of(c) : 1;
+  /* Before the first shift: every step ahead; after it, the steps taken
+   * plus those left from the share now. */
+  if (!run->has_old)
+    run->steps = 1;
+  else if (run->phase <= FIRST_SHIFT)
+    run->steps = run->step + steps_from(c, first_share(c, run->pct));
+  else
+    run->steps = run->step + (run->pct >= 100 ? 0 : steps_from(c, run->pct + c->increment));
   if (run->phase != START && !run->last_ok && run->phase != DONE) {
     abort_with(run, out, run->last_error);
     return;
@@ -56,13 +83,14 @@ static void canary_step(const strategy *s, strategy_run *run, strategy_action *o
     return;
   case WAIT_HEALTHY:
     out->kind = ACTION_WAIT_HEALTHY;
-    run->phase = SHIFT;
+    run->phase = FIRST_SHIFT;
     return;
+  case FIRST_SHIFT:
   case SHIFT: {
     /* A first deploy has nothing to compare against: all traffic at once. */
     double next = !run->has_old ? 100
-                  : run->pct <= 0 ? c->initial_percentage
-                                  : run->pct + c->increment;
+                  : run->phase == FIRST_SHIFT ? first_share(c, run->pct)
+                                              : run->pct + c->increment;
     out->kind = ACTION_TRAFFIC;
     out->pct = next > 100 ? 100 : next;
     run->step++;
@@ -108,6 +136,13 @@ int strategy_canary_new(strategy **out, const canary_params *p, char *err) {
   if (check_pct(p->initial_percentage, "initial_percentage", err) ||
       check_pct(p->increment, "increment", err))
     return -1;
+  double steps = step_count(p->initial_percentage, p->increment);
+  if (steps > CANARY_MAX_STEPS) {
+    dc_fmt(err, DC_ERR_MAX,
+           "deploy: CanaryStrategy increment %g takes %.4g steps from initial_percentage %g to 100 %%: at most %d "
+           "are allowed (raise increment)", p->increment, steps, p->initial_percentage, CANARY_MAX_STEPS);
+    return -1;
+  }
   if (!(p->interval >= 0 && p->interval < 1e9)) {
     dc_fmt(err, DC_ERR_MAX, "deploy: CanaryStrategy interval must be a number of seconds >= 0, got %g", p->interval);
     return -1;

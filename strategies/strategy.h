@@ -14,6 +14,10 @@
 #include "action.h"
 
 #define CANARY_MAX_PAUSES 16
+/* Traffic steps a canary may take up to 100 % (from 10 %, an increment of
+ * 0.1 % takes 901): beyond it a share moves by less than HAProxy's integer
+ * weights can show, or not at all. */
+#define CANARY_MAX_STEPS 1000
 
 typedef struct canary_params {
   double initial_percentage;  /* 0 < x <= 100; default 10 */

@@ -71,7 +71,7 @@ function cli.write_config(dir, cfg)
     end
     return "{\n" .. table.concat(parts, ",\n") .. "\n" .. indent .. "}"
   end
-  local path = dir .. "/deploy.lua"
+  local path = dir .. "/deployctl.lua"
   fixtures.write_file(path, "return " .. ser(cfg, "") .. "\n")
   return path
 end

@@ -72,6 +72,15 @@ end
 
 local root_dir
 
+-- Env assignments for a lua5.4 (or busted) child that loads this build's
+-- deploy.so: under the sanitizer build it needs the ASan runtime preloaded
+-- again (spec/support/sanitizer.lua drops the preload for every child).
+function fixtures.lua_child_env()
+  local preload = os.getenv("LD_PRELOAD")
+  if preload and preload:find("asan", 1, true) then return "LD_PRELOAD=" .. q(preload) .. " " end
+  return ""
+end
+
 function fixtures.root()
   if not root_dir then
     root_dir = capture("pwd"):gsub("%s+$", "")
@@ -871,12 +880,14 @@ function fixtures.set_unhealthy(dir, version, on)
   end
 end
 
--- opts: targets (name -> target table), state (default: <tmpdir>/state.db).
+-- opts: targets (name -> target table), state (default: <tmpdir>/state.db),
+-- retain (passed through).
 function fixtures.config(opts)
   opts = opts or {}
   return {
     state = opts.state or (fixtures.tmpdir("state") .. "/state.db"),
     targets = opts.targets or {},
+    retain = opts.retain,
   }
 end
 

@@ -178,6 +178,37 @@ function pg.cluster()
   return c
 end
 
+-- A view of the cluster whose url{} and sql() default to a new database
+-- `db` (owned by the role): a spec file shares one cluster, and each spec
+-- gets a database of its own. stop() and start() act on the cluster.
+function Cluster:database(db)
+  local base = self
+  base:create_db(db)
+  local view = setmetatable({ db = db }, { __index = base })
+  function view:url(opts)
+    local o = {}
+    for k, v in pairs(opts or {}) do o[k] = v end
+    o.db = o.db or db
+    return base:url(o)
+  end
+  function view:sql(sql, d) return base:sql(sql, d or db) end
+  function view:stop(mode) return base:stop(mode) end
+  function view:start() return base:start() end
+  return view
+end
+
+-- Ends every interactive probe (a spec's own, before the next spec).
+function pg.end_probes()
+  for i = #probes, 1, -1 do
+    if probes[i].pipe then
+      pcall(probes[i].post, probes[i], "quit")
+      pcall(probes[i].pipe.close, probes[i].pipe)
+      probes[i].pipe = nil
+    end
+    probes[i] = nil
+  end
+end
+
 -- Ends every interactive probe and stops every cluster started here (also
 -- after a failed spec).
 function pg.cleanup()

@@ -208,21 +208,6 @@ static void print_result(const char *cmd, const store_op *op, double ms) {
   printf("}");
 }
 
-static void op_free(store_op *op) {
-  for (size_t i = 0; i < op->ndeployments; i++)
-    store_deployment_clear(&op->deployments[i]);
-  for (size_t i = 0; i < op->nevents; i++)
-    store_event_clear(&op->events[i]);
-  free(op->deployments);
-  free(op->instances);
-  free(op->events);
-  free(op->controls);
-  free(op->ports);
-  store_deployment_clear(&op->dep);
-  store_event_clear(&op->ev);
-  free(op->fin_errors);
-  free(op);
-}
 
 /* ---- running ---- */
 
@@ -519,7 +504,7 @@ int main(int argc, char **argv) {
         if (i)
           putchar(',');
         print_result("op", batch[i], ms);
-        op_free(batch[i]);
+        store_op_free(batch[i]);
       }
       printf("]}\n");
       in_batch = 0;
@@ -574,7 +559,7 @@ int main(int argc, char **argv) {
     run(&op, 1, write);
     print_result(c, op, now_ms() - t0);
     putchar('\n');
-    op_free(op);
+    store_op_free(op);
   }
   B->free(B);
   engine_close(&E);

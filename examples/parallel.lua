@@ -1,12 +1,12 @@
 -- One version to every configured target at once, each with a canary; the
 -- rollouts progress side by side on one event loop.
 --
---   deployctl --config deploy.lua run scripts/examples/parallel.lua 1.4.2
+--   deployctl run examples/parallel.lua 1.4.2
 local deploy = require "deploy"
 
 local version = arg[1]
 if not version then
-  io.stderr:write("usage: deployctl run scripts/examples/parallel.lua VERSION\n")
+  io.stderr:write("usage: deployctl run examples/parallel.lua VERSION\n")
   return 2
 end
 

@@ -1,12 +1,12 @@
 -- A strategy of one's own: a dark launch to 5 % for a while, then the
 -- built-in canary takes over from there.
 --
---   deployctl --config deploy.lua run scripts/examples/custom-strategy.lua production 1.4.2
+--   deployctl run examples/custom-strategy.lua production 1.4.2
 local deploy = require "deploy"
 
 local target, version = arg[1] or "production", arg[2]
 if not version then
-  io.stderr:write("usage: deployctl run scripts/examples/custom-strategy.lua TARGET VERSION\n")
+  io.stderr:write("usage: deployctl run examples/custom-strategy.lua TARGET VERSION\n")
   return 2
 end
 

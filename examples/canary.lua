@@ -1,7 +1,7 @@
 -- A canary rollout with a health gate and an analysis hook.
 --
---   deployctl --config deploy.lua run scripts/examples/canary.lua production 1.4.2
---   deployctl --config deploy.lua run --simulate scripts/examples/canary.lua production 1.4.2
+--   deployctl run examples/canary.lua production 1.4.2
+--   deployctl run --simulate examples/canary.lua production 1.4.2
 --
 -- 10 % of the traffic first, +10 every 5 minutes while the new instances
 -- stay healthy; at 100 % the new version is promoted. Any failure puts all
@@ -10,7 +10,7 @@ local deploy = require "deploy"
 
 local target, version = arg[1] or "production", arg[2]
 if not version then
-  io.stderr:write("usage: deployctl run scripts/examples/canary.lua TARGET VERSION\n")
+  io.stderr:write("usage: deployctl run examples/canary.lua TARGET VERSION\n")
   return 2
 end
 

@@ -1,0 +1,1 @@
+return { targets= {b = { instances = 1e308 } } }

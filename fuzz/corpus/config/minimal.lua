@@ -1,0 +1,1 @@
+return { targets = { web = { provider = { command = "./web {port}" } } } }

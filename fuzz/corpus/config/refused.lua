@@ -1,0 +1,1 @@
+return { targets = { web = { instances = 1.5, provider = { command = "x", ports = "1023-2000" } } } }
