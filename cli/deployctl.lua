@@ -764,7 +764,8 @@ function commands.status(opts, args)
     if not never and (s.state ~= "healthy" or s.last_deployment and s.last_deployment.status ~= "succeeded") then
       printf("  %s\n", s.summary)
     end
-  end  if instances and #instances > 0 then
+  end
+  if instances and #instances > 0 then
     local host_width = 5
     for _, i in ipairs(instances) do host_width = math.max(host_width, #(i.node or "local")) end
     printf("\n%-8s %-" .. host_width .. "s %-16s %-15s %-6s %-8s %-11s %-7s %-9s %s\n", "SERVER", "HOST", "VERSION",

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
 
 #include <h2o.h>
 #include <openssl/err.h>
@@ -36,6 +37,7 @@ struct httpd {
   httpd_handler handler;
   void *payload;
   size_t sockets;          /* accepted connections not yet closed */
+  struct conn *conns;      /* those connections, to end idle ones at a stop */
   int stopping;
   uv_timer_t stop_timer;   /* waits for the connections to close */
   int stop_waits;
@@ -285,11 +287,18 @@ static void hd_stream_close(httpd_stream *s) {
 typedef struct conn {
   uv_tcp_t tcp; /* first: the handle is the conn */
   httpd *h;
+  struct conn *prev, *next;
 } conn;
 
 static void socket_closed(uv_handle_t *handle) {
   conn *c = (conn *)handle;
   c->h->sockets--;
+  if (c->prev)
+    c->prev->next = c->next;
+  else
+    c->h->conns = c->next;
+  if (c->next)
+    c->next->prev = c->prev;
   free(c);
 }
 
@@ -303,6 +312,10 @@ static void on_accept(uv_stream_t *listener, int status) {
   uv_tcp_init(listener->loop, &c->tcp);
   c->h = h;
   h->sockets++;
+  c->next = h->conns;
+  if (h->conns)
+    h->conns->prev = c;
+  h->conns = c;
   if (uv_accept(listener, (uv_stream_t *)&c->tcp) != 0) {
     uv_close((uv_handle_t *)&c->tcp, socket_closed);
     return;
@@ -407,6 +420,18 @@ static void stop_tick(uv_timer_t *t) {
   uv_close((uv_handle_t *)t, stop_timer_closed);
 }
 
+/* An idle keep-alive connection (a Prometheus scraping, a browser) would
+ * wait for its next request. Its reading side is shut down: h2o reads that
+ * as the client leaving and closes it through its own path, at once when
+ * idle, after its answer when one is under way (writes still go out). */
+static void end_reads(httpd *h) {
+  for (conn *c = h->conns; c; c = c->next) {
+    uv_os_fd_t fd;
+    if (uv_fileno((uv_handle_t *)&c->tcp, &fd) == 0)
+      shutdown(fd, SHUT_RD);
+  }
+}
+
 static void hd_stop(httpd *h, httpd_closed_cb done, void *payload) {
   if (h->stopping)
     return;
@@ -416,6 +441,7 @@ static void hd_stop(httpd *h, httpd_closed_cb done, void *payload) {
   if (h->listening)
     uv_close((uv_handle_t *)&h->listener, listener_closed);
   h2o_context_request_shutdown(&h->ctx);
+  end_reads(h);
   uv_timer_init(h->loop, &h->stop_timer);
   h->stop_timer.data = h;
   uv_timer_start(&h->stop_timer, stop_tick, 0, 10);

@@ -65,10 +65,15 @@ function browser.open(url, opts)
   self.dir = fixtures.tmpdir("chromium")
   assert(os.execute("mkfifo " .. q(self.dir .. "/in") .. " " .. q(self.dir .. "/out")) == true)
   local size = opts.size or "1280,900"
-  self.pid = fixtures.spawn(string.format(
-    "chromium --headless --no-sandbox --disable-gpu --no-first-run --disable-extensions --hide-scrollbars " ..
+  -- The FIFOs are opened by an inner shell, after the outer one has sent
+  -- its output to the log: opening a FIFO blocks until the other end opens,
+  -- and a process blocked there while still holding fixtures.spawn's pipe
+  -- would keep that pipe from ever ending.
+  local cmd = string.format(
+    "exec chromium --headless --no-sandbox --disable-gpu --no-first-run --disable-extensions --hide-scrollbars " ..
     "--remote-debugging-pipe --user-data-dir=%s --window-size=%s about:blank 3<%s 4>%s",
-    q(self.dir .. "/profile"), size, q(self.dir .. "/in"), q(self.dir .. "/out")), self.dir .. "/chromium.log")
+    q(self.dir .. "/profile"), size, q(self.dir .. "/in"), q(self.dir .. "/out"))
+  self.pid = fixtures.spawn("sh -c " .. q(cmd), self.dir .. "/chromium.log")
   -- The shell opens fd 3 (our "in") first, then fd 4: open in that order.
   self.to = assert(io.open(self.dir .. "/in", "wb"))
   self.from = assert(io.open(self.dir .. "/out", "rb"))
