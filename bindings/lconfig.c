@@ -585,8 +585,10 @@ static void read_gitops(lua_State *L, int idx) {
   static const char *const allowed[] = {"repo_url", "branch", "path", "interval", "prune", "secret", NULL};
   lua_newtable(L);
   int out = lua_gettop(L);
-  if (!sub_table(L, idx, "", "gitops", 0))
+  if (!sub_table(L, idx, "", "gitops", 0)) {
+    lua_pop(L, 1); /* the nil: the empty section stays on top */
     return;
+  }
   int gi = lua_gettop(L);
   lua_Integer n = (lua_Integer)lua_rawlen(L, gi);
   lua_pushnil(L);
@@ -612,6 +614,10 @@ static void read_gitops(lua_State *L, int idx) {
     copy_str(L, ei, oi, path, "branch", "main");
     copy_str(L, ei, oi, path, "path", "/");
     copy_str(L, ei, oi, path, "secret", NULL);
+    if (lua_getfield(L, oi, "secret") == LUA_TSTRING && lua_rawlen(L, -1) == 0)
+      fail(L, path, "has an empty secret: %s",
+           "give the webhook's shared secret (secret = \"${WEBHOOK_SECRET}\"), or leave secret out to take no webhooks");
+    lua_pop(L, 1);
     lua_pushnumber(L, num_field(L, ei, path, "interval", 60, 0.01, 86400));
     lua_setfield(L, oi, "interval");
     lua_pushboolean(L, bool_field(L, ei, path, "prune", 0));
@@ -629,8 +635,10 @@ static void read_serve(lua_State *L, int idx) {
   static const char *const sup_allowed[] = {"interval", "limit", "window", "backoff_max", NULL};
   lua_newtable(L);
   int out = lua_gettop(L);
-  if (!sub_table(L, idx, "", "serve", 0))
+  if (!sub_table(L, idx, "", "serve", 0)) {
+    lua_pop(L, 1); /* the nil: the empty section stays on top */
     return;
+  }
   int si = lua_gettop(L);
   check_keys(L, si, ".serve", allowed);
   copy_str(L, si, out, ".serve", "listen", NULL);

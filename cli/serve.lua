@@ -73,12 +73,15 @@ function M.serve(ctx, args)
     if not h then ctx.usage_error("serve: cannot read '%s': give a readable PEM file", f) end
     h:close()
   end
+  -- Every secret first: a missing one stops serve before anything starts.
+  local secrets = {}
+  for i, g in ipairs(settings.gitops or {}) do secrets[i] = expand_secret(ctx, i, g.secret) or false end
   local repos = {}
   for i, g in ipairs(settings.gitops or {}) do
     local ok, sync = pcall(ctx.deploy.GitOpsSynchronizer, {
       repo_url = g.repo_url, branch = g.branch, path = g.path, interval = g.interval, prune = g.prune, manager = m })
     if not ok then ctx.usage_error("serve: config gitops[%d]: %s", i, (tostring(sync):gsub("^deploy: ", ""))) end
-    repos[#repos + 1] = { sync = sync, secret = expand_secret(ctx, i, g.secret) }
+    repos[#repos + 1] = { sync = sync, secret = secrets[i] or nil }
   end
   local token = os.getenv("DEPLOY_API_TOKEN")
   if token == "" then token = nil end

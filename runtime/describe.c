@@ -28,6 +28,7 @@ typedef struct describe_req {
   unsigned char *alive;
   char health[16];
   int have_health;
+  size_t dead_live;        /* live instances found dead: never healthy */
   char **urls;
   size_t nurls;
 } describe_req;
@@ -97,7 +98,12 @@ static int copy_events(const store_result *r, store_event **out, size_t *n) {
 
 static void checked(void *payload, const health_result *res, size_t n) {
   describe_req *d = payload;
-  dc_strlcpy(d->health, health_state_name(health_classify(res, n)), sizeof d->health);
+  health_state h = health_classify(res, n);
+  /* A live instance that is dead counts: two of three serving is not a
+   * healthy target. */
+  if (d->dead_live > 0 && h == HEALTH_HEALTHY)
+    h = HEALTH_DEGRADED;
+  dc_strlcpy(d->health, health_state_name(h), sizeof d->health);
   d->have_health = 1;
   finish(d);
 }
@@ -125,10 +131,16 @@ static void inspected(void *payload, const unsigned char *alive, size_t dead, co
     const store_instance *in = &d->instances[i];
     if (strcmp(in->deployment_id, d->row.live_deployment) != 0 || strcmp(in->state, "running") != 0)
       continue;
-    if (d->alive && d->alive[i] != INSTSET_ALIVE)
+    if (d->alive && d->alive[i] != INSTSET_ALIVE) {
+      d->dead_live++;
       continue;
+    }
     d->urls[d->nurls] = target_instance_url(d->t, in);
     d->nurls += d->urls[d->nurls] != NULL;
+  }
+  if (d->nurls == 0) { /* nothing of the live version runs */
+    checked(d, NULL, 0);
+    return;
   }
   health_opts o = {.timeout = d->t->health.timeout, .expect_status = d->t->health.expect_status};
   if (health_check_start(service_engine(d->svc), (const char *const *)d->urls, d->nurls, &o, checked, d, err) != 0)

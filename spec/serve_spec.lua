@@ -427,3 +427,81 @@ scrape_configs:
     for _, pid in ipairs(pids) do assert.is_true(fixtures.alive(pid)) end
   end)
 end)
+
+describe("deployctl serve: TLS, and bad flags and config refused before it listens", function()
+  local dir, base
+  setup(function()
+    dir = fixtures.tmpdir("serve-bad")
+    base = fixtures.config{ state = dir .. "/state.db", targets = {
+      web = fixtures.target_config{ instances = 1, dir = dir } } }
+  end)
+  teardown(function() fixtures.cleanup() end)
+
+  local function config_with(edit)
+    local cfg = cjson.decode(cjson.encode(base))
+    edit(cfg)
+    return cli.write_config(fixtures.tmpdir("serve-cfg"), cfg)
+  end
+
+  it("serves HTTPS with a certificate and its key", function()
+    local cert, key = dir .. "/cert.pem", dir .. "/key.pem"
+    assert.is_true(os.execute(string.format(
+      "openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 " ..
+      "-days 1 -keyout %s -out %s >/dev/null 2>&1",
+      fixtures.shell_quote(key), fixtures.shell_quote(cert))) == true)
+    local cfg = cli.write_config(dir, base)
+    local p = cli.spawn({ "--config", cfg, "serve", "--listen", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", key })
+    local port = fixtures.wait_until(function()
+      if p:done() then error("serve exited: " .. p:output() .. p:errors()) end
+      return tonumber(p:output():match("listening on https://127%.0%.0%.1:(%d+)"))
+    end, 20, "serve to listen over TLS")
+    local code, body = http.request{ url = "https://127.0.0.1:" .. port .. "/api/v1/status", cacert = cert }
+    assert.equal(200, code, body)
+    assert.matches('"target":"web"', body, 1, true)
+    -- plain HTTP on that port is not answered as HTTP
+    local plain = http.request{ url = "http://127.0.0.1:" .. port .. "/api/v1/status" }
+    assert.are_not.equal(200, plain)
+    -- a second serve on the same port: refused, naming the port
+    local c2, o2, e2 = cli.run({ "--config", cfg, "serve", "--listen", "127.0.0.1:" .. port })
+    assert.equal(2, c2, o2 .. e2)
+    assert.matches(tostring(port), e2, 1, true)
+    fixtures.kill(p.pid, "TERM")
+    assert.equal(0, (p:wait(20)))
+  end)
+
+  it("refuses bad flags, bad config keys and unloadable certificates with exit 2, naming the problem", function()
+    local good = cli.write_config(dir, base)
+    local cases = {
+      { good, { "--listen", "nowhere" }, "is not ADDRESS:PORT" },
+      { good, { "--listen", "127.0.0.1:99999" }, "the port must be a number from 0 to 65535" },
+      { good, { "--listen", "127.0.0.1:0", "--tls-cert", dir .. "/none.pem" }, "TLS needs both" },
+      { good, { "--listen", "127.0.0.1:0", "--tls-cert", dir .. "/none.pem", "--tls-key", dir .. "/none.pem" },
+        "cannot read" },
+      { good, { "--listen", "127.0.0.1:0", "--bogus" }, "--bogus" },
+      { config_with(function(c) c.targets.web.restart = "sometimes" end), {},
+        "targets.web.restart 'sometimes' is not known: use 'on-failure', 'always' or 'never'" },
+      { config_with(function(c) c.gitops = { repo_url = "file:///x" } end), {}, "gitops" },
+      { config_with(function(c) c.gitops = { { branch = "main" } } end), {}, "has no repo_url" },
+      { config_with(function(c) c.gitops = { { repo_url = "file:///x", colour = "red" } } end), {}, "colour" },
+      { config_with(function(c) c.gitops = { { repo_url = "file:///x", interval = -1 } } end), {}, "interval" },
+      { config_with(function(c) c.serve = { supervise = { limit = 0 } } end), {}, "limit" },
+      { config_with(function(c) c.serve = { port = 80 } end), {}, "port" },
+      { config_with(function(c) c.serve = { listen = 9753 } end), {}, "listen" },
+      { config_with(function(c) c.gitops = { { repo_url = "file:///x", secret = "${DEPLOY_SPEC_UNSET_SECRET}" } } end),
+        {}, "names ${DEPLOY_SPEC_UNSET_SECRET}, which is not set in the environment" },
+      { config_with(function(c) c.gitops = { { repo_url = "file:///x", secret = "" } } end), {}, "has an empty secret" },
+    }
+    local bad_pem = dir .. "/bad.pem"
+    fixtures.write_file(bad_pem, "-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
+    cases[#cases + 1] = { good, { "--listen", "127.0.0.1:0", "--tls-cert", bad_pem, "--tls-key", bad_pem },
+                          "cannot load the certificate" }
+    for _, c in ipairs(cases) do
+      local args = { "--config", c[1], "serve" }
+      for _, a in ipairs(c[2]) do args[#args + 1] = a end
+      local code, out, err = cli.run(args)
+      assert.equal(2, code, table.concat(c[2], " ") .. ": " .. out .. err)
+      assert.matches(c[3], err, 1, true)
+      assert.not_matches("listening on", out)
+    end
+  end)
+end)

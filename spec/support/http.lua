@@ -7,7 +7,7 @@ local http = {}
 local q = fixtures.shell_quote
 
 -- http.request{ method, url, headers = { ["Name"] = "v" }, body = "...",
--- body_file = path, timeout = 10, cacert = path, insecure = bool }
+-- body_file = path, timeout = 10, cacert = path }
 -- -> status (0 when no answer), body, headers (lowercase names), json (or nil)
 -- Scratch files of one request (not fixtures.tmpdir: a spec makes hundreds
 -- of requests, and cleanup looks for processes naming each of its dirs).
