@@ -41,12 +41,20 @@ describe("data models", function()
 
   it("DeploymentStatus has target, current_version, status, health, instances", function()
     local m = manager_for{ instances = 2 }
+    -- the specification's five fields; beside them the view (issue 13):
+    -- state, summary, instances_by_version, rollout, last_deployment, ...
+    local function spec_fields(st)
+      return { target = st.target, current_version = st.current_version, status = st.status, health = st.health,
+               instances = st.instances }
+    end
     local before = m:get_status("staging")
-    assert.same({ target = "staging", status = "deployed", health = "unhealthy", instances = 0 }, before)
+    assert.same({ target = "staging", status = "deployed", health = "unhealthy", instances = 0 }, spec_fields(before))
+    assert.same({ "never_deployed", "never deployed" }, { before.state, before.summary })
     m:deploy("staging", "1.0.0")
     local s = m:get_status("staging")
     assert.same({ target = "staging", current_version = "1.0.0", status = "deployed",
-                  health = "healthy", instances = 2 }, s)
+                  health = "healthy", instances = 2 }, spec_fields(s))
+    assert.same({ { version = "1.0.0", role = "live", running = 2, total = 2 } }, s.instances_by_version)
     assert.equal("integer", math.type(s.instances))
   end)
 
@@ -198,8 +206,12 @@ describe("DeploymentManager", function()
     assert.matches("not switched to: new instances of 2.0.0%-bad unhealthy after 2 consecutive failed checks", r.errors[1])
     local st = m:get_status("staging")
     assert.equal("1.0.0", st.current_version)
-    assert.equal("failed", st.status)
+    -- the old version serves: deployed, healthy; the failure is the last
+    -- deployment's (issue 13: not "failed" while 1.0.0 serves)
+    assert.equal("deployed", st.status)
     assert.equal("healthy", st.health)
+    assert.same({ "2.0.0-bad", "failed" }, { st.last_deployment.version, st.last_deployment.status })
+    assert.matches("the last deployment %(2%.0%.0%-bad, ", st.summary)
     assert.equal(0, #fixtures.instances_of(dir, "2.0.0-bad"))
   end)
 end)
@@ -279,7 +291,7 @@ describe("bad input", function()
       { 42, "must be a table or the path of a Lua file" },
       { { targets = {} }, "config %.targets is empty" },
       { { state = dir .. "/s.db" }, "config %.targets is missing" },
-      { { targets = { production = t }, colour = "blue" }, "config %(top level%) has an unknown field 'colour' %(known: state, clock, targets, retain%)" },
+      { { targets = { production = t }, colour = "blue" }, "config %(top level%) has an unknown field 'colour' %(known: state, clock, targets, retain, simulate, gitops, serve%)" },
       { cfg(function(_, p) p.instances = 0 end), "config targets%.production%.instances must be between 1 and 64" },
       { cfg(function(_, p) p.instances = "two" end), "targets%.production%.instances must be a number, got string" },
       { cfg(function(_, p) p.provider = nil end), "targets%.production%.provider is missing" },
