@@ -730,11 +730,12 @@ local function instance_counts(s)
   return string.format("%d (%s)", s.instances, table.concat(parts, ", "))
 end
 
--- status TARGET's exit code: 0 healthy (also never deployed, and a rollout
+-- status TARGET's exit code: 0 healthy (also never deployed, stopped on
+-- purpose by a prune, and a rollout
 -- under way whose versions are healthy), 4 degraded, 5 unhealthy.
 local function status_exit(s)
   if s.state == "degraded" or s.health == "degraded" then return EXIT_DEGRADED end
-  if s.state == "never_deployed" then return EXIT_OK end
+  if s.state == "never_deployed" or s.state == "stopped" then return EXIT_OK end
   if s.state == "unhealthy" or s.state == "failed" or s.health == "unhealthy" then return EXIT_UNHEALTHY end
   return EXIT_OK
 end

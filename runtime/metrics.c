@@ -41,7 +41,7 @@ static double num(const json_t *o, const char *k) {
   return json_is_number(v) ? json_number_value(v) : 0;
 }
 
-static const char *const states[] = {"never_deployed", "healthy", "progressing", "paused", "rolling_back",
+static const char *const states[] = {"never_deployed", "stopped", "healthy", "progressing", "paused", "rolling_back",
                                      "degraded",       "unhealthy", "failed", NULL};
 static const char *const results[] = {"succeeded", "failed", "interrupted"};
 

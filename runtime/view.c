@@ -279,6 +279,11 @@ json_t *view_build(const view_input *in) {
         dc_fmt(summary, sizeof summary, "%s of %s: starting (%s)", newest->strategy, newest->version,
                f.last_event[0] ? f.last_event : "begun");
     }
+  } else if (!current[0] && strcmp(newest->status, "succeeded") == 0) {
+    /* A deployment to nothing that succeeded: the target was stopped on
+     * purpose (a GitOps prune), not broken. */
+    state = "stopped";
+    dc_fmt(summary, sizeof summary, "stopped (%s, %s): nothing serves, as asked", newest->strategy, newest->id);
   } else if (!current[0]) {
     state = "failed";
     dc_fmt(summary, sizeof summary, "nothing serves: the deployment of %s failed: %s", newest->version,

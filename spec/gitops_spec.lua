@@ -315,7 +315,13 @@ describe("GitOpsSynchronizer", function()
       assert.same({ { target = "qa", kind = "delete", from = "1.0.0", file = "qa.json", strategy = "prune",
                       success = true } }, r.applied)
       assert.is_true(fixtures.wait_exit(pid, 5))
-      assert.same({ target = "qa", status = "deployed", health = "unhealthy", instances = 0 }, env.m:get_status("qa"))
+      local st = env.m:get_status("qa")
+      assert.same({ target = "qa", status = "deployed", health = "unhealthy", instances = 0 },
+                  { target = st.target, current_version = st.current_version, status = st.status, health = st.health,
+                    instances = st.instances })
+      -- stopped on purpose, not failed (issue 13's view)
+      assert.equal("stopped", st.state)
+      assert.matches("^stopped %(prune, d%w+%): nothing serves, as asked$", st.summary)
       assert.same({}, env.m:instances("qa"))
       local h = env.m:history("qa")[1]
       assert.same({ "prune", "", "1.0.0", rev }, { h.strategy, h.version, h.from_version, h.metadata.gitops.revision })
