@@ -155,6 +155,12 @@ static void servers_at(router_server *s, double pct) {
   }
 }
 
+/* A plan of weights alone. */
+static int apply_plain(router *r, const router_server *s, size_t n, router_cb cb, void *payload, char *err) {
+  router_plan plan = {.servers = s, .n = n};
+  return r->apply(r, &plan, cb, payload, err);
+}
+
 /* Milliseconds from apply to its callback. */
 static double apply_ms(engine *e, router *r, double pct) {
   router_server s[NSERVERS];
@@ -162,7 +168,7 @@ static double apply_ms(engine *e, router *r, double pct) {
   char err[DC_ERR_MAX];
   servers_at(s, pct);
   uint64_t t0 = uv_hrtime();
-  if (r->apply(r, s, NSERVERS, on_applied, &c, err) != 0) {
+  if (apply_plain(r, s, NSERVERS, on_applied, &c, err) != 0) {
     fprintf(stderr, "bench_router: %s\n", err);
     exit(1);
   }
@@ -241,7 +247,7 @@ static int free_during_apply(engine *e, const router_nginx_opts *o) {
       return -1;
     servers_at(s, pct);
     router_split_weights(pct, 2, 2, &w_old, &w_new);
-    r->apply(r, s, NSERVERS, on_applied, &c, err);
+    apply_plain(r, s, NSERVERS, on_applied, &c, err);
     run_for(e, (uint64_t)delays[i]);
     r->free(r);
     run_for(e, 300);
@@ -288,7 +294,7 @@ static int queued_in_order(engine *e, const router_nginx_opts *o) {
   for (int i = 0; i < 3; i++) {
     calls[i] = (fifo_call){&f, i};
     servers_at(s, pcts[i]);
-    if (r->apply(r, s, NSERVERS, on_fifo, &calls[i], err) != 0)
+    if (apply_plain(r, s, NSERVERS, on_fifo, &calls[i], err) != 0)
       return -1;
   }
   while (f.n < 3)

@@ -10,6 +10,7 @@
 
 #include "lconfig.h"
 
+#include "analysis.h"
 #include "engine.h"
 #include "lutil.h"
 #include "ssh.h"
@@ -348,7 +349,7 @@ static void make_provider(lua_State *L, int idx, const char *path, target_config
 
 /* router = { kind = "nginx", include, upstream, conf, pid, nginx, timeout,
  * drain_timeout }: the fields runtime/nginx.c documents. */
-static int make_nginx_router(lua_State *L, int ri, const char *p, engine *e, target_config *t, char *err) {
+static int make_nginx_router(lua_State *L, int ri, const char *p, engine *e, router **out, char *err) {
   static const char *const allowed[] = {"kind",  "include", "upstream", "conf", "pid",
                                         "nginx", "timeout", "drain_timeout", NULL};
   char include[1024], upstream[128], conf[1024], pid[1024], bin[1024];
@@ -364,7 +365,7 @@ static int make_nginx_router(lua_State *L, int ri, const char *p, engine *e, tar
   o.nginx = str_field(L, ri, p, "nginx", "/usr/sbin/nginx", bin, sizeof bin);
   o.timeout = num_field(L, ri, p, "timeout", 10, 0.01, 600);
   o.drain_timeout = num_field(L, ri, p, "drain_timeout", 30, 0, 3600);
-  return router_nginx_new(&t->router, e, &o, err);
+  return router_nginx_new(out, e, &o, err);
 }
 
 /* hosts = { "app1", "deploy@10.0.0.5:2222", ... }: the target's nodes. */
@@ -428,37 +429,35 @@ static void read_hosts(lua_State *L, int idx, const char *path, target_config *t
   lua_pop(L, 1);
 }
 
-static void make_router(lua_State *L, int idx, const char *path, target_config *t) {
-  static const char *const allowed[] = {"kind", "socket", "backend", "timeout", "drain_timeout", "prefix", NULL};
-  char p[128], kind[32], socket[1024], backend[128], prefix[32], err[DC_ERR_MAX], expanded[1024];
-  dc_fmt(p, sizeof p, "%s.router", path);
+/* One router from the table at ri (p names it in messages), into *out.
+ * Raises on a bad field; *out is set only when the router was made. */
+static void make_one_router(lua_State *L, int ri, const char *p, target_config *t, int in_list, router **out) {
+  static const char *const allowed[] = {"kind", "socket", "backend", "timeout", "drain_timeout", "prefix", "map", NULL};
+  char kind[32], socket[1024], backend[128], prefix[32], map[512], err[DC_ERR_MAX], expanded[1024];
   engine *e = lengine_get(L);
-  if (!sub_table(L, idx, path, "router", 0)) {
-    lua_pop(L, 1);
-    if (router_none_new(&t->router, e, err) != 0)
-      lerror(L, err);
-    return;
-  }
-  int ri = lua_gettop(L);
-  str_field(L, ri, p, "kind", "none", kind, sizeof kind);
+  str_field(L, ri, p, "kind", in_list ? NULL : "none", kind, sizeof kind);
   if (strcmp(kind, "test") == 0) {
+    if (in_list)
+      fail(L, p, "kind '%s' cannot be one of several routers: give the test router alone, as router = { kind = "
+           "'test' }", kind);
     lconfig_test_router(L, ri, p, t);
-    lua_pop(L, 1);
     return;
   }
   if (strcmp(kind, "none") != 0 && strcmp(kind, "haproxy") != 0 && strcmp(kind, "nginx") != 0)
     fail(L, p, "kind '%s' is not known (known: haproxy, nginx, none, test)", kind);
+  if (in_list && strcmp(kind, "none") == 0)
+    fail(L, p, "kind '%s' cannot be one of several routers: list the load balancers that weigh servers (haproxy, "
+         "nginx), or leave routers out", kind);
   int rc;
   if (strcmp(kind, "nginx") == 0) {
-    rc = make_nginx_router(L, ri, p, e, t, err);
-    lua_pop(L, 1);
+    rc = make_nginx_router(L, ri, p, e, out, err);
     if (rc != 0)
       lerror(L, err);
     return;
   }
   check_keys(L, ri, p, allowed);
   if (strcmp(kind, "none") == 0) {
-    rc = router_none_new(&t->router, e, err);
+    rc = router_none_new(out, e, err);
   } else {
     router_haproxy_opts o;
     memset(&o, 0, sizeof o);
@@ -468,6 +467,7 @@ static void make_router(lua_State *L, int idx, const char *path, target_config *
     if (!backend[0])
       fail(L, p, "backend is empty: %s", "name the HAProxy backend that serves this target");
     str_field(L, ri, p, "prefix", "dc_", prefix, sizeof prefix);
+    str_field(L, ri, p, "map", "", map, sizeof map);
     o.socket = expanded;
     /* Over ssh, the target's own connections when it has them (one
      * master per host even when the balancer is also an app host), else
@@ -481,13 +481,71 @@ static void make_router(lua_State *L, int idx, const char *path, target_config *
     o.ssh = t->ssh;
     o.backend = backend;
     o.prefix = prefix;
+    o.map = map[0] ? map : NULL;
     o.timeout = num_field(L, ri, p, "timeout", 5, 0.01, 600);
     o.drain_timeout = num_field(L, ri, p, "drain_timeout", 30, 0, 3600);
-    rc = router_haproxy_new(&t->router, e, &o, err);
+    rc = router_haproxy_new(out, e, &o, err);
   }
-  lua_pop(L, 1);
   if (rc != 0)
     lerror(L, err);
+}
+
+/* routers = { {...}, {...} }: each is made as it is read and kept in
+ * t->routers, so an error in a later one leaves nothing unowned
+ * (target_config_free frees them); then one group of them all. */
+static void make_routers(lua_State *L, int li, const char *path, target_config *t) {
+  char full[160], item[200], err[DC_ERR_MAX];
+  dc_fmt(full, sizeof full, "%s.routers", path);
+  lua_Integer n = luaL_len(L, li);
+  size_t keys = 0;
+  lua_pushnil(L);
+  while (lua_next(L, li)) {
+    keys++;
+    lua_pop(L, 1);
+  }
+  if (n < 1 || (size_t)n != keys || n > TARGET_ROUTERS_MAX)
+    fail(L, full, "must be a list of 1 to 8 router tables, e.g. { { kind = 'haproxy', ... }, { kind = 'nginx', ... } }%s",
+         "");
+  for (lua_Integer i = 1; i <= n; i++) {
+    dc_fmt(item, sizeof item, "%s[%lld]", full, (long long)i);
+    if (lua_rawgeti(L, li, i) != LUA_TTABLE)
+      fail(L, item, "must be a table such as { kind = 'haproxy', socket = ..., backend = ... }, got %s",
+           luaL_typename(L, -1));
+    router *r = NULL;
+    make_one_router(L, lua_gettop(L), item, t, 1, &r);
+    t->routers[t->nrouters++] = r;
+    lua_pop(L, 1);
+  }
+  if (n == 1) {
+    t->router = t->routers[0];
+    return;
+  }
+  if (router_group_new(&t->router, lengine_get(L), t->routers, t->nrouters, err) != 0)
+    lerror(L, err);
+}
+
+static void make_router(lua_State *L, int idx, const char *path, target_config *t) {
+  char p[128], err[DC_ERR_MAX];
+  int has_one = field(L, idx, "router") != LUA_TNIL;
+  lua_pop(L, 1);
+  if (sub_table(L, idx, path, "routers", 0)) {
+    if (has_one)
+      fail(L, path, "has both router and routers: %s",
+           "keep one (routers = { {...}, {...} } for several load balancers, router = {...} for one)");
+    make_routers(L, lua_gettop(L), path, t);
+    lua_pop(L, 1);
+    return;
+  }
+  lua_pop(L, 1);
+  dc_fmt(p, sizeof p, "%s.router", path);
+  if (!sub_table(L, idx, path, "router", 0)) {
+    lua_pop(L, 1);
+    if (router_none_new(&t->router, lengine_get(L), err) != 0)
+      lerror(L, err);
+    return;
+  }
+  make_one_router(L, lua_gettop(L), p, t, 0, &t->router);
+  lua_pop(L, 1);
 }
 
 static void read_health(lua_State *L, int idx, const char *path, target_health *h) {
@@ -511,6 +569,28 @@ static void read_health(lua_State *L, int idx, const char *path, target_health *
   h->failure_threshold = int_field(L, hi, p, "failure_threshold", 3, 1, 1000);
   h->start_timeout = num_field(L, hi, p, "start_timeout", 60, 0.01, 86400);
   lua_pop(L, 1);
+}
+
+/* analysis = { interval, failure_limit, metrics }: checked by the one
+ * parser of runtime/analysis_spec.c, and against the target's router. */
+static void read_analysis(lua_State *L, int idx, const char *path, target_config *t) {
+  char where[160], err[DC_ERR_MAX];
+  dc_fmt(where, sizeof where, "config %s.analysis", path);
+  if (!sub_table(L, idx, path, "analysis", 0)) {
+    lua_pop(L, 1);
+    return;
+  }
+  json_t *v = ljson_from(L, -1, where);
+  lua_pop(L, 1);
+  int rc = analysis_spec_parse(&t->analysis, v, where, err);
+  json_decref(v);
+  if (rc != 0)
+    lerror(L, err);
+  if (analysis_check_router(t->analysis, t->router, t->name, err) != 0) {
+    char msg[DC_ERR_MAX];
+    dc_fmt(msg, sizeof msg, "deploy: config %s.analysis: %s", path, dc_unprefix(err));
+    lerror(L, msg);
+  }
 }
 
 /* retain = { history, versions, logs }: each key defaults to `base` (the
@@ -540,7 +620,8 @@ static void read_retain(lua_State *L, int idx, const char *path, const target_re
 
 static void read_target(lua_State *L, lconfig *c, const char *name, int idx, const char *log_dir,
                         const char *tag, const target_retain *retain) {
-  static const char *const allowed[] = {"instances", "hosts", "provider", "router", "health", "retain", "restart", NULL};
+  static const char *const allowed[] = {"instances", "hosts", "provider", "router", "routers", "health", "retain",
+                                        "analysis", "restart", NULL};
   char path[128], err[DC_ERR_MAX];
   dc_fmt(path, sizeof path, "targets.%s", name);
   if (dc_validate_target_name(name, err) != 0)
@@ -564,6 +645,7 @@ static void read_target(lua_State *L, lconfig *c, const char *name, int idx, con
   read_retain(L, idx, path, retain, &t->retain);
   make_provider(L, idx, path, t, log_dir, tag);
   make_router(L, idx, path, t);
+  read_analysis(L, idx, path, t);
 }
 
 /* ---- what `deployctl serve` reads: gitops = { {...}, ... }, serve = {...} ---- */

@@ -129,12 +129,16 @@ void lconfig_simulate(lua_State *L, int idx, lconfig *c) {
     return;
   }
   s.o.adopt = 1;
+  int declared = 0;
   for (size_t i = 0; i < c->ntargets; i++) {
     target_config *t = c->targets[i];
+    t->simulated = 1;
+    declared |= t->analysis != NULL;
     t->provider->free(t->provider);
     t->provider = NULL;
-    t->router->free(t->router);
+    t->router->free(t->router);  /* a group frees its members */
     t->router = NULL;
+    t->nrouters = 0;             /* the test router is the only view */
     ssh_ctx_free(t->ssh);
     t->ssh = NULL;
     make(L, t, &s.o);
@@ -145,6 +149,12 @@ void lconfig_simulate(lua_State *L, int idx, lconfig *c) {
     lerror(L, err);
   dc_strlcpy(c->state, copy, sizeof c->state);
   c->virtual_clock = 1; /* whatever the file says: a dry run never waits */
+  if (declared) {
+    /* Scripted instances serve no real traffic: numbers measured from
+     * them would judge nothing. */
+    size_t len = strlen(note);
+    dc_fmt(note + len, sizeof note - len, "; analysis is not measured in a dry run");
+  }
   lua_pushstring(L, note);
   lua_setfield(L, LUA_REGISTRYINDEX, "deploy.simulate_note");
   lua_settop(L, top);

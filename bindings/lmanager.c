@@ -263,15 +263,60 @@ static void version_chosen(void *payload, int rc, const char *version, const cha
   w->done = 1;
 }
 
+static void running_rolled_back(void *payload, int rc, const store_deployment *d, const char *err) {
+  lwait *w = payload;
+  w->rc = rc;
+  if (d)
+    w->ok = store_deployment_copy(w->extra, d) == 0;
+  if (err)
+    dc_strlcpy(w->err, err, sizeof w->err);
+  w->done = 1;
+}
+
+/* A deployment of the target runs with its old set warm: the rollback is
+ * its abort (the service tells it, and waits for its end). 1 with the
+ * result pushed; 0 when the rollback is a deployment of its own (none
+ * runs, or it promoted before it heard). */
+static int rollback_running(lua_State *L, lmanager *m, const char *target, const char *given) {
+  store_deployment d;
+  memset(&d, 0, sizeof d);
+  double t0 = engine_now(service_engine(m->svc));
+  lwait w = {.L = L, .extra = &d};
+  wait_for(L, &w, service_rollback_running(m->svc, target, given, running_rolled_back, &w, w.err));
+  if (w.rc == DC_NOTFOUND || (w.rc == DC_OK && strcmp(d.status, "succeeded") == 0)) {
+    store_deployment_clear(&d);
+    return 0;
+  }
+  rollout_result res;
+  memset(&res, 0, sizeof res);
+  const char *e = w.rc == DC_OK ? NULL : w.err;
+  res.success = w.rc == DC_OK && w.ok;
+  dc_strlcpy(res.target, target, sizeof res.target);
+  dc_strlcpy(res.version, d.from_version, sizeof res.version);
+  dc_strlcpy(res.strategy, "rollback", sizeof res.strategy);
+  res.duration = engine_now(service_engine(m->svc)) - t0;
+  res.errors = e ? &e : NULL;
+  res.nerrors = e ? 1 : 0;
+  lrun_push_result(L, &res);
+  /* Which deployment went back: its history row says how. */
+  lset_string(L, "rolled_back_deployment", d.id);
+  store_deployment_clear(&d);
+  return 1;
+}
+
 /* rollback(target[, version]): blue-green, to the previous version or one
  * from the history. The service chooses and checks the version: one never
- * deployed there is a mistake (raised), no previous version an answer. */
+ * deployed there is a mistake (raised), no previous version an answer.
+ * While a deployment runs with its old set warm, it is that deployment's
+ * abort instead: one router change, no restart. */
 static int manager_rollback(lua_State *L) {
   lsched_check_can_wait(L);
   lmanager *m = manager_at(L, 1);
   const char *target = check_target(L, m, 2, "manager:rollback()");
   lua_settop(L, 3);
   const char *given = lua_isnil(L, 3) ? NULL : check_version(L, 3, "manager:rollback()");
+  if (rollback_running(L, m, target, given))
+    return 1;
   char version[129] = "";
   lwait w = {.L = L, .extra = version};
   wait_for(L, &w, service_rollback_version(m->svc, target, given, version_chosen, &w, w.err));
@@ -289,7 +334,7 @@ static int manager_rollback(lua_State *L) {
     lrun_push_result(L, &res);
     return 1;
   }
-  lstrategy_push_bluegreen(L);
+  lstrategy_push_bluegreen(L, 1);
   lua_pushstring(L, version); /* kept alive on the stack */
   lrun_spec sp = {.svc = m->svc, .target = target, .version = lua_tostring(L, -1), .kind = "rollback",
                   .strategy_idx = lua_gettop(L) - 1, .hook_timeout = 30};
@@ -477,8 +522,20 @@ static int manager_events(lua_State *L) {
 
 /* instances(target): every instance row, with whether it is alive and live
  * (the live set) as the service reads them now. */
+/* A weight as Lua sees it: nil for a router that cannot weigh, false
+ * when the server is not in the proxy or the proxy cannot be read
+ * (router_error says why). */
+static void push_weight(lua_State *L, const router *r, int weight) {
+  if (r->ratio_only)
+    lua_pushnil(L);
+  else if (weight >= 0)
+    lua_pushinteger(L, weight);
+  else
+    lua_pushboolean(L, 0);
+}
+
 static void instances_seen(void *payload, const service_instance *v, size_t n, const char *router_err,
-                           const char *err) {
+                           const service_router_view *routers, size_t nrouters, const char *err) {
   lwait *w = payload;
   lua_State *L = w->L;
   int with_router = (int)(intptr_t)w->extra;
@@ -499,17 +556,27 @@ static void instances_seen(void *payload, const service_instance *v, size_t n, c
       lua_setfield(L, -2, "health");
       if (!v[i].healthy)
         lset_string(L, "health_error", v[i].health_error);
-      /* A router that cannot weigh: nil. Not in the proxy, or the proxy
-       * cannot be read (router_error says why): false. */
-      if (with_router == 2)
-        lua_pushnil(L);
-      else if (v[i].weight >= 0)
-        lua_pushinteger(L, v[i].weight);
-      else
-        lua_pushboolean(L, 0);
+      push_weight(L, routers[0].r, v[i].weight);
       lua_setfield(L, -2, "router_weight");
+      /* one per router, in the order of manager's routers list */
+      lua_createtable(L, (int)nrouters, 0);
+      for (size_t k = 0; k < nrouters; k++) {
+        push_weight(L, routers[k].r, v[i].weights[k]);
+        lua_rawseti(L, -2, (lua_Integer)k + 1);
+      }
+      lua_setfield(L, -2, "router_weights");
     }
     lua_rawseti(L, -2, (lua_Integer)i + 1);
+  }
+  /* the third result: each router, and why it could not be read */
+  lua_createtable(L, (int)nrouters, 0);
+  for (size_t k = 0; k < nrouters; k++) {
+    lua_createtable(L, 0, 3);
+    lset_string(L, "kind", routers[k].r->kind);
+    lset_string(L, "router", routers[k].r->label);
+    if (routers[k].err)
+      lset_string(L, "error", routers[k].err);
+    lua_rawseti(L, -2, (lua_Integer)k + 1);
   }
   if (router_err)
     dc_strlcpy(w->err, router_err, sizeof w->err);
@@ -521,25 +588,30 @@ static int instances(lua_State *L, int with_router) {
   lsched_check_can_wait(L);
   lmanager *m = manager_at(L, 1);
   const char *target = check_target(L, m, 2, with_router ? "manager:live_instances()" : "manager:instances()");
-  /* extra: 1 with the router's view, 2 when the router cannot weigh */
-  int mode = service_target(m->svc, target)->router->ratio_only ? 2 : 1;
-  lwait w = {.L = L, .extra = with_router ? (void *)(intptr_t)mode : NULL};
+  lwait w = {.L = L, .extra = (void *)(intptr_t)with_router};
   wait_for(L, &w, service_live_instances(m->svc, target, instances_seen, &w, w.err));
   if (!w.ok)
     return lerror(L, w.err);
-  /* A router without weights (none) cannot tell: no error to report. */
-  if (with_router && w.err[0] && !service_target(m->svc, target)->router->ratio_only) {
-    lua_pushstring(L, w.err);
-    return 2;
+  if (!with_router) {
+    lua_pop(L, 1);       /* the routers list */
+    return 1;
   }
-  return 1;
+  /* list, router_error (nil when every router was read), routers */
+  lua_pushstring(L, w.err);
+  if (!w.err[0]) {
+    lua_pop(L, 1);
+    lua_pushnil(L);
+  }
+  lua_insert(L, -2);
+  return 3;
 }
 
 static int manager_instances(lua_State *L) { return instances(L, 0); }
 
 /* live_instances(target): as instances(), with each instance's health
- * checked now and its weight as the router reports it now (nil when the
- * router is unreachable: then router_error says why). */
+ * checked now and its weight as the router reports it now (false when the
+ * router is unreachable: then router_error says why), router_weights one
+ * per router; then router_error, and the routers (kind, router, error). */
 static int manager_live_instances(lua_State *L) { return instances(L, 1); }
 
 /* ---- logs ----
@@ -848,6 +920,38 @@ static void integrity_seen(void *payload, const store_result *r) {
   w->done = 1;
 }
 
+/* maintenance(target, on [, message [, retry_after]]): the load balancers
+ * answer 503 with a page (on) or serve the live instances again (off).
+ * true, or false, the reason and whether the target was locked. */
+static int manager_maintenance(lua_State *L) {
+  lsched_check_can_wait(L);
+  lmanager *m = manager_at(L, 1);
+  const char *target = check_target(L, m, 2, "manager:maintenance()");
+  if (lua_type(L, 3) != LUA_TBOOLEAN)
+    return luaL_error(L, "deploy: manager:maintenance(): on must be true or false, got %s", luaL_typename(L, 3));
+  service_maintenance_opts o = {.on = lua_toboolean(L, 3), .retry_after = ROUTES_RETRY_AFTER_DEFAULT};
+  if (!lua_isnoneornil(L, 4)) {
+    if (lua_type(L, 4) != LUA_TSTRING)
+      return luaL_error(L, "deploy: manager:maintenance(): message must be a string, got %s", luaL_typename(L, 4));
+    if (!o.on)
+      return luaL_error(L, "deploy: manager:maintenance(): a message goes with on (true), not with off");
+    o.message = lua_tostring(L, 4);
+  }
+  if (!lua_isnoneornil(L, 5)) {
+    if (lua_type(L, 5) != LUA_TNUMBER)
+      return luaL_error(L, "deploy: manager:maintenance(): retry_after must be a number of seconds, got %s",
+                        luaL_typename(L, 5));
+    double v = lua_tonumber(L, 5);
+    if (!(v >= 0 && v <= 604800) || v != (double)(int)v)
+      return luaL_error(L, "deploy: manager:maintenance(): retry_after must be a whole number of seconds from 0 to "
+                           "604800 (a week), got %s", lua_tostring(L, 5));
+    o.retry_after = (int)v;
+  }
+  lwait w = {.L = L};
+  wait_for(L, &w, service_maintenance(m->svc, target, &o, NULL, op_done, &w, w.err));
+  return push_outcome(L, &w);
+}
+
 /* integrity_check(): the store's own consistency check. */
 static int manager_integrity_check(lua_State *L) {
   lmanager *m = manager_at(L, 1);
@@ -1057,7 +1161,7 @@ static int manager_new(lua_State *L) {
   lua_getfield(L, 1, "strategy"); /* 4 */
   if (lua_isnil(L, 4)) {
     lua_pop(L, 1);
-    lstrategy_push_bluegreen(L);
+    lstrategy_push_bluegreen(L, 0);
   } else if (!lstrategy_test(L, 4) && !lua_istable(L, 4)) {
     return luaL_error(L, "deploy: DeploymentManager strategy must be a strategy (deploy.CanaryStrategy{...}, "
                          "deploy.BlueGreenStrategy{...} or a DeploymentStrategy class), got %s",
@@ -1127,6 +1231,7 @@ void lmanager_register(lua_State *L) {
       {"logs", manager_logs},
       {"targets", manager_targets},
       {"reconcile", manager_reconcile},
+      {"maintenance", manager_maintenance},
       {"prune", manager_prune},
       {"state_path", manager_state_path},
       {"settings", manager_settings},

@@ -112,6 +112,72 @@ static int read_pauses(lua_State *L, int idx, double *out, int cap) {
   return n;
 }
 
+/* A string field of the table on top into buf ("" when nil). */
+static void route_string(lua_State *L, const char *cls, const char *obj, const char *key, char *buf, size_t size) {
+  int t = lua_getfield(L, -1, key);
+  buf[0] = '\0';
+  if (t != LUA_TNIL && t != LUA_TSTRING)
+    luaL_error(L, "deploy: %s %s.%s must be a string, got %s", cls, obj, key, luaL_typename(L, -1));
+  if (t == LUA_TSTRING) {
+    size_t len;
+    const char *v = lua_tolstring(L, -1, &len);
+    if (len >= size || strlen(v) != len)
+      luaL_error(L, "deploy: %s %s.%s is longer than %d bytes or holds a NUL byte", cls, obj, key, (int)size - 1);
+    dc_strlcpy(buf, v, size);
+  }
+  lua_pop(L, 1);
+}
+
+/* Pushes params.key when it is a table with only `keys`; 0 (nothing
+ * pushed) when it is nil. */
+static int route_table(lua_State *L, int idx, const char *cls, const char *key, const char *const *keys,
+                       const char *example) {
+  int t = lua_getfield(L, idx, key);
+  if (t == LUA_TNIL) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  if (t != LUA_TTABLE)
+    luaL_error(L, "deploy: %s %s must be a table such as %s, got %s", cls, key, example, luaL_typename(L, -1));
+  char fmt[160];
+  dc_fmt(fmt, sizeof fmt, "deploy: %s %s has no field '%%s' (known: %%s)", cls, key);
+  lcheck_keys(L, lua_gettop(L), keys, fmt);
+  return 1;
+}
+
+/* session_affinity = { cookie = "NAME", max_age = S } and test_route =
+ * { header = "X-Canary" (or cookie = "NAME"), value = "always" }; their
+ * values are checked by the strategy (strategy_check_routes). */
+static void read_routes(lua_State *L, int idx, const char *cls, int affinity, route_rules *r) {
+  static const char *const affinity_keys[] = {"cookie", "max_age", NULL};
+  static const char *const test_keys[] = {"header", "cookie", "value", NULL};
+  memset(r, 0, sizeof *r);
+  if (affinity && route_table(L, idx, cls, "session_affinity", affinity_keys, "{ cookie = 'canary', max_age = 3600 }")) {
+    route_string(L, cls, "session_affinity", "cookie", r->affinity_cookie, sizeof r->affinity_cookie);
+    if (!r->affinity_cookie[0])
+      luaL_error(L, "deploy: %s session_affinity needs a cookie name, e.g. { cookie = 'canary' }", cls);
+    int t = lua_getfield(L, -1, "max_age");
+    if (t != LUA_TNIL && t != LUA_TNUMBER)
+      luaL_error(L, "deploy: %s session_affinity.max_age must be a number of seconds, got %s", cls,
+                 luaL_typename(L, -1));
+    double age = t == LUA_TNUMBER ? lua_tonumber(L, -1) : ROUTES_MAX_AGE_DEFAULT;
+    /* whole numbers only: the constructor's check reports anything else */
+    r->affinity_max_age = age >= 1 && age <= 31536000 && age == (double)(int)age ? (int)age : -1;
+    if (r->affinity_max_age < 0)
+      luaL_error(L, "deploy: %s session_affinity.max_age must be a whole number of seconds from 1 to 31536000 "
+                    "(a year), got %s", cls, lua_tostring(L, -1));
+    lua_pop(L, 2);
+  }
+  if (route_table(L, idx, cls, "test_route", test_keys, "{ header = 'X-Canary', value = 'always' }")) {
+    route_string(L, cls, "test_route", "header", r->test_header, sizeof r->test_header);
+    route_string(L, cls, "test_route", "cookie", r->test_cookie, sizeof r->test_cookie);
+    route_string(L, cls, "test_route", "value", r->test_value, sizeof r->test_value);
+    if (lua_getfield(L, -1, "value") == LUA_TNIL)
+      dc_strlcpy(r->test_value, ROUTES_TEST_VALUE_DEFAULT, sizeof r->test_value);
+    lua_pop(L, 2);
+  }
+}
+
 static int opts_index(lua_State *L, const char *cls) {
   lua_settop(L, 1);
   if (lua_isnil(L, 1)) {
@@ -127,8 +193,26 @@ static int opts_index(lua_State *L, const char *cls) {
 }
 
 static const char *const canary_allowed[] = {"initial_percentage", "increment", "interval", "health_check_url",
-                                             "pause_at", "hooks", NULL};
-static const char *const bluegreen_allowed[] = {"switch_delay", "health_check_url", "hooks", NULL};
+                                             "pause_at", "session_affinity", "test_route", "hooks", "analysis", NULL};
+static const char *const bluegreen_allowed[] = {"switch_delay", "scale_down_delay", "health_check_url", "test_route",
+                                                "hooks", "analysis", NULL};
+
+/* analysis = { ... } as JSON (one parser for Lua, config and manifests:
+ * runtime/analysis_spec.c); NULL when absent. Raises for what JSON cannot
+ * hold, before anything is allocated. */
+static json_t *opt_analysis(lua_State *L, int idx, const char *cls) {
+  char what[64];
+  json_t *v = NULL;
+  if (lua_getfield(L, idx, "analysis") != LUA_TNIL) {
+    if (!lua_istable(L, -1))
+      luaL_error(L, "deploy: %s analysis must be a table such as { interval = 60, metrics = { ... } }, got %s", cls,
+                 luaL_typename(L, -1));
+    dc_fmt(what, sizeof what, "%s analysis", cls);
+    v = ljson_from(L, -1, what);
+  }
+  lua_pop(L, 1);
+  return v;
+}
 
 static int canary_new(lua_State *L) {
   const char *const *allowed = canary_allowed;
@@ -142,8 +226,13 @@ static int canary_new(lua_State *L) {
   p.interval = opt_number(L, idx, "CanaryStrategy", "interval", p.interval);
   p.health_check_url = opt_url(L, idx, "CanaryStrategy", url, sizeof url);
   p.npause = read_pauses(L, idx, p.pause_at, CANARY_MAX_PAUSES);
+  read_routes(L, idx, "CanaryStrategy", 1, &p.routes);
+  json_t *analysis = opt_analysis(L, idx, "CanaryStrategy");
+  p.analysis = analysis;
   strategy *s;
-  if (strategy_canary_new(&s, &p, err) != 0)
+  int rc = strategy_canary_new(&s, &p, err);
+  json_decref(analysis);
+  if (rc != 0)
     return lerror(L, err);
   push_strategy(L, s, idx);
   return 1;
@@ -157,19 +246,27 @@ static int bluegreen_new(lua_State *L) {
   bluegreen_params p;
   bluegreen_params_default(&p);
   p.switch_delay = opt_number(L, idx, "BlueGreenStrategy", "switch_delay", p.switch_delay);
+  p.scale_down_delay = opt_number(L, idx, "BlueGreenStrategy", "scale_down_delay", p.scale_down_delay);
   p.health_check_url = opt_url(L, idx, "BlueGreenStrategy", url, sizeof url);
+  read_routes(L, idx, "BlueGreenStrategy", 0, &p.routes);
+  json_t *analysis = opt_analysis(L, idx, "BlueGreenStrategy");
+  p.analysis = analysis;
   strategy *s;
-  if (strategy_bluegreen_new(&s, &p, err) != 0)
+  int rc = strategy_bluegreen_new(&s, &p, err);
+  json_decref(analysis);
+  if (rc != 0)
     return lerror(L, err);
   push_strategy(L, s, idx);
   return 1;
 }
 
-strategy *lstrategy_push_bluegreen(lua_State *L) {
+strategy *lstrategy_push_bluegreen(lua_State *L, int rollback) {
   bluegreen_params p;
   char err[DC_ERR_MAX];
   strategy *s;
   bluegreen_params_default(&p);
+  if (rollback)
+    p.scale_down_delay = 0;
   if (strategy_bluegreen_new(&s, &p, err) != 0)
     lerror(L, err);
   push_strategy(L, s, 0);
@@ -189,11 +286,37 @@ static int strategy_index(lua_State *L) {
     lua_getiuservalue(L, 1, 1);
     return 1;
   }
+  if (strcmp(k, "analysis") == 0) {
+    if (s->analysis)
+      ljson_push(L, s->analysis->json);
+    else
+      lua_pushnil(L);
+    return 1;
+  }
   if (strcmp(k, "health_check_url") == 0) {
     if (s->health_check_url[0])
       lua_pushstring(L, s->health_check_url);
     else
       lua_pushnil(L);
+    return 1;
+  }
+  if (strcmp(k, "session_affinity") == 0 || strcmp(k, "test_route") == 0) {
+    const route_rules *r = &s->routes;
+    if (k[0] == 's' && routes_affinity_active(r)) {
+      lua_createtable(L, 0, 2);
+      lua_pushstring(L, r->affinity_cookie);
+      lua_setfield(L, -2, "cookie");
+      lua_pushinteger(L, r->affinity_max_age);
+      lua_setfield(L, -2, "max_age");
+    } else if (k[0] == 't' && routes_test_active(r)) {
+      lua_createtable(L, 0, 2);
+      lua_pushstring(L, r->test_header[0] ? r->test_header : r->test_cookie);
+      lua_setfield(L, -2, r->test_header[0] ? "header" : "cookie");
+      lua_pushstring(L, r->test_value);
+      lua_setfield(L, -2, "value");
+    } else {
+      lua_pushnil(L);
+    }
     return 1;
   }
   if (strcmp(s->name, "canary") == 0) {
@@ -220,6 +343,9 @@ static int strategy_index(lua_State *L) {
     }
   } else if (strcmp(k, "switch_delay") == 0) {
     lpush_number(L, ((bluegreen_strategy *)s)->switch_delay);
+    return 1;
+  } else if (strcmp(k, "scale_down_delay") == 0) {
+    lpush_number(L, ((bluegreen_strategy *)s)->scale_down_delay);
     return 1;
   }
   luaL_getmetatable(L, STRATEGY_MT);

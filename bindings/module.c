@@ -1,6 +1,6 @@
 /* require "deploy": the module table, made of the classes' register
  * functions, and the few module-level functions (sleep, now, _host,
- * router_weights). */
+ * router_weights, mann_whitney). */
 #include <stdlib.h>
 #include <string.h>
 
@@ -14,6 +14,7 @@
 #include "lsched.h"
 #include "lstrategy.h"
 #include "lutil.h"
+#include "mannwhitney.h"
 #include "router.h"
 #include "store_pg.h"
 #include "util.h"
@@ -80,6 +81,42 @@ static int deploy_router_weights(lua_State *L) {
   lua_pushinteger(L, w_old);
   lua_pushinteger(L, w_new);
   return 2;
+}
+
+static double *number_list(lua_State *L, int arg, size_t *n) {
+  luaL_checktype(L, arg, LUA_TTABLE);
+  lua_Integer len = luaL_len(L, arg);
+  luaL_argcheck(L, len >= 1 && len <= 100000, arg, "must be a list of 1 to 100000 numbers");
+  for (lua_Integer i = 1; i <= len; i++) {
+    if (lua_rawgeti(L, arg, i) != LUA_TNUMBER)
+      luaL_error(L, "deploy.mann_whitney: argument #%d[%d] must be a number, got %s", arg, (int)i,
+                 luaL_typename(L, -1));
+    lua_pop(L, 1);
+  }
+  double *v = lua_newuserdatauv(L, (size_t)len * sizeof *v, 0); /* freed by the GC */
+  for (lua_Integer i = 1; i <= len; i++) {
+    lua_rawgeti(L, arg, i);
+    v[i - 1] = lua_tonumber(L, -1);
+    lua_pop(L, 1);
+  }
+  *n = (size_t)len;
+  return v;
+}
+
+/* deploy.mann_whitney(x, y) -> { u, p_greater, p_less }: the test the
+ * probe analysis judges latencies with (runtime/mannwhitney.c), for hooks
+ * that compare samples of their own. */
+static int deploy_mann_whitney(lua_State *L) {
+  size_t nx, ny;
+  double *x = number_list(L, 1, &nx), *y = number_list(L, 2, &ny);
+  mw_result r;
+  if (mw_test(x, nx, y, ny, &r) != 0)
+    return luaL_error(L, "deploy: out of memory");
+  lua_createtable(L, 0, 3);
+  lset_number(L, "u", r.u);
+  lset_number(L, "p_greater", r.p_greater);
+  lset_number(L, "p_less", r.p_less);
+  return 1;
 }
 
 /* deploy.now(): the engine clock, epoch seconds (virtual when simulating). */
@@ -195,6 +232,7 @@ int luaopen_deploy(lua_State *L) {
                                        {"virtual_clock", deploy_virtual_clock},
                                        {"_host", deploy_host},
                                        {"router_weights", deploy_router_weights},
+                                       {"mann_whitney", deploy_mann_whitney},
                                        {"migrate_store", deploy_migrate_store},
                                        {"_config_path", lconfig_path_lua},
                                        {"_simulation", deploy_simulation},

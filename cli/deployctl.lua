@@ -59,6 +59,7 @@ local COMMANDS = {
   { "promote", "TARGET", "let a paused rollout go on (from any process)" },
   { "abort", "TARGET", "abort a running rollout (back to the old version)" },
   { "reconcile", "TARGET", "put TARGET back on its live version (after an HAProxy restart, a reboot)" },
+  { "maintenance", "TARGET on|off [--message TEXT] [--retry-after S]", "the load balancers answer 503 with a page, or serve again" },
   { "logs", "TARGET [--host H] [--version V] [--lines N] [--follow]", "the output of TARGET's instances, from every host" },
   { "prune", "[TARGET]", "apply the retention now: old history and old versions' logs go" },
   { "report", "DEPLOYMENT_ID | latest TARGET", "a self-contained HTML report of one deployment" },
@@ -106,8 +107,14 @@ Usage: deployctl deploy TARGET VERSION [--strategy canary|blue-green] [--set key
 Deploys VERSION to TARGET with the given strategy (default blue-green).
 --set gives the strategy's parameters, e.g.
   deployctl deploy production 1.4.2 --strategy canary --set initial_percentage=5 --set interval=60
-  deployctl deploy production 1.4.2 --set switch_delay=10
+  deployctl deploy production 1.4.2 --set switch_delay=10 --set scale_down_delay=60
   deployctl deploy production 1.4.2 --strategy canary --set pause_at=25,50   (a list: comma-separated)
+  deployctl deploy production 1.4.2 --strategy canary --set session_affinity.cookie=canary \
+    --set test_route.header=X-Canary                       (a table's fields: table.field=value)
+  deployctl deploy production 1.4.2 --strategy canary --set analysis=@analysis.json
+  deployctl deploy production 1.4.2 --set 'analysis={"interval":30,"metrics":[...]}'
+analysis takes a JSON object, or @FILE holding one (see the README's Analysis);
+without it the target's analysis (config) applies.
 A strategy registered by a pipeline is not available here: use `run`.
 
   --simulate   print the timeline this rollout would follow, each line
@@ -121,17 +128,24 @@ Usage: deployctl rollback TARGET [VERSION] [--json|--quiet]
 Rolls TARGET back to its previous version, or to VERSION from its history,
 with an instant blue-green switch.
 
+While a deployment of TARGET runs (a canary's steps, its hold at 100 %, a
+blue-green's scale_down_delay), the version it came from still runs: the
+rollback aborts that deployment (in whatever process runs it), which
+returns traffic in one router change, no restart, and waits for its end.
+
 ]] .. OUTPUT_FLAGS,
   status = [[
 Usage: deployctl status [TARGET] [--json]
 
 Without TARGET: one line per configured target (version, status, health,
-instances), and below it what else is true: a rollout under way ("paused at
+instances) and whether it is in maintenance, and below it what else is true: a rollout under way ("paused at
 50 %, waiting for promote"), the failure of the last deployment beside the
 version that still serves, why the target is degraded. A target never
 deployed says so. Instances are counted by version while versions overlap:
 "4 (2 live, 2 new)". With TARGET: also each instance with its port, pid,
-health and traffic weight, read live from the instances and the router.
+health and traffic weight, read live from the instances and each router (a
+target behind several load balancers shows one weight per router, in the
+order of its `routers` list).
 
 Exit codes with TARGET: 0 healthy (or never deployed, or a rollout under
 way whose versions are healthy), 4 degraded (some live instance down or
@@ -167,6 +181,22 @@ started again, HAProxy gets back the servers it forgot (a restart or reload
 drops servers added at runtime), and any other instance of TARGET is
 stopped. It takes the target's lock: while a deployment of TARGET runs it
 changes nothing and exits 3. `status TARGET` says when it is needed.
+]],
+  maintenance = [[
+Usage: deployctl maintenance TARGET on [--message TEXT] [--retry-after S]
+       deployctl maintenance TARGET off
+
+on: every load balancer of TARGET answers 503 with a small HTML page that
+shows TEXT (default: "This service is down for maintenance and will be back
+shortly.") and a Retry-After header of S seconds (default 300). Instances
+keep running as they are. off: the load balancers serve them again.
+Maintenance lasts until turned off: reconcile, recovery after a crash and
+deployments keep it (a deployment in maintenance rolls out behind the 503
+page). It takes the target's lock: while a deployment of TARGET runs it
+changes nothing and exits 3. `status TARGET` shows it. The load balancer
+needs a few lines for it (README, "Routing beyond weights").
+  --message TEXT     one line, at most 511 bytes of UTF-8
+  --retry-after S    whole seconds, 0 to 604800
 ]],
   prune = [[
 Usage: deployctl prune [TARGET]
@@ -402,7 +432,12 @@ local function event_line(ev)
   elseif ev.kind == "promoted" then
     detail = d.version
   elseif ev.kind == "paused" or ev.kind == "resumed" then
-    detail = string.format("at %g %%", d.pct)
+    detail = string.format("at %g %%%s", d.pct, d.reason and (": " .. d.reason) or "")
+  elseif ev.kind == "analysis" then
+    detail = string.format("%s %s: %s%s", d.metric, d.verdict,
+      d.value ~= nil and (tostring(d.value) .. " ") or "", d.detail or "")
+  elseif ev.kind == "bake" then
+    detail = string.format("holding %g %% for %gs, %d old instance(s) still running", d.pct, d.seconds, d.old)
   elseif ev.kind == "finished" then
     detail = d.success and "success" or "failed"
   elseif ev.kind == "log" then
@@ -453,6 +488,7 @@ local function progress_printer(interval)
     if s.paused_at then
       return string.format("paused %s: deployctl promote|abort %s", fmt_duration(now - s.paused_at), s.target), 0
     end
+    if s.bake then return s.bake, 0 end
     if not s.step then return s.health and "starting" or "waiting for the new instances to be healthy", 0 end
     if interval and s.traffic_at then
       local left = math.max(0, interval - (now - s.traffic_at))
@@ -490,9 +526,13 @@ local function progress_printer(interval)
     if ev.kind == "health_failed" then s.health = d.state .. " (" .. d.consecutive .. ")" end
     if ev.kind == "paused" then s.paused_at = ev.ts end
     if ev.kind == "resumed" then s.paused_at = nil s.traffic_at = ev.ts end
+    if ev.kind == "bake" then s.bake = "holding, old set warm" end
     if ev.kind:find("analysis", 1, true) then
       local verdict, why = analysis_of(ev)
-      if verdict then s.analysis = "analysis " .. verdict .. (verdict ~= "pass" and why and (": " .. why) or "") end
+      if verdict then
+        s.analysis = "analysis " .. (type(d.metric) == "string" and (d.metric .. " ") or "") .. verdict
+                     .. (verdict ~= "pass" and why and (": " .. why) or "")
+      end
     end
     if ev.kind == "aborted" then
       s.rolling_back = "rolling back: " .. tostring(d.reason or "aborted"):gsub("\n.*", "")
@@ -636,14 +676,57 @@ end
 -- --set key=value pairs become strategy parameters (numbers when they look
 -- like numbers).
 -- Parameters that take a list: --set pause_at=25,50
+-- A field of a table parameter: --set session_affinity.cookie=canary (a
+-- string; max_age a number), the strategy checks the fields.
 local LIST_PARAMS = { pause_at = true }
+local NUMBER_FIELDS = { max_age = true }
+-- Parameters that take a JSON object, given as text or as @FILE.
+local JSON_PARAMS = { analysis = true }
+
+local function json_param(k, v)
+  local text, from = v, "its value"
+  if v:sub(1, 1) == "@" then
+    local f = io.open(v:sub(2), "r")
+    if not f then usage_error("deploy: --set %s=%s: cannot read the file '%s'", k, v, v:sub(2)) end
+    text, from = f:read("a"), "file '" .. v:sub(2) .. "'"
+    f:close()
+  end
+  local ok, decoded = pcall(cjson.decode, text)
+  if not ok or type(decoded) ~= "table" then
+    usage_error("deploy: --set %s: %s is not a JSON object (%s): write e.g. --set '%s={\"interval\":30,\"metrics\":[...]}' "
+                .. "or --set %s=@file.json", k, from, ok and ("a " .. type(decoded)) or tostring(decoded):gsub("^.-: ", ""), k, k)
+  end
+  -- JSON null has no place in a strategy's parameters.
+  local function check(t)
+    for key, item in pairs(t) do
+      if item == cjson.null then usage_error("deploy: --set %s: '%s' is null: leave it out instead", k, tostring(key)) end
+      if type(item) == "table" then check(item) end
+    end
+  end
+  check(decoded)
+  return decoded
+end
 
 local function strategy_params(sets)
   local params = {}
   for _, kv in ipairs(sets) do
-    local k, v = kv:match("^([%w_]+)=(.*)$")
-    if not k then usage_error("deploy: --set '%s' is not key=value (e.g. --set interval=60)", kv) end
-    if LIST_PARAMS[k] then
+    local k, field, v = kv:match("^([%w_]+)%.([%w_]+)=(.*)$")
+    if not k then k, v = kv:match("^([%w_]+)=(.*)$") end
+    if not k then
+      usage_error("deploy: --set '%s' is not key=value or table.field=value (e.g. --set interval=60, --set "
+        .. "test_route.header=X-Canary)", kv)
+    end
+    if field then
+      if params[k] ~= nil and type(params[k]) ~= "table" then
+        usage_error("deploy: --set %s.%s: %s is given a value of its own too", k, field, k)
+      end
+      params[k] = params[k] or {}
+      params[k][field] = NUMBER_FIELDS[field] and tonumber(v) or v
+    elseif JSON_PARAMS[k] then
+      params[k] = json_param(k, v)
+    elseif type(params[k]) == "table" then
+      usage_error("deploy: --set %s=%s: %s takes fields, e.g. --set %s.NAME=VALUE", k, v, k, k)
+    elseif LIST_PARAMS[k] then
       local list = {}
       for item in (v .. ","):gmatch("([^,]*),") do
         local n = tonumber(item)
@@ -710,6 +793,12 @@ function commands.rollback(opts, args)
   check_target(m, pos[1])
   local ok, res = pcall(with_ticker, tick, function() return m:rollback(pos[1], pos[2]) end)
   if not ok then usage_error("%s", tostring(res)) end
+  if res.rolled_back_deployment and res.success and not flags.json then
+    printf("%s: back on %s in %s: deployment %s was still running with %s warm, traffic returned in one router "
+           .. "change (no restart)\n", res.target, res.version, fmt_duration(res.duration), res.rolled_back_deployment,
+           res.version)
+    return EXIT_OK
+  end
   return result_exit(res, flags)
 end
 
@@ -740,6 +829,27 @@ local function status_exit(s)
   return EXIT_OK
 end
 
+-- The last measurement of each analysis metric of the target's newest
+-- deployment (nil when it measured nothing).
+local function last_analysis(m, target)
+  local d = m:history(target, 1)[1]
+  if not d then return nil end
+  local by_metric, order = {}, {}
+  for _, ev in ipairs(m:events(d.id)) do
+    if ev.kind == "analysis" then
+      local a = ev.data
+      if not by_metric[a.metric] then order[#order + 1] = a.metric end
+      by_metric[a.metric] = { metric = a.metric, source = a.source, verdict = a.verdict, value = a.value,
+                              baseline = a.baseline, pct = a.pct, detail = a.detail, failures = a.failures,
+                              failure_limit = a.failure_limit, time = ev.time }
+    end
+  end
+  if #order == 0 then return nil end
+  local list = {}
+  for _, name in ipairs(order) do list[#list + 1] = by_metric[name] end
+  return { deployment_id = d.id, version = d.version, status = d.status, metrics = list }
+end
+
 function commands.status(opts, args)
   local flags, pos = parse_flags("status", args, { json = "bool" }, 1)
   if flags.help then out:write(HELP.status) return EXIT_OK end
@@ -748,11 +858,12 @@ function commands.status(opts, args)
   local targets = pos[1] and { pos[1] } or m:targets()
   local rows = {}
   for _, t in ipairs(targets) do rows[#rows + 1] = m:get_status(t) end
-  local instances, router_error
-  if pos[1] then instances, router_error = m:live_instances(pos[1]) end
+  local instances, router_error, routers
+  if pos[1] then instances, router_error, routers = m:live_instances(pos[1]) end
+  local analysis = pos[1] and last_analysis(m, pos[1]) or nil
   if flags.json then
-    local doc = { targets = rows, instances = instances, router_error = router_error,
-                  lock = pos[1] and m:lock(pos[1]) or nil }
+    local doc = { targets = rows, instances = instances, router_error = router_error, routers = routers,
+                  lock = pos[1] and m:lock(pos[1]) or nil, analysis = analysis }
     out:write(redact(cjson.encode(doc)), "\n")
     return pos[1] and status_exit(rows[1]) or EXIT_OK
   end
@@ -766,35 +877,109 @@ function commands.status(opts, args)
       printf("  %s\n", s.summary)
     end
   end
+  for _, s in ipairs(rows) do
+    local mt = s.maintenance
+    if mt then
+      printf("%s: in maintenance since %s (%s), Retry-After %d s%s\n", s.target, mt.since, mt.by, mt.retry_after,
+        mt.message and (": " .. mt.message) or "")
+    end
+  end
+  local several = routers and #routers > 1
+  local function weight_of(w)
+    return w == nil and "-" or (w == false and "absent" or tostring(w))
+  end
   if instances and #instances > 0 then
-    local host_width = 5
-    for _, i in ipairs(instances) do host_width = math.max(host_width, #(i.node or "local")) end
-    printf("\n%-8s %-" .. host_width .. "s %-16s %-15s %-6s %-8s %-11s %-7s %-9s %s\n", "SERVER", "HOST", "VERSION",
-      "ADDRESS", "PORT", "PID", "HEALTH", "WEIGHT", "STATE", "LIVE")
+    local host_width, weight_width = 5, 7
     for _, i in ipairs(instances) do
-      local weight = i.router_weight == nil and "-" or (i.router_weight == false and "absent" or tostring(i.router_weight))
+      host_width = math.max(host_width, #(i.node or "local"))
+      if several then
+        local ws = {}
+        for k = 1, #routers do ws[k] = weight_of(i.router_weights[k]) end
+        i.weight_text = table.concat(ws, "/")
+      else
+        i.weight_text = weight_of(i.router_weight)
+      end
+      weight_width = math.max(weight_width, #i.weight_text)
+    end
+    printf("\n%-8s %-" .. host_width .. "s %-16s %-15s %-6s %-8s %-11s %-" .. weight_width .. "s %-9s %s\n",
+      "SERVER", "HOST", "VERSION", "ADDRESS", "PORT", "PID", "HEALTH", "WEIGHT", "STATE", "LIVE")
+    for _, i in ipairs(instances) do
       local health = i.alive and i.health or (i.unreachable and "unreachable" or "dead")
-      printf("%-8s %-" .. host_width .. "s %-16s %-15s %-6d %-8d %-11s %-7s %-9s %s\n", i.server, i.node or "local",
-        i.version, i.host ~= "" and i.host or "-", i.port, i.pid, health, weight, i.state, i.live and "yes" or "no")
+      printf("%-8s %-" .. host_width .. "s %-16s %-15s %-6d %-8d %-11s %-" .. weight_width .. "s %-9s %s\n", i.server,
+        i.node or "local", i.version, i.host ~= "" and i.host or "-", i.port, i.pid, health, i.weight_text, i.state,
+        i.live and "yes" or "no")
+    end
+  end
+  if several then
+    printf("\nWEIGHT per router:\n")
+    for k, r in ipairs(routers) do
+      printf("  %d  %s%s\n", k, r.router, r.error and "  (could not be read)" or "")
+    end
+  end
+  if analysis then
+    printf("\nANALYSIS of %s (%s, %s)\n", analysis.deployment_id, analysis.version, analysis.status)
+    printf("%-16s %-11s %-13s %-12s %-9s %s\n", "METRIC", "SOURCE", "VERDICT", "VALUE", "FAILURES", "AT")
+    for _, a in ipairs(analysis.metrics) do
+      printf("%-16s %-11s %-13s %-12s %-9s %g %% %s\n", a.metric, a.source, a.verdict,
+        a.value ~= nil and string.format("%.6g", a.value) or "-",
+        string.format("%d/%d", a.failures or 0, a.failure_limit or 0), a.pct or 0, a.time)
+      printf("    %s\n", a.detail or "")
     end
   end
   if pos[1] then
     local lock = m:lock(pos[1])
     if lock then
-      local who = lock.purpose == "reconcile" and "a reconcile" or ("deployment " .. lock.deployment_id)
+      local who = lock.purpose == "deploy" and ("deployment " .. lock.deployment_id) or ("a " .. lock.purpose)
       printf("\nlocked by %s, pid %d on %s, since %s%s\n", who, lock.pid, lock.host, lock.since,
         lock["until"] and (", until " .. lock["until"] .. " unless renewed") or "")
     end
   end
   if router_error then eprintf("router: %s\n", router_error) end
   local exit = pos[1] and status_exit(rows[1]) or EXIT_OK
-  local missing = 0
-  for _, i in ipairs(instances or {}) do
-    if i.live and i.router_weight == false then missing = missing + 1 end
+  for k, r in ipairs(routers or {}) do
+    local missing = 0
+    for _, i in ipairs(instances or {}) do
+      if i.live and i.router_weights and i.router_weights[k] == false and not r.error then missing = missing + 1 end
+    end
+    if missing > 0 then
+      eprintf("router: %d live instance(s) of %s are missing from %s (restarted?): run 'deployctl reconcile %s'\n",
+        missing, pos[1], r.router, pos[1])
+    end
   end
-  if missing > 0 then
-    eprintf("router: %d live instance(s) of %s are missing from HAProxy (restarted?): run 'deployctl reconcile %s'\n",
-      missing, pos[1], pos[1])
+  return exit
+end
+
+function commands.maintenance(opts, args)
+  local flags, pos = parse_flags("maintenance", args, { message = "value", ["retry-after"] = "value" }, 2)
+  if flags.help then out:write(HELP.maintenance) return EXIT_OK end
+  if #pos < 2 or (pos[2] ~= "on" and pos[2] ~= "off") then
+    usage_error("maintenance: needs TARGET and on or off, e.g. deployctl maintenance production on --message 'back at 10:00' "
+      .. "(see 'deployctl maintenance --help')")
+  end
+  local on = pos[2] == "on"
+  if not on and (flags.message or flags["retry-after"]) then
+    usage_error("maintenance: --message and --retry-after go with 'on', not with 'off'")
+  end
+  local retry
+  if flags["retry-after"] then
+    retry = math.tointeger(tonumber(flags["retry-after"]))
+    if not retry or retry < 0 or retry > 604800 then
+      usage_error("maintenance: --retry-after must be whole seconds from 0 to 604800, got '%s'", flags["retry-after"])
+    end
+  end
+  local m = open_manager(opts)
+  check_target(m, pos[1])
+  local okcall, ok, why, locked = pcall(m.maintenance, m, pos[1], on, flags.message, retry)
+  if not okcall then usage_error("%s", tostring(ok):gsub("^deploy: ", "")) end
+  if not ok then
+    eprintf("deployctl: %s\n", why)
+    return locked and EXIT_LOCKED or EXIT_FAILED
+  end
+  if on then
+    printf("%s: in maintenance: its load balancers answer 503%s\n", pos[1],
+      flags.message and (" with \"" .. flags.message .. "\"") or "")
+  else
+    printf("%s: out of maintenance: its load balancers serve it again\n", pos[1])
   end
   return exit
 end

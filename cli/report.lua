@@ -1,6 +1,7 @@
 -- deployctl report: one deployment as a self-contained HTML page (no
 -- script, no external resource): a summary, an SVG chart of the new
--- version's traffic share and health over time, and the event table.
+-- version's traffic share, health and analysis verdicts over time, the
+-- analysis measurements, and the event table.
 local M = {}
 
 local function esc(s)
@@ -51,6 +52,15 @@ local function chart(events, started, finished)
         ev.kind == "health_failed" and "bad" or "good", fmt_num(x(ev.ts) - 2), H - B - 10, color, esc(ev.kind), fmt_num(ev.ts - started))
     end
   end
+  -- analysis verdicts along the top: green pass, red fail, amber inconclusive
+  local colors = { pass = "#1a7f37", fail = "#d1242f", error = "#d1242f", inconclusive = "#bf8700" }
+  for _, ev in ipairs(events) do
+    if ev.kind == "analysis" and ev.data then
+      parts[#parts + 1] = string.format('<circle class="analysis %s" cx="%s" cy="%d" r="3" fill="%s"><title>%s: %s at +%s s</title></circle>',
+        esc(ev.data.verdict), fmt_num(x(ev.ts)), T + 6, colors[ev.data.verdict] or "#555", esc(ev.data.metric),
+        esc(ev.data.verdict), fmt_num(ev.ts - started))
+    end
+  end
   parts[#parts + 1] = "</svg>"
   return table.concat(parts, "\n")
 end
@@ -97,6 +107,24 @@ local function json_text(v)
   return "{" .. table.concat(items, ",") .. "}"
 end
 M.json_text = json_text
+
+-- Every measurement of the deployment's analysis, in order.
+local function analysis_table(events, started)
+  local rows = {}
+  for _, ev in ipairs(events) do
+    local a = ev.data
+    if ev.kind == "analysis" and a then
+      rows[#rows + 1] = string.format('<tr class="measurement %s"><td>+%s s</td><td>%s</td><td>%s</td><td>%s %%</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td></tr>',
+        esc(a.verdict), fmt_num(ev.ts - started), esc(a.metric), esc(a.source), fmt_num(a.pct or 0),
+        a.value ~= nil and esc(a.value) or "-", a.baseline ~= nil and esc(a.baseline) or "-", esc(a.verdict),
+        esc(a.detail or ""))
+    end
+  end
+  if #rows == 0 then return "" end
+  return '<h2>Analysis</h2><table id="analysis"><thead><tr><th>since start</th><th>metric</th><th>source</th>'
+    .. '<th>share</th><th>value</th><th>old set</th><th>verdict</th><th>detail</th></tr></thead><tbody>\n'
+    .. table.concat(rows, "\n") .. "\n</tbody></table>"
+end
 
 local function detail(ev)
   if not ev.data then return "" end
@@ -155,9 +183,10 @@ dt { color: #57606a; }
 <dt>duration</dt><dd>DURATION s</dd>
 <dt>by</dt><dd>USER</dd>
 </dl>
-<h2>Traffic share of VERSION and health</h2>
+<h2>Traffic share of VERSION, health and analysis</h2>
 CHART
 LEGEND
+ANALYSIS
 ERRORS
 <h2>Events</h2>
 <table id="events"><thead><tr><th>time</th><th>since start</th><th>event</th><th>data</th></tr></thead>
@@ -179,6 +208,7 @@ ROWS
     VERSION = esc(d.version),
     CHART = chart(events, started, finished),
     LEGEND = LEGEND,
+    ANALYSIS = analysis_table(events, started),
     ERRORS = errors,
     ROWS = table.concat(rows, "\n"),
   })

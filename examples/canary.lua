@@ -4,8 +4,12 @@
 --   deployctl run --simulate examples/canary.lua production 1.4.2
 --
 -- 10 % of the traffic first, +10 every 5 minutes while the new instances
--- stay healthy; at 100 % the new version is promoted. Any failure puts all
--- traffic back on the old version in one step.
+-- stay healthy; 100 % is held 5 minutes too, the old instances still
+-- running, then the new version is promoted. Any failure puts all traffic
+-- back on the old version in one step. Besides the hook below, the
+-- strategy (or the target in the config) can declare its analysis:
+--   deploy.CanaryStrategy{ ..., analysis = { interval = 60, metrics = {
+--     { name = "errors", source = "haproxy", measure = "5xx_ratio", success = { max = 0.01 } } } } }
 local deploy = require "deploy"
 
 local target, version = arg[1] or "production", arg[2]

@@ -2,7 +2,8 @@
  * through its DEPLOY_FUZZ entry point): an input is up to four texts
  * separated by NUL bytes,
  *   1. the answer to "show servers state app" (what an apply plans from),
- *   2. the answer to "show stat app 4 -1" (what the drain step counts),
+ *   2. the answer to "show stat app 4 -1" (what the drain step counts, and
+ *      the counters the haproxy analysis source reads),
  *   3. the answer to some other command (checked as each kind of success),
  *   4. the servers the apply wants, one "name host port weight" a line
  *      (absent: dc_1 and dc_2 as a canary would want them).
@@ -52,6 +53,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     FUZZ_CHECK(strncmp(err, "haproxy: ", 9) == 0);
     /* Success answers are exclusive: an empty line is never a sentence. */
     FUZZ_CHECK(r.ok_empty + r.ok_add + r.ok_addr <= 1);
+    /* Analysis counts only our servers' rows, within its buffer. */
+    FUZZ_CHECK(r.stats_rc == 0 || r.nstats == 0);
+    FUZZ_CHECK(r.nstats <= 16);
+    for (size_t i = 0; i < r.nstats; i++)
+      FUZZ_CHECK(strncmp(r.stats[i].name, PREFIX, strlen(PREFIX)) == 0);
   }
   fuzz_free_parts(parts, 4);
   return 0;

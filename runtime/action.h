@@ -8,7 +8,9 @@
 
 #include <stddef.h>
 
-#define STRATEGY_VERSION 2
+#include "routes.h"
+
+#define STRATEGY_VERSION 4
 
 typedef enum {
   ACTION_START,        /* start the new instances beside the old ones */
@@ -40,6 +42,7 @@ typedef struct strategy_run {
 
 typedef struct rollout rollout;
 typedef struct strategy strategy;
+struct analysis_spec;
 
 /* A strategy is one of two shapes (cf. libgit2's odb_backend: a versioned
  * struct of function pointers, `free` required):
@@ -54,9 +57,16 @@ struct strategy {
   int version;         /* STRATEGY_VERSION */
   const char *name;    /* "canary", "blue-green", a Lua class's name */
   char health_check_url[512]; /* "" or a URL with {host} {port} placeholders */
+  /* Measured during every hold (analysis_spec.h), owned by the strategy;
+   * NULL: the target's analysis, if it has one. */
+  const struct analysis_spec *analysis;
   void (*step)(const strategy *s, strategy_run *run, strategy_action *out);
   void (*drive)(strategy *s, rollout *r);
   void (*free)(strategy *s);
+  /* Routes the rollout asks of the router besides weights (version 3):
+   * sticky canaries (affinity_*) and testers' routes (test_*); the rest
+   * of route_rules is the rollout's to fill. Zeroed: none. */
+  route_rules routes;
 };
 
 /* -1 with err naming the strategy when its version or shape is wrong: a

@@ -18,6 +18,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,6 +36,11 @@
 #define HAP_FINAL_DEL_MS 2000       /* after shutdown sessions, streams die
                                      * asynchronously: a short last wait */
 #define HAP_MAX_COLS 256
+/* The server of haproxy.cfg that testers' requests go to (README): not one
+ * of ours by prefix, so no apply ever retires it. */
+#define HAP_TEST_SLOT "deployctl-test"
+#define HAP_ROLE_STICKY "sticky"          /* map values: what a key is for */
+#define HAP_ROLE_TEST "test_route"
 
 /* srv_admin_state bits (management.txt, "show servers state") that keep a
  * server from taking new traffic and that `state ready` clears. */
@@ -69,6 +75,7 @@ typedef struct hap_cmd {
   uv_connect_t conn;
   uv_write_t wr;
   char text[HAP_CMD_MAX];
+  char *payload;       /* lines sent after the command (`add map ... <<`), or NULL */
   char *buf;
   size_t len, cap;
   int finished;
@@ -85,7 +92,9 @@ typedef struct hap_srv {  /* one of our servers as HAProxy has it now */
   int weight;             /* srv_uweight */
 } hap_srv;
 
-typedef enum { STEP_CMD, STEP_DRAIN, STEP_DEL } step_kind;
+/* STEP_COOKIES reads the servers' dynamic cookies for sticky canaries;
+ * STEP_MAP makes deployctl's map hold exactly what the routes need. */
+typedef enum { STEP_CMD, STEP_DRAIN, STEP_DEL, STEP_COOKIES, STEP_MAP } step_kind;
 /* What a successful answer looks like: most commands answer an empty line,
  * a few answer a fixed sentence (checked on HAProxy 2.6.12). */
 typedef enum { ANS_EMPTY, ANS_ADD, ANS_ADDR } answer_kind;
@@ -97,13 +106,30 @@ typedef struct hap_step {
   char text[HAP_CMD_MAX];
 } hap_step;
 
+/* One line of deployctl's map: key, then the rest of the line. */
+typedef struct map_entry {
+  char *key;
+  char *value;
+} map_entry;
+
+typedef struct map_list {
+  map_entry *v;
+  size_t n, cap;
+} map_list;
+
 typedef struct apply_op {
   struct apply_op *next;
   router_cb cb;
   void *payload;
   router_server *want;
   size_t nwant;
+  route_rules routes;
   int planned;            /* the plan exists: live state was read */
+  int slot_admin;         /* the testers' server: its srv_admin_state, -1 absent */
+  map_list map_now;       /* the map as read before the plan */
+  map_list map_want;      /* what it must hold: the plan's, then the cookies' */
+  int map_phase;          /* STEP_MAP: 0 prepare, 1 add, 2 commit */
+  char map_ver[24];
   hap_step *steps;
   size_t nsteps, cap, cur;
   uint64_t drain_deadline, del_deadline, final_deadline;  /* uv_now ms */
@@ -115,7 +141,8 @@ typedef struct read_op {
   struct read_op *next;
   router_cb cb;
   void *payload;
-  router_server *out;
+  router_server *out;     /* read: "show servers state" */
+  router_stat *stats;     /* stats: "show stat", instead */
   size_t cap;
   size_t *n;
 } read_op;
@@ -139,6 +166,8 @@ struct hap {
   int fwd_held;           /* a forward in flight keeps h alive */
   char backend[128];
   char prefix[64];
+  char map[512];          /* "" weights only */
+  char label[700];
   uint64_t timeout_ms, drain_ms;
   uv_timer_t wait;        /* the running apply's pauses; also starts it */
   unsigned open_handles;  /* h is freed when closing and this reaches 0 */
@@ -290,6 +319,7 @@ static void cmd_handle_closed(uv_handle_t *handle) {
   if (--c->open_handles == 0) {
     free(c->buf);
     free(c->late_err);
+    free(c->payload);
     free(c);
   }
   hap_release(h);
@@ -402,7 +432,9 @@ static void cmd_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
              "haproxy: '%s' on %s: the connection closed without an answer (HAProxy restarting or stopping?)",
              c->text, c->h->socket);
       cmd_finish(c, err, NULL);
-    } else if (strncmp(c->text, "show ", 5) == 0 && (c->len < 2 || memcmp(c->buf + c->len - 2, "\n\n", 2) != 0)) {
+    } else if (strncmp(c->text, "show ", 5) == 0 && !(c->len == 1 && c->buf[0] == '\n') &&
+               (c->len < 2 || memcmp(c->buf + c->len - 2, "\n\n", 2) != 0)) {
+      /* (a lone empty line is a whole answer: "show map" of an empty map) */
       dc_fmt(err, DC_ERR_MAX,
              "haproxy: '%s' on %s: the answer was cut short after %zu bytes (no closing empty line): "
              "nothing is read from it",
@@ -437,9 +469,10 @@ static void cmd_on_connect(uv_connect_t *req, int status) {
     cmd_finish(c, err, NULL);
     return;
   }
-  uv_buf_t bufs[2] = {uv_buf_init(c->text, (unsigned)strlen(c->text)),
-                      uv_buf_init("\n", 1)};
-  int rc = uv_write(&c->wr, &c->conn_h.stream, bufs, 2, cmd_on_write);
+  uv_buf_t bufs[3] = {uv_buf_init(c->text, (unsigned)strlen(c->text)),
+                      uv_buf_init("\n", 1),
+                      uv_buf_init(c->payload, c->payload ? (unsigned)strlen(c->payload) : 0)};
+  int rc = uv_write(&c->wr, &c->conn_h.stream, bufs, c->payload ? 3 : 2, cmd_on_write);
   if (rc < 0) {
     cmd_fail_io(c, "sending", rc);
     return;
@@ -583,18 +616,20 @@ static void cmd_connect(hap_cmd *c) {
   }
 }
 
-/* Sends one command; done runs once, from the loop. -1 only when out of
- * memory (done does not run then). */
-static int cmd_start(hap *h, void *op, const char *text, hap_done done,
-                     char *err) {
+/* Sends one command, with payload lines after it (taken: freed with the
+ * command) when not NULL; done runs once, from the loop. -1 only when out
+ * of memory (done does not run then). */
+static int cmd_start_payload(hap *h, void *op, const char *text, char *payload, hap_done done, char *err) {
   hap_cmd *c = calloc(1, sizeof *c);
   char *buf = malloc(HAP_READ_CHUNK + 1);
   if (c == NULL || buf == NULL) {
     free(c);
     free(buf);
+    free(payload);
     dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
     return DC_ERROR;
   }
+  c->payload = payload;
   c->h = h;
   c->op = op;
   c->done = done;
@@ -610,6 +645,10 @@ static int cmd_start(hap *h, void *op, const char *text, hap_done done,
   uv_timer_start(&c->timer, cmd_on_timeout, h->timeout_ms, 0);
   cmd_connect(c);
   return DC_OK;
+}
+
+static int cmd_start(hap *h, void *op, const char *text, hap_done done, char *err) {
+  return cmd_start_payload(h, op, text, NULL, done, err);
 }
 
 /* ---- parsing ------------------------------------------------------------- */
@@ -663,17 +702,20 @@ static int push_srv(hap_srv **v, size_t *n, size_t *cap, const hap_srv *s) {
   return DC_OK;
 }
 
-/* One data line of "show servers state"; 1 when it is one of ours, -1
- * when it names one of ours in a way HAProxy never would (s->name then
- * shows it, non-printable bytes as '?'): every name of ours is sent back
- * in commands, and HAProxy's CLI would read "dc_1;disable frontend fe"
- * as two commands. */
+/* One data line of "show servers state"; 1 when it is one of ours, 2 for
+ * the testers' server, -1 when it names one of ours in a way HAProxy never
+ * would (s->name then shows it, non-printable bytes as '?'): every name of
+ * ours is sent back in commands, and HAProxy's CLI would read
+ * "dc_1;disable frontend fe" as two commands. */
 static int state_line(const hap *h, char *line, const state_cols *c,
                       hap_srv *s) {
   char *f[HAP_MAX_COLS];
   int n = split_fields(line, ' ', f, HAP_MAX_COLS);
   if (n <= c->name || n <= c->addr || n <= c->port || n <= c->admin ||
-      n <= c->weight || !starts_with(f[c->name], h->prefix))
+      n <= c->weight)
+    return 0;
+  int slot = strcmp(f[c->name], HAP_TEST_SLOT) == 0;
+  if (!slot && !starts_with(f[c->name], h->prefix))
     return 0;
   memset(s, 0, sizeof *s);
   if (!valid_name(f[c->name]) || strlen(f[c->name]) >= sizeof s->name) {
@@ -688,20 +730,23 @@ static int state_line(const hap *h, char *line, const state_cols *c,
   s->port = atoi(f[c->port]);
   s->admin = atoi(f[c->admin]);
   s->weight = atoi(f[c->weight]);
-  return 1;
+  return slot ? 2 : 1;
 }
 
 /* Our servers from a "show servers state <backend>" answer: a version
- * line, a '#' header naming the columns, one line per server. */
+ * line, a '#' header naming the columns, one line per server; *slot_admin
+ * (when not NULL) the testers' server's admin state, -1 when absent. */
 static int parse_state(const hap *h, const char *cmd, char *answer,
-                       hap_srv **out, size_t *n, char *err) {
+                       hap_srv **out, size_t *n, int *slot_admin, char *err) {
   hap_srv *v = NULL;
   size_t cap = 0;
   state_cols cols;
-  int have_cols = 0;
+  int have_cols = 0, kind;
   char *rest = answer;
   *out = NULL;
   *n = 0;
+  if (slot_admin != NULL)
+    *slot_admin = -1;
   if (!(answer[0] >= '0' && answer[0] <= '9')) {
     msg_answered(h, cmd, answer, err);
     return DC_ERROR;
@@ -720,23 +765,24 @@ static int parse_state(const hap *h, const char *cmd, char *answer,
         return DC_ERROR;
       }
       have_cols = 1;
-    } else if (have_cols) {
-      int ours = state_line(h, line, &cols, &s);
-      if (ours < 0) {
-        dc_fmt(err, DC_ERR_MAX,
-               "haproxy: '%s' answered a server '%s' whose name HAProxy does "
-               "not allow (letters, digits, '_', '-', '.', ':', at most 63 "
-               "bytes): nothing is sent back with it (is %s HAProxy's stats "
-               "socket? if so, rename or delete that server)",
-               cmd, s.name, h->socket);
-        free(v);
-        return DC_ERROR;
-      }
-      if (ours > 0 && push_srv(&v, n, &cap, &s) < 0) {
-        dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
-        free(v);
-        return DC_ERROR;
-      }
+    } else if (!have_cols) {
+      continue;
+    } else if ((kind = state_line(h, line, &cols, &s)) < 0) {
+      dc_fmt(err, DC_ERR_MAX,
+             "haproxy: '%s' answered a server '%s' whose name HAProxy does "
+             "not allow (letters, digits, '_', '-', '.', ':', at most 63 "
+             "bytes): nothing is sent back with it (is %s HAProxy's stats "
+             "socket? if so, rename or delete that server)",
+             cmd, s.name, h->socket);
+      free(v);
+      return DC_ERROR;
+    } else if (kind == 2) {
+      if (slot_admin != NULL)
+        *slot_admin = s.admin;
+    } else if (kind == 1 && push_srv(&v, n, &cap, &s) < 0) {
+      dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
+      free(v);
+      return DC_ERROR;
     }
   }
   *out = v;
@@ -882,6 +928,313 @@ static int plan_retire(const hap *h, apply_op *op, const hap_srv *live,
   return DC_OK;
 }
 
+
+static void next_step(hap *h, apply_op *op);
+static void apply_finish(hap *h, apply_op *op, const char *err);
+static void apply_answered(hap *h, apply_op *op, const char *cmd, char *answer);
+
+/* ---- apply: routes beyond weights ----------------------------------------
+ *
+ * deployctl owns one map file that haproxy.cfg loads (router.map; README,
+ * "Routing beyond weights", has the lines) and keeps in it exactly what the
+ * plan's routes need, replaced as a whole (prepare map, add, commit map:
+ * HAProxy switches to the new version atomically):
+ *   maintenance <page>, retry_after <s>     while in maintenance;
+ *   <cookie> sticky                         the dynamic cookie of each fresh
+ *                                           server, during a sticky canary;
+ *   <server> <Set-Cookie value>             the cookie that server hands out;
+ *   <value> test_route                      the testers' header or cookie
+ *                                           value, while testers are routed.
+ * Testers' requests go to the server `deployctl-test` of haproxy.cfg,
+ * pointed at a fresh instance and made ready while testers are routed, in
+ * maintenance otherwise. Sticky cookies are HAProxy's dynamic cookies
+ * (`cookie NAME dynamic`): 2.6 takes no `cookie` on `add server`, and
+ * computes a dynamic server's cookie only when asked (`enable
+ * dynamic-cookie backend`), so it is asked after servers are added. */
+
+static void map_clear(map_list *l) {
+  for (size_t i = 0; i < l->n; i++) {
+    free(l->v[i].key);
+    free(l->v[i].value);
+  }
+  free(l->v);
+  memset(l, 0, sizeof *l);
+}
+
+static int map_put(map_list *l, const char *key, const char *value) {
+  if (l->n == l->cap) {
+    size_t cap = l->cap ? l->cap * 2 : 8;
+    map_entry *v = realloc(l->v, cap * sizeof *v);
+    if (v == NULL)
+      return DC_ERROR;
+    l->v = v;
+    l->cap = cap;
+  }
+  char *k = strdup(key), *val = strdup(value);
+  if (k == NULL || val == NULL) {
+    free(k);
+    free(val);
+    return DC_ERROR;
+  }
+  l->v[l->n].key = k;
+  l->v[l->n++].value = val;
+  return DC_OK;
+}
+
+static int map_holds(const map_list *l, const map_entry *e) {
+  for (size_t i = 0; i < l->n; i++)
+    if (strcmp(l->v[i].key, e->key) == 0 && strcmp(l->v[i].value, e->value) == 0)
+      return 1;
+  return 0;
+}
+
+static int map_same(const map_list *a, const map_list *b) {
+  if (a->n != b->n)
+    return 0;
+  for (size_t i = 0; i < a->n; i++)
+    if (!map_holds(b, &a->v[i]))
+      return 0;
+  return 1;
+}
+
+/* "show map <file>": one "0xADDR key value" line per entry. */
+static int parse_map(const hap *h, char *answer, map_list *out, char *err) {
+  char *t = answer;
+  if (strstr(t, "Unknown map identifier") != NULL) {
+    dc_fmt(err, DC_ERR_MAX,
+           "haproxy: the HAProxy behind %s has no map '%s': router.map must name the map file that "
+           "haproxy.cfg's lines for backend %s use, written as haproxy.cfg writes it (README, \"Routing "
+           "beyond weights\")",
+           h->socket, h->map, h->backend);
+    return DC_ERROR;
+  }
+  while (*t != '\0') {
+    char *line = cut(&t, '\n');
+    if (*line == '\0')
+      continue;
+    char *rest = line;
+    char *addr = cut(&rest, ' ');
+    char *key = cut(&rest, ' ');
+    if (strncmp(addr, "0x", 2) != 0 || *key == '\0') {
+      char cmd[HAP_CMD_MAX];
+      dc_fmt(cmd, sizeof cmd, "show map %s", h->map);
+      msg_answered(h, cmd, line, err);
+      return DC_ERROR;
+    }
+    if (map_put(out, key, rest) != DC_OK) {
+      dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
+      return DC_ERROR;
+    }
+  }
+  return DC_OK;
+}
+
+static const router_server *first_fresh(const apply_op *op) {
+  for (size_t i = 0; i < op->nwant; i++)
+    if (op->want[i].fresh)
+      return &op->want[i];
+  return NULL;
+}
+
+/* The steps of the routes, and the map entries known before any cookie is
+ * read. Goes between the weights and the retirements: routes to servers
+ * that are about to leave are taken away before they leave. */
+static int plan_routes(const hap *h, apply_op *op, char *err) {
+  const route_rules *rt = &op->routes;
+  const router_server *fresh = first_fresh(op);
+  const char *be = h->backend;
+  int testers = routes_test_active(rt) && fresh != NULL;
+  if (h->map[0] == '\0')
+    return DC_OK;
+  if (testers && op->slot_admin < 0) {
+    dc_fmt(err, DC_ERR_MAX,
+           "haproxy: backend %s has no server '%s' for testers' requests: add 'server %s 127.0.0.1:1 weight 0 "
+           "disabled' and its use-server line to it (README, \"Routing beyond weights\")",
+           be, HAP_TEST_SLOT, HAP_TEST_SLOT);
+    return DC_ERROR;
+  }
+  int oom = 0;
+  if (rt->maintenance) {
+    char *page = routes_maintenance_page(rt->maintenance_message);
+    char secs[24];
+    dc_fmt(secs, sizeof secs, "%d", rt->retry_after);
+    oom |= page == NULL || map_put(&op->map_want, "maintenance", page) != DC_OK ||
+           map_put(&op->map_want, "retry_after", secs) != DC_OK;
+    free(page);
+  }
+  if (routes_affinity_active(rt) && fresh != NULL)
+    oom |= step_add(op, STEP_CMD, ANS_EMPTY, "", "enable dynamic-cookie backend %s", be) == NULL ||
+           step_add(op, STEP_COOKIES, ANS_EMPTY, "", "show stat %s 6 -1", be) == NULL;
+  if (testers) {
+    oom |= map_put(&op->map_want, rt->test_value, HAP_ROLE_TEST) != DC_OK ||
+           step_add(op, STEP_CMD, ANS_ADDR, "", "set server %s/%s addr %s port %d", be, HAP_TEST_SLOT, fresh->host,
+                    fresh->port) == NULL ||
+           step_add(op, STEP_CMD, ANS_EMPTY, "", "set server %s/%s state ready", be, HAP_TEST_SLOT) == NULL;
+  }
+  oom |= step_add(op, STEP_MAP, ANS_EMPTY, "", "commit map %s", h->map) == NULL;
+  if (!testers && op->slot_admin >= 0 && !(op->slot_admin & HAP_ADM_FMAINT))
+    oom |= step_add(op, STEP_CMD, ANS_EMPTY, "", "set server %s/%s state maint", be, HAP_TEST_SLOT) == NULL;
+  if (oom) {
+    dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
+    return DC_ERROR;
+  }
+  return DC_OK;
+}
+
+static int is_fresh(const apply_op *op, const char *name) {
+  for (size_t i = 0; i < op->nwant; i++)
+    if (op->want[i].fresh && strcmp(op->want[i].name, name) == 0)
+      return 1;
+  return 0;
+}
+
+/* STEP_COOKIES: "show stat <backend> 6 -1" names the backend's cookie (its
+ * BACKEND row) and each server's; each fresh server's goes into the map. */
+static int cookies_from_stat(const hap *h, apply_op *op, char *answer, char *err) {
+  const route_rules *rt = &op->routes;
+  char *rest = answer, *f[HAP_MAX_COLS];
+  char *hdr = cut(&rest, '\n');
+  int n = starts_with(hdr, "# ") ? split_fields(hdr + 2, ',', f, HAP_MAX_COLS) : 0;
+  int px = col_index(f, n, "pxname"), sv = col_index(f, n, "svname"), ck = col_index(f, n, "cookie");
+  if (px < 0 || sv < 0 || ck < 0) {
+    dc_fmt(err, DC_ERR_MAX, "haproxy: 'show stat %s 6 -1' has no pxname, svname or cookie column", h->backend);
+    return DC_ERROR;
+  }
+  int backend_seen = 0;
+  while (*rest != '\0') {
+    char *line = cut(&rest, '\n');
+    n = split_fields(line, ',', f, HAP_MAX_COLS);
+    if (n <= px || n <= sv || n <= ck || strcmp(f[px], h->backend) != 0)
+      continue;
+    if (strcmp(f[sv], "BACKEND") == 0) {
+      backend_seen = 1;
+      if (strcmp(f[ck], rt->affinity_cookie) != 0) {
+        if (f[ck][0] == '\0')
+          dc_fmt(err, DC_ERR_MAX,
+                 "haproxy: backend %s has no cookie for sticky canaries: add 'cookie %s dynamic' and "
+                 "'dynamic-cookie-key ...' to it (README, \"Routing beyond weights\")",
+                 h->backend, rt->affinity_cookie);
+        else
+          dc_fmt(err, DC_ERR_MAX,
+                 "haproxy: backend %s persists with cookie '%.63s', the strategy's session_affinity.cookie is "
+                 "'%s': make them the same",
+                 h->backend, f[ck], rt->affinity_cookie);
+        return DC_ERROR;
+      }
+      continue;
+    }
+    if (!is_fresh(op, f[sv]))
+      continue;
+    if (f[ck][0] == '\0') {
+      dc_fmt(err, DC_ERR_MAX,
+             "haproxy: server %s/%s has no cookie: the backend's cookie line needs 'dynamic' and a "
+             "'dynamic-cookie-key' (README, \"Routing beyond weights\")",
+             h->backend, f[sv]);
+      return DC_ERROR;
+    }
+    char value[256];
+    dc_fmt(value, sizeof value, "%s=%s; Max-Age=%d; Path=/; HttpOnly", rt->affinity_cookie, f[ck],
+           rt->affinity_max_age);
+    if (map_put(&op->map_want, f[ck], HAP_ROLE_STICKY) != DC_OK || map_put(&op->map_want, f[sv], value) != DC_OK) {
+      dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
+      return DC_ERROR;
+    }
+  }
+  if (!backend_seen) {
+    msg_no_backend(h, err);
+    return DC_ERROR;
+  }
+  return DC_OK;
+}
+
+static void on_cookies_answer(hap *h, void *vop, const char *err, char *answer) {
+  apply_op *op = vop;
+  if (err != NULL)
+    apply_finish(h, op, err);
+  else if (cookies_from_stat(h, op, answer, op->err) != DC_OK)
+    apply_finish(h, op, op->err);
+  else
+    next_step(h, op);
+}
+
+/* "key value" lines for `add map ... <<`, ended by an empty line. */
+static char *map_payload(const map_list *l) {
+  dc_buf b = {0};
+  for (size_t i = 0; i < l->n; i++)
+    dc_buf_printf(&b, "%s %s\n", l->v[i].key, l->v[i].value);
+  dc_buf_puts(&b, "\n");
+  return dc_buf_take(&b);
+}
+
+static void run_map(hap *h, apply_op *op);
+
+static void on_map_answer(hap *h, void *vop, const char *err, char *answer) {
+  apply_op *op = vop;
+  char cmd[HAP_CMD_MAX];
+  if (err != NULL) {
+    apply_finish(h, op, err);
+    return;
+  }
+  char *t = trim(answer);
+  if (op->map_phase == 0) {
+    static const char created[] = "New version created: ";
+    size_t d = starts_with(t, created) ? strspn(t + sizeof created - 1, "0123456789") : 0;
+    if (d == 0 || d >= sizeof op->map_ver || t[sizeof created - 1 + d] != '\0') {
+      dc_fmt(cmd, sizeof cmd, "prepare map %s", h->map);
+      apply_answered(h, op, cmd, answer);
+      return;
+    }
+    memcpy(op->map_ver, t + sizeof created - 1, d);
+    op->map_ver[d] = '\0';
+  } else if (*t != '\0') {
+    dc_fmt(cmd, sizeof cmd, "%s map @%s %s", op->map_phase == 1 ? "add" : "commit", op->map_ver, h->map);
+    apply_answered(h, op, cmd, answer);
+    return;
+  }
+  op->map_phase++;
+  run_map(h, op);
+}
+
+/* STEP_MAP: nothing when the map holds what it must already; else a new
+ * version of it, filled, then committed. */
+static void run_map(hap *h, apply_op *op) {
+  char cmd[HAP_CMD_MAX];
+  char *payload = NULL;
+  int rc;
+  if (op->map_phase == 0 && map_same(&op->map_now, &op->map_want)) {
+    next_step(h, op);
+    return;
+  }
+  switch (op->map_phase) {
+  case 0:
+    dc_fmt(cmd, sizeof cmd, "prepare map %s", h->map);
+    break;
+  case 1:
+    if (op->map_want.n == 0) {  /* an empty version: nothing to add */
+      op->map_phase++;
+      run_map(h, op);
+      return;
+    }
+    payload = map_payload(&op->map_want);
+    if (payload == NULL) {
+      apply_finish(h, op, "haproxy: out of memory");
+      return;
+    }
+    dc_fmt(cmd, sizeof cmd, "add map @%s %s <<", op->map_ver, h->map);
+    break;
+  case 2:
+    dc_fmt(cmd, sizeof cmd, "commit map @%s %s", op->map_ver, h->map);
+    break;
+  default:
+    op->map_phase = 0;
+    next_step(h, op);
+    return;
+  }
+  rc = cmd_start_payload(h, op, cmd, payload, on_map_answer, op->err);
+  if (rc < 0)
+    apply_finish(h, op, op->err);
+}
+
 /* ---- apply: running the plan --------------------------------------------- */
 
 static void run_step(hap *h, apply_op *op);
@@ -891,6 +1244,8 @@ static void on_wait(uv_timer_t *t);
 static void apply_op_free(apply_op *op) {
   free(op->want);
   free(op->steps);
+  map_clear(&op->map_now);
+  map_clear(&op->map_want);
   free(op);
 }
 
@@ -963,6 +1318,16 @@ static void on_step_answer(hap *h, void *vop, const char *err, char *answer) {
     next_step(h, op);
 }
 
+/* A server's current sessions (scur) added to a count, saturating: the
+ * answer is HAProxy's text, and a number past LONG_MAX must not wrap. */
+static long add_sessions(long busy, const char *scur) {
+  char *end;
+  long v = strtol(scur, &end, 10);
+  if (end == scur || v <= 0)
+    return busy;
+  return v > LONG_MAX - busy ? LONG_MAX : busy + v;
+}
+
 /* Sessions still open on the servers being retired, from the CSV of
  * "show stat <backend> 4 -1"; -1 when the answer is not that CSV. */
 static long busy_sessions(const hap *h, const apply_op *op, char *answer) {
@@ -985,7 +1350,7 @@ static long busy_sessions(const hap *h, const apply_op *op, char *answer) {
     for (size_t i = op->cur; i < op->nsteps; i++)
       if (op->steps[i].kind == STEP_DEL &&
           strcmp(op->steps[i].name, f[sv]) == 0)
-        busy += atol(f[scur]);
+        busy = add_sessions(busy, f[scur]);
   }
   return busy;
 }
@@ -1086,6 +1451,12 @@ static void run_step(hap *h, apply_op *op) {
   case STEP_DEL:
     run_del(h, op, s);
     return;
+  case STEP_COOKIES:
+    rc = cmd_start(h, op, s->text, on_cookies_answer, op->err);
+    break;
+  case STEP_MAP:
+    run_map(h, op);
+    return;
   }
   if (rc < 0)
     apply_finish(h, op, op->err);
@@ -1094,12 +1465,31 @@ static void run_step(hap *h, apply_op *op) {
 static int plan(const hap *h, apply_op *op, const hap_srv *live,
                 size_t nlive) {
   if (plan_add(h, op, live, nlive) < 0 ||
-      plan_weights(h, op, live, nlive) < 0 ||
-      plan_retire(h, op, live, nlive) < 0) {
+      plan_weights(h, op, live, nlive) < 0) {
+    dc_fmt(op->err, DC_ERR_MAX, "haproxy: out of memory");
+    return DC_ERROR;
+  }
+  if (plan_routes(h, op, op->err) < 0)
+    return DC_ERROR;
+  if (plan_retire(h, op, live, nlive) < 0) {
     dc_fmt(op->err, DC_ERR_MAX, "haproxy: out of memory");
     return DC_ERROR;
   }
   return DC_OK;
+}
+
+static void on_map_read(hap *h, void *vop, const char *err, char *answer) {
+  apply_op *op = vop;
+  if (err != NULL) {
+    apply_finish(h, op, err);
+    return;
+  }
+  if (parse_map(h, answer, &op->map_now, op->err) != DC_OK) {
+    apply_finish(h, op, op->err);
+    return;
+  }
+  op->planned = 1;
+  run_step(h, op);
 }
 
 static void on_state_answer(hap *h, void *vop, const char *err,
@@ -1113,7 +1503,7 @@ static void on_state_answer(hap *h, void *vop, const char *err,
     return;
   }
   dc_fmt(cmd, sizeof cmd, "show servers state %s", h->backend);
-  if (parse_state(h, cmd, answer, &live, &nlive, op->err) < 0) {
+  if (parse_state(h, cmd, answer, &live, &nlive, &op->slot_admin, op->err) < 0) {
     apply_finish(h, op, op->err);
     return;
   }
@@ -1123,8 +1513,15 @@ static void on_state_answer(hap *h, void *vop, const char *err,
     apply_finish(h, op, op->err);
     return;
   }
-  op->planned = 1;
-  run_step(h, op);
+  if (h->map[0] == '\0') {
+    op->planned = 1;
+    run_step(h, op);
+    return;
+  }
+  /* The map as it is, before the steps: STEP_MAP compares with it. */
+  dc_fmt(cmd, sizeof cmd, "show map %s", h->map);
+  if (cmd_start(h, op, cmd, on_map_read, op->err) < 0)
+    apply_finish(h, op, op->err);
 }
 
 /* The running apply's timer: its first move, and every pause after. */
@@ -1198,14 +1595,16 @@ static int check_servers(const hap *h, const router_server *servers, size_t n,
   return DC_OK;
 }
 
-static int hap_apply(router *r, const router_server *servers, size_t n,
-                     router_cb cb, void *payload, char *err) {
+static int hap_apply(router *r, const router_plan *plan, router_cb cb,
+                     void *payload, char *err) {
   hap *h = (hap *)r;
+  const router_server *servers = plan->servers;
+  size_t n = plan->n;
   if (h->closing) {
     dc_fmt(err, DC_ERR_MAX, "haproxy: router used after free");
     return DC_ERROR;
   }
-  if (check_servers(h, servers, n, err) < 0)
+  if (router_check_plan(r, plan, err) != DC_OK || check_servers(h, servers, n, err) < 0)
     return DC_ERROR;
   apply_op *op = calloc(1, sizeof *op);
   router_server *want = calloc(n ? n : 1, sizeof *want);
@@ -1219,6 +1618,7 @@ static int hap_apply(router *r, const router_server *servers, size_t n,
     memcpy(want, servers, n * sizeof *want);
   op->want = want;
   op->nwant = n;
+  op->routes = plan->routes;
   op->cb = cb;
   op->payload = payload;
   if (h->queue_tail != NULL)
@@ -1247,7 +1647,7 @@ static void on_read_answer(hap *h, void *vop, const char *err, char *answer) {
   size_t nlive = 0;
   read_unlink(h, op);
   dc_fmt(cmd, sizeof cmd, "show servers state %s", h->backend);
-  if (err == NULL && parse_state(h, cmd, answer, &live, &nlive, msg) < 0)
+  if (err == NULL && parse_state(h, cmd, answer, &live, &nlive, NULL, msg) < 0)
     err = msg;
   for (size_t i = 0; err == NULL && i < nlive && i < op->cap; i++) {
     router_server *o = &op->out[i];
@@ -1263,11 +1663,10 @@ static void on_read_answer(hap *h, void *vop, const char *err, char *answer) {
   free(op);
 }
 
-static int hap_read(router *r, router_server *out, size_t cap, size_t *n,
-                    router_cb cb, void *payload, char *err) {
-  hap *h = (hap *)r;
-  char cmd[HAP_CMD_MAX];
-  *n = 0;
+/* A read (servers or stats): one command, its answer parsed into the
+ * caller's buffer by done; listed so that free can tell it. */
+static int read_start(hap *h, const read_op *proto, const char *cmd, hap_done done, char *err) {
+  *proto->n = 0;
   if (h->closing) {
     dc_fmt(err, DC_ERR_MAX, "haproxy: router used after free");
     return DC_ERROR;
@@ -1277,19 +1676,88 @@ static int hap_read(router *r, router_server *out, size_t cap, size_t *n,
     dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
     return DC_ERROR;
   }
-  op->cb = cb;
-  op->payload = payload;
-  op->out = out;
-  op->cap = cap;
-  op->n = n;
-  dc_fmt(cmd, sizeof cmd, "show servers state %s", h->backend);
-  if (cmd_start(h, op, cmd, on_read_answer, err) < 0) {
+  *op = *proto;
+  if (cmd_start(h, op, cmd, done, err) < 0) {
     free(op);
     return DC_ERROR;
   }
   op->next = h->reads;
   h->reads = op;
   return DC_OK;
+}
+
+static int hap_read(router *r, router_server *out, size_t cap, size_t *n,
+                    router_cb cb, void *payload, char *err) {
+  hap *h = (hap *)r;
+  char cmd[HAP_CMD_MAX];
+  read_op op = {.cb = cb, .payload = payload, .out = out, .cap = cap, .n = n};
+  dc_fmt(cmd, sizeof cmd, "show servers state %s", h->backend);
+  return read_start(h, &op, cmd, on_read_answer, err);
+}
+
+/* ---- stats --------------------------------------------------------------- */
+
+/* Counter columns of "show stat" read for analysis, in router_stat order. */
+static const char *const stat_cols[] = {"hrsp_1xx", "hrsp_2xx", "hrsp_3xx", "hrsp_4xx", "hrsp_5xx",
+                                        "hrsp_other", "eresp", "econ", "rtime"};
+#define NSTAT_COLS (sizeof stat_cols / sizeof *stat_cols)
+
+/* Our servers' rows of the CSV of "show stat <backend> 4 -1". An empty
+ * field (a counter HAProxy does not keep for that row) reads as 0. */
+static int parse_stats(const hap *h, const char *cmd, char *answer, read_op *op, char *err) {
+  char *rest = answer;
+  char *f[HAP_MAX_COLS];
+  char *hdr = cut(&rest, '\n');
+  int col[NSTAT_COLS];
+  if (!starts_with(hdr, "# ")) {
+    msg_answered(h, cmd, hdr, err);
+    return DC_ERROR;
+  }
+  int n = split_fields(hdr + 2, ',', f, HAP_MAX_COLS);
+  int px = col_index(f, n, "pxname"), sv = col_index(f, n, "svname");
+  for (size_t i = 0; i < NSTAT_COLS; i++) {
+    col[i] = col_index(f, n, stat_cols[i]);
+    if (col[i] < 0 || px < 0 || sv < 0) {
+      dc_fmt(err, DC_ERR_MAX, "haproxy: '%s' has no column %s (HAProxy 2.6 or later, backend in mode http, needed)",
+             cmd, col[i] < 0 ? stat_cols[i] : "pxname/svname");
+      return DC_ERROR;
+    }
+  }
+  *op->n = 0;
+  while (*rest != '\0' && *op->n < op->cap) {
+    char *line = cut(&rest, '\n');
+    n = split_fields(line, ',', f, HAP_MAX_COLS);
+    if (n <= px || n <= sv || strcmp(f[px], h->backend) != 0 || !starts_with(f[sv], h->prefix))
+      continue;
+    router_stat *st = &op->stats[(*op->n)++];
+    memset(st, 0, sizeof *st);
+    dc_strlcpy(st->name, f[sv], sizeof st->name);
+    double *v[NSTAT_COLS] = {&st->hrsp[0], &st->hrsp[1], &st->hrsp[2], &st->hrsp[3], &st->hrsp[4],
+                             &st->hrsp[5], &st->eresp, &st->econ, &st->rtime};
+    for (size_t i = 0; i < NSTAT_COLS; i++)
+      *v[i] = col[i] < n ? strtod(f[col[i]], NULL) : 0;
+  }
+  return DC_OK;
+}
+
+static void on_stats_answer(hap *h, void *vop, const char *err, char *answer) {
+  read_op *op = vop;
+  char msg[DC_ERR_MAX], cmd[HAP_CMD_MAX];
+  read_unlink(h, op);
+  dc_fmt(cmd, sizeof cmd, "show stat %s 4 -1", h->backend);
+  if (err == NULL && parse_stats(h, cmd, answer, op, msg) < 0)
+    err = msg;
+  op->cb(op->payload, err);
+  free(op);
+}
+
+static int hap_stats(router *r, router_stat *out, size_t cap, size_t *n, router_cb cb, void *payload,
+                     char *err) {
+  hap *h = (hap *)r;
+  char cmd[HAP_CMD_MAX];
+  read_op op = {.cb = cb, .payload = payload, .stats = out, .cap = cap, .n = n};
+  dc_fmt(cmd, sizeof cmd, "show stat %s 4 -1", h->backend);
+  return read_start(h, &op, cmd, on_stats_answer, err);
 }
 
 /* ---- life cycle ---------------------------------------------------------- */
@@ -1453,6 +1921,14 @@ static int hap_check_opts(const router_haproxy_opts *o, char *err) {
            o->backend ? o->backend : "");
     return DC_ERROR;
   }
+  if (o->map != NULL && o->map[0] != '\0' &&
+      (strlen(o->map) >= 512 || strpbrk(o->map, " \t\r\n;#\\") != NULL)) {
+    dc_fmt(err, DC_ERR_MAX,
+           "haproxy: router.map '%.80s' is not a usable map file name (at most 511 bytes, no spaces, ';', '#' "
+           "or '\\'): give the path haproxy.cfg's map() uses",
+           o->map);
+    return DC_ERROR;
+  }
   if (o->prefix != NULL &&
       (strlen(o->prefix) >= 32 || !valid_name(o->prefix))) {
     dc_fmt(err, DC_ERR_MAX,
@@ -1486,6 +1962,8 @@ int router_haproxy_new(router **out, engine *e, const router_haproxy_opts *o,
   }
   dc_strlcpy(h->backend, o->backend, sizeof h->backend);
   dc_strlcpy(h->prefix, o->prefix ? o->prefix : "dc_", sizeof h->prefix);
+  dc_strlcpy(h->map, o->map ? o->map : "", sizeof h->map);
+  dc_fmt(h->label, sizeof h->label, "haproxy %s (backend %s)", h->socket, h->backend);
   h->timeout_ms = seconds_ms(o->timeout, 5);
   h->drain_ms = seconds_ms(o->drain_timeout, 30);
   uv_timer_init(e->loop, &h->wait);
@@ -1493,9 +1971,12 @@ int router_haproxy_new(router **out, engine *e, const router_haproxy_opts *o,
   h->open_handles = 1;
   h->base.version = ROUTER_VERSION;
   h->base.kind = "haproxy";
+  h->base.label = h->label;
+  h->base.can_route = h->map[0] != '\0';
   h->base.apply = hap_apply;
   h->base.read = hap_read;
   h->base.free = hap_free;
+  h->base.stats = hap_stats;
   *out = &h->base;
   return DC_OK;
 }
@@ -1522,11 +2003,11 @@ int haproxy_fuzz_answers(const char *backend, const char *prefix, const router_s
   dc_strlcpy(h.prefix, prefix, sizeof h.prefix);
   dc_fmt(cmd, sizeof cmd, "show servers state %s", h.backend);
   /* The servers wanted are checked as apply checks them, before any answer. */
-  if (check_servers(&h, want, nwant, err) < 0 || parse_state(&h, cmd, state, &live, &nlive, err) < 0)
-    return DC_ERROR;
   memset(&op, 0, sizeof op);
+  if (check_servers(&h, want, nwant, err) < 0 || parse_state(&h, cmd, state, &live, &nlive, &op.slot_admin, err) < 0)
+    return DC_ERROR;
   op.want = (router_server *)want;
-  op.nwant = nwant;
+  op.nwant = nwant;   /* no routes and no map: weights only */
   int rc = plan(&h, &op, live, nlive);
   free(live);
   if (rc < 0) {
@@ -1537,6 +2018,20 @@ int haproxy_fuzz_answers(const char *backend, const char *prefix, const router_s
   out->nlive = nlive;
   out->nsteps = op.nsteps;
   out->busy = -2;
+  /* The same answer as the analysis source reads it (before the drain's
+   * reader cuts it up). */
+  char *stat_copy = strdup(stat);
+  if (stat_copy == NULL) {
+    free(op.steps);
+    dc_fmt(err, DC_ERR_MAX, "haproxy: out of memory");
+    return DC_ERROR;
+  }
+  char stat_err[DC_ERR_MAX];
+  read_op sop = {.stats = out->stats, .cap = sizeof out->stats / sizeof *out->stats, .n = &out->nstats};
+  dc_fmt(cmd, sizeof cmd, "show stat %s 4 -1", h.backend);
+  out->stats_rc = parse_stats(&h, cmd, stat_copy, &sop, stat_err);
+  free(stat_copy);
+  dc_fmt(cmd, sizeof cmd, "show servers state %s", h.backend);
   for (size_t i = 0; i < op.nsteps; i++) {
     step(payload, op.steps[i].name, op.steps[i].text);
     if (op.steps[i].kind == STEP_DRAIN && out->busy == -2) {

@@ -299,17 +299,6 @@ static int start_empty(engine *e, check *c, char *err) {
   return 0;
 }
 
-static void engine_http_free(void *h) { http_free(h); }
-
-/* The engine's libcurl multi, made on first use and freed with the engine. */
-static http *engine_http(engine *e) {
-  if (!e->http) {
-    e->http = http_new(e->loop);
-    e->http_free = engine_http_free;
-  }
-  return e->http;
-}
-
 static int hc_start(engine *e, const char *const *urls, size_t n,
                     const health_opts *opts, health_cb cb, void *payload,
                     char *err) {
@@ -331,7 +320,7 @@ static int hc_start(engine *e, const char *const *urls, size_t n,
       return -1;
     }
   }
-  http *h = engine_http(e);
+  http *h = http_engine_client(e);
   if (!h) {
     dc_errf(err, "health: the engine has no HTTP client (libcurl multi "
                  "could not be created)");

@@ -5,6 +5,8 @@
 #include "http.h"
 
 #include <pthread.h>
+
+#include "engine.h"
 #include <stdlib.h>
 
 /* One socket curl asked us to watch. Lives until its poll handle's close
@@ -276,3 +278,13 @@ int http_add(http *h, CURL *easy, http_done_cb cb, void *payload) {
 }
 
 int http_active(const http *h) { return h ? h->active : 0; }
+
+static void engine_http_free(void *h) { http_free(h); }
+
+http *http_engine_client(engine *e) {
+  if (!e->http) {
+    e->http = http_new(e->loop);
+    e->http_free = engine_http_free;
+  }
+  return e->http;
+}

@@ -23,4 +23,10 @@ int http_add(http *h, CURL *easy, http_done_cb cb, void *payload);
 /* Transfers still in flight. */
 int http_active(const http *h);
 
+/* The engine's client, made on first use and freed with the engine: one
+ * multi handle per loop for every request of the module. NULL when it
+ * cannot be made. */
+struct engine;
+http *http_engine_client(struct engine *e);
+
 #endif

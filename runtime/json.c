@@ -6,32 +6,13 @@
 
 #include "util.h"
 
-/* Length of the valid UTF-8 sequence at p (1..4), or 0 when it is not one
- * (overlongs, surrogates and code points past U+10FFFF included). */
-static size_t utf8_len(const unsigned char *p) {
-  unsigned c = p[0];
-  if (c < 0x80)
-    return 1;
-  size_t n = c >= 0xf0 ? 4 : c >= 0xe0 ? 3 : c >= 0xc2 ? 2 : 0;
-  if (n == 0 || c > 0xf4)
-    return 0;
-  for (size_t i = 1; i < n; i++)
-    if ((p[i] & 0xc0) != 0x80)
-      return 0;
-  if (n == 3 && ((c == 0xe0 && p[1] < 0xa0) || (c == 0xed && p[1] >= 0xa0)))
-    return 0;
-  if (n == 4 && ((c == 0xf0 && p[1] < 0x90) || (c == 0xf4 && p[1] >= 0x90)))
-    return 0;
-  return n;
-}
-
 json_t *dc_json_text(const char *s) {
   if (!s)
     s = "";
   const unsigned char *p = (const unsigned char *)s;
   size_t bad = 0;
   for (size_t i = 0; p[i];) {
-    size_t n = utf8_len(p + i);
+    size_t n = dc_utf8_len(p + i);
     bad += n == 0;
     i += n ? n : 1;
   }
@@ -39,7 +20,7 @@ json_t *dc_json_text(const char *s) {
     return json_string(s);
   dc_buf b = {0};
   for (size_t i = 0; p[i];) {
-    size_t n = utf8_len(p + i);
+    size_t n = dc_utf8_len(p + i);
     if (n)
       dc_buf_add(&b, s + i, n);
     else

@@ -15,10 +15,11 @@
 
 typedef struct loaded {
   const char *name;
+  const char *symbol; /* a module may export several tables */
   const void *api;
 } loaded;
 
-static loaded cache[4];
+static loaded cache[8];
 static pthread_mutex_t cache_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* The directory of the object this code is linked into (deployctl, or the
@@ -94,7 +95,7 @@ const void *dc_module_api(const char *name, const char *symbol, int version, cha
   pthread_mutex_lock(&cache_lock);
   size_t i = 0;
   for (; i < sizeof cache / sizeof cache[0] && cache[i].name; i++) {
-    if (strcmp(cache[i].name, name) == 0) {
+    if (strcmp(cache[i].name, name) == 0 && strcmp(cache[i].symbol, symbol) == 0) {
       api = cache[i].api;
       break;
     }
@@ -102,7 +103,7 @@ const void *dc_module_api(const char *name, const char *symbol, int version, cha
   if (!api) {
     api = load(name, symbol, version, err);
     if (api && i < sizeof cache / sizeof cache[0])
-      cache[i] = (loaded){name, api};
+      cache[i] = (loaded){name, symbol, api};
   }
   pthread_mutex_unlock(&cache_lock);
   return api;

@@ -63,6 +63,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "nginx_include.h"
 #include "util.h"
 
 #define NGX_FILE_MAX (1u << 20)      /* our include: ~80 bytes a server */
@@ -70,13 +71,6 @@
 #define NGX_LINE_MAX 4096            /* longest dump line we look at */
 #define NGX_ANSWER_MAX 4096          /* the generation server's answer */
 #define NGX_POLL_MS 20               /* generation probes, drain polling */
-#define NGX_NAME_MAX 64              /* upstream and server names */
-#define NGX_SOCK_MAX sizeof(((struct sockaddr_un *)0)->sun_path)
-/* nginx refuses an upstream without servers; this one is marked down, so
- * an empty upstream serves none of ours (nginx answers 502). */
-#define NGX_PLACEHOLDER_HOST "127.0.0.1"
-#define NGX_PLACEHOLDER_PORT 1
-#define NGX_PLACEHOLDER_NAME "(none)"
 #define NGX_WORKER_TITLE "nginx: worker process"
 #define NGX_MASTER_TITLE "nginx: master process"
 #define NGX_SHUTTING_DOWN "is shutting down"
@@ -100,6 +94,7 @@ typedef struct apply_op {
   void *payload;
   router_server *want;
   size_t nwant;
+  route_rules routes;
   phase ph;
   int master;
   char *prev;             /* the include before this apply (NULL: none) */
@@ -182,8 +177,8 @@ struct ngx {
   engine *e;
   ngx *next_all;          /* every nginx router of the process */
   char include[PATH_MAX], conf[PATH_MAX], pidfile[PATH_MAX], bin[PATH_MAX];
-  char upstream[NGX_NAME_MAX];
-  char sock[NGX_SOCK_MAX];
+  ngx_names names;        /* upstream, sockets, variables (nginx_include.h) */
+  char label[PATH_MAX + 16];
   uint64_t timeout_ms, drain_ms;
   uv_timer_t tick;        /* starts the running apply, spaces its polls */
   unsigned open;          /* handles and jobs in flight; freed at 0 */
@@ -209,41 +204,6 @@ static void start_next(ngx *n);
 static void on_tick(uv_timer_t *timer);
 
 /* ---- text ---------------------------------------------------------------- */
-
-typedef struct sbuf {
-  char *p;
-  size_t len, cap;
-  int failed;
-} sbuf;
-
-static void sb_add(sbuf *b, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-
-/* Appends, growing the buffer: never truncates. */
-static void sb_add(sbuf *b, const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  int need = vsnprintf(NULL, 0, fmt, ap);
-  va_end(ap);
-  if (b->failed || need < 0) {
-    b->failed = 1;
-    return;
-  }
-  if (b->len + (size_t)need + 1 > b->cap) {
-    size_t cap = (b->len + (size_t)need + 1) * 2;
-    char *p = realloc(b->p, cap);
-    if (p == NULL) {
-      b->failed = 1;
-      return;
-    }
-    b->p = p;
-    b->cap = cap;
-  }
-  va_start(ap, fmt);
-  vsnprintf(b->p + b->len, b->cap - b->len, fmt, ap);
-  va_end(ap);
-  b->len += (size_t)need;
-}
 
 static int name_char(char c) {
   return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
@@ -278,198 +238,6 @@ static int valid_host(const char *h) {
           (*h >= '0' && *h <= '9') || *h == '.' || *h == '-'))
       return 0;
   return 1;
-}
-
-/* A weight-0 server is written with `down`: nginx refuses weight=0, and
- * `down` takes it out of the rotation as surely as leaving it out would,
- * while the file still names it, so read() reports it at weight 0 as the
- * HAProxy router does, and the next apply knows it was ours. */
-static void render_server(sbuf *b, const router_server *s) {
-  int v6 = is_ipv6(s->host);
-  sb_add(b, "    server %s%s%s:%d ", v6 ? "[" : "", s->host, v6 ? "]" : "",
-         s->port);
-  if (s->weight > 0)
-    sb_add(b, "weight=%d;  # %s\n", s->weight, s->name);
-  else
-    sb_add(b, "down;  # %s\n", s->name);
-}
-
-/* The whole include. read() accepts exactly this and nothing else. */
-static char *render(const ngx *n, const char *gen, const router_server *s,
-                    size_t ns, size_t *len) {
-  sbuf b = {0};
-  sb_add(&b,
-         "# deployctl nginx router: upstream %s, generation %s.\n"
-         "# Every apply rewrites this file: do not edit it.\n"
-         "upstream %s {\n",
-         n->upstream, gen, n->upstream);
-  for (size_t i = 0; i < ns; i++)
-    render_server(&b, &s[i]);
-  if (ns == 0)
-    sb_add(&b, "    server %s:%d down;  # %s\n", NGX_PLACEHOLDER_HOST,
-           NGX_PLACEHOLDER_PORT, NGX_PLACEHOLDER_NAME);
-  sb_add(&b,
-         "}\n"
-         "server {\n"
-         "    listen unix:%s;\n"
-         "    access_log off;\n"
-         "    location / { return 200 \"%s\"; }\n"
-         "}\n",
-         n->sock, gen);
-  if (b.failed) {
-    free(b.p);
-    return NULL;
-  }
-  *len = b.len;
-  return b.p;
-}
-
-/* The generation from the header line, "" when there is none. */
-static void header_gen(const char *text, size_t len, char *gen, size_t size) {
-  static const char key[] = ", generation ";
-  const char *nl = memchr(text, '\n', len);
-  size_t l = nl != NULL ? (size_t)(nl - text) : len;
-  char line[256];
-  gen[0] = '\0';
-  if (l >= sizeof line)
-    return;
-  memcpy(line, text, l);
-  line[l] = '\0';
-  char *g = strstr(line, key);
-  if (g == NULL)
-    return;
-  g += sizeof key - 1;
-  size_t d = strspn(g, "0123456789");
-  if (d > 0 && d < size && d < 21) {
-    memcpy(gen, g, d);
-    gen[d] = '\0';
-  }
-}
-
-/* One "    server HOST:PORT weight=N;  # NAME" line; 1 when it is one of
- * ours, 0 for the placeholder or anything else. */
-static int parse_server(const char *line, router_server *s) {
-  static const char lead[] = "    server ";
-  char buf[256];
-  if (strncmp(line, lead, sizeof lead - 1) != 0 ||
-      strlen(line) >= sizeof buf)
-    return 0;
-  dc_strlcpy(buf, line + sizeof lead - 1, sizeof buf);
-  char *sp = strchr(buf, ' ');
-  char *hash = strstr(buf, ";  # ");
-  if (sp == NULL || hash == NULL || hash < sp)
-    return 0;
-  *sp = '\0';
-  *hash = '\0';
-  char *name = hash + 5, *what = sp + 1, *colon = strrchr(buf, ':');
-  if (colon == NULL || strcmp(name, NGX_PLACEHOLDER_NAME) == 0)
-    return 0;
-  *colon = '\0';
-  char *host = buf;
-  size_t hl = strlen(host);
-  if (hl >= 2 && host[0] == '[' && host[hl - 1] == ']') {
-    host[hl - 1] = '\0';
-    host++;
-  }
-  memset(s, 0, sizeof *s);
-  dc_strlcpy(s->name, name, sizeof s->name);
-  dc_strlcpy(s->host, host, sizeof s->host);
-  s->port = atoi(colon + 1);
-  s->weight = strcmp(what, "down") == 0 ? 0 : atoi(what + 7);
-  return strncmp(what, "weight=", 7) == 0 || strcmp(what, "down") == 0;
-}
-
-/* Servers named in text, leniently (the caller checks what they mean). */
-static int scan_servers(const char *text, size_t len, router_server **out,
-                        size_t *n) {
-  size_t cap = 8;
-  router_server *v = malloc(cap * sizeof *v);
-  *n = 0;
-  *out = NULL;
-  if (v == NULL)
-    return DC_ERROR;
-  for (size_t pos = 0; pos < len;) {
-    const char *nl = memchr(text + pos, '\n', len - pos);
-    size_t l = nl != NULL ? (size_t)(nl - (text + pos)) : len - pos;
-    char line[256];
-    if (l < sizeof line) {
-      memcpy(line, text + pos, l);
-      line[l] = '\0';
-      if (*n == cap) {
-        router_server *p = realloc(v, cap * 2 * sizeof *v);
-        if (p == NULL) {
-          free(v);
-          return DC_ERROR;
-        }
-        v = p;
-        cap *= 2;
-      }
-      if (parse_server(line, &v[*n]))
-        (*n)++;
-    }
-    pos += l + 1;
-  }
-  *out = v;
-  return DC_OK;
-}
-
-/* 1-based number of the first line where a and b differ; that line of a
- * goes into line (shortened). */
-static int first_difference(const char *a, size_t alen, const char *b,
-                            size_t blen, char *line, size_t size) {
-  size_t i = 0, start = 0;
-  int no = 1;
-  while (i < alen && i < blen && a[i] == b[i]) {
-    if (a[i] == '\n') {
-      no++;
-      start = i + 1;
-    }
-    i++;
-  }
-  size_t end = start;
-  while (end < alen && a[end] != '\n')
-    end++;
-  size_t l = end - start < size - 1 ? end - start : size - 1;
-  memcpy(line, a + start, l);
-  line[l] = '\0';
-  for (char *c = line; *c != '\0'; c++)
-    if ((unsigned char)*c < 0x20)
-      *c = '?';
-  return no;
-}
-
-/* What the file says: its servers, when it is exactly what render writes
- * for them. Anything else in it is an error that names the line. */
-static int parse_include(const ngx *n, const char *text, size_t len,
-                         router_server **out, size_t *nout, char *err) {
-  char gen[24], line[120];
-  size_t rlen = 0;
-  char *again = NULL;
-  header_gen(text, len, gen, sizeof gen);
-  if (text == NULL)
-    text = "";
-  if (scan_servers(text, len, out, nout) < 0) {
-    dc_fmt(err, DC_ERR_MAX, "nginx: out of memory");
-    return DC_ERROR;
-  }
-  if (gen[0] != '\0')
-    again = render(n, gen, *out, *nout, &rlen);
-  if (again != NULL && rlen == len && memcmp(again, text, len) == 0) {
-    free(again);
-    return DC_OK;
-  }
-  int no = first_difference(text, len, again != NULL ? again : "",
-                            again != NULL ? rlen : 0, line, sizeof line);
-  free(again);
-  free(*out);
-  *out = NULL;
-  *nout = 0;
-  dc_fmt(err, DC_ERR_MAX,
-         "nginx: %s is not as the router wrote it (line %d: '%s'): the "
-         "router owns that file; undo the hand edit, or let the next "
-         "deployment rewrite it",
-         n->include, no, line);
-  return DC_ERROR;
 }
 
 /* ---- processes (/proc: in memory, read on the loop) ---------------------- */
@@ -1127,7 +895,7 @@ static void probe_finish(probe *p, const char *err, char *answer) {
 
 static void probe_fail(probe *p, const char *what, int status) {
   char err[DC_ERR_MAX];
-  dc_fmt(err, DC_ERR_MAX, "%s %s: %s", what, p->n->sock,
+  dc_fmt(err, DC_ERR_MAX, "%s %s: %s", what, p->n->names.sock,
          status == UV_ENOENT ? "no such socket" : uv_strerror(status));
   probe_finish(p, err, NULL);
 }
@@ -1165,7 +933,7 @@ static void probe_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     if (nl != NULL)
       *nl = '\0';
     sanitize(p->buf);
-    dc_fmt(err, DC_ERR_MAX, "%s answered '%.80s', not a generation", p->n->sock,
+    dc_fmt(err, DC_ERR_MAX, "%s answered '%.80s', not a generation", p->n->names.sock,
            p->buf);
     probe_finish(p, err, NULL);
     return;
@@ -1217,7 +985,7 @@ static void probe_start(ngx *n, apply_op *op) {
   uint64_t left = op->deadline > now ? op->deadline - now : 0;
   left = left < 250 ? 250 : (left > 1000 ? 1000 : left);
   uv_timer_start(&p->timer, probe_on_timeout, left, 0);
-  uv_pipe_connect(&p->conn, &p->pipe, n->sock, probe_on_connect);
+  uv_pipe_connect(&p->conn, &p->pipe, n->names.sock, probe_on_connect);
 }
 
 /* ---- apply: the steps ---------------------------------------------------- */
@@ -1234,7 +1002,7 @@ static int is_wanted(const apply_op *op, const char *name) {
 static void next_gen(const apply_op *op, char *gen, size_t size) {
   char prev[24] = "";
   if (op->prev_exists)
-    header_gen(op->prev, op->prev_len, prev, sizeof prev);
+    nginx_include_generation(op->prev, op->prev_len, prev, sizeof prev);
   unsigned long long g = prev[0] ? strtoull(prev, NULL, 10) + 1
                                  : (unsigned long long)(dc_wall_now() * 1000);
   dc_fmt(gen, size, "%llu", g);
@@ -1253,9 +1021,9 @@ static void on_prepared(ngx *n, apply_op *op, job *j) {
   op->prev_len = j->len;
   j->data = NULL;
   next_gen(op, op->gen, sizeof op->gen);
-  op->text = render(n, op->gen, op->want, op->nwant, &op->text_len);
-  if (op->text == NULL || scan_servers(op->prev ? op->prev : "", op->prev_len,
-                                       &prev, &nprev) < 0) {
+  op->text = nginx_include_render(&n->names, op->gen, op->want, op->nwant, &op->routes, 0, &op->text_len);
+  if (op->text == NULL || nginx_include_servers(op->prev ? op->prev : "", op->prev_len,
+                                                &prev, &nprev) < 0) {
     apply_finish(n, op, "nginx: out of memory");
     return;
   }
@@ -1344,7 +1112,7 @@ static void on_probed(ngx *n, apply_op *op, const char *err, char *answer) {
   } else if (strcmp(answer, op->gen) != 0) {
     sanitize(answer);
     dc_fmt(op->last, sizeof op->last, "%s answered generation '%.30s'",
-           n->sock, answer);
+           n->names.sock, answer);
   } else if ((busy = old_accepting(op)) != 0) {
     dc_fmt(op->last, sizeof op->last,
            "worker %d of the previous generation still accepts connections",
@@ -1503,14 +1271,35 @@ static int check_servers(const router_server *servers, size_t n, char *err) {
   return DC_OK;
 }
 
-static int ngx_apply(router *r, const router_server *servers, size_t n,
-                     router_cb cb, void *payload, char *err) {
+/* nginx reports which server answered as the address it reached: a
+ * sticky cookie is handed out by address, so fresh servers need one. */
+static int check_sticky(const router_plan *plan, char *err) {
+  unsigned char bin[16];
+  if (!routes_affinity_active(&plan->routes))
+    return DC_OK;
+  for (size_t i = 0; i < plan->n; i++) {
+    const router_server *s = &plan->servers[i];
+    if (s->fresh && inet_pton(AF_INET, s->host, bin) != 1 && inet_pton(AF_INET6, s->host, bin) != 1) {
+      dc_fmt(err, DC_ERR_MAX,
+             "nginx: sticky canaries need servers given by IP address (nginx names the server that answered by "
+             "its address): server %s is '%s'",
+             s->name, s->host);
+      return DC_ERROR;
+    }
+  }
+  return DC_OK;
+}
+
+static int ngx_apply(router *r, const router_plan *plan, router_cb cb,
+                     void *payload, char *err) {
   ngx *x = (ngx *)r;
+  const router_server *servers = plan->servers;
+  size_t n = plan->n;
   if (x->closing) {
     dc_fmt(err, DC_ERR_MAX, "nginx: router used after free");
     return DC_ERROR;
   }
-  if (check_servers(servers, n, err) < 0)
+  if (check_servers(servers, n, err) < 0 || check_sticky(plan, err) < 0)
     return DC_ERROR;
   apply_op *op = calloc(1, sizeof *op);
   router_server *want = calloc(n ? n : 1, sizeof *want);
@@ -1524,6 +1313,7 @@ static int ngx_apply(router *r, const router_server *servers, size_t n,
     memcpy(want, servers, n * sizeof *want);
   op->want = want;
   op->nwant = n;
+  op->routes = plan->routes;
   op->cb = cb;
   op->payload = payload;
   op->ph = PH_PREPARE;
@@ -1558,9 +1348,10 @@ static void on_read(ngx *n, read_op *op, job *j) {
            "shows; nginx.conf includes it)",
            n->include);
     err = msg;
-  } else if (err == NULL &&
-             parse_include(n, j->data, j->len, &v, &nv, msg) < 0) {
-    err = msg;
+  } else if (err == NULL) {
+    route_rules routes;
+    if (nginx_include_parse(&n->names, j->data, j->len, &v, &nv, &routes, msg) < 0)
+      err = msg;
   }
   for (size_t i = 0; err == NULL && i < nv && i < op->cap; i++) {
     op->out[i] = v[i];
@@ -1717,19 +1508,13 @@ static int ngx_check_opts(ngx *n, const router_nginx_opts *o, char *err) {
     return DC_ERROR;
   }
   dc_strlcpy(n->bin, bin, sizeof n->bin);
-  dc_strlcpy(n->upstream, o->upstream, sizeof n->upstream);
+  char dir[PATH_MAX];
   const char *slash = strrchr(n->include, '/');
-  int len = snprintf(n->sock, sizeof n->sock, "%.*s/%s.gen.sock",
-                     (int)(slash - n->include), n->include, n->upstream);
-  if (len < 0 || (size_t)len >= sizeof n->sock) {
-    dc_fmt(err, DC_ERR_MAX,
-           "nginx: the generation socket %.*s/%s.gen.sock would be longer "
-           "than a unix socket path may be (%zu bytes): put router.include "
-           "in a shorter directory",
-           (int)(slash - n->include), n->include, n->upstream,
-           NGX_SOCK_MAX - 1);
+  dc_fmt(dir, sizeof dir, "%.*s", (int)(slash - n->include), n->include);
+  if (nginx_include_names(&n->names, dir, o->upstream, err) < 0)
     return DC_ERROR;
-  }
+  n->names.path = n->include;
+  dc_fmt(n->label, sizeof n->label, "nginx %s", n->include);
   return DC_OK;
 }
 
@@ -1757,6 +1542,8 @@ int router_nginx_new(router **out, engine *e, const router_nginx_opts *o,
   n->open = 1;
   n->base.version = ROUTER_VERSION;
   n->base.kind = "nginx";
+  n->base.label = n->label;
+  n->base.can_route = 1;
   n->base.apply = ngx_apply;
   n->base.read = ngx_read;
   n->base.free = ngx_free;
@@ -1773,10 +1560,20 @@ int router_nginx_new(router **out, engine *e, const router_nginx_opts *o,
  * readers stay static and where they are. */
 int nginx_fuzz_include(const char *upstream, const char *sock, const char *text, size_t len,
                        router_server **out, size_t *nout, char *err) {
-  static ngx n;
-  dc_strlcpy(n.upstream, upstream, sizeof n.upstream);
-  dc_strlcpy(n.sock, sock, sizeof n.sock);
-  return parse_include(&n, text, len, out, nout, err);
+  /* the names of the include whose generation socket is sock */
+  char dir[NGX_SOCK_MAX];
+  ngx_names nm;
+  route_rules routes;
+  dc_strlcpy(dir, sock, sizeof dir);
+  char *slash = strrchr(dir, '/');
+  if (slash != NULL)
+    *slash = '\0';
+  *out = NULL;
+  *nout = 0;
+  if (nginx_include_names(&nm, dir, upstream, err) < 0)
+    return DC_ERROR;
+  nm.path = "(fuzz input)";
+  return nginx_include_parse(&nm, text, len, out, nout, &routes, err);
 }
 
 void nginx_fuzz_message(const char *text, char *out, size_t size) { nginx_message(text, out, size); }

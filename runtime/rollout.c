@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "analysis.h"
 #include "instset.h"
 #include "json.h"
 
@@ -98,7 +99,21 @@ struct rollout {
   router_server probe;     /* the router's read needs somewhere to write */
   size_t nprobe;
 
+  /* analysis (analysis.h), measured during every gated wait (a hold) */
+  const analysis_spec *an_spec;       /* the strategy's, else the target's; NULL: none */
+  analysis *an;
+  const analysis_spec *an_made_for;   /* the spec an was made for */
+  int *an_failures;                   /* failed measurements per metric, over the rollout */
+  engine_timer *an_timer;             /* the next measurement of this hold */
+  int an_running;                     /* a measurement is in flight */
+  int an_final;                       /* the hold's time is up: it passes when this one does */
+  int an_paused;                      /* an inconclusive verdict waits for an operator */
+  int an_passed;                      /* passed while a health round was out: the round ends the hold */
+  char an_failed[DC_ERR_MAX];         /* failed while a health round was out: the same */
+
   int routed_new;          /* the router once gave the new version traffic */
+  int tested;              /* testers' route set up (once the new version is healthy) */
+  route_rules maintenance; /* the target's maintenance as the lock was taken (its fields only) */
   int abort_attempts;      /* router applies tried while aborting */
   rollout *next_active, *prev_active;
 };
@@ -191,10 +206,8 @@ static void complete_now(void *payload) {
     cb(r->act_payload, r->act_ok, r->act_ok ? NULL : r->act_err);
 }
 
-/* The outcome reaches the strategy at the next turn, after the handlers of
- * this turn's events ran: a handler that reacts to "traffic" (makes the
- * version unhealthy, samples the split) sees the step before the next one
- * starts, as it would if it ran inside the event. */
+static void an_stop(rollout *r);
+
 /* Leaves a real-time wait for starting instances: the virtual clock may
  * move again. */
 static void real_wait_end(rollout *r) {
@@ -204,7 +217,12 @@ static void real_wait_end(rollout *r) {
   engine_release(r->e);
 }
 
+/* The outcome reaches the strategy at the next turn, after the handlers of
+ * this turn's events ran: a handler that reacts to "traffic" (makes the
+ * version unhealthy, samples the split) sees the step before the next one
+ * starts, as it would if it ran inside the event. */
 static void complete(rollout *r, int ok, const char *err) {
+  an_stop(r);
   real_wait_end(r);
   r->after_healthy = NULL;
   r->act_ok = ok;
@@ -237,13 +255,26 @@ static void on_control(void *payload, const store_control *c) {
                                : "aborted by the operator (deployctl abort)");
     return;
   }
+  if (strcmp(c->command, "rollback") == 0) {
+    /* While the rollout runs, the old set runs too: going back is the
+     * abort's one router change. */
+    char why[DC_ERR_MAX];
+    dc_fmt(why, sizeof why,
+           "rolled back by the operator (deployctl rollback) at %g %%: the instances of %s were still running, "
+           "traffic went back to them in one router change",
+           r->run.pct, r->from_version[0] ? r->from_version : "the old version");
+    rollout_abort(r, why);
+    return;
+  }
   if (strcmp(c->command, "promote") != 0 || r->ending)
     return;
   if (r->paused) {
     r->paused = 0;
     emit(r, "resumed", pct_json(r->run.pct, "promote"));
     complete(r, 1, NULL);
-  } else if (r->mon == MON_GATED && r->timer && !r->health_cb) {
+  } else if (r->mon == MON_GATED && !r->health_cb) {
+    /* No timer: an analysis pause on the virtual clock, or the hold's last
+     * measurement in flight (step_passed ends it). */
     engine_timer_cancel(r->timer);
     r->timer = NULL;
     emit(r, "resumed", pct_json(r->run.pct, "promote"));
@@ -433,6 +464,204 @@ void rollout_check_health(rollout *r, rollout_health_cb cb, void *payload) {
     round_alive(rd, NULL, 0, NULL);
 }
 
+/* ---- analysis during a hold ----
+ *
+ * A gated wait (ACTION_WAIT) is a hold: the analysis measures every
+ * analysis.interval from its start, and once more when its time is up;
+ * the hold passes only when that last measurement passed. A metric that
+ * failed more than failure_limit times in the rollout fails the hold (the
+ * rollout aborts); an inconclusive one pauses it, health still watched,
+ * until the operator promotes (the hold passes) or aborts. */
+
+static void an_start(rollout *r);
+static void monitor_schedule(rollout *r);
+
+static void an_stop(rollout *r) {
+  engine_timer_cancel(r->an_timer);
+  r->an_timer = NULL;
+  if (r->an_running)
+    analysis_cancel(r->an);
+  r->an_running = r->an_final = r->an_paused = r->an_passed = 0;
+  r->an_failed[0] = '\0';
+}
+
+static char *base_url(const store_instance *in) {
+  dc_buf b = {0};
+  dc_buf_printf(&b, strchr(in->host, ':') ? "http://[%s]:%d" : "http://%s:%d", in->host, in->port);
+  return dc_buf_take(&b);
+}
+
+/* The sets as they are now (new instances that run, the old set). */
+static int an_sets(rollout *r, analysis_sets *s) {
+  memset(s, 0, sizeof *s);
+  const instset *sets[2] = {&r->fresh, &r->old};
+  analysis_set *out[2] = {&s->fresh, &s->old};
+  for (int k = 0; k < 2; k++) {
+    out[k]->servers = calloc(sets[k]->n + 1, sizeof(char *));
+    out[k]->urls = calloc(sets[k]->n + 1, sizeof(char *));
+    if (!out[k]->servers || !out[k]->urls)
+      goto oom;
+    for (size_t i = 0; i < sets[k]->n; i++) {
+      const store_instance *in = &sets[k]->v[i];
+      if (k == 0 && strcmp(in->state, "running") != 0)
+        continue;
+      size_t j = out[k]->n++;
+      out[k]->servers[j] = strdup(in->server);
+      out[k]->urls[j] = base_url(in);
+      if (!out[k]->servers[j] || !out[k]->urls[j])
+        goto oom;
+    }
+  }
+  s->pct = r->run.pct;
+  s->target = strdup(r->t->name);
+  s->version = strdup(r->version);
+  s->from_version = strdup(r->from_version);
+  if (s->target && s->version && s->from_version)
+    return 0;
+oom:
+  analysis_sets_clear(s);
+  return -1;
+}
+
+/* The hold ends now, with the verdict of analysis; a health round in
+ * flight ends it instead when it comes back. */
+static void an_conclude(rollout *r, int ok, const char *msg) {
+  if (r->health_cb) {
+    if (ok)
+      r->an_passed = 1;
+    else
+      dc_strlcpy(r->an_failed, msg, sizeof r->an_failed);
+    return;
+  }
+  engine_timer_cancel(r->timer);
+  r->timer = NULL;
+  if (ok)
+    step_passed(r);
+  else
+    complete(r, 0, msg);
+}
+
+static void an_schedule(rollout *r);
+
+static void an_measured(void *payload, const analysis_result *res, size_t n) {
+  rollout *r = payload;
+  char failed[DC_ERR_MAX] = "", unsure[DC_ERR_MAX] = "";
+  r->an_running = 0;
+  for (size_t i = 0; i < n; i++) {
+    size_t idx = (size_t)(res[i].metric - r->an_spec->metrics);
+    int bad = res[i].verdict == VERDICT_FAIL || res[i].verdict == VERDICT_ERROR;
+    if (bad)
+      r->an_failures[idx]++;
+    json_t *data = json_deep_copy(res[i].data);
+    if (data) {
+      json_object_set_new(data, "failures", json_integer(r->an_failures[idx]));
+      json_object_set_new(data, "failure_limit", json_integer(r->an_spec->failure_limit));
+    }
+    emit(r, "analysis", data);
+    if (bad && r->an_failures[idx] > r->an_spec->failure_limit && !failed[0])
+      dc_fmt(failed, sizeof failed, "analysis failed: metric '%s' (%s) failed %d time%s (failure_limit %d): %s",
+             res[i].metric->name, analysis_source_name(res[i].metric->source), r->an_failures[idx],
+             r->an_failures[idx] == 1 ? "" : "s", r->an_spec->failure_limit, res[i].detail);
+    else if (res[i].verdict == VERDICT_INCONCLUSIVE && !unsure[0])
+      dc_fmt(unsure, sizeof unsure, "analysis inconclusive: metric '%s' (%s): %s", res[i].metric->name,
+             analysis_source_name(res[i].metric->source), res[i].detail);
+  }
+  if (r->mon != MON_GATED)
+    return;
+  if (r->abort_requested) {
+    an_conclude(r, 0, r->abort_reason);
+  } else if (failed[0]) {
+    an_conclude(r, 0, failed);
+  } else if (r->promote_pending) {
+    r->promote_pending = 0;
+    emit(r, "resumed", pct_json(r->run.pct, "promote"));
+    an_conclude(r, 1, NULL);
+  } else if (unsure[0]) {
+    r->an_paused = 1;
+    emit(r, "paused", json_pack("{s:o, s:o}", "pct", dc_json_number(r->run.pct), "reason", dc_json_text(unsure)));
+    /* The hold's end may have stopped the health rounds: they go on. */
+    if (!r->timer && !r->health_cb && !r->e->virtual_clock)
+      monitor_schedule(r);
+  } else if (r->an_final) {
+    an_conclude(r, 1, NULL);
+  } else {
+    an_schedule(r);
+  }
+}
+
+static void an_start(rollout *r) {
+  char err[DC_ERR_MAX], msg[DC_ERR_MAX];
+  analysis_sets sets;
+  if (an_sets(r, &sets) != 0) {
+    an_conclude(r, 0, "analysis: out of memory");
+    return;
+  }
+  int rc = analysis_measure(r->an, &sets, an_measured, r, err);
+  analysis_sets_clear(&sets);
+  if (rc != 0) {
+    dc_fmt(msg, sizeof msg, "analysis could not measure: %s", err);
+    an_conclude(r, 0, msg);
+    return;
+  }
+  r->an_running = 1;
+}
+
+static void an_tick(void *payload) {
+  rollout *r = payload;
+  r->an_timer = NULL;
+  if (r->mon == MON_GATED && !r->an_paused && !r->an_running)
+    an_start(r);
+}
+
+/* The next measurement inside the hold; none falls on its end, which
+ * measures anyway. */
+static void an_schedule(rollout *r) {
+  double left = r->mon_deadline - engine_now(r->e);
+  if (r->an_spec->interval < left - 1e-6)
+    r->an_timer = engine_timer_start(r->e, r->an_spec->interval, an_tick, r);
+}
+
+static void an_hold_begin(rollout *r) {
+  char err[DC_ERR_MAX];
+  if (!r->an_spec)
+    return;
+  if (analysis_check_router(r->an_spec, r->t->router, r->t->name, err) != 0) {
+    dc_strlcpy(r->an_failed, dc_unprefix(err), sizeof r->an_failed);
+    return;
+  }
+  if (r->an && r->an_made_for != r->an_spec) {
+    analysis_free(r->an);
+    r->an = NULL;
+  }
+  if (!r->an) {
+    free(r->an_failures);
+    r->an = analysis_new(r->an_spec, r->e, r->t->router);
+    r->an_failures = calloc(r->an_spec->n + 1, sizeof *r->an_failures);
+    r->an_made_for = r->an_spec;
+    if (!r->an || !r->an_failures) {
+      dc_strlcpy(r->an_failed, "analysis: out of memory", sizeof r->an_failed);
+      return;
+    }
+  }
+  analysis_sets sets;
+  if (an_sets(r, &sets) == 0) {
+    analysis_window_begin(r->an, &sets);
+    analysis_sets_clear(&sets);
+  }
+  an_schedule(r);
+}
+
+/* The hold's time is up: one last measurement covers its end. */
+static void hold_ended(rollout *r) {
+  if (!r->an_spec) {
+    step_passed(r);
+    return;
+  }
+  r->an_final = 1;
+  if (!r->an_running)
+    an_start(r);
+}
+
 /* ---- monitoring: WAIT_HEALTHY, WAIT, VERIFY ---- */
 
 static void monitor_tick(void *payload);
@@ -444,7 +673,8 @@ static void monitor_schedule(rollout *r) {
    * twenty rounds per wait keep the gate meaningful and the run fast. */
   if (r->e->virtual_clock && r->mon == MON_GATED && r->act.seconds / 20 > next)
     next = r->act.seconds / 20;
-  if (r->mon != MON_HEALTHY && r->mon_deadline - now < next)
+  /* An analysis pause outlasts the hold: health is watched on. */
+  if (r->mon != MON_HEALTHY && !r->an_paused && r->mon_deadline - now < next)
     next = r->mon_deadline - now;
   if (next < 0)
     next = 0;
@@ -455,6 +685,67 @@ static void monitor_schedule(rollout *r) {
 static json_t *health_json(const rollout_health *h, int consecutive) {
   return json_pack("{s:s, s:i, s:i, s:i, s:o}", "state", health_state_name(h->state), "consecutive", consecutive, "ok",
                    h->ok, "checked", h->checked, "detail", dc_json_text(h->detail));
+}
+
+/* The new version is healthy: what waited for it goes on. */
+static void healthy_go_on(rollout *r) {
+  if (r->after_healthy) {
+    void (*next)(rollout *) = r->after_healthy;
+    r->after_healthy = NULL;
+    next(r);
+    return;
+  }
+  complete(r, 1, NULL);
+}
+
+static void split(rollout *r, double pct, int *w_old, int *w_new);
+static size_t running_fresh(const rollout *r);
+static router_server *build_servers(rollout *r, int w_old, int w_new, int with_old, int with_new, size_t *n);
+static router_plan plan_of(const rollout *r, const router_server *servers, size_t n, int with_routes,
+                           int all_or_nothing);
+
+static void testers_routed(void *payload, const char *err) {
+  rollout *r = payload;
+  char msg[DC_ERR_MAX];
+  engine_release(r->e);
+  if (err) {
+    dc_fmt(msg, sizeof msg, "cannot route testers to %s: %s", r->version, err);
+    complete(r, 0, msg);
+    return;
+  }
+  /* Testers reach the new instances from now on: an abort whose router
+   * fails keeps them running. */
+  r->routed_new = 1;
+  const route_rules *t = &r->st->routes;
+  emit(r, "test_route", json_pack("{s:s, s:s, s:s, s:i}", t->test_header[0] ? "header" : "cookie",
+                                  t->test_header[0] ? t->test_header : t->test_cookie, "value", t->test_value,
+                                  "version", r->version, "new", (int)running_fresh(r)));
+  if (r->abort_requested) {
+    complete(r, 0, r->abort_reason);
+    return;
+  }
+  healthy_go_on(r);
+}
+
+/* Testers' requests reach the new version as soon as it is healthy, while
+ * everyone else's share stays where it is. */
+static void route_testers(rollout *r) {
+  char err[DC_ERR_MAX];
+  int w_old, w_new;
+  size_t n;
+  r->tested = 1;
+  split(r, r->run.pct, &w_old, &w_new);
+  router_server *servers = build_servers(r, w_old, w_new, 1, 1, &n);
+  if (!servers) {
+    complete(r, 0, "deploy: out of memory");
+    return;
+  }
+  engine_hold(r->e);
+  router_plan plan = plan_of(r, servers, n, 1, 1);
+  int rc = r->t->router->apply(r->t->router, &plan, testers_routed, r, err);
+  free(servers);
+  if (rc != 0)
+    testers_routed(r, err);
 }
 
 static void monitor_observed(void *payload, const rollout_health *h) {
@@ -479,15 +770,15 @@ static void monitor_observed(void *payload, const rollout_health *h) {
   case MON_HEALTHY:
     if (ok) {
       emit(r, "healthy", json_pack("{s:i}", "checked", h->checked));
-      if (r->after_healthy) {
-        void (*next)(rollout *) = r->after_healthy;
-        r->after_healthy = NULL;
-        r->mon = MON_NONE;
-        real_wait_end(r);
-        next(r);
+      r->mon = MON_NONE;
+      /* the instances are up: the virtual clock may move again (the
+       * testers' apply holds the engine itself) */
+      real_wait_end(r);
+      if (!r->tested && routes_test_active(&r->st->routes) && running_fresh(r) > 0) {
+        route_testers(r);
         return;
       }
-      complete(r, 1, NULL);
+      healthy_go_on(r);
     } else if (h->dead) {
       complete(r, 0, h->detail);
     } else if (r->mon_failures >= r->t->health.failure_threshold) {
@@ -512,12 +803,22 @@ static void monitor_observed(void *payload, const rollout_health *h) {
     } else if (r->mon == MON_VERIFY && ok) {
       emit(r, "verified", json_pack("{s:i}", "checked", h->checked));
       step_passed(r);
-    } else if (r->mon == MON_GATED && (now >= r->mon_deadline || r->promote_pending)) {
-      if (r->promote_pending) {
-        r->promote_pending = 0;
-        emit(r, "resumed", pct_json(r->run.pct, "promote"));
-      }
+    } else if (r->mon == MON_VERIFY) {
+      monitor_schedule(r);
+    } else if (r->an_failed[0]) {
+      dc_strlcpy(msg, r->an_failed, sizeof msg);
+      complete(r, 0, msg);
+    } else if (r->promote_pending) {
+      r->promote_pending = 0;
+      emit(r, "resumed", pct_json(r->run.pct, "promote"));
       step_passed(r);
+    } else if (r->an_passed) {
+      step_passed(r);
+    } else if (r->an_paused) {
+      if (!r->e->virtual_clock)
+        monitor_schedule(r);
+    } else if (now >= r->mon_deadline) {
+      hold_ended(r);
     } else {
       monitor_schedule(r);
     }
@@ -549,6 +850,7 @@ static void after_step_done(rollout *r, int ok, const char *err) {
 
 /* A health-gated wait that ended well: after_step, then analysis. */
 static void step_passed(rollout *r) {
+  an_stop(r);
   r->mon = MON_NONE;
   with_hook(r, HOOK_AFTER_STEP, r->run.pct, NULL, after_step_done);
 }
@@ -580,7 +882,12 @@ static void monitor_start(rollout *r, enum monitor_mode mode, double seconds) {
       step_passed(r);
       return;
     }
+    /* All traffic is new, the old set still runs: the bake. */
+    if (r->run.pct >= 100 && r->old.n > 0)
+      emit(r, "bake", json_pack("{s:o, s:o, s:i}", "pct", dc_json_number(r->run.pct), "seconds",
+                                dc_json_number(seconds), "old", (int)r->old.n));
     monitor_schedule(r);
+    an_hold_begin(r);
     return;
   }
   monitor_tick(r);
@@ -746,9 +1053,29 @@ static router_server *build_servers(rollout *r, int w_old, int w_new, int with_o
         continue;
       instset one = {&r->fresh.v[i], 1, 1};
       *n += instset_servers(&one, w_new, out + *n);
+      out[*n - 1].fresh = 1;
     }
   }
   return out;
+}
+
+/* The plan for servers: the target's maintenance always; the strategy's
+ * routes (sticky canaries, testers) while the rollout runs (with_routes),
+ * never at its end, when everyone moves to the version that stays. */
+static router_plan plan_of(const rollout *r, const router_server *servers, size_t n, int with_routes,
+                           int all_or_nothing) {
+  router_plan p = {.servers = servers, .n = n, .all_or_nothing = all_or_nothing};
+  p.routes = r->maintenance;
+  if (with_routes) {
+    const route_rules *st = &r->st->routes;
+    dc_strlcpy(p.routes.affinity_cookie, st->affinity_cookie, sizeof p.routes.affinity_cookie);
+    p.routes.affinity_max_age = st->affinity_max_age;
+    dc_strlcpy(p.routes.affinity_token, r->rc.id, sizeof p.routes.affinity_token);
+    dc_strlcpy(p.routes.test_header, st->test_header, sizeof p.routes.test_header);
+    dc_strlcpy(p.routes.test_cookie, st->test_cookie, sizeof p.routes.test_cookie);
+    dc_strlcpy(p.routes.test_value, st->test_value, sizeof p.routes.test_value);
+  }
+  return p;
 }
 
 static void split(rollout *r, double pct, int *w_old, int *w_new) {
@@ -883,7 +1210,8 @@ static void traffic_apply(traffic *tr) {
     return;
   }
   engine_hold(r->e);
-  int rc = r->t->router->apply(r->t->router, servers, n, traffic_applied, tr, err);
+  router_plan plan = plan_of(r, servers, n, 1, 1);
+  int rc = r->t->router->apply(r->t->router, &plan, traffic_applied, tr, err);
   free(servers);
   if (rc != 0) {
     engine_release(r->e);
@@ -1010,7 +1338,8 @@ static void act_promote(rollout *r) {
     return;
   }
   engine_hold(r->e);
-  int rc = r->t->router->apply(r->t->router, servers, n, promote_applied, r, err);
+  router_plan plan = plan_of(r, servers, n, 0, 1);
+  int rc = r->t->router->apply(r->t->router, &plan, promote_applied, r, err);
   free(servers);
   if (rc != 0)
     promote_applied(r, err);
@@ -1105,7 +1434,8 @@ static void abort_apply(rollout *r) {
     return;
   }
   engine_hold(r->e);
-  int rc = r->t->router->apply(r->t->router, servers, n, abort_applied, r, err);
+  router_plan plan = plan_of(r, servers, n, 0, 0);
+  int rc = r->t->router->apply(r->t->router, &plan, abort_applied, r, err);
   free(servers);
   if (rc != 0)
     abort_applied(r, err);
@@ -1114,6 +1444,11 @@ static void abort_apply(rollout *r) {
 /* ---- the end ---- */
 
 static void release(rollout *r) {
+  an_stop(r);
+  analysis_free(r->an);
+  r->an = NULL;
+  free(r->an_failures);
+  r->an_failures = NULL;
   store_controls_unwatch(r->watch);
   r->watch = NULL;
   active_remove(r);
@@ -1349,7 +1684,13 @@ static void preflight(rollout *r) {
     preflight_hosts(r, err);
 }
 
-void rollout_next_action(rollout *r, const strategy *st, strategy_action *out) { st->step(st, &r->run, out); }
+void rollout_next_action(rollout *r, const strategy *st, strategy_action *out) {
+  /* canary:execute(d) in a Lua strategy: its analysis, unless the Lua
+   * strategy declared one of its own. */
+  if (st->analysis && !r->st->analysis && !r->t->simulated)
+    r->an_spec = st->analysis;
+  st->step(st, &r->run, out);
+}
 
 void rollout_delegate_begin(rollout *r) {
   /* The step machine starts from its beginning; the share, and whether an
@@ -1377,8 +1718,9 @@ void rollout_abort(rollout *r, const char *reason) {
     complete(r, 0, r->abort_reason);
     return;
   }
-  /* A pending wait ends now instead of at its deadline. */
-  if (r->mon != MON_NONE && r->timer && !r->health_cb) {
+  /* A pending wait ends now instead of at its deadline (a hold may have
+   * no timer: paused for an operator, or its last measurement out). */
+  if (r->mon != MON_NONE && !r->health_cb && (r->timer || r->mon == MON_GATED)) {
     engine_timer_cancel(r->timer);
     r->timer = NULL;
     complete(r, 0, r->abort_reason);
@@ -1398,6 +1740,10 @@ static void begun(void *payload, const store_result *res) {
   }
   r->recorded = 1;
   dc_strlcpy(r->from_version, res->target->current_version, sizeof r->from_version);
+  r->maintenance.maintenance = res->target->maintenance;
+  dc_strlcpy(r->maintenance.maintenance_message, res->target->maintenance_message,
+             sizeof r->maintenance.maintenance_message);
+  r->maintenance.retry_after = res->target->maintenance_retry_after;
   if (instset_split(res->instances, res->ninstances, res->target->live_deployment, &r->old, &r->strays) != 0) {
     record_error(&r->rc, "deploy: out of memory");
     r->ending = 1;
@@ -1421,6 +1767,13 @@ int rollout_start(rollout **out, engine *e, store *s, target_config *t, strategy
   *out = NULL;
   if (dc_validate_version(o->version, "version", err) != 0 || strategy_check(st, err) != 0)
     return DC_ERROR;
+  router_plan asks = {.routes = st->routes};
+  if (router_check_plan(t->router, &asks, err) != 0)
+    return DC_ERROR;
+  /* A dry run measures nothing: its instances are scripted. */
+  const analysis_spec *an_spec = t->simulated ? NULL : st->analysis ? st->analysis : t->analysis;
+  if (analysis_check_router(an_spec, t->router, t->name, err) != 0)
+    return DC_ERROR;
   rollout *r = calloc(1, sizeof *r);
   if (!r || (o->metadata_json && !(r->metadata = strdup(o->metadata_json)))) {
     free(r);
@@ -1434,6 +1787,7 @@ int rollout_start(rollout **out, engine *e, store *s, target_config *t, strategy
   r->done = cb;
   r->done_payload = payload;
   r->hooks = o->hooks;
+  r->an_spec = an_spec;
   record_init(&r->rc, e, s, t->name, o->id, &o->sink);
   dc_strlcpy(r->version, o->version, sizeof r->version);
   dc_strlcpy(r->kind, o->kind ? o->kind : "deploy", sizeof r->kind);

@@ -1,5 +1,6 @@
-/* What every router shares: the exact weight split, and the router that
- * does nothing (traffic needs no split). The HAProxy router is haproxy.c. */
+/* What every router shares: the exact weight split, the checks, and the
+ * router that does nothing (traffic needs no split). The HAProxy router is
+ * haproxy.c, nginx's nginx.c, several routers as one router_group.c. */
 #include "router.h"
 
 #include <math.h>
@@ -76,11 +77,24 @@ int router_check(const router *r, char *err) {
            r->kind ? r->kind : "?", r->version, ROUTER_VERSION);
     return DC_ERROR;
   }
-  if (!r->kind || !r->apply || !r->read || !r->free) {
-    dc_fmt(err, DC_ERR_MAX, "deploy: router '%s' lacks one of apply, read, free", r->kind ? r->kind : "?");
+  if (!r->kind || !r->label || !r->apply || !r->read || !r->free) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: router '%s' lacks one of label, apply, read, free", r->kind ? r->kind : "?");
     return DC_ERROR;
   }
   return DC_OK;
+}
+
+int router_check_plan(const router *r, const router_plan *plan, char *err) {
+  if (r->can_route || !routes_any(&plan->routes))
+    return DC_OK;
+  const char *what = plan->routes.maintenance            ? "maintenance (a 503 page)"
+                     : routes_affinity_active(&plan->routes) ? "sticky canaries (session_affinity)"
+                                                            : "routes for testers (test_route)";
+  dc_fmt(err, DC_ERR_MAX,
+         "deploy: router %s cannot do %s: it needs an nginx router, or an haproxy router with router.map "
+         "(README, \"Routing beyond weights\")",
+         r->label, what);
+  return DC_ERROR;
 }
 
 /* ---- router_none --------------------------------------------------------- */
@@ -141,10 +155,10 @@ static int none_queue(none_router *nr, router_cb cb, void *payload, size_t *n,
   return DC_OK;
 }
 
-static int none_apply(router *r, const router_server *servers, size_t n,
-                      router_cb cb, void *payload, char *err) {
-  (void)servers;
-  (void)n;
+static int none_apply(router *r, const router_plan *plan, router_cb cb,
+                      void *payload, char *err) {
+  if (router_check_plan(r, plan, err) != DC_OK)
+    return DC_ERROR;
   return none_queue((none_router *)r, cb, payload, NULL, err);
 }
 
@@ -194,6 +208,7 @@ int router_none_new(router **out, engine *e, char *err) {
   nr->tick.data = nr;
   nr->base.version = ROUTER_VERSION;
   nr->base.kind = "none";
+  nr->base.label = "none";
   nr->base.ratio_only = 1;
   nr->base.apply = none_apply;
   nr->base.read = none_read;

@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "health.h"
 #include "instset.h"
@@ -27,6 +28,10 @@ int service_new(service **out, engine *e, store *s, target_config **targets, siz
   for (size_t i = 0; i < n; i++) {
     if (provider_check(targets[i]->provider, err) != 0 || router_check(targets[i]->router, err) != 0)
       return DC_ERROR;
+    if (targets[i]->nrouters == 0) { /* one router: the view of it is itself */
+      targets[i]->routers[0] = targets[i]->router;
+      targets[i]->nrouters = 1;
+    }
   }
   service *svc = calloc(1, sizeof *svc);
   if (!svc) {
@@ -263,6 +268,10 @@ struct locked_op {
   instset live, others, dead;
   int promote;             /* prune: the row's version becomes current */
   int lock_only;           /* reconcile: a lock, no deployment row */
+  route_rules routes;      /* what route_live gives the router besides the servers */
+  int all_or_nothing;
+  void (*routed_then)(locked_op *op, const char *err); /* after route_live */
+  store_maintenance maint, maint_before;             /* maintenance: wanted, and as it was */
   service_cb cb;
   void *payload;
   char *metadata;
@@ -343,9 +352,7 @@ static void stop_others(locked_op *op) {
     others_stopped(op, err);
 }
 
-static void routed(void *payload, const char *err) {
-  locked_op *op = payload;
-  engine_release(op->svc->e);
+static void reconcile_routed(locked_op *op, const char *err) {
   if (err) {
     record_errorf(&op->rc, "deploy: cannot restore the router of '%s': %s", op->t->name, err);
     /* Instances the router may still send traffic to keep running. */
@@ -353,6 +360,20 @@ static void routed(void *payload, const char *err) {
     return;
   }
   stop_others(op);
+}
+
+static void routed(void *payload, const char *err) {
+  locked_op *op = payload;
+  engine_release(op->svc->e);
+  op->routed_then(op, err);
+}
+
+/* The target's maintenance as its row says, for the router. */
+static void maintenance_routes(route_rules *r, const store_target *tg) {
+  memset(r, 0, sizeof *r);
+  r->maintenance = tg->maintenance;
+  dc_strlcpy(r->maintenance_message, tg->maintenance_message, sizeof r->maintenance_message);
+  r->retry_after = tg->maintenance_retry_after;
 }
 
 static void route_live(locked_op *op) {
@@ -371,7 +392,8 @@ static void route_live(locked_op *op) {
     n += instset_servers(&one, op->live.v[i].weight > 0 ? op->live.v[i].weight : 1, servers + n);
   }
   engine_hold(op->svc->e);
-  int rc = op->t->router->apply(op->t->router, servers, n, routed, op, err);
+  router_plan plan = {.servers = servers, .n = n, .routes = op->routes, .all_or_nothing = op->all_or_nothing};
+  int rc = op->t->router->apply(op->t->router, &plan, routed, op, err);
   free(servers);
   if (rc != 0)
     routed(op, err);
@@ -435,6 +457,8 @@ static void reconcile_begun(void *payload, const store_result *r) {
     return;
   }
   op->tg = *r->target;
+  maintenance_routes(&op->routes, &op->tg);
+  op->routed_then = reconcile_routed;
   if (instset_split(r->instances, r->ninstances, op->tg.live_deployment, &op->live, &op->others) != 0) {
     record_error(&op->rc, "deploy: out of memory");
     op_finish(op);
@@ -535,7 +559,9 @@ static void prune_begun(void *payload, const store_result *r) {
                json_pack("{s:s, s:s, s:s, s:s}", "kind", "prune", "from", op->tg.current_version, "version", "",
                          "strategy", "prune"));
   engine_hold(op->svc->e);
-  if (op->t->router->apply(op->t->router, NULL, 0, prune_routed, op, err) != 0)
+  router_plan plan = {.servers = NULL, .n = 0};
+  maintenance_routes(&plan.routes, &op->tg);
+  if (op->t->router->apply(op->t->router, &plan, prune_routed, op, err) != 0)
     prune_routed(op, err);
 }
 
@@ -553,6 +579,107 @@ int service_prune(service *svc, const char *target, const char *metadata_json, c
     return DC_ERROR;
   }
   return locked_op_begin(op, "", "deploy", "prune", prune_begun, err);
+}
+
+
+/* ---- maintenance ---- */
+
+static void maintenance_put_back(void *payload, const store_result *r) {
+  locked_op *op = payload;
+  if (r->rc != DC_OK)
+    record_errorf(&op->rc, "deploy: and the state could not be set back: %s (run 'deployctl maintenance %s %s')",
+                  r->err, op->t->name, op->maint_before.on ? "on" : "off");
+  op_finish(op);
+}
+
+static void maintenance_routed(locked_op *op, const char *err) {
+  char e2[DC_ERR_MAX];
+  if (err) {
+    /* Every router is back where it was (all or nothing): the state too. */
+    record_errorf(&op->rc, "deploy: maintenance of '%s' not turned %s: %s", op->t->name, op->maint.on ? "on" : "off",
+                  err);
+    if (store_maintenance_set(op->svc->s, op->t->name, &op->maint_before, maintenance_put_back, op, e2) != 0) {
+      store_result res = {.rc = DC_ERROR, .err = e2};
+      maintenance_put_back(op, &res);
+    }
+    return;
+  }
+  record_event(&op->rc, "maintenance",
+               json_pack("{s:b, s:o, s:i}", "on", op->maint.on, "message", dc_json_text(op->maint.message),
+                         "retry_after", op->maint.retry_after));
+  op_finish(op);
+}
+
+static void maintenance_recorded(void *payload, const store_result *r) {
+  locked_op *op = payload;
+  if (r->rc != DC_OK) {
+    record_error(&op->rc, r->err);
+    op_finish(op);
+    return;
+  }
+  route_live(op);
+}
+
+static void maintenance_begun(void *payload, const store_result *r) {
+  locked_op *op = payload;
+  char err[DC_ERR_MAX];
+  if (r->rc != DC_OK) {
+    op->cb(op->payload, 0, r->rc == DC_LOCKED, r->err);
+    op_free(op);
+    return;
+  }
+  op->tg = *r->target;
+  op->maint_before.on = op->tg.maintenance;
+  dc_strlcpy(op->maint_before.message, op->tg.maintenance_message, sizeof op->maint_before.message);
+  op->maint_before.retry_after = op->tg.maintenance_retry_after;
+  op->maint_before.since = op->tg.maintenance_since;
+  dc_strlcpy(op->maint_before.by, op->tg.maintenance_by, sizeof op->maint_before.by);
+  memset(&op->routes, 0, sizeof op->routes);
+  op->routes.maintenance = op->maint.on;
+  dc_strlcpy(op->routes.maintenance_message, op->maint.message, sizeof op->routes.maintenance_message);
+  op->routes.retry_after = op->maint.retry_after;
+  op->all_or_nothing = 1;
+  op->routed_then = maintenance_routed;
+  if (instset_split(r->instances, r->ninstances, op->tg.live_deployment, &op->live, &op->others) != 0) {
+    record_error(&op->rc, "deploy: out of memory");
+    op_finish(op);
+    return;
+  }
+  /* The store first: a crash from here on finds the flag, and recovery
+   * puts every router where the flag says. */
+  if (store_maintenance_set(op->svc->s, op->t->name, &op->maint, maintenance_recorded, op, err) != 0) {
+    record_error(&op->rc, err);
+    op_finish(op);
+  }
+}
+
+int service_maintenance(service *svc, const char *target, const service_maintenance_opts *o, const event_sink *sink,
+                        service_cb cb, void *payload, char *err) {
+  target_config *t = check_target(svc, target, err);
+  if (!t)
+    return DC_ERROR;
+  const char *message = o->message ? o->message : "";
+  if (routes_check_message(message, "maintenance message", err) != DC_OK ||
+      routes_check_retry_after(o->retry_after, "maintenance retry_after", err) != DC_OK)
+    return DC_ERROR;
+  router_plan asks = {.routes = {.maintenance = 1}};
+  if (o->on && router_check_plan(t->router, &asks, err) != DC_OK)
+    return DC_ERROR;
+  locked_op *op = locked_op_new(svc, t, 1, sink, cb, payload, err);
+  if (!op)
+    return DC_ERROR;
+  op->maint.on = o->on;
+  if (o->on) {
+    dc_strlcpy(op->maint.message, message, sizeof op->maint.message);
+    op->maint.retry_after = o->retry_after;
+    op->maint.since = dc_wall_now();
+    dc_whoami(op->maint.by, sizeof op->maint.by);
+  }
+  if (store_lock_take(svc->s, t->name, op->rc.id, "maintenance", maintenance_begun, op, err) != 0) {
+    op_free(op);
+    return DC_ERROR;
+  }
+  return DC_OK;
 }
 
 /* ---- recovery ---- */
@@ -639,11 +766,14 @@ typedef struct status_req {
   service_status_cb cb;
   service_instances_cb icb;
   void *payload;
-  /* live_instances */
+  /* live_instances: one read per router of the target */
   service_instance *v;
-  router_server *servers;
-  size_t nservers;
-  char router_err[DC_ERR_MAX];
+  struct router_view {
+    struct status_req *sr;
+    router_server *servers;
+    size_t n;
+    char err[DC_ERR_MAX];
+  } views[TARGET_ROUTERS_MAX];
   int pending;
 } status_req;
 
@@ -653,7 +783,8 @@ static void status_free(status_req *sr) {
   free(sr->urls);
   free(sr->alive);
   free(sr->v);
-  free(sr->servers);
+  for (size_t i = 0; i < TARGET_ROUTERS_MAX; i++)
+    free(sr->views[i].servers);
   instset_clear(&sr->rows);
   instset_clear(&sr->live_set);
   instset_clear(&sr->others);
@@ -665,7 +796,7 @@ static void status_fail(status_req *sr, const char *err) {
   if (sr->cb)
     sr->cb(sr->payload, NULL, err);
   else
-    sr->icb(sr->payload, NULL, 0, NULL, err);
+    sr->icb(sr->payload, NULL, 0, NULL, NULL, 0, err);
   status_free(sr);
 }
 
@@ -716,6 +847,11 @@ static void status_target(void *payload, const store_result *r) {
   dc_strlcpy(sr->st.current_version, r->target->current_version, sizeof sr->st.current_version);
   dc_strlcpy(sr->st.status, r->target->status, sizeof sr->st.status);
   dc_strlcpy(sr->st.health, r->target->health, sizeof sr->st.health);
+  sr->st.maintenance = r->target->maintenance;
+  dc_strlcpy(sr->st.maintenance_message, r->target->maintenance_message, sizeof sr->st.maintenance_message);
+  sr->st.maintenance_retry_after = r->target->maintenance_retry_after;
+  sr->st.maintenance_since = r->target->maintenance_since;
+  dc_strlcpy(sr->st.maintenance_by, r->target->maintenance_by, sizeof sr->st.maintenance_by);
   dc_strlcpy(sr->live, r->target->live_deployment, sizeof sr->live);
   sr->running = strcmp(r->target->status, "running") == 0 || strcmp(r->target->status, "rolling_back") == 0;
   if (store_instances(sr->svc->s, sr->t->name, status_rows, sr, err) != 0)
@@ -754,27 +890,42 @@ int service_get_status(service *svc, const char *target, service_status_cb cb, v
 static void instances_done(status_req *sr) {
   if (--sr->pending > 0)
     return;
+  dc_buf errs = {0};
+  for (size_t k = 0; k < sr->t->nrouters; k++)
+    if (sr->views[k].err[0])
+      dc_buf_printf(&errs, "%s%s: %s", errs.len ? "; " : "", sr->t->routers[k]->label, sr->views[k].err);
   for (size_t i = 0; i < sr->rows.n; i++) {
     service_instance *si = &sr->v[i];
-    /* A router without weights has no servers to read back. */
-    if (sr->router_err[0] || sr->t->router->ratio_only) {
-      si->weight = -2;
-      continue;
+    for (size_t k = 0; k < sr->t->nrouters; k++) {
+      const struct router_view *rv = &sr->views[k];
+      /* A router without weights has no servers to read back. */
+      si->weights[k] = -2;
+      if (rv->err[0] || sr->t->routers[k]->ratio_only)
+        continue;
+      si->weights[k] = -1;
+      for (size_t j = 0; j < rv->n; j++)
+        if (strcmp(rv->servers[j].name, si->row.server) == 0)
+          si->weights[k] = rv->servers[j].weight;
     }
-    si->weight = -1;
-    for (size_t k = 0; k < sr->nservers; k++)
-      if (strcmp(sr->servers[k].name, si->row.server) == 0)
-        si->weight = sr->servers[k].weight;
+    si->weight = si->weights[0];
   }
-  sr->icb(sr->payload, sr->v, sr->rows.n, sr->router_err[0] ? sr->router_err : NULL, NULL);
+  /* One router: its own words, as before there could be several. */
+  const char *router_err = sr->t->nrouters == 1 && sr->views[0].err[0] ? sr->views[0].err : errs.data;
+  service_router_view views[TARGET_ROUTERS_MAX];
+  for (size_t k = 0; k < sr->t->nrouters; k++) {
+    views[k].r = sr->t->routers[k];
+    views[k].err = sr->views[k].err[0] ? sr->views[k].err : NULL;
+  }
+  sr->icb(sr->payload, sr->v, sr->rows.n, router_err, views, sr->t->nrouters, NULL);
+  dc_buf_free(&errs);
   status_free(sr);
 }
 
 static void instances_routed(void *payload, const char *err) {
-  status_req *sr = payload;
+  struct router_view *rv = payload;
   if (err)
-    dc_strlcpy(sr->router_err, err, sizeof sr->router_err);
-  instances_done(sr);
+    dc_strlcpy(rv->err, err, sizeof rv->err);
+  instances_done(rv->sr);
 }
 
 static void instances_checked(void *payload, const health_result *res, size_t n) {
@@ -802,9 +953,13 @@ static void instance_rows(status_req *sr, const store_result *r) {
   char err[DC_ERR_MAX];
   const char *live = sr->live;
   sr->v = calloc(r->ninstances + 1, sizeof *sr->v);
-  sr->servers = calloc(256, sizeof *sr->servers);
   sr->urls = calloc(r->ninstances + 1, sizeof *sr->urls);
-  if (!sr->v || !sr->servers || !sr->urls) {
+  int oom = !sr->v || !sr->urls;
+  for (size_t k = 0; k < sr->t->nrouters; k++) {
+    sr->views[k].sr = sr;
+    oom |= (sr->views[k].servers = calloc(256, sizeof *sr->views[k].servers)) == NULL;
+  }
+  if (oom) {
     status_fail(sr, "deploy: out of memory");
     return;
   }
@@ -815,10 +970,13 @@ static void instance_rows(status_req *sr, const store_result *r) {
     sr->urls[i] = target_instance_url(sr->t, &r->instances[i]);
     sr->nurls += sr->urls[i] != NULL;
   }
-  sr->pending = 4; /* router, liveness, health, and this function */
-  router *rt = sr->t->router;
-  if (rt->read(rt, sr->servers, 256, &sr->nservers, instances_routed, sr, err) != 0)
-    instances_routed(sr, err);
+  sr->pending = 3 + (int)sr->t->nrouters; /* each router, liveness, health, and this function */
+  for (size_t k = 0; k < sr->t->nrouters; k++) {
+    router *rt = sr->t->routers[k];
+    struct router_view *rv = &sr->views[k];
+    if (rt->read(rt, rv->servers, 256, &rv->n, instances_routed, rv, err) != 0)
+      instances_routed(rv, err);
+  }
   instset_ctx c = {sr->svc->e, sr->svc->s, sr->t, NULL};
   if (instset_inspect(&c, &sr->rows, instances_alive, sr, err) != 0)
     instances_alive(sr, NULL, 0, NULL);
@@ -1012,6 +1170,108 @@ void service_logs_stop(service_logs *l) {
   for (size_t i = 0; i < l->n; i++)
     if (l->streams[i].open && l->streams[i].ps)
       p->logs_stop(p, l->streams[i].ps);
+}
+
+/* ---- rollback inside a warm window ---- */
+
+#define WARM_POLL_S 0.1
+
+typedef struct warm_req {
+  service *svc;
+  char target[64];
+  char version[129];       /* "" any */
+  char id[48];             /* the running deployment */
+  service_warm_cb cb;
+  void *payload;
+  int told;                /* the rollback command is written */
+} warm_req;
+
+static void warm_end(warm_req *w, int rc, const store_deployment *d, const char *err) {
+  w->cb(w->payload, rc, d, err);
+  service_unref(w->svc);
+  free(w);
+}
+
+/* Its runner is a process of this machine that is gone: nobody would act
+ * on the command (the next deployment recovers the target instead). */
+static int owner_gone(const store_deployment *d) {
+  char host[64] = "";
+  if (gethostname(host, sizeof host - 1) != 0 || strcmp(host, d->owner_host) != 0)
+    return 0;
+  return d->owner_pid <= 0 || !dc_proc_alive(d->owner_pid, d->owner_start);
+}
+
+static void warm_poll(void *payload);
+
+/* Watches the deployment until it has ended. */
+static void warm_row(void *payload, const store_result *r) {
+  warm_req *w = payload;
+  char err[DC_ERR_MAX];
+  if (r->rc != DC_OK || r->ndeployments < 1) {
+    warm_end(w, r->rc == DC_OK ? DC_ERROR : r->rc, NULL, r->err ? r->err : "deployment not found");
+    return;
+  }
+  const store_deployment *d = &r->deployments[0];
+  if (!w->told) {
+    /* Only a deployment that has an old set to go back to, the one asked for. */
+    char who[128];
+    if (strcmp(d->status, "running") != 0 || strcmp(d->kind, "deploy") != 0 || !d->from_version[0] ||
+        (w->version[0] && strcmp(w->version, d->from_version) != 0) || owner_gone(d)) {
+      warm_end(w, DC_NOTFOUND, NULL, NULL);
+      return;
+    }
+    dc_whoami(who, sizeof who);
+    /* Its answer is the deployment's end, watched below. */
+    if (store_control_set(w->svc->s, w->target, "rollback", who, NULL, NULL, err) != 0) {
+      warm_end(w, DC_ERROR, NULL, err);
+      return;
+    }
+    w->told = 1;
+  } else if (strcmp(d->status, "running") != 0) {
+    warm_end(w, DC_OK, d, NULL);
+    return;
+  }
+  if (!engine_timer_start(w->svc->e, WARM_POLL_S, warm_poll, w))
+    warm_end(w, DC_ERROR, NULL, "deploy: out of memory");
+}
+
+static void warm_poll(void *payload) {
+  warm_req *w = payload;
+  char err[DC_ERR_MAX];
+  if (store_deployment_get(w->svc->s, w->id, warm_row, w, err) != 0)
+    warm_end(w, DC_ERROR, NULL, err);
+}
+
+static void warm_lock(void *payload, const store_result *r) {
+  warm_req *w = payload;
+  if (r->rc != DC_OK || !r->lock || strcmp(r->lock->purpose, "deploy") != 0) {
+    warm_end(w, r->rc == DC_OK || r->rc == DC_NOTFOUND ? DC_NOTFOUND : r->rc, NULL, r->err);
+    return;
+  }
+  dc_strlcpy(w->id, r->lock->deployment_id, sizeof w->id);
+  warm_poll(w);
+}
+
+int service_rollback_running(service *svc, const char *target, const char *version, service_warm_cb cb,
+                             void *payload, char *err) {
+  if (!check_target(svc, target, err))
+    return DC_ERROR;
+  warm_req *w = calloc(1, sizeof *w);
+  if (!w) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
+    return DC_ERROR;
+  }
+  w->svc = service_ref(svc);
+  dc_strlcpy(w->target, target, sizeof w->target);
+  dc_strlcpy(w->version, version ? version : "", sizeof w->version);
+  w->cb = cb;
+  w->payload = payload;
+  if (store_lock_get(svc->s, target, warm_lock, w, err) != 0) {
+    service_unref(svc);
+    free(w);
+    return DC_ERROR;
+  }
+  return DC_OK;
 }
 
 /* ---- operator commands ---- */

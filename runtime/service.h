@@ -58,6 +58,18 @@ typedef void (*service_version_cb)(void *payload, int rc, const char *version, c
 int service_rollback_version(service *svc, const char *target, const char *version, service_version_cb cb,
                              void *payload, char *err);
 
+/* A rollback while a deployment of the target runs (in any process
+ * sharing the store): its old set still runs, so the rollback is that
+ * deployment's abort, one router change, no restart. The deployment is
+ * told (a "rollback" operator command) and cb runs once it has ended, with
+ * its final row. cb gets DC_NOTFOUND (nothing written) when no deployment
+ * of the target runs, when the running one has no old version to go back
+ * to, or when `version` (NULL: any) is not the version it came from: the
+ * rollback is then a deployment of its own. */
+typedef void (*service_warm_cb)(void *payload, int rc, const store_deployment *d, const char *err);
+int service_rollback_running(service *svc, const char *target, const char *version, service_warm_cb cb,
+                             void *payload, char *err);
+
 /* ---- repair ---- */
 
 /* Brings the target back to exactly its live version, under its lock
@@ -67,6 +79,20 @@ int service_rollback_version(service *svc, const char *target, const char *versi
  * (locked) while a deployment of the target runs. */
 int service_reconcile(service *svc, const char *target, const event_sink *sink, service_cb cb, void *payload,
                       char *err);
+
+/* Maintenance on or off, under the target's lock (refused, locked, while
+ * a deployment runs): the store says it first, then every router answers
+ * 503 with the page (on) or serves the live instances again (off), the
+ * instances left as they are. A router that fails puts every router and
+ * the store back as they were. It lasts until turned off: reconcile,
+ * recovery and rollouts keep it. Events reach the sink only. */
+typedef struct service_maintenance_opts {
+  int on;
+  const char *message;         /* NULL or "": the default text */
+  int retry_after;             /* seconds, for Retry-After */
+} service_maintenance_opts;
+int service_maintenance(service *svc, const char *target, const service_maintenance_opts *o, const event_sink *sink,
+                        service_cb cb, void *payload, char *err);
 
 /* After a crash: every deployment whose owner is gone is marked
  * interrupted, and each of its targets reconciled. cb once, when all are;
@@ -81,6 +107,11 @@ typedef struct service_status {
   char status[16];             /* running | deployed | failed | rolling_back */
   char health[16];             /* healthy | degraded | unhealthy */
   int instances;               /* live instances that run */
+  int maintenance;             /* the load balancers answer 503 */
+  char maintenance_message[512];
+  int maintenance_retry_after;
+  double maintenance_since;    /* epoch seconds */
+  char maintenance_by[128];
 } service_status;
 
 /* Outside a rollout the health is checked now; during one, the rollout's
@@ -94,14 +125,22 @@ typedef struct service_instance {
   int unreachable;             /* the provider could not tell (its host did not answer) */
   int live;                    /* it belongs to the live deployment */
   int weight;                  /* as the router has it: -1 absent, -2 the router cannot tell */
+  int weights[TARGET_ROUTERS_MAX]; /* the same for each router of the target (target_config.routers) */
   int healthy;                 /* answered its health check */
   char health_error[256];
 } service_instance;
 
-/* Every instance of the target with its process, router weight and health
- * read now. router_err: why the router could not be read (weights -2). */
+/* Every instance of the target with its process, router weights and
+ * health read now. router_err: why routers could not be read, each named
+ * ("<label>: <why>; ..."; one router's own words when it is the only
+ * one); their weights are -2. routers: each router and its error. */
+/* Each router of the target as read (target_config.routers order). */
+typedef struct service_router_view {
+  const router *r;
+  const char *err;             /* why it could not be read, NULL when it was */
+} service_router_view;
 typedef void (*service_instances_cb)(void *payload, const service_instance *v, size_t n, const char *router_err,
-                                     const char *err);
+                                     const service_router_view *routers, size_t nrouters, const char *err);
 int service_live_instances(service *svc, const char *target, service_instances_cb cb, void *payload, char *err);
 
 /* ---- logs ---- */

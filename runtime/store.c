@@ -505,6 +505,15 @@ int store_prune(store *s, const char *target, int keep, store_cb cb, void *paylo
   return 0;
 }
 
+int store_maintenance_set(store *s, const char *target, const store_maintenance *m, store_cb cb, void *payload,
+                          char *err) {
+  NEW_OP(STORE_OP_MAINTENANCE);
+  dc_strlcpy(op->name, target, sizeof op->name);
+  op->maint = *m;
+  submit_write(s, op);
+  return 0;
+}
+
 int store_recover(store *s, store_cb cb, void *payload, char *err) {
   NEW_OP(STORE_OP_RECOVER);
   submit_write(s, op);
@@ -838,6 +847,9 @@ void store_op_describe(const store_op *op, char *what, size_t size) {
     return;
   case STORE_OP_PRUNE:
     dc_fmt(what, size, "cannot prune the history of target '%s'", op->name);
+    return;
+  case STORE_OP_MAINTENANCE:
+    dc_fmt(what, size, "cannot turn maintenance of target '%s' %s", op->name, op->maint.on ? "on" : "off");
     return;
   case STORE_OP_TARGET_GET:
     dc_fmt(what, size, "cannot read target '%s'", op->name);

@@ -19,9 +19,10 @@
  * they run. Operator commands (promote, abort) are rows read by the runner
  * that holds the deployment: polling them writes nothing.
  *
- * Schema (version 2; `meta.schema_version` says which one a store has):
+ * Schema (version 3; `meta.schema_version` says which one a store has):
  *   targets(name PK, current_version, previous_version, live_deployment,
- *           status, health, updated_at)
+ *           status, health, updated_at, maintenance, maintenance_message,
+ *           maintenance_retry_after, maintenance_since, maintenance_by)
  *   deployments(seq PK, id UNIQUE, target, version, from_version,
  *           kind deploy|rollback, strategy, status, created_at, finished_at,
  *           duration, errors JSON, metadata JSON, owner_pid, owner_start,
@@ -46,7 +47,7 @@
 
 #include "engine.h"
 
-#define STORE_SCHEMA_VERSION 2
+#define STORE_SCHEMA_VERSION 3
 
 typedef struct store store;
 
@@ -58,7 +59,22 @@ typedef struct store_target {
   char status[16];             /* running | deployed | failed | rolling_back */
   char health[16];             /* healthy | degraded | unhealthy */
   double updated_at;
+  /* Maintenance (schema 3): the load balancers answer 503 with a page. */
+  int maintenance;
+  char maintenance_message[512]; /* "" the default text */
+  int maintenance_retry_after;   /* seconds */
+  double maintenance_since;      /* epoch seconds (wall clock), 0 when off */
+  char maintenance_by[128];      /* user@host */
 } store_target;
+
+/* What store_maintenance_set writes on a target's row. */
+typedef struct store_maintenance {
+  int on;
+  char message[512];
+  int retry_after;
+  double since;
+  char by[128];
+} store_maintenance;
 
 typedef struct store_deployment {
   char id[48];
@@ -235,6 +251,12 @@ int store_control_set(store *s, const char *target, const char *command, const c
  * result lists them, so the caller can bring each target back to one
  * version. */
 int store_recover(store *s, store_cb cb, void *payload, char *err);
+
+/* Maintenance on or off for a target (DC_NOTFOUND when it has no row).
+ * The caller holds the target's lock (service.c takes it), so no rollout
+ * reads the flag while it changes. */
+int store_maintenance_set(store *s, const char *target, const store_maintenance *m, store_cb cb, void *payload,
+                          char *err);
 
 /* Retention: deletes the target's deployments beyond the newest `keep`
  * (keep >= 1), with their events and operator commands, never the live

@@ -34,6 +34,7 @@ typedef enum {
   STORE_OP_LOCK_TAKE,         /* name, id (holder), command (purpose) -> target, instances */
   STORE_OP_LOCK_RELEASE,      /* name, id (holder) */
   STORE_OP_PRUNE,             /* name, limit (deployments kept) -> out_id (deployments deleted) */
+  STORE_OP_MAINTENANCE,       /* name, maint */
   STORE_OP_WRITE_COUNT,       /* not an operation: the first read kind */
   /* reads: run by read(), no write transaction */
   STORE_OP_TARGET_GET = STORE_OP_WRITE_COUNT, /* name -> target */
@@ -67,6 +68,7 @@ struct store_op {
   char fin_status[16], fin_tstatus[16], fin_thealth[16];
   store_event ev;              /* EVENT (data: heap, owned by the op) */
   store_instance inst;         /* INSTANCE_ADD / INSTANCE_UPDATE */
+  store_maintenance maint;     /* MAINTENANCE */
 
   /* ---- results, filled by the backend ---- */
   int rc;                      /* DC_OK unless set */
@@ -148,6 +150,11 @@ int store_pg_open(store_backend **out, engine *e, const char *url, char *err);
  * version (what a rollback goes back to), running ones, and any that has
  * instance rows or holds the lock. One SELECT of ids (NULLs filtered out),
  * valid in SQLite and PostgreSQL alike (?N is written $N there). */
+/* What a lock's holder is doing, for "target locked: '<t>' is being ..." */
+static inline const char *store_lock_doing(const char *purpose) {
+  return purpose[0] == 'r' ? "reconciled" : purpose[0] == 'm' ? "switched in or out of maintenance" : purpose;
+}
+
 #define STORE_PRUNE_KEEP(P1, P2)                                                                             \
   "SELECT id FROM (SELECT id FROM deployments WHERE target = " P1 " ORDER BY seq DESC LIMIT " P2 ") AS newest " \
   "UNION SELECT live_deployment FROM targets WHERE name = " P1 " "                                           \

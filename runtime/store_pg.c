@@ -313,6 +313,15 @@ static const char *const SCHEMA_V2[] = {
     "END $$",
 };
 
+/* v3: a target may be in maintenance (its load balancers answer 503). */
+static const char *const SCHEMA_V3[] = {
+    "ALTER TABLE targets ADD COLUMN maintenance integer NOT NULL DEFAULT 0,"
+    " ADD COLUMN maintenance_message text NOT NULL DEFAULT '',"
+    " ADD COLUMN maintenance_retry_after integer NOT NULL DEFAULT 0,"
+    " ADD COLUMN maintenance_since double precision NOT NULL DEFAULT 0,"
+    " ADD COLUMN maintenance_by text NOT NULL DEFAULT ''",
+};
+
 /* A migration takes a store from schema `from` to STORE_SCHEMA_VERSION...
  * one step per version; a new schema version appends a step and never edits
  * an old one. PostgreSQL stores start at version 2 (SQLite's version 1 never
@@ -325,15 +334,18 @@ typedef struct migration {
 
 static const migration MIGRATIONS[] = {
     {0, 2, SCHEMA_V2, sizeof SCHEMA_V2 / sizeof SCHEMA_V2[0]},
+    {2, 3, SCHEMA_V3, sizeof SCHEMA_V3 / sizeof SCHEMA_V3[0]},
 };
 #define N_MIGRATIONS (sizeof MIGRATIONS / sizeof MIGRATIONS[0])
 
-_Static_assert(STORE_SCHEMA_VERSION == 2, "store_pg.c: add a migration step for the new schema version");
+_Static_assert(STORE_SCHEMA_VERSION == 3, "store_pg.c: add a migration step for the new schema version");
 
 #define DEPLOYMENT_COLS                                                                            \
   "id, seq, target, version, from_version, kind, strategy, status, created_at, finished_at, "     \
   "duration, errors, metadata, owner_pid, owner_start, owner_host, \"user\""
-#define TARGET_COLS "name, current_version, previous_version, live_deployment, status, health, updated_at"
+#define TARGET_COLS                                                                                \
+  "name, current_version, previous_version, live_deployment, status, health, updated_at, "        \
+  "maintenance, maintenance_message, maintenance_retry_after, maintenance_since, maintenance_by"
 #define EVENT_COLS "id, deployment_id, target, ts, kind, data"
 #define INSTANCE_COLS                                                                              \
   "id, target, deployment_id, version, idx, node, host, port, handle, pid, pid_start, state, "    \
@@ -894,6 +906,11 @@ static void read_target(const PGresult *r, int row, store_target *t) {
   gtext(r, row, 4, t->status, sizeof t->status);
   gtext(r, row, 5, t->health, sizeof t->health);
   t->updated_at = gdbl(r, row, 6);
+  t->maintenance = (int)gint(r, row, 7);
+  gtext(r, row, 8, t->maintenance_message, sizeof t->maintenance_message);
+  t->maintenance_retry_after = (int)gint(r, row, 9);
+  t->maintenance_since = gdbl(r, row, 10);
+  gtext(r, row, 11, t->maintenance_by, sizeof t->maintenance_by);
 }
 
 static int read_event(const PGresult *r, int row, store_event *e) {
@@ -1106,6 +1123,19 @@ static int send_op(pg *b, pg_job *j, size_t i) {
     qs(&p, op->name);
     qs(&p, op->id);
     return send_q(b, j, R_OP, k, 0, "DELETE FROM locks WHERE target = $1 AND deployment_id = $2", &p);
+  case STORE_OP_MAINTENANCE:
+    qs(&p, op->name);
+    qi(&p, op->maint.on);
+    qs(&p, op->maint.message);
+    qi(&p, op->maint.retry_after);
+    qd(&p, op->maint.since);
+    qs(&p, op->maint.by);
+    qd(&p, dc_wall_now());
+    return send_q(b, j, R_OP, k, 0,
+                  "UPDATE targets SET maintenance = $2::int, maintenance_message = $3, "
+                  "maintenance_retry_after = $4::int, maintenance_since = $5::float8, maintenance_by = $6, "
+                  "updated_at = $7::float8 WHERE name = $1",
+                  &p);
   case STORE_OP_PRUNE:
     qs(&p, op->name);
     qi(&p, op->limit);
@@ -1350,7 +1380,7 @@ static void parse_op(pg *b, store_op *op, int part, PGresult *r) {
         lock_times(l, times, sizeof times);
         if (strcmp(l->purpose, "deploy") != 0)
           op_err(op, DC_LOCKED, "target locked: '%s' is being %s (pid %d on %s, %s): wait for it to finish", target,
-                 strcmp(l->purpose, "reconcile") == 0 ? "reconciled" : l->purpose, l->pid, l->host, times);
+                 store_lock_doing(l->purpose), l->pid, l->host, times);
         else
           op_err(op, DC_LOCKED,
                  "target locked: '%s' is being deployed by deployment %s (pid %d on %s, %s): wait for it to "
@@ -1392,6 +1422,10 @@ static void parse_op(pg *b, store_op *op, int part, PGresult *r) {
   case STORE_OP_INSTANCE_UPDATE:
     if (strcmp(PQcmdTuples(r), "0") == 0)
       op_err(op, DC_NOTFOUND, "deploy: store: unknown instance %lld", (long long)op->inst.id);
+    return;
+  case STORE_OP_MAINTENANCE:
+    if (strcmp(PQcmdTuples(r), "0") == 0)
+      op_err(op, DC_NOTFOUND, "deploy: store: unknown target '%s'", op->name);
     return;
   case STORE_OP_CONTROL_SET:
     if (part != 1)
@@ -2829,7 +2863,9 @@ typedef struct copy_table {
     {"targets", NULL,                                                                                          \
      {{"name", "text", NULL}, {"current_version", "text", NULL}, {"previous_version", "text", NULL},          \
       {"live_deployment", "text", NULL}, {"status", "text", NULL}, {"health", "text", NULL},                  \
-      {"updated_at", "float8", NULL}},                                                                         \
+      {"updated_at", "float8", NULL}, {"maintenance", "int", "0"}, {"maintenance_message", "text", "''"},     \
+      {"maintenance_retry_after", "int", "0"}, {"maintenance_since", "float8", "0"},                          \
+      {"maintenance_by", "text", "''"}},                                                                       \
      &(c)->targets},                                                                                           \
         {"deployments", NULL,                                                                                  \
          {{"seq", "bigint", NULL}, {"id", "text", NULL}, {"target", "text", NULL}, {"version", "text", NULL}, \

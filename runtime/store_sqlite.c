@@ -169,9 +169,17 @@ static const char SCHEMA_V2[] =
     " requested_by TEXT NOT NULL DEFAULT '');"
     "CREATE INDEX controls_by_deployment ON controls(deployment_id, id);";
 
+/* v3: a target may be in maintenance (its load balancers answer 503). */
+static const char SCHEMA_V3[] =
+    "ALTER TABLE targets ADD COLUMN maintenance INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE targets ADD COLUMN maintenance_message TEXT NOT NULL DEFAULT '';"
+    "ALTER TABLE targets ADD COLUMN maintenance_retry_after INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE targets ADD COLUMN maintenance_since REAL NOT NULL DEFAULT 0;"
+    "ALTER TABLE targets ADD COLUMN maintenance_by TEXT NOT NULL DEFAULT '';";
+
 /* migrations[n] takes a file from schema n to n + 1; a new schema version
  * appends a step here and never edits an old one. */
-static const char *const migrations[] = {SCHEMA_V1, SCHEMA_V2};
+static const char *const migrations[] = {SCHEMA_V1, SCHEMA_V2, SCHEMA_V3};
 
 _Static_assert(sizeof migrations / sizeof migrations[0] == STORE_SCHEMA_VERSION,
                "one migration step per schema version");
@@ -179,7 +187,9 @@ _Static_assert(sizeof migrations / sizeof migrations[0] == STORE_SCHEMA_VERSION,
 #define DEPLOYMENT_COLS                                                                                      \
   "id, seq, target, version, from_version, kind, strategy, status, created_at, finished_at, duration, "    \
   "errors, metadata, owner_pid, owner_start, owner_host, user"
-#define TARGET_COLS "name, current_version, previous_version, live_deployment, status, health, updated_at"
+#define TARGET_COLS                                                                                          \
+  "name, current_version, previous_version, live_deployment, status, health, updated_at, maintenance, "     \
+  "maintenance_message, maintenance_retry_after, maintenance_since, maintenance_by"
 #define EVENT_COLS "id, deployment_id, target, ts, kind, data"
 #define INSTANCE_COLS                                                                                        \
   "id, target, deployment_id, version, idx, host, port, pid, pid_start, state, weight, server, log_path, "  \
@@ -372,6 +382,11 @@ static void read_target(sqlite3_stmt *st, store_target *t) {
   col_text(st, 4, t->status, sizeof t->status);
   col_text(st, 5, t->health, sizeof t->health);
   t->updated_at = sqlite3_column_double(st, 6);
+  t->maintenance = sqlite3_column_int(st, 7);
+  col_text(st, 8, t->maintenance_message, sizeof t->maintenance_message);
+  t->maintenance_retry_after = sqlite3_column_int(st, 9);
+  t->maintenance_since = sqlite3_column_double(st, 10);
+  col_text(st, 11, t->maintenance_by, sizeof t->maintenance_by);
 }
 
 static int read_event(sqlite3_stmt *st, store_event *e) {
@@ -561,9 +576,9 @@ static int check_lock(sqlite_backend *b, const char *target, char *err, const ch
   if (owner_alive(b, l.pid, l.pid_start, l.host)) {
     char since[32];
     dc_iso8601(l.acquired_at, since, sizeof since);
-    if (strcmp(l.purpose, "reconcile") == 0)
-      dc_errf(err, "target locked: '%s' is being reconciled (pid %d on %s, since %s): wait for it to finish", target,
-              l.pid, l.host, since);
+    if (strcmp(l.purpose, "deploy") != 0)
+      dc_errf(err, "target locked: '%s' is being %s (pid %d on %s, since %s): wait for it to finish", target,
+              store_lock_doing(l.purpose), l.pid, l.host, since);
     else
       dc_errf(err, "target locked: '%s' is being deployed by deployment %s (pid %d on %s, since %s): wait for it "
                    "to finish",
@@ -779,6 +794,19 @@ static int op_instance_update(sqlite3 *db, store_op *op, const char *what) {
   return rc;
 }
 
+static int op_maintenance(sqlite3 *db, store_op *op, const char *what) {
+  const store_maintenance *m = &op->maint;
+  int rc = run(db, op->err, what,
+               "UPDATE targets SET maintenance = ?, maintenance_message = ?, maintenance_retry_after = ?, "
+               "maintenance_since = ?, maintenance_by = ?, updated_at = ? WHERE name = ?",
+               "isidsds", m->on, m->message, m->retry_after, m->since, m->by, dc_wall_now(), op->name);
+  if (rc == DC_OK && sqlite3_changes(db) == 0) {
+    dc_errf(op->err, "deploy: store: unknown target '%s'", op->name);
+    return DC_NOTFOUND;
+  }
+  return rc;
+}
+
 /* One write, inside the batch's transaction (on the thread pool). */
 static int run_write(sqlite_backend *b, store_op *op, const char *what) {
   sqlite3 *db = b->wdb;
@@ -815,6 +843,8 @@ static int run_write(sqlite_backend *b, store_op *op, const char *what) {
     return run(db, op->err, what, "DELETE FROM locks WHERE target = ? AND deployment_id = ?", "ss", op->name, op->id);
   case STORE_OP_PRUNE:
     return op_prune(db, op, what);
+  case STORE_OP_MAINTENANCE:
+    return op_maintenance(db, op, what);
   default:
     dc_errf(op->err, "deploy: store: %s: not a write", what);
     return DC_ERROR;

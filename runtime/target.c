@@ -40,9 +40,13 @@ void target_config_free(target_config *t) {
   if (t->provider)
     t->provider->free(t->provider);
   if (t->router)
-    t->router->free(t->router);
+    t->router->free(t->router);  /* a group frees its members */
+  else
+    for (size_t i = 0; i < t->nrouters; i++)  /* a config that failed before the group */
+      t->routers[i]->free(t->routers[i]);
   /* After both: they cancel their commands, which live in it. */
   ssh_ctx_free(t->ssh);
+  analysis_spec_free(t->analysis);
   for (size_t i = 0; i < t->nnodes; i++)
     free(t->nodes[i]);
   free(t->nodes);

@@ -4,6 +4,7 @@
 #ifndef DEPLOY_TARGET_H
 #define DEPLOY_TARGET_H
 
+#include "analysis_spec.h"
 #include "engine.h"
 #include "provider.h"
 #include "router.h"
@@ -19,6 +20,8 @@ typedef struct target_health {
   double start_timeout;     /* seconds new instances get to turn healthy, 60 */
 } target_health;
 
+#define TARGET_ROUTERS_MAX 8
+
 /* What is kept of a target's past (retain.h). */
 typedef struct target_retain {
   int history;              /* deployments kept in the store, 200 */
@@ -32,7 +35,11 @@ typedef struct target_config {
   char **nodes;             /* where instances run: "" is this machine */
   size_t nnodes;            /* >= 1 */
   provider *provider;       /* owned */
-  router *router;           /* owned */
+  router *router;           /* owned: the target's router, or a group of them */
+  /* Each load balancer of the target, for a view of each (status): the
+   * router itself, or the members of its group (owned by the group). */
+  router *routers[TARGET_ROUTERS_MAX];
+  size_t nrouters;
   target_health health;
   /* Boot waves: a rollout starts the new instances on this many nodes at
    * a time (0: all at once), or on this share of them (boot_limit_pct,
@@ -45,6 +52,8 @@ typedef struct target_config {
   /* What `deployctl serve` does when a live instance dies between
    * deployments (supervise.h): "on-failure" (default), "always", "never". */
   char restart[16];
+  analysis_spec *analysis;  /* measured during every hold unless the strategy has its own; owned; may be NULL */
+  int simulated;            /* --simulate: scripted instances, a recording router: no analysis is measured */
   target_retain retain;
 } target_config;
 

@@ -2,7 +2,7 @@
  * their weights, at the engine's time) so that a spec, or --simulate,
  * reads the traffic split of each step. It weighs servers like HAProxy
  * does (not ratio_only), so a canary's shares are the same as behind a
- * real proxy. Answers come from the loop, never from inside a call. */
+ * real proxy, and takes the routes of a plan (it records only weights). Answers come from the loop, never from inside a call. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -72,8 +72,10 @@ static int tr_queue(test_router *tr, router_cb cb, void *payload, router_server 
   return DC_OK;
 }
 
-static int tr_apply(router *r, const router_server *servers, size_t n, router_cb cb, void *payload, char *err) {
+static int tr_apply(router *r, const router_plan *plan, router_cb cb, void *payload, char *err) {
   test_router *tr = (test_router *)r;
+  const router_server *servers = plan->servers;
+  size_t n = plan->n;
   if (tr->closed) {
     dc_fmt(err, DC_ERR_MAX, "router: used after free");
     return DC_ERROR;
@@ -131,6 +133,11 @@ int router_test_new(router **out, engine *e, char *err) {
   tr->e = e;
   tr->base.version = ROUTER_VERSION;
   tr->base.kind = "test";
+  tr->base.label = "test";
+  /* routes beyond weights (sticky canaries, testers, maintenance) are
+   * accepted, as a proxy set up for them would: a dry run of such a
+   * rollout follows the same steps */
+  tr->base.can_route = 1;
   tr->base.apply = tr_apply;
   tr->base.read = tr_read;
   tr->base.free = tr_free;

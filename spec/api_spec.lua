@@ -7,6 +7,7 @@ local function manager_for(opts)
   opts = opts or {}
   local target, dir = fixtures.target_config{ instances = opts.instances or 1, health = opts.health }
   local cfg = fixtures.config{ targets = { staging = target, production = fixtures.target_config{ instances = 1 } } }
+  cfg.clock = opts.clock -- virtual: a default blue-green's 30 s with blue warm pass at once
   return deploy.DeploymentManager{ config = cfg, strategy = opts.strategy }, cfg, dir
 end
 
@@ -160,7 +161,7 @@ describe("DeploymentManager", function()
   after_each(fixtures.cleanup)
 
   it("defaults to blue-green and deploys, then rolls back to the previous version", function()
-    local m = manager_for{ instances = 2 }
+    local m = manager_for{ instances = 2, clock = "virtual" }
     assert.is_true(m:deploy("staging", "1.0.0").success)
     assert.is_true(m:deploy("staging", "1.1.0").success)
     local r = m:rollback("staging")
@@ -177,7 +178,7 @@ describe("DeploymentManager", function()
   end)
 
   it("rolls back to a named version from the history", function()
-    local m = manager_for()
+    local m = manager_for{ clock = "virtual" }
     for _, v in ipairs{ "1.0.0", "1.1.0", "1.2.0" } do assert.is_true(m:deploy("staging", v).success) end
     local r = m:rollback("staging", "1.0.0")
     assert.is_true(r.success)

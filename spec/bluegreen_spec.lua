@@ -7,8 +7,9 @@ local function setup(opts)
   opts = opts or {}
   local h = fixtures.haproxy{}
   local target, dir = fixtures.target_config{ haproxy = h, instances = opts.instances or 2, health = opts.health }
+  -- Blue stops right after the switch here; keeping it warm is bake_spec's.
   local m = deploy.DeploymentManager{ config = fixtures.config{ targets = { production = target } },
-                                      strategy = opts.strategy }
+                                      strategy = opts.strategy or deploy.BlueGreenStrategy{ scale_down_delay = 0 } }
   return m, h, dir
 end
 
@@ -63,7 +64,7 @@ describe("blue-green through HAProxy", function()
   end)
 
   it("waits switch_delay after green is healthy before moving traffic", function()
-    local m, h = setup{ strategy = deploy.BlueGreenStrategy{ switch_delay = 0.6 } }
+    local m, h = setup{ strategy = deploy.BlueGreenStrategy{ switch_delay = 0.6, scale_down_delay = 0 } }
     m:deploy("production", "v1")
     local healthy_at, traffic_at
     m:deploy("production", "v2", { on_event = function(ev)

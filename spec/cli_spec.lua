@@ -151,7 +151,7 @@ describe("deployctl output", function()
     local code, out = cli.run({ "--config", config, "deploy", "staging", "1.0.0", "--quiet" })
     assert.equal(0, code)
     assert.matches("^staging: 1%.0%.0 deployed in [%d.]+s %(blue%-green%)\n$", out)
-    code, out = cli.run({ "--config", config, "deploy", "staging", "1.1.0" })
+    code, out = cli.run({ "--config", config, "deploy", "staging", "1.1.0", "--set", "scale_down_delay=0" })
     assert.matches("%d%d%d%d%-%d%d%-%d%dT[%d:.]+Z staging%s+started%s+deploy 1%.0%.0 %-> 1%.1%.0", out)
     assert.not_matches("\27%[K", out)
     assert.has_error(function() error(select(3, cli.run({ "--config", config, "deploy", "staging", "1", "--json", "--quiet" }))) end,
@@ -239,7 +239,8 @@ describe("deployctl output", function()
     h:restart()
     local code, _, err = cli.run({ "--config", config, "status", "production" })
     assert.equal(0, code)
-    assert.matches("1 live instance%(s%) of production are missing from HAProxy %(restarted%?%): run 'deployctl reconcile production'", err)
+    assert.matches("1 live instance%(s%) of production are missing from haproxy " .. h.socket:gsub("%p", "%%%0") ..
+                   " %(backend app%) %(restarted%?%): run 'deployctl reconcile production'", err)
     local out
     code, out = cli.run({ "--config", config, "reconcile", "production" })
     assert.equal(0, code)

@@ -66,7 +66,7 @@ local function check_recovered(h, config, expect_version, killed_version, tdir)
     assert.is_true(i.alive)
   end
   -- and the target takes a new deployment afterwards
-  local r = m:deploy("production", "v3")
+  local r = m:deploy("production", "v3", { strategy = deploy.BlueGreenStrategy{ scale_down_delay = 0 } })
   assert.is_true(r.success, table.concat(r.errors or {}, "\n"))
   assert.same({ v3 = 40 }, (h:sample(40)))
   return m
@@ -85,6 +85,15 @@ describe("a crash in the middle of a deployment", function()
       check_recovered(h, config, "v1", "v2", tdir)
     end)
   end
+
+  it("killed while 100 % is held with the old set warm recovers to the old version", function()
+    local h, config, script, tdir = setup()
+    assert.equal(0, (cli.run({ "--config", config, "deploy", "production", "v1" })))
+    local code, out = cli.run({ "--config", config, "run", script, config, "v2", "bake", "0.3" })
+    assert.equal(137, code, out)
+    assert.matches("bake", out)
+    check_recovered(h, config, "v1", "v2", tdir)
+  end)
 
   it("killed right after the promotion was recorded recovers to the new version", function()
     local h, config, script, tdir = setup()

@@ -31,9 +31,9 @@ describe("examples", function()
     local code, out, err = cli.run({ "--config", config, "run", example("canary.lua"), "production", "1.1.0" })
     assert.equal(0, code, out .. err)
     for pct = 10, 100, 10 do assert.matches(" " .. pct .. " %% of traffic on 1%.1%.0", out) end
-    -- 9 waits of 300 s, plus the virtual time the new instance took to answer
+    -- 10 holds of 300 s (100 % included), plus the virtual time the new instance took to answer
     local took = tonumber(out:match("production 1%.1%.0 is live %((%d+) s%)"))
-    assert.is_true(took >= 2700 and took < 2760, out)
+    assert.is_true(took >= 3000 and took < 3060, out)
     assert.is_true(fixtures.now() - t0 < 10)
     assert.same({ ["1.1.0"] = 10 }, (h:sample(10)))
     local code2, out2 = cli.run({ "--config", config, "run", example("canary.lua"), "production", "1.2.0-bad" })
@@ -62,7 +62,7 @@ describe("examples", function()
     assert.equal(0, code, out .. err)
     for _, t in ipairs{ "production", "edge2", "edge3" } do
       local took = tonumber(out:match(t .. "%s+2%.0%.0%s+promoted %((%d+) s%)"))
-      assert.is_true(took >= 180 and took < 240, out)
+      assert.is_true(took >= 240 and took < 300, out) -- 4 holds of 60 s, 100 % included
     end
     local m = deploy.DeploymentManager{ config = config }
     for _, t in ipairs(m:targets()) do assert.equal("2.0.0", m:get_status(t).current_version) end
@@ -94,7 +94,7 @@ describe("examples", function()
       if not line:match("would be deployed") then assert.matches("^%[simulated%] ", line) end
     end
     assert.matches("traffic +new version at 50 %%", out)
-    assert.matches("production: 1%.2%.0 would be deployed in 9m0%ds %(canary%), simulated", out)
+    assert.matches("production: 1%.2%.0 would be deployed in 10m0%ds %(canary%), simulated", out) -- 9 steps of 60 s, 60 s held at 100 %
     assert.equal(before, #m:history("production", 100))
     assert.same({ ["1.0.0"] = 10 }, (h:sample(10)))
     m:close()

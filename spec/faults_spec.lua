@@ -113,6 +113,63 @@ return r.success and 0 or 1
   end
 end)
 
+describe("HAProxy counters a real HAProxy does not give", function()
+  after_each(fixtures.cleanup)
+
+  -- Found by fuzz/haproxy.c (fuzz/corpus/haproxy/scur-overflow): the drain
+  -- step adds up the old servers' current sessions from `show stat`, and
+  -- two counts of 2^63-1 wrapped into a negative sum, which the router took
+  -- for an answer it could not read. The sum saturates now: the servers
+  -- count as busy, the drain waits out drain_timeout, and they are deleted.
+  it("a sum of sessions past 2^63 counts as busy, not as an unreadable answer", function()
+    local h = fixtures.haproxy{}
+    local dir = fixtures.tmpdir("scur")
+    local sock, mode = dir .. "/fault.sock", dir .. "/mode"
+    fixtures.spawn(string.format("exec %s %s %s %s", q(fixtures.build_dir() .. "/sockfault"), q(sock),
+                                 q(h.socket), q(mode)), dir .. "/sockfault.out")
+    fixtures.wait_until(function() return (fixtures.read_file(dir .. "/sockfault.out") or ""):find("listening") end,
+      10, "sockfault to listen")
+    local target, tdir = fixtures.target_config{ instances = 1, haproxy = h }
+    target.router.socket = sock
+    target.router.drain_timeout = 0.2
+    local config = cli.write_config(dir, fixtures.config{ state = dir .. "/state.db", targets = { production = target } })
+    assert.equal(0, (cli.run({ "--config", config, "deploy", "production", "v1" })))
+    -- HAProxy's own answer, each of our rows twice with scur = 2^63-1
+    local real = h:cmd("show stat " .. h.backend .. " 4 -1")
+    local rows = {}
+    for line in real:gmatch("[^\n]+") do
+      if line:match("^#") then
+        rows[#rows + 1] = line
+      elseif line:match("^" .. h.backend .. ",") then
+        local f = {}
+        for field in (line .. ","):gmatch("([^,]*),") do f[#f + 1] = field end
+        f[5] = "9223372036854775807"
+        local big = table.concat(f, ",")
+        rows[#rows + 1] = big
+        rows[#rows + 1] = big
+      end
+    end
+    assert.is_true(#rows >= 3, real)
+    fixtures.write_file(mode .. ".answer", table.concat(rows, "\n") .. "\n\n")
+    fixtures.write_file(mode, "stat\n")
+    fixtures.write_file(dir .. "/bg.lua", [[
+local deploy = require "deploy"
+local m = deploy.DeploymentManager{ config = arg[1] }
+local r = m:deploy("production", "v2", { strategy = deploy.CanaryStrategy{ initial_percentage = 100, interval = 0.05 } })
+for _, e in ipairs(r.errors or {}) do io.stderr:write(e, "\n") end
+return r.success and 0 or 1
+]])
+    local code, out, err = cli.spawn({ "run", dir .. "/bg.lua", config }):wait(60)
+    assert.equal(0, code, out .. err)
+    assert.matches("stat show stat " .. h.backend, fixtures.read_file(mode .. ".log") or "")
+    local m = deploy.DeploymentManager{ config = config }
+    assert.equal("v2", m:get_status("production").current_version)
+    assert.same({}, fixtures.instances_of(tdir, "v1"))
+    fixtures.write_file(mode, "pass\n")
+    router_matches_store(m, h)
+  end)
+end)
+
 -- sockfault between a client and a TCP server; returns the proxy's address
 -- and a function that sets the mode.
 local function tcp_fault(dir, upstream_port)

@@ -22,7 +22,10 @@ local function setup(opts)
   end
   local cfg = fixtures.config{ targets = targets }
   cfg.clock = opts.clock or "real"
-  local m = deploy.DeploymentManager{ config = cfg, strategies = opts.strategies }
+  -- Manifests without a strategy get the manager's: blue-green, blue
+  -- stopped at once (the warm window is bake_spec's).
+  local m = deploy.DeploymentManager{ config = cfg, strategies = opts.strategies,
+                                      strategy = deploy.BlueGreenStrategy{ scale_down_delay = 0 } }
   return { repo = repo, daemon = daemon, m = m, cfg = cfg, dir = dir, url = daemon.url(repo.name) }
 end
 
@@ -678,7 +681,8 @@ describe("GitOpsSynchronizer", function()
         local h = cli.spawn({ "--config", env.config, "watch", "--repo", env.url, "--interval", "0.1" })
         fixtures.wait_until(function() return h:output():find("in sync", 1, true) end, 20, "the first sync")
         local version = sig == "TERM" and "1.1.0" or "1.2.0"
-        env.repo:manifest("staging.json", { target = "staging", version = version })
+        env.repo:manifest("staging.json", { target = "staging", version = version,
+                                            strategy = { kind = "blue-green", scale_down_delay = 0 } })
         env.repo:commit("push " .. version)
         fixtures.wait_until(function() return h:output():find("now at " .. version, 1, true) end, 20, "the push")
         fixtures.kill(h.pid, sig)

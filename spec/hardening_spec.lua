@@ -19,7 +19,7 @@ local function setup(opts)
   local config = cli.write_config(dir, fixtures.config{ state = dir .. "/state.db", targets = { production = target } })
   local code, out, err = cli.run({ "--config", config, "deploy", "production", "v1" }, opts.env)
   assert.equal(0, code, out .. err)
-  local m = deploy.DeploymentManager{ config = config }
+  local m = deploy.DeploymentManager{ config = config, strategy = deploy.BlueGreenStrategy{ scale_down_delay = 0 } }
   return m, h, tdir, config, dir
 end
 

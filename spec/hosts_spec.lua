@@ -237,7 +237,7 @@ describe("targets across hosts", function()
   end
 
   local function deployed(e, version)
-    local code, out, err = dctl(e, { "deploy", "production", version, "--quiet" })
+    local code, out, err = dctl(e, { "deploy", "production", version, "--quiet", "--set", "scale_down_delay=0" })
     local log = err:match("see (/%S+%.log)")
     local dump = ""
     if code ~= 0 then
@@ -349,7 +349,7 @@ print(cjson.encode({ kind = "result", success = r.success, errors = r.errors or 
     local before = { sshd_accepts(1), sshd_accepts(2), sshd_accepts(3), sshd_accepts(4) }
     local load = fixtures.load(8, e.lb:url("/"), 120, in_ctl)
     wait_for_load(e)
-    local code, out, err = dctl(e, { "deploy", "production", "v2", "--json" })
+    local code, out, err = dctl(e, { "deploy", "production", "v2", "--json", "--set", "scale_down_delay=0" })
     local res = load:finish()
     assert.equal(0, code, out .. err)
     local traffic = {}
@@ -479,7 +479,7 @@ m:deploy("production", "v2", {
     deployed(e, "v1")
     net:change_host_key(2)
     finally(function() net:restore_host_key(2) end)
-    local code, out, err = dctl(e, { "deploy", "production", "v2", "--json" })
+    local code, out, err = dctl(e, { "deploy", "production", "v2", "--json", "--set", "scale_down_delay=0" })
     assert.equal(1, code, out .. err)
     assert.matches("preflight failed, nothing was started: host 'h2' cannot be used: ssh: the host key of 'h2' "
                    .. "has CHANGED", err)
@@ -496,7 +496,7 @@ m:deploy("production", "v2", {
     deployed(e, "v1")
     net:cut(3)
     finally(function() net:restore(3) end)
-    local code, out, err = dctl(e, { "deploy", "production", "v2" })
+    local code, out, err = dctl(e, { "deploy", "production", "v2", "--set", "scale_down_delay=0" })
     assert.equal(1, code, out .. err)
     assert.matches("preflight failed, nothing was started: host 'h3' cannot be used: ssh: cannot reach 'h3'", err)
     assert.same({ 0, 0, 0, 0 }, instances_on(e, "v2"))

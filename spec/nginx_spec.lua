@@ -18,7 +18,9 @@ local function manager(site, opts)
   for k, v in pairs(opts.router or {}) do target.router[k] = v end
   local cfg = fixtures.config{ targets = { production = target } }
   cfg.clock = "real"
-  return deploy.DeploymentManager{ config = cfg, strategy = opts.strategy }, dir
+  -- Blue stops right after the switch unless a spec says otherwise.
+  return deploy.DeploymentManager{ config = cfg,
+                                   strategy = opts.strategy or deploy.BlueGreenStrategy{ scale_down_delay = 0 } }, dir
 end
 
 local function setup(opts)
@@ -364,7 +366,7 @@ describe("the nginx router", function()
       local cfg = fixtures.config{ targets = { eu = fixtures.target_config{ nginx = a },
                                                us = fixtures.target_config{ nginx = b } } }
       cfg.clock = "real"
-      local m = deploy.DeploymentManager{ config = cfg }
+      local m = deploy.DeploymentManager{ config = cfg, strategy = deploy.BlueGreenStrategy{ scale_down_delay = 0 } }
       assert.is_true(m:deploy("eu", "v1").success)
       assert.is_true(m:deploy("us", "v1").success)
       local results = deploy.parallel{
@@ -403,7 +405,7 @@ describe("the nginx router", function()
                      config_error(function(r) r.upstream = "my app" end))
       assert.matches("nginx: router%.conf 'nginx%.conf' must be an absolute path",
                      config_error(function(r) r.conf = "nginx.conf" end))
-      assert.matches("router kind 'ngnix' is not known %(known: haproxy, nginx, none%)",
+      assert.matches("router kind 'ngnix' is not known %(known: haproxy, nginx, none, test%)",
                      config_error(function(r) r.kind = "ngnix" end))
       assert.matches("router%.timeout must be between 0%.01 and 600",
                      config_error(function(r) r.timeout = 0 end))

@@ -17,8 +17,8 @@ describe("two deployments racing on one target", function()
   it("started at the same moment: exactly one runs, the other gets 'target locked' and changes nothing", function()
     local h, config, tdir = setup()
     for round = 1, 3 do
-      local a = cli.spawn({ "--config", config, "deploy", "production", "a" .. round, "--set", "switch_delay=1" })
-      local b = cli.spawn({ "--config", config, "deploy", "production", "b" .. round, "--set", "switch_delay=1" })
+      local a = cli.spawn({ "--config", config, "deploy", "production", "a" .. round, "--set", "switch_delay=1", "--set", "scale_down_delay=0" })
+      local b = cli.spawn({ "--config", config, "deploy", "production", "b" .. round, "--set", "switch_delay=1", "--set", "scale_down_delay=0" })
       local ca, _, ea = a:wait(30)
       local cb, _, eb = b:wait(30)
       local codes = { ca, cb }
@@ -39,7 +39,7 @@ describe("two deployments racing on one target", function()
 
   it("a deployment of another target is not blocked", function()
     local _, config = setup()
-    local a = cli.spawn({ "--config", config, "deploy", "production", "v1", "--set", "switch_delay=1" })
+    local a = cli.spawn({ "--config", config, "deploy", "production", "v1", "--set", "switch_delay=1", "--set", "scale_down_delay=0" })
     fixtures.wait_until(function() return a:output():find("healthy") end, 10, "the first deployment to hold its lock")
     local code, _, err = cli.run({ "--config", config, "deploy", "staging", "v1" })
     assert.equal(0, code, err)
@@ -49,7 +49,7 @@ describe("two deployments racing on one target", function()
 
   it("inside one process, a locked target comes back as success = false with the holder named", function()
     local _, config = setup()
-    local a = cli.spawn({ "--config", config, "deploy", "production", "v1", "--set", "switch_delay=1" })
+    local a = cli.spawn({ "--config", config, "deploy", "production", "v1", "--set", "switch_delay=1", "--set", "scale_down_delay=0" })
     fixtures.wait_until(function() return a:output():find("healthy") end, 10, "the first deployment to hold its lock")
     local m = deploy.DeploymentManager{ config = config }
     local r = m:deploy("production", "v2")

@@ -7,6 +7,12 @@ local cli = require "spec.support.cli"
 
 local q = fixtures.shell_quote
 
+-- Blue stops right after each switch (scale_down_delay = 0): holding it
+-- warm for the default 30 s is not what these specs are about.
+local function manager(config)
+  return deploy.DeploymentManager{ config = config, strategy = deploy.BlueGreenStrategy{ scale_down_delay = 0 } }
+end
+
 local function ls(dir)
   local p = io.popen("ls -1 " .. q(dir) .. " 2>/dev/null | sort")
   local out = {}
@@ -41,7 +47,7 @@ describe("retention", function()
 
   it("keeps the newest `history` deployments, and the live and previous ones whatever their age", function()
     local config = setup({ history = 2, versions = 2 })
-    local m = deploy.DeploymentManager{ config = config }
+    local m = manager(config)
     assert.is_true(m:deploy("production", "v1").success)
     local old = m:history("production")[1].id
     assert.is_true(#m:events(old) > 0)
@@ -66,15 +72,15 @@ describe("retention", function()
   it("runs after every deployment: the CLI leaves the store within its limits", function()
     local config = setup({ history = 3, versions = 1 })
     for _, v in ipairs{ "1", "2", "3", "4", "5" } do
-      assert.equal(0, (cli.run({ "--config", config, "deploy", "production", v })))
+      assert.equal(0, (cli.run({ "--config", config, "deploy", "production", v, "--set", "scale_down_delay=0" })))
     end
-    local m = deploy.DeploymentManager{ config = config }
+    local m = manager(config)
     assert.same({ "5:succeeded", "4:succeeded", "3:succeeded" }, versions(m, "production"))
   end)
 
   it("deletes old versions' logs, never the live or previous version's, nor a log written a moment ago", function()
     local config, logs = setup({ history = 10, versions = 2 })
-    local m = deploy.DeploymentManager{ config = config }
+    local m = manager(config)
     for _, v in ipairs{ "v1", "v2", "v3" } do assert.is_true(m:deploy("production", v).success) end
     age(logs)
     -- v2's log was written a moment ago (as by an instance another runner
@@ -90,7 +96,7 @@ describe("retention", function()
     assert.same({ "production-v3-0.log", "production-v4-0.log" }, ls(logs))
     -- versions below the limit, but kept: the live one and the previous one
     local config1, logs1 = setup({ history = 10, versions = 1 })
-    local m1 = deploy.DeploymentManager{ config = config1 }
+    local m1 = manager(config1)
     for _, v in ipairs{ "a1", "a2", "a3-bad" } do m1:deploy("production", v) end
     age(logs1)
     m1:prune()
@@ -99,7 +105,7 @@ describe("retention", function()
 
   it("rotates a log past `logs` MiB, and the instance goes on writing to it", function()
     local config, logs = setup({ logs = 0.001 }) -- 1,048 bytes
-    local m = deploy.DeploymentManager{ config = config }
+    local m = manager(config)
     assert.is_true(m:deploy("production", "v1").success)
     local log = logs .. "/production-v1-0.log"
     local f = assert(io.open(log, "a"))
@@ -119,11 +125,13 @@ describe("retention", function()
 
   it("`deployctl prune` says what went; a per-target retain overrides the top level", function()
     local config = setup({ history = 50 }, { history = 1, versions = 1 })
-    for _, v in ipairs{ "1", "2", "3" } do assert.equal(0, (cli.run({ "--config", config, "deploy", "production", v }))) end
+    for _, v in ipairs{ "1", "2", "3" } do
+      assert.equal(0, (cli.run({ "--config", config, "deploy", "production", v, "--set", "scale_down_delay=0" })))
+    end
     local code, out, err = cli.run({ "--config", config, "prune" })
     assert.equal(0, code, err)
     assert.matches("production: 0 deployment%(s%) and %d+ log file%(s%) %(.-%) removed, 0 log%(s%) rotated", out)
-    local m = deploy.DeploymentManager{ config = config }
+    local m = manager(config)
     assert.same({ "3:succeeded", "2:succeeded" }, versions(m, "production"))
     code, _, err = cli.run({ "--config", config, "prune", "nowhere" })
     assert.equal(2, code)

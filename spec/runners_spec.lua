@@ -58,7 +58,7 @@ describe("several runners on one PostgreSQL store", function()
     local script = dir .. "/race.lua"
     fixtures.write_file(script, [[
 local deploy = require "deploy"
-local m = deploy.DeploymentManager{ config = arg[1] }
+local m = deploy.DeploymentManager{ config = arg[1], strategy = deploy.BlueGreenStrategy{ scale_down_delay = 0 } }
 print("ready") io.stdout:flush()
 while not io.open(arg[2]) do deploy.sleep(0.005) end
 local r = m:deploy("production", "v2")
@@ -97,7 +97,7 @@ return r.success and 0 or (r.locked and 3 or 1)
     fixtures.kill(first.pid, "KILL")
     first:wait(10)
     -- the lease still runs: another runner is refused, and told until when
-    local code, out, err = cli.run({ "--config", config, "deploy", "production", "v3" })
+    local code, out, err = cli.run({ "--config", config, "deploy", "production", "v3", "--set", "scale_down_delay=0" })
     assert.equal(3, code, out .. err)
     assert.matches("target locked: 'production' is being deployed by deployment d%x+ %(pid %d+ on .-, since .-, until ", err)
     -- once it expires, any command of a second runner recovers the target
@@ -112,7 +112,7 @@ return r.success and 0 or (r.locked and 3 or 1)
     assert.equal("v2", d.version)
     assert.equal("v1", m:get_status("production").current_version)
     -- and the second runner deploys
-    assert.equal(0, (cli.run({ "--config", config, "deploy", "production", "v3" })))
+    assert.equal(0, (cli.run({ "--config", config, "deploy", "production", "v3", "--set", "scale_down_delay=0" })))
     assert.same({ v3 = 40 }, (h:sample(40)))
     assert.is_string(state)
   end)

@@ -62,15 +62,15 @@ describe("the PostgreSQL store", function()
       assert_clean(code, err, out)
       assert.equal("ok", answers[2].rc, out)
     end
-    assert.equal("deployctl|2", c:sql("SELECT (SELECT value FROM meta WHERE key = 'application') || '|' || "
+    assert.equal("deployctl|3", c:sql("SELECT (SELECT value FROM meta WHERE key = 'application') || '|' || "
       .. "(SELECT value FROM meta WHERE key = 'schema_version')"))
     assert.equal("4", c:sql("SELECT count(*) FROM targets"))
     -- a later deployctl bumped the schema
-    c:sql("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    c:sql("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
     local answers, code, out, err = pg.run_probe(url, { "ensure x" })
     assert_clean(code, err, out)
     assert.equal("error", answers[2].rc)
-    assert.matches("was written by a newer deployctl %(schema 3, this build knows 2%): upgrade deployctl", answers[2].err)
+    assert.matches("was written by a newer deployctl %(schema 4, this build knows 3%): upgrade deployctl", answers[2].err)
     -- and fast: a refusal does not wait for the timeout
     assert.is_true(answers[2].ms < 3000, out)
     -- a database whose tables belong to another program
@@ -592,7 +592,7 @@ INSERT INTO controls VALUES('web','abort',1700000300,'ops');
     assert.equal("4", c:sql("SELECT count(*) FROM deployments"))
   end)
 
-  it("copies a store deployctl wrote with SQLite (schema 2) and deployctl goes on from it", function()
+  it("copies a store deployctl wrote with SQLite (schema 3) and deployctl goes on from it", function()
     local cli = require "spec.support.cli"
     local target = fixtures.target_config{ instances = 2 }
     local dir = fixtures.tmpdir("tosql")

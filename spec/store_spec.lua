@@ -68,7 +68,7 @@ describe("the store", function()
                               " \"UPDATE meta SET value='99' WHERE key='schema_version'\""))
     local ok, err = pcall(deploy.DeploymentManager, { config = cfg })
     assert.is_false(ok)
-    assert.matches("was written by a newer deployctl %(schema 99, this build knows 2%)", err)
+    assert.matches("was written by a newer deployctl %(schema 99, this build knows 3%)", err)
   end)
 end)
 
@@ -106,7 +106,9 @@ for _, backend in ipairs{ "sqlite", "postgresql" } do
 
     it("keeps every deployment and event across processes, in order", function()
       local config = config_with{ staging = fixtures.target_config{} }
-      for _, v in ipairs{ "1", "2", "3-bad", "4" } do cli.run({ "--config", config, "deploy", "staging", v }) end
+      for _, v in ipairs{ "1", "2", "3-bad", "4" } do
+        cli.run({ "--config", config, "deploy", "staging", v, "--set", "scale_down_delay=0" })
+      end
       local m = deploy.DeploymentManager{ config = config }
       local h = m:history("staging")
       local seen = {}

@@ -7,7 +7,8 @@ local function setup(opts)
   local h = fixtures.haproxy{}
   local target, dir = fixtures.target_config{ haproxy = h, instances = 1 }
   local cfg = fixtures.config{ targets = { production = target } }
-  local m = deploy.DeploymentManager{ config = cfg, strategies = opts.strategies }
+  local m = deploy.DeploymentManager{ config = cfg, strategies = opts.strategies,
+                                      strategy = deploy.BlueGreenStrategy{ scale_down_delay = 0 } }
   assert.is_true(m:deploy("production", "v1").success)
   return m, h, dir
 end

@@ -1,7 +1,9 @@
 /* Canary: start the new instances, wait until healthy, then give them
  * initial_percentage of the traffic and add `increment` every `interval`
- * seconds while they stay healthy; at 100 % promote. Any failure aborts:
- * traffic back to 100 % old in one step.
+ * seconds while they stay healthy (and analysis passes). 100 % is held for
+ * `interval` too, the old instances still running at weight 0, before the
+ * promotion stops them: a failure there goes back in one router change.
+ * Any failure aborts: traffic back to 100 % old in one step.
  *
  * Run from a Lua strategy that already moved some traffic (a 5 % dark
  * launch, then canary:execute(d)), it continues from that share: its
@@ -14,7 +16,7 @@
 #include "strategy.h"
 #include "util.h"
 
-enum { START, WAIT_HEALTHY, FIRST_SHIFT, SHIFT, PAUSE, HOLD, VERIFY, PROMOTE, DONE };
+enum { START, WAIT_HEALTHY, FIRST_SHIFT, SHIFT, PAUSE, HOLD, BAKE, VERIFY, PROMOTE, DONE };
 
 void canary_params_default(canary_params *p) {
   p->initial_percentage = 10;
@@ -22,6 +24,8 @@ void canary_params_default(canary_params *p) {
   p->interval = 300;
   p->health_check_url = NULL;
   p->npause = 0;
+  memset(&p->routes, 0, sizeof p->routes);
+  p->analysis = NULL;
 }
 
 /* The first share this canary gives: initial_percentage, or more when the
@@ -61,6 +65,12 @@ static void abort_with(strategy_run *run, strategy_action *out, const char *why)
   run->phase = DONE;
 }
 
+/* After the last shift: the hold at 100 % (the bake) when there is an old
+ * set to go back to and an interval to hold for; else one check. */
+static int at_full(const canary_strategy *c, const strategy_run *run) {
+  return run->has_old && c->interval > 0 ? BAKE : VERIFY;
+}
+
 static void canary_step(const strategy *s, strategy_run *run, strategy_action *out) {
   const canary_strategy *c = (const canary_strategy *)s;
   memset(out, 0, sizeof *out);
@@ -94,13 +104,17 @@ static void canary_step(const strategy *s, strategy_run *run, strategy_action *o
     out->kind = ACTION_TRAFFIC;
     out->pct = next > 100 ? 100 : next;
     run->step++;
-    /* At 100 % the new version is checked once more, then promoted. */
-    run->phase = pauses_at(c, out->pct) ? PAUSE : out->pct >= 100 ? VERIFY : HOLD;
+    run->phase = pauses_at(c, out->pct) ? PAUSE : out->pct >= 100 ? at_full(c, run) : HOLD;
     return;
   }
   case PAUSE:
     out->kind = ACTION_PAUSE;
-    run->phase = run->pct >= 100 ? VERIFY : HOLD;
+    run->phase = run->pct >= 100 ? at_full(c, run) : HOLD;
+    return;
+  case BAKE:
+    out->kind = ACTION_WAIT;
+    out->seconds = c->interval;
+    run->phase = PROMOTE;
     return;
   case HOLD:
     out->kind = c->interval > 0 ? ACTION_WAIT : ACTION_VERIFY;
@@ -121,7 +135,10 @@ static void canary_step(const strategy *s, strategy_run *run, strategy_action *o
   }
 }
 
-static void canary_free(strategy *s) { free(s); }
+static void canary_free(strategy *s) {
+  analysis_spec_free(((canary_strategy *)s)->analysis);
+  free(s);
+}
 
 static int check_pct(double v, const char *name, char *err) {
   if (!(v > 0 && v <= 100)) {
@@ -147,7 +164,8 @@ int strategy_canary_new(strategy **out, const canary_params *p, char *err) {
     dc_fmt(err, DC_ERR_MAX, "deploy: CanaryStrategy interval must be a number of seconds >= 0, got %g", p->interval);
     return -1;
   }
-  if (strategy_check_url(p->health_check_url, "CanaryStrategy health_check_url", err))
+  if (strategy_check_url(p->health_check_url, "CanaryStrategy health_check_url", err) ||
+      strategy_check_routes(&p->routes, "CanaryStrategy", 1, err))
     return -1;
   for (int i = 0; i < p->npause; i++)
     if (!(p->pause_at[i] > 0 && p->pause_at[i] <= 100)) {
@@ -155,11 +173,17 @@ int strategy_canary_new(strategy **out, const canary_params *p, char *err) {
              p->pause_at[i]);
       return -1;
     }
+  analysis_spec *an = NULL;
+  if (p->analysis && analysis_spec_parse(&an, p->analysis, "CanaryStrategy analysis", err) != 0)
+    return -1;
   canary_strategy *c = calloc(1, sizeof *c);
   if (!c) {
+    analysis_spec_free(an);
     dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
     return -1;
   }
+  c->analysis = an;
+  c->base.analysis = an;
   c->base.version = STRATEGY_VERSION;
   c->base.name = "canary";
   c->base.step = canary_step;
@@ -168,6 +192,7 @@ int strategy_canary_new(strategy **out, const canary_params *p, char *err) {
   c->initial_percentage = p->initial_percentage;
   c->increment = p->increment;
   c->interval = p->interval;
+  c->base.routes = p->routes;
   c->npause = p->npause < CANARY_MAX_PAUSES ? p->npause : CANARY_MAX_PAUSES;
   memcpy(c->pause_at, p->pause_at, sizeof c->pause_at);
   *out = &c->base;

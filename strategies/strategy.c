@@ -29,9 +29,42 @@ int strategy_check_url(const char *url, const char *param, char *err) {
   return 0;
 }
 
+int strategy_check_routes(const route_rules *r, const char *cls, int affinity_ok, char *err) {
+  char what[96];
+  if (r->affinity_cookie[0]) {
+    if (!affinity_ok) {
+      dc_fmt(err, DC_ERR_MAX, "deploy: %s has no session_affinity: a switch moves everyone at once (use "
+             "CanaryStrategy for sticky canaries)", cls);
+      return -1;
+    }
+    dc_fmt(what, sizeof what, "%s session_affinity.cookie", cls);
+    if (routes_check_cookie(r->affinity_cookie, what, err) != 0)
+      return -1;
+    dc_fmt(what, sizeof what, "%s session_affinity.max_age", cls);
+    if (routes_check_max_age(r->affinity_max_age, what, err) != 0)
+      return -1;
+  }
+  int header = r->test_header[0] != '\0', cookie = r->test_cookie[0] != '\0';
+  if (!header && !cookie && !r->test_value[0])
+    return 0;
+  if (header == cookie) {
+    dc_fmt(err, DC_ERR_MAX,
+           "deploy: %s test_route must name a header or a cookie (one of them), e.g. { header = \"X-Canary\", value = "
+           "\"always\" }",
+           cls);
+    return -1;
+  }
+  dc_fmt(what, sizeof what, "%s test_route.%s", cls, header ? "header" : "cookie");
+  if ((header ? routes_check_header(r->test_header, what, err) : routes_check_cookie(r->test_cookie, what, err)) != 0)
+    return -1;
+  dc_fmt(what, sizeof what, "%s test_route.value", cls);
+  return routes_check_value(r->test_value, what, err) != 0 ? -1 : 0;
+}
+
 const char *const canary_param_names[] = {"initial_percentage", "increment", "interval", "health_check_url",
-                                          "pause_at", NULL};
-const char *const bluegreen_param_names[] = {"switch_delay", "health_check_url", NULL};
+                                          "pause_at", "session_affinity", "test_route", "analysis", NULL};
+const char *const bluegreen_param_names[] = {"switch_delay", "scale_down_delay", "health_check_url", "test_route",
+                                             "analysis", NULL};
 
 static int known(const char *const *names, const char *key) {
   for (; *names; names++)
@@ -101,6 +134,101 @@ static int pauses(const json_t *obj, canary_params *p, char *err) {
   return 0;
 }
 
+static const char *json_kind(const json_t *x) {
+  return json_is_string(x)    ? "a string"
+         : json_is_number(x)  ? "a number"
+         : json_is_boolean(x) ? "a boolean"
+         : json_is_null(x)    ? "null"
+         : json_is_array(x)   ? "a list"
+                              : "an object";
+}
+
+/* A string field of a routes object into buf ("" when absent). */
+static int route_string(const json_t *o, const char *cls, const char *obj, const char *key, char *buf, size_t size,
+                        char *err) {
+  json_t *x = json_object_get(o, key);
+  buf[0] = '\0';
+  if (!x)
+    return 0;
+  if (!json_is_string(x)) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: %s %s.%s must be a string, got %s", cls, obj, key, json_kind(x));
+    return -1;
+  }
+  if (strlen(json_string_value(x)) >= size) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: %s %s.%s is longer than %zu bytes", cls, obj, key, size - 1);
+    return -1;
+  }
+  dc_strlcpy(buf, json_string_value(x), size);
+  return 0;
+}
+
+static int route_object(const json_t *obj, const char *cls, const char *key, const char *const *keys,
+                        const json_t **out, char *err) {
+  json_t *x = json_object_get(obj, key);
+  *out = NULL;
+  if (!x)
+    return 0;
+  if (!json_is_object(x)) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: %s %s must be an object such as %s, got %s", cls, key,
+           strcmp(key, "test_route") == 0 ? "{\"header\": \"X-Canary\", \"value\": \"always\"}"
+                                          : "{\"cookie\": \"canary\", \"max_age\": 3600}",
+           json_kind(x));
+    return -1;
+  }
+  const char *k;
+  json_t *v;
+  json_object_foreach(x, k, v) {
+    if (!known(keys, k)) {
+      char all[128];
+      list(keys, all, sizeof all);
+      dc_fmt(err, DC_ERR_MAX, "deploy: %s %s has no field '%s' (known: %s)", cls, key, k, all);
+      return -1;
+    }
+  }
+  *out = x;
+  return 0;
+}
+
+/* session_affinity and test_route of a manifest's strategy object. */
+static int routes_from_json(const json_t *obj, const char *cls, route_rules *r, char *err) {
+  static const char *const affinity_keys[] = {"cookie", "max_age", NULL};
+  static const char *const test_keys[] = {"header", "cookie", "value", NULL};
+  const json_t *a, *t;
+  if (route_object(obj, cls, "session_affinity", affinity_keys, &a, err) ||
+      route_object(obj, cls, "test_route", test_keys, &t, err))
+    return -1;
+  if (a) {
+    double age = ROUTES_MAX_AGE_DEFAULT;
+    if (route_string(a, cls, "session_affinity", "cookie", r->affinity_cookie, sizeof r->affinity_cookie, err))
+      return -1;
+    json_t *m = json_object_get(a, "max_age");
+    if (m && !json_is_number(m)) {
+      dc_fmt(err, DC_ERR_MAX, "deploy: %s session_affinity.max_age must be a number, got %s", cls, json_kind(m));
+      return -1;
+    }
+    if (m)
+      age = json_number_value(m);
+    if (!r->affinity_cookie[0]) {
+      dc_fmt(err, DC_ERR_MAX, "deploy: %s session_affinity needs a cookie name, e.g. {\"cookie\": \"canary\"}", cls);
+      return -1;
+    }
+    char what[96];
+    dc_fmt(what, sizeof what, "%s session_affinity.max_age", cls);
+    if (routes_check_max_age(age, what, err) != 0)
+      return -1;
+    r->affinity_max_age = (int)age;
+  }
+  if (t) {
+    if (route_string(t, cls, "test_route", "header", r->test_header, sizeof r->test_header, err) ||
+        route_string(t, cls, "test_route", "cookie", r->test_cookie, sizeof r->test_cookie, err) ||
+        route_string(t, cls, "test_route", "value", r->test_value, sizeof r->test_value, err))
+      return -1;
+    if (!json_object_get(t, "value"))
+      dc_strlcpy(r->test_value, ROUTES_TEST_VALUE_DEFAULT, sizeof r->test_value);
+  }
+  return 0;
+}
+
 int strategy_from_json(const json_t *obj, strategy **out, char *err) {
   *out = NULL;
   const char *kind = json_string_value(json_object_get(obj, "kind"));
@@ -123,13 +251,18 @@ int strategy_from_json(const json_t *obj, strategy **out, char *err) {
     canary_params p;
     canary_params_default(&p);
     if (number(obj, cls, "initial_percentage", &p.initial_percentage, err) || number(obj, cls, "increment", &p.increment, err) ||
-        number(obj, cls, "interval", &p.interval, err) || url(obj, cls, &p.health_check_url, err) || pauses(obj, &p, err))
+        number(obj, cls, "interval", &p.interval, err) || url(obj, cls, &p.health_check_url, err) || pauses(obj, &p, err) ||
+        routes_from_json(obj, cls, &p.routes, err))
       return -1;
+    p.analysis = json_object_get(obj, "analysis");
     return strategy_canary_new(out, &p, err) == 0 ? 1 : -1;
   }
   bluegreen_params p;
   bluegreen_params_default(&p);
-  if (number(obj, cls, "switch_delay", &p.switch_delay, err) || url(obj, cls, &p.health_check_url, err))
+  if (number(obj, cls, "switch_delay", &p.switch_delay, err) ||
+      number(obj, cls, "scale_down_delay", &p.scale_down_delay, err) || url(obj, cls, &p.health_check_url, err) ||
+      routes_from_json(obj, cls, &p.routes, err))
     return -1;
+  p.analysis = json_object_get(obj, "analysis");
   return strategy_bluegreen_new(out, &p, err) == 0 ? 1 : -1;
 }

@@ -12,6 +12,7 @@
 #include <jansson.h>
 
 #include "action.h"
+#include "analysis_spec.h"
 
 #define CANARY_MAX_PAUSES 16
 /* Traffic steps a canary may take up to 100 % (from 10 %, an increment of
@@ -26,11 +27,16 @@ typedef struct canary_params {
   const char *health_check_url;
   double pause_at[CANARY_MAX_PAUSES]; /* shares at which to wait for an operator */
   int npause;
+  route_rules routes;         /* session_affinity (affinity_*), test_route (test_*) */
+  const json_t *analysis;     /* NULL, or { interval, failure_limit, metrics } */
 } canary_params;
 
 typedef struct bluegreen_params {
   double switch_delay;        /* seconds >= 0; default 0 */
+  double scale_down_delay;    /* seconds >= 0 blue stays up after the switch; default 30 */
   const char *health_check_url;
+  route_rules routes;         /* test_route (test_*) */
+  const json_t *analysis;
 } bluegreen_params;
 
 typedef struct canary_strategy {
@@ -38,11 +44,14 @@ typedef struct canary_strategy {
   double initial_percentage, increment, interval;
   double pause_at[CANARY_MAX_PAUSES];
   int npause;
+  analysis_spec *analysis;    /* base.analysis */
 } canary_strategy;
 
 typedef struct bluegreen_strategy {
   strategy base;
   double switch_delay;
+  double scale_down_delay;
+  analysis_spec *analysis;
 } bluegreen_strategy;
 
 void canary_params_default(canary_params *p);
@@ -59,6 +68,13 @@ int strategy_from_json(const json_t *obj, strategy **out, char *err);
 /* The parameters each built-in strategy takes, for messages. */
 extern const char *const canary_param_names[];
 extern const char *const bluegreen_param_names[];
+
+/* The routes a strategy asks for (action.h): -1 with err naming cls's
+ * parameter when a name or value is not usable, when a test route names
+ * both or neither of header and cookie, or when affinity is asked of a
+ * strategy that has none (affinity_ok 0: blue-green moves everyone at
+ * once). */
+int strategy_check_routes(const route_rules *r, const char *cls, int affinity_ok, char *err);
 
 /* A health_check_url must be http(s)://host[:port]/... after the {host} and
  * {port} placeholders are filled. */

@@ -4,11 +4,23 @@
  *
  *   demo-app --port P --version V [--host 127.0.0.1]
  *            [--unhealthy-file PATH] [--delay-ms N]
+ *            [--error-percent N] [--slow-ms N]
  *
- *   GET /, GET /version  200 "<version>\n"   (500 if the version contains "bad")
+ *   GET /, GET /version  200 "<version>\n"   (500 if the version contains "bad";
+ *                                             N % of them 500 with --error-percent
+ *                                             or a version containing "errN";
+ *                                             N ms later with --slow-ms or a
+ *                                             version containing "slowN")
  *   GET /healthz         200 "ok\n"          (500 if the version contains "bad"
  *                                             or PATH exists at request time)
+ *   GET /metrics         Prometheus text: demo_requests_total{version,code}
+ *                        (the answers of / and /version so far) and
+ *                        demo_error_ratio{version} (the configured share)
  *   anything else        404; methods other than GET and HEAD get 405
+ *
+ * --delay-ms delays every answer; --slow-ms only those of / and /version,
+ * so /healthz stays quick while real requests are slow. The errors are
+ * spread exactly: of any k requests, floor(k * N / 100) fail.
  *
  * Keep-alive and pipelining work the way HAProxy and wrk expect: requests
  * are parsed incrementally, answered one at a time in order, and every
@@ -58,7 +70,7 @@ struct conn {
   const char *body;
   size_t len;        /* bytes of in[] holding unparsed input */
   uint64_t discard;  /* request body bytes still to skip */
-  char out[512 + VERSION_MAX];
+  char out[2048 + VERSION_MAX];
   char in[REQUEST_CAP];
   struct conn *prev, *next;
 };
@@ -69,6 +81,10 @@ static struct {
   const char *version;
   const char *unhealthy_file;
   uint64_t delay_ms;
+  uint64_t slow_ms;          /* added to / and /version only */
+  long error_percent;        /* of / and /version answered 500 */
+  uint64_t served, ok_count, error_count;
+  char metrics_body[1024 + 3 * VERSION_MAX];
   int bad;
   char version_body[VERSION_MAX + 2];
   char bad_body[VERSION_MAX + 16];
@@ -220,15 +236,39 @@ static void on_delay_done(uv_timer_t *timer) {
   send_response(timer->data);
 }
 
-static void respond(struct conn *c, int status, const char *body) {
+static void respond_later(struct conn *c, int status, const char *body, uint64_t extra_ms) {
   reading_stop(c);
   c->state = CONN_RESPONDING;
   c->status = status;
   c->body = body;
-  if (app.delay_ms > 0)
-    uv_timer_start(&c->timer, on_delay_done, app.delay_ms, 0);
+  if (app.delay_ms + extra_ms > 0)
+    uv_timer_start(&c->timer, on_delay_done, app.delay_ms + extra_ms, 0);
   else
     send_response(c);
+}
+
+static void respond(struct conn *c, int status, const char *body) { respond_later(c, status, body, 0); }
+
+/* The k-th answer of / fails when floor(k N / 100) grows: exactly N % of
+ * any run of answers, spread evenly. */
+static int next_fails(void) {
+  app.served++;
+  return app.bad || (app.served * (uint64_t)app.error_percent) / 100 >
+                        ((app.served - 1) * (uint64_t)app.error_percent) / 100;
+}
+
+static const char *metrics_text(void) {
+  snprintf(app.metrics_body, sizeof app.metrics_body,
+           "# HELP demo_requests_total Answers to / and /version, by version and status code.\n"
+           "# TYPE demo_requests_total counter\n"
+           "demo_requests_total{version=\"%s\",code=\"200\"} %llu\n"
+           "demo_requests_total{version=\"%s\",code=\"500\"} %llu\n"
+           "# HELP demo_error_ratio The share of / answered with 500, as configured.\n"
+           "# TYPE demo_error_ratio gauge\n"
+           "demo_error_ratio{version=\"%s\"} %g\n",
+           app.version, (unsigned long long)app.ok_count, app.version, (unsigned long long)app.error_count,
+           app.version, app.bad ? 1.0 : app.error_percent / 100.0);
+  return app.metrics_body;
 }
 
 static void respond_error(struct conn *c, int status, const char *body) {
@@ -293,10 +333,17 @@ static void route(struct conn *c, const char *method, size_t mlen,
   }
   if ((plen == 1 && target[0] == '/') ||
       (plen == 8 && memcmp(target, "/version", 8) == 0)) {
-    if (app.bad)
-      respond(c, 500, app.bad_body);
-    else
-      respond(c, 200, app.version_body);
+    if (next_fails()) {
+      app.error_count++;
+      respond_later(c, 500, app.bad_body, app.slow_ms);
+    } else {
+      app.ok_count++;
+      respond_later(c, 200, app.version_body, app.slow_ms);
+    }
+    return;
+  }
+  if (plen == 8 && memcmp(target, "/metrics", 8) == 0) {
+    respond(c, 200, metrics_text());
     return;
   }
   if (plen == 8 && memcmp(target, "/healthz", 8) == 0) {
@@ -485,7 +532,8 @@ static void usage(const char *msg) {
     fprintf(stderr, "demo-app: %s\n", msg);
   fprintf(stderr,
           "usage: demo-app --port P --version V [--host 127.0.0.1]\n"
-          "                [--unhealthy-file PATH] [--delay-ms N]\n");
+          "                [--unhealthy-file PATH] [--delay-ms N]\n"
+          "                [--error-percent N] [--slow-ms N]\n");
   exit(2);
 }
 
@@ -525,6 +573,10 @@ static void parse_args(int argc, char **argv) {
       app.unhealthy_file = val;
     else if (strcmp(arg, "--delay-ms") == 0)
       app.delay_ms = (uint64_t)parse_number(val, "--delay-ms", 3600000);
+    else if (strcmp(arg, "--slow-ms") == 0)
+      app.slow_ms = (uint64_t)parse_number(val, "--slow-ms", 3600000);
+    else if (strcmp(arg, "--error-percent") == 0)
+      app.error_percent = parse_number(val, "--error-percent", 100);
     else {
       fprintf(stderr, "demo-app: unknown option '%s'\n", arg);
       usage(NULL);
@@ -539,6 +591,14 @@ static void parse_args(int argc, char **argv) {
     exit(2);
   }
   app.bad = strstr(app.version, "bad") != NULL;
+  /* Conventions of the version's name, for specs whose provider command
+   * names only {version}: "2.0-err30" fails 30 %, "2.0-slow200" adds 200 ms. */
+  const char *p = strstr(app.version, "err");
+  if (p && p[3] >= '0' && p[3] <= '9' && app.error_percent == 0)
+    app.error_percent = strtol(p + 3, NULL, 10) > 100 ? 100 : strtol(p + 3, NULL, 10);
+  p = strstr(app.version, "slow");
+  if (p && p[4] >= '0' && p[4] <= '9' && app.slow_ms == 0)
+    app.slow_ms = (uint64_t)strtol(p + 4, NULL, 10);
   snprintf(app.version_body, sizeof app.version_body, "%s\n", app.version);
   snprintf(app.bad_body, sizeof app.bad_body, "bad version %s\n", app.version);
 }

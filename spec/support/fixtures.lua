@@ -311,27 +311,48 @@ end
 -- body, trailing newline dropped) and the number of other outcomes,
 -- failed connections included. wrap (optional) turns a command into one
 -- run elsewhere (a network namespace: hosts.lua's net:wrap).
-function fixtures.sample_url(url, n, wrap)
-  local counts, bad, seen = {}, 0, 0
+-- args (optional): more curl arguments, each a string, e.g. { "-H",
+-- "X-Canary: always" } or { "-b", jar, "-c", jar } (a cookie jar that the
+-- requests of one call share, as one browser would).
+local function fetch_all(url, n, wrap, args)
   -- curl's URL globbing: /?[1-n] is n URLs, the query is ignored by the app.
   local glob = url .. (url:find("?", 1, true) and "&" or "?") .. "[1-" .. n .. "]"
-  local cmd = string.format("curl -s -m %d -o - -w %s %s", 10 + n // 20, q(SEP), q(glob))
+  local extra = ""
+  for _, a in ipairs(args or {}) do extra = extra .. " " .. q(a) end
+  local cmd = string.format("curl -s -m %d%s -o - -w %s %s", 10 + n // 20, extra, q(SEP), q(glob))
   local out = capture(wrap and wrap(cmd) or cmd)
-  local pos = 1
+  local list, pos = {}, 1
   while true do
     local s, e, code = out:find("\n@@fixtures:(%d+)@@\n", pos)
     if not s then break end
-    local body = out:sub(pos, s - 1):gsub("\n$", "")
-    code = tonumber(code)
-    seen = seen + 1
-    if code >= 200 and code < 300 then
-      counts[body] = (counts[body] or 0) + 1
+    list[#list + 1] = { code = tonumber(code), body = (out:sub(pos, s - 1):gsub("\n$", "")) }
+    pos = e + 1
+  end
+  return list
+end
+
+function fixtures.sample_url(url, n, wrap, args)
+  local counts, bad = {}, 0
+  local list = fetch_all(url, n, wrap, args)
+  for _, r in ipairs(list) do
+    if r.code >= 200 and r.code < 300 then
+      counts[r.body] = (counts[r.body] or 0) + 1
     else
       bad = bad + 1
     end
-    pos = e + 1
   end
-  return counts, bad + (n - seen)
+  return counts, bad + (n - #list)
+end
+
+-- n GETs of url in order (one curl, see sample_url): the body of each 2xx
+-- answer, "HTTP <code>" for any other, "no answer" for none.
+function fixtures.sequence(url, n, args)
+  local out = {}
+  for i, r in ipairs(fetch_all(url, n, nil, args)) do
+    out[i] = (r.code >= 200 and r.code < 300) and r.body or (r.code == 0 and "no answer" or ("HTTP " .. r.code))
+  end
+  for i = #out + 1, n do out[i] = "no answer" end
+  return out
 end
 
 ------------------------------------------------------------------------
@@ -397,6 +418,7 @@ local function haproxy_config(opts)
   lines[#lines + 1] = ""
   lines[#lines + 1] = "backend " .. opts.backend
   lines[#lines + 1] = "  balance roundrobin"
+  for _, l in ipairs(fixtures.haproxy_route_lines(opts.routes, opts.map)) do lines[#lines + 1] = "  " .. l end
   for i, s in ipairs(opts.servers or {}) do
     if type(s) == "string" then
       lines[#lines + 1] = "  server " .. s
@@ -406,6 +428,33 @@ local function haproxy_config(opts)
     end
   end
   return table.concat(lines, "\n") .. "\n"
+end
+
+-- The lines README ("Routing beyond weights") has a backend add for
+-- deployctl's routes, for map file `map`: routes.cookie (sticky canaries),
+-- routes.header or routes.test_cookie (testers), and always maintenance.
+-- {} when routes is nil.
+function fixtures.haproxy_route_lines(routes, map)
+  if not routes then return {} end
+  local m = "map(" .. map .. ")"
+  local lines = {
+    'http-request return status 503 content-type "text/html; charset=utf-8" lf-string "%[str(maintenance),' .. m
+      .. ']" hdr Retry-After "%[str(retry_after),' .. m .. ']" if { str(maintenance),' .. m .. ' -m found }',
+  }
+  if routes.cookie then
+    lines[#lines + 1] = "cookie " .. routes.cookie .. " dynamic"
+    lines[#lines + 1] = "dynamic-cookie-key deployctl-spec"
+    lines[#lines + 1] = "ignore-persist if { req.cook(" .. routes.cookie .. ") -m found } !{ req.cook(" .. routes.cookie
+      .. ")," .. m .. " -m str sticky }"
+    lines[#lines + 1] = 'http-response add-header Set-Cookie "%[srv_name,' .. m .. ']" if { srv_name,' .. m
+      .. ' -m found }'
+  end
+  if routes.header or routes.test_cookie then
+    local fetch = routes.header and ("req.hdr(" .. routes.header .. ")") or ("req.cook(" .. routes.test_cookie .. ")")
+    lines[#lines + 1] = "server deployctl-test 127.0.0.1:1 weight 0 disabled"
+    lines[#lines + 1] = "use-server deployctl-test if { " .. fetch .. "," .. m .. " -m str test_route }"
+  end
+  return lines
 end
 
 local Haproxy = {}
@@ -490,8 +539,8 @@ end
 
 -- n sequential GETs of `path` (default /) through the frontend, one curl.
 -- Returns { [version] = count } of 2xx answers and the count of the rest.
-function Haproxy:sample(n, path)
-  return fixtures.sample_url(self:url(path), n, self.client_wrap)
+function Haproxy:sample(n, path, args)
+  return fixtures.sample_url(self:url(path), n, self.client_wrap, args)
 end
 
 -- kill -9, then start again with the same config and port: runtime
@@ -518,7 +567,9 @@ end
 
 -- opts: backend (default "app"), servers (nil: none; else a list of
 -- { name, addr, port, weight } or raw "name addr:port ..." strings),
--- retries (default: HAProxy's), port (default: a free one).
+-- retries (default: HAProxy's), port (default: a free one), routes (the
+-- backend gets README's lines for deployctl's routes, see
+-- haproxy_route_lines, and an empty map file, self.map).
 -- Elsewhere than this machine's 127.0.0.1: bind (the frontend's address,
 -- also the TCP stats socket's), wrap (runs HAProxy there: a function from
 -- a command to the command that runs it, e.g. in a network namespace),
@@ -539,9 +590,15 @@ function fixtures.haproxy(opts)
     client_wrap = opts.client_wrap,
     stats_tcp = opts.stats_tcp,
   }, Haproxy)
+  if opts.routes then
+    -- deployctl's map: an empty file HAProxy loads, filled at runtime
+    self.map = dir .. "/" .. self.backend .. ".map"
+    write_file(self.map, "")
+  end
   write_file(self.config, haproxy_config{
     socket = self.socket, port = self.port, backend = self.backend, bind = self.bind,
     servers = opts.servers, retries = opts.retries, stats_tcp = opts.stats_tcp,
+    routes = opts.routes, map = self.map,
   })
   haproxies[#haproxies + 1] = self
   self:_start()
@@ -569,11 +626,18 @@ fixtures.nginx_bin = nginx_bin
 -- The include the router writes for an empty server list (runtime/nginx.c,
 -- render), generation 0: what an operator creates before nginx first starts.
 function fixtures.nginx_empty_include(upstream, dir)
+  local var = "deployctl_" .. upstream:gsub("[-.]", "_")
   return table.concat({
     "# deployctl nginx router: upstream " .. upstream .. ", generation 0.",
     "# Every apply rewrites this file: do not edit it.",
     "upstream " .. upstream .. " {",
     "    server 127.0.0.1:1 down;  # (none)",
+    "}",
+    "map $host $" .. var .. " {",
+    "    default " .. upstream .. ";",
+    "}",
+    "map $upstream_addr $" .. var .. "_cookie {",
+    '    default "";',
     "}",
     "server {",
     "    listen unix:" .. dir .. "/" .. upstream .. ".gen.sock;",
@@ -662,8 +726,11 @@ end
 
 -- A new target behind this nginx: upstream `name` (default app<N>) in an
 -- include of its own, in the router's empty form, and a frontend on a
--- free port. Reloads nginx. Returns the site.
-function Nginx:site(name)
+-- free port. Reloads nginx. Returns the site. opts.routes: the frontend
+-- proxies as README's "Routing beyond weights" says (to $deployctl_NAME,
+-- with its Set-Cookie), so testers' routes and sticky canaries work.
+function Nginx:site(name, opts)
+  opts = opts or {}
   self.nsites = self.nsites + 1
   name = name or ("app" .. self.nsites)
   local site = setmetatable({
@@ -677,7 +744,10 @@ function Nginx:site(name)
     "  listen 127.0.0.1:" .. site.port .. ";",
     -- A request to a dead instance fails visibly, not quietly retried on
     -- another (as the HAProxy fixture has no `option redispatch`).
-    "  location / { proxy_pass http://" .. name .. "; proxy_next_upstream off; }",
+    opts.routes
+      and ("  location / { proxy_pass http://$deployctl_" .. name:gsub("[-.]", "_") .. "; proxy_next_upstream off;"
+           .. " add_header Set-Cookie $deployctl_" .. name:gsub("[-.]", "_") .. "_cookie; }")
+      or ("  location / { proxy_pass http://" .. name .. "; proxy_next_upstream off; }"),
     "}",
   }, "\n") .. "\n")
   -- Any answer (502: no server yet) means the new site is loaded.
@@ -731,8 +801,8 @@ function NginxSite:get(path)
 end
 
 -- n sequential GETs through the frontend, one curl (see sample_url).
-function NginxSite:sample(n, path)
-  return fixtures.sample_url(self:url(path), n)
+function NginxSite:sample(n, path, args)
+  return fixtures.sample_url(self:url(path), n, nil, args)
 end
 
 -- The router table for this site (DESIGN.md, Configuration).
@@ -749,10 +819,78 @@ end
 -- { [name] = weight } of the servers in the include ("down" is 0).
 function NginxSite:weights()
   local w = {}
-  for addr, what, name in (read_file(self.include) or ""):gmatch("\n    server (%S+) (%S-);  # (%S+)") do
-    if name ~= "(none)" then w[name] = tonumber(what:match("^weight=(%d+)$")) or 0 end
+  local text = read_file(self.include) or ""
+  -- the weighted upstream only: the first block
+  local block = text:match("\nupstream [^\n]* {\n(.-)\n}") or ""
+  for addr, what, name in ("\n" .. block):gmatch("\n    server (%S+) ([^;]-);  # (%S+)") do
+    if name ~= "(none)" and name ~= "(maintenance)" then w[name] = tonumber(what:match("^weight=(%d+)")) or 0 end
   end
   return w
+end
+
+------------------------------------------------------------------------
+-- Prometheus
+--
+-- Debian's prometheus, its data in a temp dir, listening on a free
+-- 127.0.0.1 port, scraping /metrics of every "host:port" in opts.targets
+-- every opts.scrape_interval (default "1s"). The targets may listen or not:
+-- give the whole port range of a target, and whatever instance runs there
+-- is scraped. Returns once its targets are active (Prometheus applies a
+-- new target list up to 5 s after start).
+
+local Prometheus = {}
+Prometheus.__index = Prometheus
+
+local function prometheus_bin()
+  local env = os.getenv("PROMETHEUS")
+  if env and env ~= "" then return env end
+  return "/usr/bin/prometheus"
+end
+
+-- An instant query; returns the decoded answer (cjson) and the raw text.
+function Prometheus:query(promql)
+  local cjson = require "cjson"
+  local out = capture(string.format("curl -s -m 5 -G --data-urlencode %s %s", q("query=" .. promql),
+                                    q(self.url .. "/api/v1/query")))
+  local ok, doc = pcall(cjson.decode, out)
+  return ok and doc or nil, out
+end
+
+function Prometheus:stop()
+  if self.pid then
+    fixtures.stop(self.pid, 5)
+    self.pid = nil
+  end
+end
+
+function fixtures.prometheus(opts)
+  opts = opts or {}
+  local dir = fixtures.tmpdir("prometheus")
+  local port = fixtures.free_port()
+  local targets = {}
+  for _, t in ipairs(opts.targets or {}) do targets[#targets + 1] = "'" .. t .. "'" end
+  write_file(dir .. "/prometheus.yml", table.concat({
+    "global:",
+    "  scrape_interval: " .. (opts.scrape_interval or "1s"),
+    "  scrape_timeout: " .. (opts.scrape_interval or "1s"),
+    "  evaluation_interval: " .. (opts.scrape_interval or "1s"),
+    "scrape_configs:",
+    "  - job_name: demo",
+    "    static_configs:",
+    "      - targets: [" .. table.concat(targets, ", ") .. "]",
+  }, "\n") .. "\n")
+  local self = setmetatable({ dir = dir, port = port, url = "http://127.0.0.1:" .. port }, Prometheus)
+  self.pid = spawn(string.format("exec %s --config.file=%s --storage.tsdb.path=%s --web.listen-address=127.0.0.1:%d "
+                                 .. "--log.level=warn", q(prometheus_bin()), q(dir .. "/prometheus.yml"),
+                                 q(dir .. "/data"), port), dir .. "/prometheus.log")
+  fixtures.wait_until(function()
+    if not fixtures.alive(self.pid) then
+      error("fixtures: prometheus exited at start-up:\n" .. (read_file(dir .. "/prometheus.log") or ""), 0)
+    end
+    local code, body = fixtures.http_get(self.url .. "/api/v1/targets", 2)
+    return code == 200 and body:find('"activeTargets":%[{') ~= nil
+  end, 20, "prometheus on 127.0.0.1:" .. port .. " to scrape its targets")
+  return self
 end
 
 ------------------------------------------------------------------------
@@ -896,8 +1034,9 @@ end
 
 -- Stops everything started here (HAProxy, nginx, spawned commands, and
 -- any process whose command line names one of our directories), then
--- removes the directories. opts.keep: handles (fixtures.nginx) to leave
--- running with their directories, for the next spec of the same file.
+-- removes the directories. opts.keep: handles (fixtures.nginx,
+-- fixtures.haproxy) to leave running with their directories, for the next
+-- spec of the same file.
 function fixtures.cleanup(opts)
   local kept_dirs, kept_pids = {}, {}
   for _, h in ipairs(opts and opts.keep or {}) do
@@ -906,10 +1045,12 @@ function fixtures.cleanup(opts)
   end
   for i = #haproxies, 1, -1 do
     -- One HAProxy that will not stop must not keep the rest running.
-    local ok = pcall(haproxies[i].stop, haproxies[i])
-    if not ok then
-      if haproxies[i].pid then fixtures.kill(haproxies[i].pid, "KILL") end
-      table.remove(haproxies, i)
+    if not kept_dirs[haproxies[i].dir] then
+      local ok = pcall(haproxies[i].stop, haproxies[i])
+      if not ok then
+        if haproxies[i].pid then fixtures.kill(haproxies[i].pid, "KILL") end
+        table.remove(haproxies, i)
+      end
     end
   end
   for i = #nginxes, 1, -1 do
