@@ -296,7 +296,7 @@ describe("bad input", function()
       { cfg(function(_, p) p.instances = 0 end), "config targets%.production%.instances must be between 1 and 64" },
       { cfg(function(_, p) p.instances = "two" end), "targets%.production%.instances must be a number, got string" },
       { cfg(function(_, p) p.provider = nil end), "targets%.production%.provider is missing" },
-      { cfg(function(_, p) p.provider.kind = "docker" end), "provider kind 'docker' is not known %(known: process, ssh%)" },
+      { cfg(function(_, p) p.provider.kind = "docker" end), "provider kind 'docker' is not known %(known: process, ssh, test%)" },
       { cfg(function(_, p) p.provider.command = nil end), "provider%.command is missing" },
       { cfg(function(_, p) p.provider.ports = "30000-20000" end), "is not a usable range" },
       { cfg(function(_, p) p.provider.ports = "lots" end), "'lots' is not a port range: write 'LOW%-HIGH'" },
