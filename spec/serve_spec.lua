@@ -412,9 +412,11 @@ scrape_configs:
     assert.equal(0, (cli.run({ "--config", env.config, "deploy", "staging", "s1" })))
     local text = fixtures.wait_until(function()
       local t = fixtures.read_file(out) or ""
-      return t:find('"kind":"finished"', 1, true) and t
-    end, 20, "the events of the deployment of staging")
-    assert.matches('"target":"staging","current_version":"s1"', text, 1, true)
+      -- the events as they happen; the target's view once serve has read it again
+      return t:find('"kind":"finished"', 1, true) and t:find('"target":"staging","current_version":"s1"', 1, true)
+             and t
+    end, 20, "the events of the deployment of staging, then its new view")
+    assert.is_truthy(text:find("event: target\ndata: {\"target\":\"staging\",\"current_version\":\"s1\"", 1, true))
     fixtures.stop(pid)
   end)
 
