@@ -361,17 +361,45 @@ static void status_seen(void *payload, const json_t *view, const char *err) {
   st->w.done = 1;
 }
 
-static int manager_get_status(lua_State *L) {
+/* The view of the target (view.h), checked now. */
+static json_t *describe_now(lua_State *L, const char *method) {
   lsched_check_can_wait(L);
   lmanager *m = manager_at(L, 1);
-  const char *target = check_target(L, m, 2, "manager:get_status()");
+  const char *target = check_target(L, m, 2, method);
   lstatus st = {.w = {.L = L}};
   describe_opts o = {.check = 1};
   wait_for(L, &st.w, service_describe(m->svc, target, &o, status_seen, &st, st.w.err));
   if (!st.w.ok)
-    return lerror(L, st.w.err);
-  ljson_push(L, st.view);
-  json_decref(st.view);
+    lerror(L, st.w.err);
+  return st.view;
+}
+
+/* get_status(target): the specification's DeploymentStatus, its five
+ * fields only (and maintenance while it is on), read from the same view as
+ * describe(), so both tell the same truth. */
+static int manager_get_status(lua_State *L) {
+  static const char *const fields[] = {"target", "current_version", "status", "health", "instances",
+                                       "maintenance", NULL};
+  json_t *view = describe_now(L, "manager:get_status()");
+  json_t *out = json_object();
+  for (int i = 0; fields[i]; i++) {
+    json_t *v = json_object_get(view, fields[i]);
+    if (v && !json_is_null(v) && !json_is_false(v))
+      json_object_set(out, fields[i], v);
+  }
+  json_decref(view);
+  ljson_push(L, out);
+  json_decref(out);
+  return 1;
+}
+
+/* describe(target): the whole view: state, summary, instances_by_version,
+ * rollout, last_deployment, analysis, supervision, lock beside the five
+ * fields (what `deployctl status --json` and the API of serve show). */
+static int manager_describe(lua_State *L) {
+  json_t *view = describe_now(L, "manager:describe()");
+  ljson_push(L, view);
+  json_decref(view);
   return 1;
 }
 
@@ -1223,6 +1251,7 @@ void lmanager_register(lua_State *L) {
       {"deploy", manager_deploy},
       {"rollback", manager_rollback},
       {"get_status", manager_get_status},
+      {"describe", manager_describe},
       {"history", manager_history},
       {"deployment", manager_deployment},
       {"events", manager_events},

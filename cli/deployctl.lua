@@ -857,7 +857,7 @@ function commands.status(opts, args)
   if pos[1] then check_target(m, pos[1]) end
   local targets = pos[1] and { pos[1] } or m:targets()
   local rows = {}
-  for _, t in ipairs(targets) do rows[#rows + 1] = m:get_status(t) end
+  for _, t in ipairs(targets) do rows[#rows + 1] = m:describe(t) end
   local instances, router_error, routers
   if pos[1] then instances, router_error, routers = m:live_instances(pos[1]) end
   local analysis = pos[1] and last_analysis(m, pos[1]) or nil

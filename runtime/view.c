@@ -340,15 +340,13 @@ json_t *view_build(const view_input *in) {
                                 sup.restarts, "degraded", sup.degraded, "reason", str_or_null(sup.reason),
                                 "last_restart_at", iso(sup.last_restart)));
   json_object_set_new(v, "lock", in->lock ? lock_json(in->lock) : json_null());
-  /* As get_status has it (deployctl maintenance): false, or who turned it
-   * on, when, and what the router answers meanwhile. */
+  /* As get_status has it (deployctl maintenance): absent, or who turned
+   * it on, when, and what the router answers meanwhile. */
   if (row && row->maintenance) {
     json_object_set_new(v, "maintenance",
                         json_pack("{s:o, s:i, s:o, s:s}", "message", str_or_null(row->maintenance_message),
                                   "retry_after", row->maintenance_retry_after, "since", iso(row->maintenance_since),
                                   "by", row->maintenance_by));
-  } else {
-    json_object_set_new(v, "maintenance", json_false());
-  }
+  } /* absent when off, as get_status has it */
   return v;
 }

@@ -50,12 +50,15 @@ describe("data models", function()
     end
     local before = m:get_status("staging")
     assert.same({ target = "staging", status = "deployed", health = "unhealthy", instances = 0 }, spec_fields(before))
-    assert.same({ "never_deployed", "never deployed" }, { before.state, before.summary })
+    -- exactly the specification's fields; the whole view is describe()'s
+    assert.same({ target = "staging", status = "deployed", health = "unhealthy", instances = 0 }, before)
+    local view = m:describe("staging")
+    assert.same({ "never_deployed", "never deployed" }, { view.state, view.summary })
     m:deploy("staging", "1.0.0")
     local s = m:get_status("staging")
     assert.same({ target = "staging", current_version = "1.0.0", status = "deployed",
                   health = "healthy", instances = 2 }, spec_fields(s))
-    assert.same({ { version = "1.0.0", role = "live", running = 2, total = 2 } }, s.instances_by_version)
+    assert.same({ { version = "1.0.0", role = "live", running = 2, total = 2 } }, m:describe("staging").instances_by_version)
     assert.equal("integer", math.type(s.instances))
   end)
 
@@ -211,8 +214,9 @@ describe("DeploymentManager", function()
     -- deployment's (issue 13: not "failed" while 1.0.0 serves)
     assert.equal("deployed", st.status)
     assert.equal("healthy", st.health)
-    assert.same({ "2.0.0-bad", "failed" }, { st.last_deployment.version, st.last_deployment.status })
-    assert.matches("the last deployment %(2%.0%.0%-bad, ", st.summary)
+    local view = m:describe("staging")
+    assert.same({ "2.0.0-bad", "failed" }, { view.last_deployment.version, view.last_deployment.status })
+    assert.matches("the last deployment %(2%.0%.0%-bad, ", view.summary)
     assert.equal(0, #fixtures.instances_of(dir, "2.0.0-bad"))
   end)
 end)
@@ -265,6 +269,8 @@ describe("bad input", function()
     assert.has_error(function() m:rollback({}) end, "deploy: manager:rollback(): target must be a string, got table")
     assert.has_error(function() m:rollback("staging", 3) end, "deploy: manager:rollback(): version must be a string, got number")
     assert.has_error(function() m:get_status(7) end, "deploy: manager:get_status(): target must be a string, got number")
+    assert.has_error(function() m:describe(7) end, "deploy: manager:describe(): target must be a string, got number")
+    assert.has_error(function() m:describe("prod") end, "deploy: unknown target 'prod' (known: production, staging)")
     assert.has_error(function() m.deploy({}, "staging", "1") end)
   end)
 
@@ -300,7 +306,7 @@ describe("bad input", function()
       { cfg(function(_, p) p.provider.command = nil end), "provider%.command is missing" },
       { cfg(function(_, p) p.provider.ports = "30000-20000" end), "is not a usable range" },
       { cfg(function(_, p) p.provider.ports = "lots" end), "'lots' is not a port range: write 'LOW%-HIGH'" },
-      { cfg(function(_, p) p.router = { kind = "f5" } end), "router kind 'f5' is not known %(known: haproxy, nginx, none%)" },
+      { cfg(function(_, p) p.router = { kind = "f5" } end), "router kind 'f5' is not known %(known: haproxy, nginx, none, test%)" },
       { cfg(function(_, p) p.router = { kind = "haproxy", backend = "app" } end), "router%.socket is missing" },
       { cfg(function(_, p) p.health.interval = 0 end), "health%.interval must be between" },
       { cfg(function(_, p) p.health.path = "healthz" end), "path 'healthz' must start with '/'" },
