@@ -298,7 +298,8 @@ describe("deployctl serve", function()
       if st.supervision.degraded then return st end
       local _, out = cli.run({ "--config", env.config, "status", "batch", "--json" })
       for _, i in ipairs(cjson.decode(out).instances or {}) do
-        if i.live and i.alive and not killed[i.pid] then
+        -- (a pid of 0 is a restart under way: kill(0) would hit this very process group)
+        if i.live and i.alive and math.tointeger(i.pid) and i.pid > 1 and not killed[i.pid] then
           killed[i.pid] = true
           fixtures.kill(math.tointeger(i.pid), "KILL")
         end
