@@ -13,6 +13,7 @@
 #include "analysis.h"
 #include "engine.h"
 #include "lutil.h"
+#include "lwebhook.h"
 #include "ssh.h"
 #include "util.h"
 
@@ -571,6 +572,22 @@ static void read_health(lua_State *L, int idx, const char *path, target_health *
   lua_pop(L, 1);
 }
 
+/* webhooks = { {...}, ... } and notify = { {...}, ... }: checked by the
+ * runtime (webhook.c, notify.c), owned by the target. */
+static void read_hooks(lua_State *L, int idx, const char *path, target_config *t) {
+  char what[160];
+  if (field(L, idx, "webhooks") != LUA_TNIL) {
+    dc_fmt(what, sizeof what, "deploy: config %s.webhooks", path);
+    lwebhook_read(L, lua_gettop(L), what, &t->webhooks);
+  }
+  lua_pop(L, 1);
+  if (field(L, idx, "notify") != LUA_TNIL) {
+    dc_fmt(what, sizeof what, "deploy: config %s.notify", path);
+    lnotify_read(L, lua_gettop(L), what, &t->notify);
+  }
+  lua_pop(L, 1);
+}
+
 /* analysis = { interval, failure_limit, metrics }: checked by the one
  * parser of runtime/analysis_spec.c, and against the target's router. */
 static void read_analysis(lua_State *L, int idx, const char *path, target_config *t) {
@@ -621,7 +638,7 @@ static void read_retain(lua_State *L, int idx, const char *path, const target_re
 static void read_target(lua_State *L, lconfig *c, const char *name, int idx, const char *log_dir,
                         const char *tag, const target_retain *retain) {
   static const char *const allowed[] = {"instances", "hosts", "provider", "router", "routers", "health", "retain",
-                                        "analysis", "restart", NULL};
+                                        "analysis", "webhooks", "notify", "restart", NULL};
   char path[128], err[DC_ERR_MAX];
   dc_fmt(path, sizeof path, "targets.%s", name);
   if (dc_validate_target_name(name, err) != 0)
@@ -645,6 +662,7 @@ static void read_target(lua_State *L, lconfig *c, const char *name, int idx, con
   read_retain(L, idx, path, retain, &t->retain);
   make_provider(L, idx, path, t, log_dir, tag);
   make_router(L, idx, path, t);
+  read_hooks(L, idx, path, t);
   read_analysis(L, idx, path, t);
 }
 

@@ -1094,7 +1094,8 @@ int lmanager_push_strategy(lua_State *L, int manager_idx, const char *name) {
 }
 
 int lmanager_start(lua_State *L, int manager_idx, const char *target, const char *version, int strategy_idx,
-                   const char *metadata_json, lrun_done_cb cb, void *payload, char *err) {
+                   const char *metadata_json, const webhook_list *webhooks, lrun_done_cb cb, void *payload,
+                   char *err) {
   manager_idx = lua_absindex(L, manager_idx);
   if (strategy_idx)
     strategy_idx = lua_absindex(L, strategy_idx);
@@ -1106,7 +1107,7 @@ int lmanager_start(lua_State *L, int manager_idx, const char *target, const char
   }
   lrun_spec sp = {.svc = m->svc, .target = target, .version = version, .kind = "deploy",
                   .strategy_idx = resolve_strategy(L, manager_idx, strategy_idx), .hook_timeout = 30,
-                  .metadata_json = metadata_json, .cb = cb, .payload = payload};
+                  .metadata_json = metadata_json, .webhooks = webhooks, .cb = cb, .payload = payload};
   sp.on_event2_idx = manager_handler_idx(L, manager_idx);
   int rc = lrun_start(L, &sp, err);
   lua_settop(L, top);

@@ -444,6 +444,11 @@ local function event_line(ev)
     detail = d.message or cjson.encode(d)
   elseif ev.kind == "hook_failed" then
     detail = string.format("%s: %s", d.hook, d.error)
+  elseif ev.kind == "webhook" then
+    detail = string.format("%s (%s): %s%s", d.name, d.type, d.ok and "ok" or "failed",
+                           d.detail and d.detail ~= "" and (", " .. d.detail) or "")
+  elseif ev.kind == "webhook_waiting" then
+    detail = string.format("%s (%s) says not yet: %s; asking every %gs", d.name, d.type, d.detail or "", d.interval or 0)
   elseif ev.kind == "rolled_back" then
     detail = string.format("traffic back on the old version (from %g %%)", d.from_pct or 0)
   elseif ev.kind == "instance_restarted" then
@@ -527,6 +532,7 @@ local function progress_printer(interval)
     if ev.kind == "paused" then s.paused_at = ev.ts end
     if ev.kind == "resumed" then s.paused_at = nil s.traffic_at = ev.ts end
     if ev.kind == "bake" then s.bake = "holding, old set warm" end
+    if ev.kind == "webhook_waiting" then s.bake = "waiting for webhook " .. d.name .. " (" .. d.type .. ")" end
     if ev.kind:find("analysis", 1, true) then
       local verdict, why = analysis_of(ev)
       if verdict then
@@ -1420,6 +1426,10 @@ local ok, rv = xpcall(main, function(e)
   return debug.traceback(tostring(e), 2)
 end, ...)
 out:flush()
+-- Notifications and event webhooks are never waited for by a rollout; they
+-- still get up to 10 s to leave before the process ends (not after Ctrl-C).
+local left = (ok or not tostring(rv):find("interrupted", 1, true)) and deploy._flush(10) or 0
+if left > 0 then eprintf("deployctl: %d notification(s) not delivered in 10 s: dropped\n", left) end
 if ok then return rv end
 if type(rv) == "table" then
   eprintf("deployctl: %s\n", rv.usage)

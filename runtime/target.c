@@ -46,6 +46,8 @@ void target_config_free(target_config *t) {
       t->routers[i]->free(t->routers[i]);
   /* After both: they cancel their commands, which live in it. */
   ssh_ctx_free(t->ssh);
+  webhook_list_clear(&t->webhooks);
+  notify_list_clear(&t->notify);
   analysis_spec_free(t->analysis);
   for (size_t i = 0; i < t->nnodes; i++)
     free(t->nodes[i]);
