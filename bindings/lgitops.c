@@ -651,6 +651,17 @@ static int sync_new(lua_State *L) {
   return 1;
 }
 
+gitsync *lgitops_gitsync(lua_State *L, int idx) {
+  lgitops *lg = luaL_testudata(L, idx, GITOPS_MT);
+  if (!lg)
+    luaL_error(L, "deploy: a GitOpsSynchronizer was expected, got %s", luaL_typename(L, idx));
+  if (lg->closed)
+    luaL_error(L, "deploy: this GitOpsSynchronizer was closed");
+  if (!lg->gs) /* built at its first use when made without a manager */
+    luaL_error(L, "deploy: this GitOpsSynchronizer has no manager yet: give it manager = ...");
+  return lg->gs;
+}
+
 static void build(lua_State *L, lgitops *lg, int manager_idx) {
   char err[DC_ERR_MAX], cache[1100];
   service *svc = lmanager_service(L, manager_idx);

@@ -11,6 +11,7 @@
 #include "lhttp.h"
 #include "lmanager.h"
 #include "lparallel.h"
+#include "lserve.h"
 #include "lsched.h"
 #include "lstrategy.h"
 #include "lutil.h"
@@ -137,6 +138,12 @@ static int deploy_flush(lua_State *L) {
   return 1;
 }
 
+/* deploy.virtual_clock(): true when waits return at once (simulating). */
+static int deploy_virtual_clock(lua_State *L) {
+  lua_pushboolean(L, lengine_get(L)->virtual_clock);
+  return 1;
+}
+
 /* deploy._host{ config = path, simulate = bool }: set by deployctl run.
  * config: what DeploymentManager{} uses when given no config; simulate:
  * a dry run for everything in this process: the virtual clock, test
@@ -235,6 +242,7 @@ static int deploy_migrate_store(lua_State *L) {
 int luaopen_deploy(lua_State *L) {
   static const luaL_Reg functions[] = {{"sleep", deploy_sleep},
                                        {"now", deploy_now},
+                                       {"virtual_clock", deploy_virtual_clock},
                                        {"_host", deploy_host},
                                        {"_flush", deploy_flush},
                                        {"router_weights", deploy_router_weights},
@@ -258,6 +266,7 @@ int luaopen_deploy(lua_State *L) {
   ldeployment_register(L);
   lparallel_register(L);
   lgitops_register(L);
+  lserve_register(L);
   lhttp_register(L);
   return 1;
 }

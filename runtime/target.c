@@ -29,6 +29,7 @@ target_config *target_config_new(const char *name) {
   t->instances = 1;
   dc_strlcpy(t->name, name, sizeof t->name);
   target_health_default(&t->health);
+  dc_strlcpy(t->restart, "on-failure", sizeof t->restart);
   t->retain = (target_retain){.history = 200, .versions = 10, .log_mb = 100};
   return t;
 }

@@ -51,6 +51,9 @@ typedef struct target_config {
   double boot_limit_pct;
   double boot_wait;
   ssh_ctx *ssh;             /* the target's ssh connections (provider, router), owned; may be NULL */
+  /* What `deployctl serve` does when a live instance dies between
+   * deployments (supervise.h): "on-failure" (default), "always", "never". */
+  char restart[16];
   webhook_list webhooks;    /* called by every rollout of the target (webhook_hooks.h) */
   notify_list notify;       /* told about every rollout of the target (notify.h) */
   analysis_spec *analysis;  /* measured during every hold unless the strategy has its own; owned; may be NULL */
