@@ -13,6 +13,7 @@
 #include "analysis.h"
 #include "engine.h"
 #include "lutil.h"
+#include "lwebhook.h"
 #include "ssh.h"
 #include "util.h"
 
@@ -82,8 +83,10 @@ static const char *str_field(lua_State *L, int idx, const char *path, const char
     fail(L, full, "%s", "could not be registered as holding secrets: out of memory");
   lua_pop(L, 1);
   /* ${NAME} is read from the environment now, except in the command, which
-   * is expanded only when an instance starts (its values are never kept). */
-  if (strcmp(k, "command") != 0 && strstr(buf, "${")) {
+   * is expanded only when an instance starts (its values are never kept),
+   * and in a webhook secret, which only `deployctl serve` reads (other
+   * commands need not have it in their environment). */
+  if (strcmp(k, "command") != 0 && strcmp(k, "secret") != 0 && strstr(buf, "${")) {
     char expanded[4096], err[DC_ERR_MAX];
     if (dc_expand_env(expanded, sizeof expanded, buf, err) != 0)
       fail(L, full, "%s", dc_unprefix(err));
@@ -569,6 +572,22 @@ static void read_health(lua_State *L, int idx, const char *path, target_health *
   lua_pop(L, 1);
 }
 
+/* webhooks = { {...}, ... } and notify = { {...}, ... }: checked by the
+ * runtime (webhook.c, notify.c), owned by the target. */
+static void read_hooks(lua_State *L, int idx, const char *path, target_config *t) {
+  char what[160];
+  if (field(L, idx, "webhooks") != LUA_TNIL) {
+    dc_fmt(what, sizeof what, "deploy: config %s.webhooks", path);
+    lwebhook_read(L, lua_gettop(L), what, &t->webhooks);
+  }
+  lua_pop(L, 1);
+  if (field(L, idx, "notify") != LUA_TNIL) {
+    dc_fmt(what, sizeof what, "deploy: config %s.notify", path);
+    lnotify_read(L, lua_gettop(L), what, &t->notify);
+  }
+  lua_pop(L, 1);
+}
+
 /* analysis = { interval, failure_limit, metrics }: checked by the one
  * parser of runtime/analysis_spec.c, and against the target's router. */
 static void read_analysis(lua_State *L, int idx, const char *path, target_config *t) {
@@ -619,7 +638,7 @@ static void read_retain(lua_State *L, int idx, const char *path, const target_re
 static void read_target(lua_State *L, lconfig *c, const char *name, int idx, const char *log_dir,
                         const char *tag, const target_retain *retain) {
   static const char *const allowed[] = {"instances", "hosts", "provider", "router", "routers", "health", "retain",
-                                        "analysis", NULL};
+                                        "analysis", "webhooks", "notify", "restart", NULL};
   char path[128], err[DC_ERR_MAX];
   dc_fmt(path, sizeof path, "targets.%s", name);
   if (dc_validate_target_name(name, err) != 0)
@@ -632,12 +651,114 @@ static void read_target(lua_State *L, lconfig *c, const char *name, int idx, con
     lerror(L, "deploy: out of memory");
   c->targets[c->ntargets++] = t;
   t->instances = int_field(L, idx, path, "instances", 1, 1, 64);
+  str_field(L, idx, path, "restart", "on-failure", t->restart, sizeof t->restart);
+  if (strcmp(t->restart, "on-failure") != 0 && strcmp(t->restart, "always") != 0 && strcmp(t->restart, "never") != 0) {
+    char full[160];
+    dc_fmt(full, sizeof full, "%s.restart", path);
+    fail(L, full, "'%s' is not known: use 'on-failure', 'always' or 'never'", t->restart);
+  }
   read_hosts(L, idx, path, t);
   read_health(L, idx, path, &t->health);
   read_retain(L, idx, path, retain, &t->retain);
   make_provider(L, idx, path, t, log_dir, tag);
   make_router(L, idx, path, t);
+  read_hooks(L, idx, path, t);
   read_analysis(L, idx, path, t);
+}
+
+/* ---- what `deployctl serve` reads: gitops = { {...}, ... }, serve = {...} ---- */
+
+static void copy_str(lua_State *L, int from, int to, const char *path, const char *k, const char *def) {
+  char buf[2048];
+  int t = field(L, from, k);
+  lua_pop(L, 1);
+  if (t == LUA_TNIL && !def)
+    return;
+  str_field(L, from, path, k, def, buf, sizeof buf);
+  lua_pushstring(L, buf);
+  lua_setfield(L, to, k);
+}
+
+/* Pushes the checked copy of config.gitops: a list of { repo_url, branch,
+ * path, interval, prune, secret }. */
+static void read_gitops(lua_State *L, int idx) {
+  static const char *const allowed[] = {"repo_url", "branch", "path", "interval", "prune", "secret", NULL};
+  lua_newtable(L);
+  int out = lua_gettop(L);
+  if (!sub_table(L, idx, "", "gitops", 0)) {
+    lua_pop(L, 1); /* the nil: the empty section stays on top */
+    return;
+  }
+  int gi = lua_gettop(L);
+  lua_Integer n = (lua_Integer)lua_rawlen(L, gi);
+  lua_pushnil(L);
+  while (lua_next(L, gi)) {
+    if (!lua_isinteger(L, -2) || lua_tointeger(L, -2) < 1 || lua_tointeger(L, -2) > n)
+      fail(L, ".gitops", "must be a list of tables, e.g. gitops = { { repo_url = \"...\", branch = \"main\" } }%s", "");
+    lua_pop(L, 1);
+  }
+  for (lua_Integer i = 1; i <= n; i++) {
+    char path[64];
+    dc_fmt(path, sizeof path, ".gitops[%lld]", (long long)i);
+    lua_rawgeti(L, gi, i);
+    int ei = lua_gettop(L);
+    if (!lua_istable(L, ei))
+      fail(L, path, "must be a table, got %s", luaL_typename(L, ei));
+    check_keys(L, ei, path, allowed);
+    lua_newtable(L);
+    int oi = lua_gettop(L);
+    copy_str(L, ei, oi, path, "repo_url", NULL);
+    if (lua_getfield(L, oi, "repo_url") == LUA_TNIL)
+      fail(L, path, "has no repo_url: %s", "add repo_url = \"https://...\" (the repository of the manifests)");
+    lua_pop(L, 1);
+    copy_str(L, ei, oi, path, "branch", "main");
+    copy_str(L, ei, oi, path, "path", "/");
+    copy_str(L, ei, oi, path, "secret", NULL);
+    if (lua_getfield(L, oi, "secret") == LUA_TSTRING && lua_rawlen(L, -1) == 0)
+      fail(L, path, "has an empty secret: %s",
+           "give the webhook's shared secret (secret = \"${WEBHOOK_SECRET}\"), or leave secret out to take no webhooks");
+    lua_pop(L, 1);
+    lua_pushnumber(L, num_field(L, ei, path, "interval", 60, 0.01, 86400));
+    lua_setfield(L, oi, "interval");
+    lua_pushboolean(L, bool_field(L, ei, path, "prune", 0));
+    lua_setfield(L, oi, "prune");
+    lua_rawseti(L, out, i);
+    lua_settop(L, gi);
+  }
+  lua_settop(L, out);
+}
+
+/* Pushes the checked copy of config.serve: { listen, tls_cert, tls_key,
+ * supervise = { interval, limit, window, backoff_max } }. */
+static void read_serve(lua_State *L, int idx) {
+  static const char *const allowed[] = {"listen", "tls_cert", "tls_key", "supervise", NULL};
+  static const char *const sup_allowed[] = {"interval", "limit", "window", "backoff_max", NULL};
+  lua_newtable(L);
+  int out = lua_gettop(L);
+  if (!sub_table(L, idx, "", "serve", 0)) {
+    lua_pop(L, 1); /* the nil: the empty section stays on top */
+    return;
+  }
+  int si = lua_gettop(L);
+  check_keys(L, si, ".serve", allowed);
+  copy_str(L, si, out, ".serve", "listen", NULL);
+  copy_str(L, si, out, ".serve", "tls_cert", NULL);
+  copy_str(L, si, out, ".serve", "tls_key", NULL);
+  if (sub_table(L, si, ".serve", "supervise", 0)) {
+    int pi = lua_gettop(L);
+    check_keys(L, pi, ".serve.supervise", sup_allowed);
+    lua_createtable(L, 0, 4);
+    lua_pushnumber(L, num_field(L, pi, ".serve.supervise", "interval", 1, 0.05, 3600));
+    lua_setfield(L, -2, "interval");
+    lua_pushinteger(L, int_field(L, pi, ".serve.supervise", "limit", 5, 1, 1000));
+    lua_setfield(L, -2, "limit");
+    lua_pushnumber(L, num_field(L, pi, ".serve.supervise", "window", 300, 1, 86400));
+    lua_setfield(L, -2, "window");
+    lua_pushnumber(L, num_field(L, pi, ".serve.supervise", "backoff_max", 60, 0.1, 3600));
+    lua_setfield(L, -2, "backoff_max");
+    lua_setfield(L, out, "supervise");
+  }
+  lua_settop(L, out);
 }
 
 static void resolve_state(lua_State *L, int idx, lconfig *c) {
@@ -710,14 +831,14 @@ static void store_tag(const char *state, char *tag, size_t tsize, char *log_dir,
 }
 
 lconfig *lconfig_load(lua_State *L, int idx) {
-  static const char *const allowed[] = {"state", "clock", "targets", "retain", "simulate", NULL};
+  static const char *const allowed[] = {"state", "clock", "targets", "retain", "simulate", "gitops", "serve", NULL};
   idx = lua_absindex(L, idx);
   if (lua_type(L, idx) == LUA_TSTRING)
     load_file(L, idx);
   else if (!lua_istable(L, idx))
     fail(L, "", "must be a table or the path of a Lua file that returns one, got %s", luaL_typename(L, idx));
   check_keys(L, idx, "(top level)", allowed);
-  lconfig *c = lua_newuserdatauv(L, sizeof *c, 0);
+  lconfig *c = lua_newuserdatauv(L, sizeof *c, 1);
   memset(c, 0, sizeof *c);
   if (luaL_newmetatable(L, LCONFIG_MT)) {
     static const luaL_Reg meta[] = {{"__gc", config_gc}, {NULL, NULL}};
@@ -778,6 +899,14 @@ lconfig *lconfig_load(lua_State *L, int idx) {
     fail(L, ".targets", "changed while it was read (%s)", "a metamethod added to it: build the table first");
   lua_settop(L, ci);
   lconfig_simulate(L, idx, c);
+  lua_settop(L, ci);
+  /* The sections only serve reads, kept as checked Lua tables. */
+  lua_createtable(L, 0, 2);
+  read_gitops(L, idx);
+  lua_setfield(L, -2, "gitops");
+  read_serve(L, idx);
+  lua_setfield(L, -2, "serve");
+  lua_setiuservalue(L, ci, 1);
   lua_settop(L, ci);
   return c;
 }

@@ -19,6 +19,9 @@ typedef struct lconfig {
  * raises a Lua error naming the field on bad input. The config is owned by
  * the userdata pushed on the stack (its __gc frees what was not taken). */
 lconfig *lconfig_load(lua_State *L, int idx);
+/* The config userdata's first user value is a table { gitops = {...},
+ * serve = {...} }: those sections, checked (README "deployctl serve"). */
+
 /* The config file used when none is named (lconfig_path.c): $DEPLOY_CONFIG,
  * else ./deployctl.lua, else a ./deploy.lua that is a config (legacy set,
  * a warning printed once). Returns buf. */

@@ -129,11 +129,12 @@ void lconfig_simulate(lua_State *L, int idx, lconfig *c) {
     return;
   }
   s.o.adopt = 1;
-  int declared = 0;
+  int declared = 0, told = 0;
   for (size_t i = 0; i < c->ntargets; i++) {
     target_config *t = c->targets[i];
     t->simulated = 1;
     declared |= t->analysis != NULL;
+    told |= t->webhooks.n > 0 || t->notify.n > 0;
     t->provider->free(t->provider);
     t->provider = NULL;
     t->router->free(t->router);  /* a group frees its members */
@@ -154,6 +155,10 @@ void lconfig_simulate(lua_State *L, int idx, lconfig *c) {
      * them would judge nothing. */
     size_t len = strlen(note);
     dc_fmt(note + len, sizeof note - len, "; analysis is not measured in a dry run");
+  }
+  if (told) {
+    size_t len = strlen(note);
+    dc_fmt(note + len, sizeof note - len, "; webhooks and notifications are not sent (gates pass)");
   }
   lua_pushstring(L, note);
   lua_setfield(L, LUA_REGISTRYINDEX, "deploy.simulate_note");

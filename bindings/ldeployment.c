@@ -12,6 +12,7 @@
 #include "lsched.h"
 #include "lstrategy.h"
 #include "lutil.h"
+#include "lwebhook.h"
 #include "util.h"
 
 #define DEPLOYMENT_MT "deploy.Deployment"
@@ -165,7 +166,8 @@ static void on_done(void *payload, const rollout_result *res) {
 
 /* ---- hooks ---- */
 
-static const char *const hook_names[] = {"before_deploy", "before_step", "after_step", "analysis",
+/* Indexed by hook_kind (rollout.h). */
+static const char *const hook_names[] = {"before_deploy", "before_step", "after_step", "analysis", "before_promote",
                                          "on_promote",    "on_abort",    "on_rollback", NULL};
 
 static void push_health(lua_State *L, const rollout_health *h) {
@@ -306,7 +308,7 @@ static int hooks_run(void *payload, rollout *r, hook_kind kind, double pct, cons
   return 1;
 }
 
-static const rollout_hooks lua_hooks = {hooks_run, NULL};
+static const rollout_hooks lua_hooks = {hooks_run, NULL, NULL};
 
 /* ---- d:* actions ---- */
 
@@ -613,7 +615,7 @@ static void check_hooks(lua_State *L, int idx, const char *where) {
         known |= strcmp(hook_names[i], lua_tostring(L, -2)) == 0;
     if (!known)
       luaL_error(L, "deploy: %s.%s is not a hook (known: before_deploy, before_step, after_step, analysis, "
-                    "on_promote, on_abort, on_rollback)",
+                    "before_promote, on_promote, on_abort, on_rollback)",
                  where, lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : luaL_typename(L, -2));
     if (!lua_isfunction(L, -1))
       luaL_error(L, "deploy: %s.%s must be a function, got %s", where, lua_tostring(L, -2), luaL_typename(L, -1));
@@ -714,6 +716,22 @@ static const char *strategy_name(lua_State *L, int idx, char *buf, size_t size) 
   return buf;
 }
 
+/* The webhooks of this run: the strategy's (a built-in one's, checked
+ * when it was made; a Lua class's `webhooks` field, checked now, raising),
+ * with the spec's (a manifest's) over them. */
+static int strategy_webhooks(lua_State *L, const lrun_spec *sp, strategy *builtin, webhook_list *out, char *err) {
+  webhook_list own = {0};
+  const webhook_list *base = builtin ? lstrategy_webhooks(L, sp->strategy_idx) : &own;
+  if (!builtin) {
+    if (lua_getfield(L, sp->strategy_idx, "webhooks") != LUA_TNIL)
+      lwebhook_read(L, lua_gettop(L), "deploy: strategy webhooks", &own);
+    lua_pop(L, 1);
+  }
+  int rc = webhook_list_merge(out, base, sp->webhooks, err);
+  webhook_list_clear(&own);
+  return rc;
+}
+
 int lrun_start(lua_State *L, const lrun_spec *sp, char *err) {
   int top = lua_gettop(L);
   char id[48], name[64];
@@ -733,9 +751,16 @@ int lrun_start(lua_State *L, const lrun_spec *sp, char *err) {
   /* May raise (what JSON cannot hold): before anything is allocated. */
   char *metadata = sp->metadata_idx ? ljson_encode(L, sp->metadata_idx, "options.metadata", 64 * 1024)
                                     : sp->metadata_json ? strdup(sp->metadata_json) : NULL;
+  webhook_list webhooks;
+  if (strategy_webhooks(L, sp, builtin, &webhooks, err) != 0) {
+    free(metadata);
+    lua_settop(L, top);
+    return DC_ERROR;
+  }
   lrun *run = calloc(1, sizeof *run);
   if (!run) {
     free(metadata);
+    webhook_list_clear(&webhooks);
     return luaL_error(L, "deploy: out of memory");
   }
   run->L = L;
@@ -754,6 +779,7 @@ int lrun_start(lua_State *L, const lrun_spec *sp, char *err) {
     run->ud->run = NULL;
     free(run);
     free(metadata);
+    webhook_list_clear(&webhooks);
     lua_settop(L, top);
     return DC_ERROR;
   }
@@ -774,7 +800,7 @@ int lrun_start(lua_State *L, const lrun_spec *sp, char *err) {
   }
   rollout_opts o = {.id = id, .created_at = created, .version = sp->version, .kind = sp->kind,
                     .strategy_name = strategy_name(L, sp->strategy_idx, name, sizeof name),
-                    .metadata_json = metadata, .sink = {on_event, run}};
+                    .metadata_json = metadata, .sink = {on_event, run}, .webhooks = &webhooks};
   if (any_hooks) {
     run->hooks = lua_hooks;
     run->hooks.payload = run;
@@ -788,6 +814,7 @@ int lrun_start(lua_State *L, const lrun_spec *sp, char *err) {
   strategy *st = builtin ? builtin : &run->drv;
   int rc = service_deploy(sp->svc, sp->target, st, &o, on_done, run, &run->r, err);
   free(metadata);
+  webhook_list_clear(&webhooks);
   if (rc != DC_OK) {
     run->ud->run = NULL;
     unref_all(L, run);

@@ -23,6 +23,7 @@ typedef struct lrun_spec {
   double hook_timeout;         /* seconds; default 30 */
   int metadata_idx;            /* table, or 0 */
   const char *metadata_json;   /* or JSON text (GitOps), or NULL */
+  const webhook_list *webhooks;/* a manifest's, over the strategy's (same name: these), or NULL */
   int on_event_idx;            /* function, or 0 */
   int on_event2_idx;           /* the manager's handler, or 0 */
   lrun_done_cb cb;

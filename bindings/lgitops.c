@@ -108,8 +108,25 @@ static int check_target(void *payload, const char *name, char *err) {
 }
 
 /* Pushes the manifest's strategy (a built-in one made from its object, or
- * the registered class), or nil with err. */
+ * the registered class), or nil with err. Its webhooks are not the
+ * strategy's business: the runtime reads them (start_deploy). */
+static int push_strategy_of(lgitops *lg, lua_State *L, const json_t *obj, char *err);
+
 static int push_strategy(lgitops *lg, lua_State *L, const json_t *obj, char *err) {
+  if (!json_object_get(obj, "webhooks"))
+    return push_strategy_of(lg, L, obj, err);
+  json_t *rest = json_copy((json_t *)obj);
+  if (!rest) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
+    return -1;
+  }
+  json_object_del(rest, "webhooks");
+  int rc = push_strategy_of(lg, L, rest, err);
+  json_decref(rest);
+  return rc;
+}
+
+static int push_strategy_of(lgitops *lg, lua_State *L, const json_t *obj, char *err) {
   strategy *st = NULL;
   char why[DC_ERR_MAX];
   int rc = strategy_from_json(obj, &st, why);
@@ -160,14 +177,25 @@ static int start_deploy(void *payload, const char *target, const char *version, 
   push_manager(lg, L);
   int mgr = lua_gettop(L);
   int strategy_idx = 0;
+  webhook_list hooks = {0};
   if (obj) {
+    char field[64], why[DC_ERR_MAX];
+    json_t *list = json_object_get(obj, "webhooks");
+    if (list && webhook_list_from_json(&hooks, list, WEBHOOK_FROM_GIT, field, sizeof field, why) != 0) {
+      dc_fmt(err, DC_ERR_MAX, "field 'strategy.%s': %s", field, why);
+      lua_settop(L, top);
+      return DC_ERROR;
+    }
     if (push_strategy(lg, L, obj, err) != 0) {
+      webhook_list_clear(&hooks);
       lua_settop(L, top);
       return DC_ERROR;
     }
     strategy_idx = lua_gettop(L);
   }
-  int rc = lmanager_start(L, mgr, target, version, strategy_idx, metadata_json, done, done_payload, err);
+  int rc = lmanager_start(L, mgr, target, version, strategy_idx, metadata_json, hooks.n ? &hooks : NULL, done,
+                          done_payload, err);
+  webhook_list_clear(&hooks);
   lua_settop(L, top);
   return rc;
 }
@@ -228,6 +256,11 @@ static void push_change(lua_State *L, const gitsync *gs, const gitops_change *c)
     lset_boolean(L, "pinned", 1);
     lset_string_or_nil(L, "pinned_revision", c->pinned_revision);
   }
+  if (c->failed) {
+    lset_boolean(L, "failed", 1);
+    lset_string_or_nil(L, "failed_revision", c->failed_revision);
+    lset_string_or_nil(L, "failed_deployment", c->failed_id);
+  }
 }
 
 static void push_changes(lua_State *L, const gitsync *gs, const gitops_change *c, size_t n) {
@@ -281,6 +314,8 @@ static void push_report(lua_State *L, const gitsync *gs, const gitsync_report *r
   lua_setfield(L, -2, "pinned");
   push_held(L, gs, rep->skipped, rep->nskipped);
   lua_setfield(L, -2, "skipped");
+  push_held(L, gs, rep->held, rep->nheld);
+  lua_setfield(L, -2, "held");
   if (rep->nerrors) {
     lpush_strings(L, rep->errors, rep->nerrors);
     lua_setfield(L, -2, "errors");
@@ -350,12 +385,26 @@ static int sync_get_diff(lua_State *L) {
   return 1;
 }
 
-/* sync() -> SyncResult. */
+/* sync([{ retry = true }]) -> SyncResult. retry: apply again what a
+ * failed rollout holds back. */
 static int sync_sync(lua_State *L) {
+  static const char *const allowed[] = {"retry", NULL};
   lsched_check_can_wait(L);
   lgitops *lg = check_sync(L);
+  lua_settop(L, 2);
+  int retry = 0;
+  if (!lua_isnil(L, 2)) {
+    if (!lua_istable(L, 2))
+      return luaL_error(L, "deploy: sync(options): options must be a table such as { retry = true }, got %s",
+                        luaL_typename(L, 2));
+    lcheck_keys(L, 2, allowed, "deploy: sync(options): unknown option '%s' (known: %s)");
+    int t = lua_getfield(L, 2, "retry");
+    if (t != LUA_TNIL && t != LUA_TBOOLEAN)
+      return luaL_error(L, "deploy: sync(options): retry must be true or false, got %s", luaL_typename(L, -1));
+    retry = lua_toboolean(L, -1);
+  }
   lua_settop(L, 1);
-  run_round(L, lg, gitsync_sync);
+  run_round(L, lg, retry ? gitsync_sync_retry : gitsync_sync);
   lua_getfield(L, -1, "result");
   return 1;
 }
@@ -600,6 +649,17 @@ static int sync_new(lua_State *L) {
   if (manager)
     build(L, lg, 2);
   return 1;
+}
+
+gitsync *lgitops_gitsync(lua_State *L, int idx) {
+  lgitops *lg = luaL_testudata(L, idx, GITOPS_MT);
+  if (!lg)
+    luaL_error(L, "deploy: a GitOpsSynchronizer was expected, got %s", luaL_typename(L, idx));
+  if (lg->closed)
+    luaL_error(L, "deploy: this GitOpsSynchronizer was closed");
+  if (!lg->gs) /* built at its first use when made without a manager */
+    luaL_error(L, "deploy: this GitOpsSynchronizer has no manager yet: give it manager = ...");
+  return lg->gs;
 }
 
 static void build(lua_State *L, lgitops *lg, int manager_idx) {

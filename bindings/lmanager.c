@@ -7,6 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "describe.h"
 #include "lconfig.h"
 #include "lsched.h"
 #include "lstrategy.h"
@@ -20,7 +21,7 @@ typedef struct lmanager {
   service *svc; /* a reference; NULL once closed */
 } lmanager;
 
-enum { UV_STRATEGY = 1, UV_ON_EVENT = 2, UV_STRATEGIES = 3, UV_COUNT = 3 };
+enum { UV_STRATEGY = 1, UV_ON_EVENT = 2, UV_STRATEGIES = 3, UV_SETTINGS = 4, UV_COUNT = 4 };
 
 static lmanager *manager_at(lua_State *L, int idx) {
   lmanager *m = luaL_checkudata(L, idx, MANAGER_MT);
@@ -343,41 +344,62 @@ static int manager_rollback(lua_State *L) {
 
 /* ---- status ---- */
 
-static void status_seen(void *payload, const service_status *st, const char *err) {
-  lwait *w = payload;
-  lua_State *L = w->L;
-  if (!st) {
-    dc_strlcpy(w->err, err, sizeof w->err);
-  } else {
-    lua_createtable(L, 0, 5);
-    lset_string(L, "target", st->target);
-    lset_string_or_nil(L, "current_version", st->current_version);
-    lset_string(L, "status", st->status);
-    lset_string(L, "health", st->health);
-    lset_integer(L, "instances", st->instances);
-    if (st->maintenance) {
-      char ts[40];
-      lua_createtable(L, 0, 4);
-      lset_string_or_nil(L, "message", st->maintenance_message);
-      lset_integer(L, "retry_after", st->maintenance_retry_after);
-      dc_iso8601(st->maintenance_since, ts, sizeof ts);
-      lset_string(L, "since", ts);
-      lset_string(L, "by", st->maintenance_by);
-      lua_setfield(L, -2, "maintenance");
-    }
-    w->ok = 1;
-  }
-  w->done = 1;
+/* The specification's fields (target, current_version, status, health,
+ * instances) and beside them the rest of the target's view (view.h). */
+typedef struct lstatus {
+  lwait w;
+  json_t *view;
+} lstatus;
+
+static void status_seen(void *payload, const json_t *view, const char *err) {
+  lstatus *st = payload;
+  if (!view)
+    dc_strlcpy(st->w.err, err, sizeof st->w.err);
+  else
+    st->view = json_incref((json_t *)view);
+  st->w.ok = view != NULL;
+  st->w.done = 1;
 }
 
-static int manager_get_status(lua_State *L) {
+/* The view of the target (view.h), checked now. */
+static json_t *describe_now(lua_State *L, const char *method) {
   lsched_check_can_wait(L);
   lmanager *m = manager_at(L, 1);
-  const char *target = check_target(L, m, 2, "manager:get_status()");
-  lwait w = {.L = L};
-  wait_for(L, &w, service_get_status(m->svc, target, status_seen, &w, w.err));
-  if (!w.ok)
-    return lerror(L, w.err);
+  const char *target = check_target(L, m, 2, method);
+  lstatus st = {.w = {.L = L}};
+  describe_opts o = {.check = 1};
+  wait_for(L, &st.w, service_describe(m->svc, target, &o, status_seen, &st, st.w.err));
+  if (!st.w.ok)
+    lerror(L, st.w.err);
+  return st.view;
+}
+
+/* get_status(target): the specification's DeploymentStatus, its five
+ * fields only (and maintenance while it is on), read from the same view as
+ * describe(), so both tell the same truth. */
+static int manager_get_status(lua_State *L) {
+  static const char *const fields[] = {"target", "current_version", "status", "health", "instances",
+                                       "maintenance", NULL};
+  json_t *view = describe_now(L, "manager:get_status()");
+  json_t *out = json_object();
+  for (int i = 0; fields[i]; i++) {
+    json_t *v = json_object_get(view, fields[i]);
+    if (v && !json_is_null(v) && !json_is_false(v))
+      json_object_set(out, fields[i], v);
+  }
+  json_decref(view);
+  ljson_push(L, out);
+  json_decref(out);
+  return 1;
+}
+
+/* describe(target): the whole view: state, summary, instances_by_version,
+ * rollout, last_deployment, analysis, supervision, lock beside the five
+ * fields (what `deployctl status --json` and the API of serve show). */
+static int manager_describe(lua_State *L) {
+  json_t *view = describe_now(L, "manager:describe()");
+  ljson_push(L, view);
+  json_decref(view);
   return 1;
 }
 
@@ -480,10 +502,31 @@ static int manager_history(lua_State *L) {
   return 1;
 }
 
-/* deployment(id): by id or a unique prefix of one; nil and why when none. */
+static void push_newest(lua_State *L, const store_result *r, void *extra) {
+  if (r->ndeployments == 0)
+    lua_pushnil(L);
+  else
+    push_deployment_row(L, &r->deployments[0]);
+}
+
+/* deployment(id): by id or a unique prefix of one; deployment("latest",
+ * target): the target's newest. nil and why when none. */
 static int manager_deployment(lua_State *L) {
   lmanager *m = manager_at(L, 1);
   const char *id = lcheck_string(L, 2, "id", "manager:deployment()");
+  if (strcmp(id, "latest") == 0) {
+    if (lua_isnoneornil(L, 3))
+      return luaL_error(L, "deploy: manager:deployment(\"latest\", target): 'latest' needs the target");
+    const char *target = check_target(L, m, 3, "manager:deployment()");
+    lread rd = {.w = {.L = L}, .push = push_newest};
+    if (!read_and_wait(L, &rd, store_history(service_store(m->svc), target, 1, read_done, &rd, rd.w.err)))
+      return lerror(L, rd.w.err);
+    if (lua_isnil(L, -1)) {
+      lua_pushfstring(L, "deploy: '%s' has no deployment yet", target);
+      return 2;
+    }
+    return 1;
+  }
   lread rd = {.w = {.L = L}, .push = push_one_deployment};
   if (!read_and_wait(L, &rd, store_deployment_get(service_store(m->svc), id, read_done, &rd, rd.w.err))) {
     /* Not found, or a prefix of several: an answer, not a failure. */
@@ -983,6 +1026,14 @@ static int manager_lock(lua_State *L) {
   return 1;
 }
 
+/* The config's gitops and serve sections, checked: { gitops = { ... },
+ * serve = { ... } } (what `deployctl serve` runs with). */
+static int manager_settings(lua_State *L) {
+  manager_at(L, 1);
+  lua_getiuservalue(L, 1, UV_SETTINGS);
+  return 1;
+}
+
 static int manager_state_path(lua_State *L) {
   lmanager *m = manager_at(L, 1);
   lua_pushstring(L, store_location(service_store(m->svc)));
@@ -1043,7 +1094,8 @@ int lmanager_push_strategy(lua_State *L, int manager_idx, const char *name) {
 }
 
 int lmanager_start(lua_State *L, int manager_idx, const char *target, const char *version, int strategy_idx,
-                   const char *metadata_json, lrun_done_cb cb, void *payload, char *err) {
+                   const char *metadata_json, const webhook_list *webhooks, lrun_done_cb cb, void *payload,
+                   char *err) {
   manager_idx = lua_absindex(L, manager_idx);
   if (strategy_idx)
     strategy_idx = lua_absindex(L, strategy_idx);
@@ -1055,7 +1107,7 @@ int lmanager_start(lua_State *L, int manager_idx, const char *target, const char
   }
   lrun_spec sp = {.svc = m->svc, .target = target, .version = version, .kind = "deploy",
                   .strategy_idx = resolve_strategy(L, manager_idx, strategy_idx), .hook_timeout = 30,
-                  .metadata_json = metadata_json, .cb = cb, .payload = payload};
+                  .metadata_json = metadata_json, .webhooks = webhooks, .cb = cb, .payload = payload};
   sp.on_event2_idx = manager_handler_idx(L, manager_idx);
   int rc = lrun_start(L, &sp, err);
   lua_settop(L, top);
@@ -1173,6 +1225,8 @@ static int manager_new(lua_State *L) {
   }
   lua_pop(L, 1);
   lua_setiuservalue(L, 6, UV_STRATEGIES);
+  lua_getiuservalue(L, 3, 1);
+  lua_setiuservalue(L, 6, UV_SETTINGS);
   open_service(L, m, cfg);
   lua_settop(L, 6);
   return 1;
@@ -1198,6 +1252,7 @@ void lmanager_register(lua_State *L) {
       {"deploy", manager_deploy},
       {"rollback", manager_rollback},
       {"get_status", manager_get_status},
+      {"describe", manager_describe},
       {"history", manager_history},
       {"deployment", manager_deployment},
       {"events", manager_events},
@@ -1209,6 +1264,7 @@ void lmanager_register(lua_State *L) {
       {"maintenance", manager_maintenance},
       {"prune", manager_prune},
       {"state_path", manager_state_path},
+      {"settings", manager_settings},
       {"lock", manager_lock},
       {"integrity_check", manager_integrity_check},
       {"promote", manager_promote},

@@ -19,10 +19,11 @@ int lmanager_push_strategy(lua_State *L, int manager_idx, const char *name);
 int lmanager_push_handler(lua_State *L, int manager_idx);
 /* Starts a deployment of target through the manager at manager_idx with
  * the strategy at strategy_idx (0: the manager's default), recording
- * metadata_json. cb once, from the loop, when it ends. DC_ERROR: err says
+ * metadata_json, with webhooks (a manifest's, or NULL) over the strategy's. cb once, from the loop, when it ends. DC_ERROR: err says
  * why, cb never runs. */
 int lmanager_start(lua_State *L, int manager_idx, const char *target, const char *version, int strategy_idx,
-                   const char *metadata_json, lrun_done_cb cb, void *payload, char *err);
+                   const char *metadata_json, const webhook_list *webhooks, lrun_done_cb cb, void *payload,
+                   char *err);
 /* Pushes a DeploymentManager{} made from the host's default config
  * ($DEPLOY_CONFIG, ./deployctl.lua); what_for names the caller in the error
  * when there is none. */

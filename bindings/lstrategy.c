@@ -6,12 +6,14 @@
 #include "lstrategy.h"
 
 #include "lutil.h"
+#include "lwebhook.h"
 #include "util.h"
 
 #define STRATEGY_MT "deploy.BuiltinStrategy"
 
 typedef struct lstrategy {
   strategy *s;
+  webhook_list webhooks;   /* the strategy's own, checked when it was made */
 } lstrategy;
 
 strategy *lstrategy_test(lua_State *L, int idx) {
@@ -19,10 +21,16 @@ strategy *lstrategy_test(lua_State *L, int idx) {
   return ls ? ls->s : NULL;
 }
 
+const webhook_list *lstrategy_webhooks(lua_State *L, int idx) {
+  lstrategy *ls = luaL_testudata(L, idx, STRATEGY_MT);
+  return ls ? &ls->webhooks : NULL;
+}
+
 static int strategy_gc(lua_State *L) {
   lstrategy *ls = luaL_checkudata(L, 1, STRATEGY_MT);
   strategy_free(ls->s);
   ls->s = NULL;
+  webhook_list_clear(&ls->webhooks);
   return 0;
 }
 
@@ -66,13 +74,24 @@ static void check_fields(lua_State *L, int idx, const char *cls, const char *con
 }
 
 /* The strategy's hooks (a table of functions, checked when a deployment
- * uses them) live in the userdata's user value. */
+ * uses them) live in the userdata's first user value; its webhooks,
+ * checked now, in the userdata (the table as given in the second). */
 static void push_strategy(lua_State *L, strategy *s, int params_idx) {
-  lstrategy *ls = lua_newuserdatauv(L, sizeof *ls, 1);
+  lstrategy *ls = lua_newuserdatauv(L, sizeof *ls, 2);
   ls->s = s;
+  ls->webhooks = (webhook_list){0};
   luaL_setmetatable(L, STRATEGY_MT);
   if (!params_idx)
     return;
+  if (lua_getfield(L, params_idx, "webhooks") != LUA_TNIL) {
+    char what[64];
+    dc_fmt(what, sizeof what, "deploy: %s webhooks",
+           strcmp(s->name, "canary") == 0 ? "CanaryStrategy" : "BlueGreenStrategy");
+    lwebhook_read(L, lua_gettop(L), what, &ls->webhooks);
+    lua_setiuservalue(L, -2, 2);
+  } else {
+    lua_pop(L, 1);
+  }
   if (params_idx && lua_getfield(L, params_idx, "hooks") != LUA_TNIL) {
     if (!lua_istable(L, -1)) {
       char msg[DC_ERR_MAX];
@@ -193,9 +212,10 @@ static int opts_index(lua_State *L, const char *cls) {
 }
 
 static const char *const canary_allowed[] = {"initial_percentage", "increment", "interval", "health_check_url",
-                                             "pause_at", "session_affinity", "test_route", "hooks", "analysis", NULL};
+                                             "pause_at", "session_affinity", "test_route", "hooks", "analysis", "webhooks",
+                                             NULL};
 static const char *const bluegreen_allowed[] = {"switch_delay", "scale_down_delay", "health_check_url", "test_route",
-                                                "hooks", "analysis", NULL};
+                                                "hooks", "analysis", "webhooks", NULL};
 
 /* analysis = { ... } as JSON (one parser for Lua, config and manifests:
  * runtime/analysis_spec.c); NULL when absent. Raises for what JSON cannot
@@ -284,6 +304,10 @@ static int strategy_index(lua_State *L) {
   }
   if (strcmp(k, "hooks") == 0) {
     lua_getiuservalue(L, 1, 1);
+    return 1;
+  }
+  if (strcmp(k, "webhooks") == 0) {
+    lua_getiuservalue(L, 1, 2);
     return 1;
   }
   if (strcmp(k, "analysis") == 0) {

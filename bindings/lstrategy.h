@@ -6,9 +6,12 @@
 #include <lua.h>
 
 #include "strategy.h"
+#include "webhook.h"
 
 /* The built-in strategy at idx, or NULL. */
 strategy *lstrategy_test(lua_State *L, int idx);
+/* The webhooks of the built-in strategy at idx (NULL when it is none). */
+const webhook_list *lstrategy_webhooks(lua_State *L, int idx);
 /* Pushes a userdata owning s (freed by its __gc). */
 void lstrategy_push(lua_State *L, strategy *s);
 /* Pushes a new BlueGreenStrategy with defaults (a manager's default

@@ -1,6 +1,6 @@
 /* require "deploy": the module table, made of the classes' register
  * functions, and the few module-level functions (sleep, now, _host,
- * router_weights, mann_whitney). */
+ * router_weights, mann_whitney, http.request). */
 #include <stdlib.h>
 #include <string.h>
 
@@ -8,8 +8,10 @@
 #include "lgitops.h"
 #include "lhealth.h"
 #include "lconfig.h"
+#include "lhttp.h"
 #include "lmanager.h"
 #include "lparallel.h"
+#include "lserve.h"
 #include "lsched.h"
 #include "lstrategy.h"
 #include "lutil.h"
@@ -124,6 +126,24 @@ static int deploy_now(lua_State *L) {
   return 1;
 }
 
+/* deploy._flush([seconds]): lets the notifications and event webhooks
+ * still queued leave before the process exits (deployctl calls it last;
+ * nothing else waits for them). At most `seconds` (10): what is left is
+ * dropped with the process. Returns how many were left. */
+static int deploy_flush(lua_State *L) {
+  double s = luaL_optnumber(L, 1, 10);
+  if (!(s >= 0 && s <= 3600))
+    return luaL_error(L, "deploy._flush: seconds must be between 0 and 3600, got %f", s);
+  lua_pushinteger(L, (lua_Integer)engine_flush(lengine_get(L), s));
+  return 1;
+}
+
+/* deploy.virtual_clock(): true when waits return at once (simulating). */
+static int deploy_virtual_clock(lua_State *L) {
+  lua_pushboolean(L, lengine_get(L)->virtual_clock);
+  return 1;
+}
+
 /* deploy._host{ config = path, simulate = bool }: set by deployctl run.
  * config: what DeploymentManager{} uses when given no config; simulate:
  * a dry run for everything in this process: the virtual clock, test
@@ -222,7 +242,9 @@ static int deploy_migrate_store(lua_State *L) {
 int luaopen_deploy(lua_State *L) {
   static const luaL_Reg functions[] = {{"sleep", deploy_sleep},
                                        {"now", deploy_now},
+                                       {"virtual_clock", deploy_virtual_clock},
                                        {"_host", deploy_host},
+                                       {"_flush", deploy_flush},
                                        {"router_weights", deploy_router_weights},
                                        {"mann_whitney", deploy_mann_whitney},
                                        {"migrate_store", deploy_migrate_store},
@@ -244,5 +266,7 @@ int luaopen_deploy(lua_State *L) {
   ldeployment_register(L);
   lparallel_register(L);
   lgitops_register(L);
+  lserve_register(L);
+  lhttp_register(L);
   return 1;
 }

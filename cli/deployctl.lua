@@ -2,12 +2,15 @@
 -- that pipeline scripts use. Compiled into the deployctl binary.
 --
 -- Exit codes: 0 success, 1 deployment failed (and was rolled back),
--- 2 usage or configuration error, 3 target locked.
+-- 2 usage or configuration error, 3 target locked; `status TARGET`: 4
+-- degraded, 5 unhealthy.
 
 local deploy = require "deploy"
 local cjson = require "cjson"
 
 local EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+-- status TARGET only: the target is degraded, or unhealthy.
+local EXIT_DEGRADED, EXIT_UNHEALTHY = 4, 5
 
 local out, err = io.stdout, io.stderr
 
@@ -59,11 +62,12 @@ local COMMANDS = {
   { "maintenance", "TARGET on|off [--message TEXT] [--retry-after S]", "the load balancers answer 503 with a page, or serve again" },
   { "logs", "TARGET [--host H] [--version V] [--lines N] [--follow]", "the output of TARGET's instances, from every host" },
   { "prune", "[TARGET]", "apply the retention now: old history and old versions' logs go" },
-  { "report", "DEPLOYMENT_ID", "a self-contained HTML report of one deployment" },
+  { "report", "DEPLOYMENT_ID | latest TARGET", "a self-contained HTML report of one deployment" },
   { "store", "migrate --to URL [--from FILE]", "copy the SQLite history into PostgreSQL" },
   { "diff", "--repo URL [--branch B] [--path P]", "what a GitOps sync would change" },
   { "sync", "--repo URL [--branch B] [--path P] [--prune]", "apply what the git repository wants" },
   { "watch", "--repo URL [--branch B] [--path P] [--interval S]", "keep syncing as the repository changes" },
+  { "serve", "[--listen ADDR:PORT] [--tls-cert F --tls-key F]", "the agent: dashboard, API, /metrics, webhooks, supervision" },
   { "completion", "bash", "print the bash completion script" },
   { "man", "", "print the man page (troff)" },
   { "version", "", "print deployctl's version" },
@@ -134,17 +138,28 @@ returns traffic in one router change, no restart, and waits for its end.
 Usage: deployctl status [TARGET] [--json]
 
 Without TARGET: one line per configured target (version, status, health,
-instances), and whether it is in maintenance. With TARGET: also each
-instance with its port, pid, health and traffic weight, read live from the
-instances and each router (a target behind several load balancers shows
-one weight per router, in the order of its `routers` list).
+instances) and whether it is in maintenance, and below it what else is true: a rollout under way ("paused at
+50 %, waiting for promote"), the failure of the last deployment beside the
+version that still serves, why the target is degraded. A target never
+deployed says so. Instances are counted by version while versions overlap:
+"4 (2 live, 2 new)". With TARGET: also each instance with its port, pid,
+health and traffic weight, read live from the instances and each router (a
+target behind several load balancers shows one weight per router, in the
+order of its `routers` list).
+
+Exit codes with TARGET: 0 healthy (or never deployed, or a rollout under
+way whose versions are healthy), 4 degraded (some live instance down or
+unhealthy, or supervision gave up on it), 5 unhealthy (nothing serves
+healthily); 2 usage or configuration error.
 ]],
   history = [[
 Usage: deployctl history TARGET [--limit N] [--json]
 
 Past deployments of TARGET, newest first: id, kind, version, strategy,
 result, start, duration, who (user@host), the git revision when GitOps
-made it, and the reason it failed.
+made it, and the reason it failed. Ids are shown as the shortest prefix
+that names one deployment of the store; any unique prefix works wherever
+an id is asked for (`report`), and `latest` means the target's newest.
 ]],
   promote = [[
 Usage: deployctl promote TARGET
@@ -212,10 +227,14 @@ Every line is prefixed with its host, version and instance:
 ]],
   report = [[
 Usage: deployctl report DEPLOYMENT_ID > rollout.html
+       deployctl report latest TARGET > rollout.html
 
 Writes a self-contained HTML page about one deployment: an SVG chart of the
-new version's traffic share and health over time, and the table of events.
-The ids are in `deployctl history TARGET`.
+new version's traffic share and health over time (with a legend), and the
+table of events, each event's data as JSON with its keys in order. The ids
+are in `deployctl history TARGET`; any unique prefix of one works (history
+shows the shortest), and `latest` means TARGET's newest (TARGET may be left
+out when the config has one target).
 ]],
   store = [[
 Usage: deployctl store migrate --to postgresql://USER@HOST:PORT/DB [--from FILE]
@@ -246,6 +265,9 @@ if gitops_ok and type(gitops) == "table" and gitops.help then
   for k, v in pairs(gitops.help) do HELP[k] = v end
 end
 
+local serve_ok, serve_cli = pcall(require, "deployctl.serve")
+if serve_ok and type(serve_cli) == "table" and serve_cli.help then HELP.serve = serve_cli.help end
+
 local function main_help()
   local lines = { "Usage: deployctl [--config FILE] <command> [arguments]", "", "Commands:" }
   for _, c in ipairs(COMMANDS) do
@@ -257,7 +279,7 @@ local function main_help()
   lines[#lines + 1] = "  --help          help for any command: deployctl COMMAND --help"
   lines[#lines + 1] = ""
   lines[#lines + 1] = "Exit codes: 0 success, 1 deployment failed and rolled back,"
-  lines[#lines + 1] = "2 usage or configuration error, 3 target locked."
+  lines[#lines + 1] = "2 usage or configuration error, 3 target locked; status TARGET: 4 degraded, 5 unhealthy."
   return table.concat(lines, "\n") .. "\n"
 end
 HELP.main = main_help()
@@ -373,6 +395,21 @@ local function fmt_duration(s)
   return string.format("%dh%02dm", s // 3600, (s % 3600) // 60)
 end
 
+-- The verdict of an analysis event (any event whose kind says "analysis":
+-- its data's verdict, result or status, or ok/pass/passed/success), and
+-- what it says about it.
+local function analysis_of(ev)
+  local d = ev.data or {}
+  local verdict = d.verdict or d.result or d.status
+  if type(verdict) ~= "string" then
+    for _, k in ipairs{ "ok", "pass", "passed", "success" } do
+      if type(d[k]) == "boolean" then verdict = d[k] and "pass" or "fail" break end
+    end
+  end
+  local why = d.reason or d.detail or d.message or d.error
+  return type(verdict) == "string" and verdict or nil, type(why) == "string" and why or nil
+end
+
 local function event_line(ev)
   local d = ev.data or {}
   local detail = ""
@@ -407,6 +444,22 @@ local function event_line(ev)
     detail = d.message or cjson.encode(d)
   elseif ev.kind == "hook_failed" then
     detail = string.format("%s: %s", d.hook, d.error)
+  elseif ev.kind == "webhook" then
+    detail = string.format("%s (%s): %s%s", d.name, d.type, d.ok and "ok" or "failed",
+                           d.detail and d.detail ~= "" and (", " .. d.detail) or "")
+  elseif ev.kind == "webhook_waiting" then
+    detail = string.format("%s (%s) says not yet: %s; asking every %gs", d.name, d.type, d.detail or "", d.interval or 0)
+  elseif ev.kind == "rolled_back" then
+    detail = string.format("traffic back on the old version (from %g %%)", d.from_pct or 0)
+  elseif ev.kind == "instance_restarted" then
+    detail = string.format("instance %s of %s restarted: pid %s -> %s (%s)", tostring(d.instance), tostring(d.version),
+      tostring(d.old_pid), tostring(d.pid), tostring(d.exit))
+  elseif ev.kind == "degraded" or ev.kind == "recovered" then
+    detail = tostring(d.reason or "")
+  elseif ev.kind:find("analysis", 1, true) then
+    local verdict, why = analysis_of(ev)
+    detail = (verdict or "") .. (why and ((verdict and ": " or "") .. why) or "")
+    if detail == "" then detail = cjson.encode(d) end
   end
   return string.format("%s %-10s %-16s %s\n", ev.time, ev.target, ev.kind, detail)
 end
@@ -424,8 +477,9 @@ local function is_terminal()
   return ok == true
 end
 
--- A live progress line per target, redrawn in place:
---   production [#####.....]  50 % v2  step 5/10  healthy  1m02s elapsed, ~1m00s left
+-- A live progress line per target, redrawn in place on every event and
+-- every second in between (the clock and the current wait move on):
+--   production [#####.....]  50 % v2  step 5/10  healthy  next step in 12s  1m02s elapsed, ~1m00s left
 local function progress_printer(interval)
   local state = {}
   local last_target
@@ -433,41 +487,87 @@ local function progress_printer(interval)
     local filled = math.floor(pct / 10 + 0.5)
     return "[" .. string.rep("#", filled) .. string.rep(".", 10 - filled) .. "]"
   end
-  local function draw(ev, s)
-    local elapsed = ev.ts - s.started
-    local left = ""
-    if s.steps and s.step and interval then
-      left = string.format(", ~%s left", fmt_duration(math.max(0, (s.steps - s.step) * interval)))
+  -- What the rollout waits for now, and the seconds left of that wait.
+  local function current_wait(s, now)
+    if s.rolling_back then return s.rolling_back, 0 end
+    if s.paused_at then
+      return string.format("paused %s: deployctl promote|abort %s", fmt_duration(now - s.paused_at), s.target), 0
     end
-    local line = string.format("%-12s %s %3g %% %s  step %s/%s  %s  %s elapsed%s", ev.target, bar(s.pct or 0),
-      s.pct or 0, s.version or "", s.step or 0, s.steps or "?", s.health or "starting", fmt_duration(elapsed), left)
-    if last_target and last_target ~= ev.target then out:write("\n") end
-    last_target = ev.target
-    out:write("\r\27[K", redact(line))
+    if s.bake then return s.bake, 0 end
+    if not s.step then return s.health and "starting" or "waiting for the new instances to be healthy", 0 end
+    if interval and s.traffic_at then
+      local left = math.max(0, interval - (now - s.traffic_at))
+      if s.step == s.steps then return string.format("holding 100 %% for %s", fmt_duration(left)), left end
+      return string.format("next step in %s", fmt_duration(left)), left
+    end
+    return nil, 0
+  end
+  local function draw(target, now)
+    local s = state[target]
+    local wait, wait_left = current_wait(s, now)
+    local left = ""
+    if s.steps and s.step and interval and not s.rolling_back then
+      left = string.format(", ~%s left", fmt_duration(math.max(0, (s.steps - s.step) * interval + wait_left)))
+    end
+    local parts = { string.format("%-12s %s %3g %% %s", target, bar(s.pct or 0), s.pct or 0, s.version or "") }
+    if s.step then parts[#parts + 1] = string.format("step %s/%s", s.step, s.steps or "?") end
+    parts[#parts + 1] = s.health or "starting"
+    if s.analysis then parts[#parts + 1] = s.analysis end
+    if wait then parts[#parts + 1] = wait end
+    parts[#parts + 1] = string.format("%s elapsed%s", fmt_duration(math.max(0, now - s.started)), left)
+    if last_target and last_target ~= target then out:write("\n") end
+    last_target = target
+    out:write("\r\27[K", redact(table.concat(parts, "  ")))
     out:flush()
   end
-  return function(ev)
-    local s = state[ev.target] or { started = ev.ts }
+  local printer = {}
+  function printer.on_event(ev)
+    local s = state[ev.target] or { started = ev.ts, target = ev.target }
     state[ev.target] = s
     local d = ev.data or {}
     if ev.kind == "started" then s.version = d.version s.started = ev.ts end
-    if ev.kind == "traffic" then s.pct, s.step, s.steps = d.pct, d.step, d.steps end
+    if ev.kind == "traffic" then s.pct, s.step, s.steps, s.traffic_at = d.pct, d.step, d.steps, ev.ts end
     if ev.kind == "healthy" or ev.kind == "verified" then s.health = "healthy" end
     if ev.kind == "health_failed" then s.health = d.state .. " (" .. d.consecutive .. ")" end
-    if ev.kind == "paused" then s.health = "paused: deployctl promote|abort " .. ev.target end
-    if ev.kind == "bake" then s.health = "holding, old set warm" end
-    if ev.kind == "analysis" and d.verdict ~= "pass" then s.health = "analysis " .. d.metric .. ": " .. d.verdict end
-    draw(ev, s)
+    if ev.kind == "paused" then s.paused_at = ev.ts end
+    if ev.kind == "resumed" then s.paused_at = nil s.traffic_at = ev.ts end
+    if ev.kind == "bake" then s.bake = "holding, old set warm" end
+    if ev.kind == "webhook_waiting" then s.bake = "waiting for webhook " .. d.name .. " (" .. d.type .. ")" end
+    if ev.kind:find("analysis", 1, true) then
+      local verdict, why = analysis_of(ev)
+      if verdict then
+        s.analysis = "analysis " .. (type(d.metric) == "string" and (d.metric .. " ") or "") .. verdict
+                     .. (verdict ~= "pass" and why and (": " .. why) or "")
+      end
+    end
+    if ev.kind == "aborted" then
+      s.rolling_back = "rolling back: " .. tostring(d.reason or "aborted"):gsub("\n.*", "")
+      s.paused_at = nil
+    end
+    if ev.kind == "rolled_back" then
+      -- traffic is back on the old version: the bar says so
+      s.pct = 0
+      s.rolling_back = string.format("rolled back from %g %%", d.from_pct or 0)
+    end
+    draw(ev.target, ev.ts)
     if ev.kind == "aborted" or ev.kind == "finished" then
+      if ev.kind == "finished" then s.done = true end
       out:write("\n")
       last_target = nil
       if ev.kind == "aborted" then out:write(redact(event_line(ev))) end
     end
   end
+  -- Redraws the line of the rollout under way (the clock moved on).
+  function printer.tick(now)
+    local target = last_target
+    if target and state[target] and not state[target].done then draw(target, now) end
+  end
+  return printer
 end
 
--- The event sink for a command: --json, --quiet, a terminal, or plain lines.
--- A simulated run prints its timeline as plain lines, each marked.
+-- The event sink for a command: --json, --quiet, a terminal, or plain
+-- lines; and on a terminal, a ticker that redraws the progress line. A
+-- simulated run prints its timeline as plain lines, each marked.
 local function event_sink(flags, interval)
   if flags.quiet then return nil end
   if flags.simulate and flags.json then
@@ -481,8 +581,34 @@ local function event_sink(flags, interval)
     return function(ev) out:write(redact("[simulated] " .. event_line(ev))) out:flush() end
   end
   if flags.json then return function(ev) out:write(redact(event_json(ev))) out:flush() end end
-  if is_terminal() then return progress_printer(interval) end
+  if is_terminal() then
+    local printer = progress_printer(interval)
+    return printer.on_event, printer.tick
+  end
   return function(ev) out:write(redact(event_line(ev))) out:flush() end
+end
+
+-- Runs fn() (a deployment) while tick(now) redraws every second, on the
+-- real clock only (on the virtual one there is nothing to watch).
+local function with_ticker(tick, fn)
+  if not tick or deploy.virtual_clock() then return fn() end
+  local done, results = false, nil
+  deploy.parallel{
+    function() results = table.pack(pcall(fn)) done = true end,
+    function()
+      local last = math.floor(deploy.now())
+      while not done do
+        deploy.sleep(0.1)
+        local now = deploy.now()
+        if math.floor(now) ~= last and not done then
+          last = math.floor(now)
+          tick(now)
+        end
+      end
+    end,
+  }
+  if not results[1] then error(results[2], 0) end
+  return table.unpack(results, 2, results.n)
 end
 
 local function result_exit(res, flags)
@@ -655,10 +781,11 @@ function commands.deploy(opts, args)
   local ok, strategy = pcall(class, strategy_params(flags.set or {}))
   if not ok then usage_error("%s", (tostring(strategy):gsub("^deploy: ", "deploy: --set: "))) end
   local interval = strategy.name == "canary" and strategy.interval or nil
-  local m = open_manager(opts, { on_event = event_sink(flags, interval) })
+  local sink, tick = event_sink(flags, interval)
+  local m = open_manager(opts, { on_event = sink })
   check_target(m, pos[1])
   if banner then banner() end
-  local done, res = pcall(m.deploy, m, pos[1], pos[2], { strategy = strategy })
+  local done, res = pcall(with_ticker, tick, function() return m:deploy(pos[1], pos[2], { strategy = strategy }) end)
   if not done then usage_error("%s", tostring(res)) end
   return result_exit(res, flags)
 end
@@ -667,9 +794,10 @@ function commands.rollback(opts, args)
   local flags, pos = parse_flags("rollback", args, with_output{}, 2)
   if flags.help then out:write(HELP.rollback) return EXIT_OK end
   if #pos < 1 then usage_error("rollback: needs TARGET (see 'deployctl rollback --help')") end
-  local m = open_manager(opts, { on_event = event_sink(flags) })
+  local sink, tick = event_sink(flags)
+  local m = open_manager(opts, { on_event = sink })
   check_target(m, pos[1])
-  local ok, res = pcall(m.rollback, m, pos[1], pos[2])
+  local ok, res = pcall(with_ticker, tick, function() return m:rollback(pos[1], pos[2]) end)
   if not ok then usage_error("%s", tostring(res)) end
   if res.rolled_back_deployment and res.success and not flags.json then
     printf("%s: back on %s in %s: deployment %s was still running with %s warm, traffic returned in one router "
@@ -678,6 +806,33 @@ function commands.rollback(opts, args)
     return EXIT_OK
   end
   return result_exit(res, flags)
+end
+
+-- "2", or "4 (2 live, 2 new)" while versions overlap.
+local function instance_counts(s)
+  local by_role, order = {}, {}
+  for _, g in ipairs(s.instances_by_version or {}) do
+    if g.running > 0 then
+      if not by_role[g.role] then order[#order + 1] = g.role end
+      by_role[g.role] = (by_role[g.role] or 0) + g.running
+    end
+  end
+  if #order <= 1 and (order[1] == nil or order[1] == "live") then return tostring(s.instances) end
+  local parts = {}
+  for _, role in ipairs{ "live", "new", "leaving" } do
+    if by_role[role] then parts[#parts + 1] = by_role[role] .. " " .. role end
+  end
+  return string.format("%d (%s)", s.instances, table.concat(parts, ", "))
+end
+
+-- status TARGET's exit code: 0 healthy (also never deployed, stopped on
+-- purpose by a prune, and a rollout
+-- under way whose versions are healthy), 4 degraded, 5 unhealthy.
+local function status_exit(s)
+  if s.state == "degraded" or s.health == "degraded" then return EXIT_DEGRADED end
+  if s.state == "never_deployed" or s.state == "stopped" then return EXIT_OK end
+  if s.state == "unhealthy" or s.state == "failed" or s.health == "unhealthy" then return EXIT_UNHEALTHY end
+  return EXIT_OK
 end
 
 -- The last measurement of each analysis metric of the target's newest
@@ -708,7 +863,7 @@ function commands.status(opts, args)
   if pos[1] then check_target(m, pos[1]) end
   local targets = pos[1] and { pos[1] } or m:targets()
   local rows = {}
-  for _, t in ipairs(targets) do rows[#rows + 1] = m:get_status(t) end
+  for _, t in ipairs(targets) do rows[#rows + 1] = m:describe(t) end
   local instances, router_error, routers
   if pos[1] then instances, router_error, routers = m:live_instances(pos[1]) end
   local analysis = pos[1] and last_analysis(m, pos[1]) or nil
@@ -716,11 +871,17 @@ function commands.status(opts, args)
     local doc = { targets = rows, instances = instances, router_error = router_error, routers = routers,
                   lock = pos[1] and m:lock(pos[1]) or nil, analysis = analysis }
     out:write(redact(cjson.encode(doc)), "\n")
-    return EXIT_OK
+    return pos[1] and status_exit(rows[1]) or EXIT_OK
   end
-  printf("%-16s %-20s %-13s %-10s %s\n", "TARGET", "VERSION", "STATUS", "HEALTH", "INSTANCES")
+  printf("%-16s %-20s %-14s %-10s %s\n", "TARGET", "VERSION", "STATUS", "HEALTH", "INSTANCES")
   for _, s in ipairs(rows) do
-    printf("%-16s %-20s %-13s %-10s %d\n", s.target, s.current_version or "-", s.status, s.health, s.instances)
+    local never = s.state == "never_deployed"
+    printf("%-16s %-20s %-14s %-10s %s\n", s.target, s.current_version or "-", never and "never deployed" or s.status,
+      never and "-" or s.health, instance_counts(s))
+    -- the rest of the truth, when there is more to say than the columns
+    if not never and (s.state ~= "healthy" or s.last_deployment and s.last_deployment.status ~= "succeeded") then
+      printf("  %s\n", s.summary)
+    end
   end
   for _, s in ipairs(rows) do
     local mt = s.maintenance
@@ -780,6 +941,7 @@ function commands.status(opts, args)
     end
   end
   if router_error then eprintf("router: %s\n", router_error) end
+  local exit = pos[1] and status_exit(rows[1]) or EXIT_OK
   for k, r in ipairs(routers or {}) do
     local missing = 0
     for _, i in ipairs(instances or {}) do
@@ -790,7 +952,7 @@ function commands.status(opts, args)
         missing, pos[1], r.router, pos[1])
     end
   end
-  return EXIT_OK
+  return exit
 end
 
 function commands.maintenance(opts, args)
@@ -825,7 +987,7 @@ function commands.maintenance(opts, args)
   else
     printf("%s: out of maintenance: its load balancers serve it again\n", pos[1])
   end
-  return EXIT_OK
+  return exit
 end
 
 function commands.store(opts, args)
@@ -946,6 +1108,24 @@ local function revision_of(d)
   return type(g) == "table" and g.revision and g.revision:sub(1, 10) or "-"
 end
 
+-- How many leading characters tell every deployment of the store apart
+-- (at least 8): history shows ids that short, and they work wherever an id
+-- is asked for.
+local function short_id_width(m)
+  local ids = {}
+  for _, t in ipairs(m:targets()) do
+    for _, d in ipairs(m:history(t)) do ids[#ids + 1] = d.id end
+  end
+  table.sort(ids)
+  local width = 8
+  for i = 2, #ids do
+    local a, b, n = ids[i - 1], ids[i], 0
+    while n < #a and a:sub(n + 1, n + 1) == b:sub(n + 1, n + 1) do n = n + 1 end
+    width = math.max(width, n + 1)
+  end
+  return width
+end
+
 function commands.history(opts, args)
   local flags, pos = parse_flags("history", args, { limit = "value", json = "bool" }, 1)
   if flags.help then out:write(HELP.history) return EXIT_OK end
@@ -964,11 +1144,12 @@ function commands.history(opts, args)
     for _, d in ipairs(rows) do out:write(redact(cjson.encode(d)), "\n") end
     return EXIT_OK
   end
-  printf("%-20s %-8s %-14s %-11s %-11s %-24s %-8s %-18s %s\n", "ID", "KIND", "VERSION", "STRATEGY", "RESULT",
-    "STARTED", "DURATION", "BY", "REVISION")
+  local width = short_id_width(m)
+  printf("%-" .. width .. "s %-8s %-14s %-11s %-11s %-24s %-8s %-18s %s\n", "ID", "KIND", "VERSION", "STRATEGY",
+    "RESULT", "STARTED", "DURATION", "BY", "REVISION")
   for _, d in ipairs(rows) do
-    printf("%-20s %-8s %-14s %-11s %-11s %-24s %-8s %-18s %s\n", d.id, d.kind, d.version, d.strategy, d.status,
-      d.created_at, fmt_duration(d.duration), d.user, revision_of(d))
+    printf("%-" .. width .. "s %-8s %-14s %-11s %-11s %-24s %-8s %-18s %s\n", d.id:sub(1, width), d.kind, d.version,
+      d.strategy, d.status, d.created_at, fmt_duration(d.duration), d.user, revision_of(d))
     if d.errors and d.errors[1] then printf("    reason: %s\n", (d.errors[1]:gsub("\n.*", ""))) end
   end
   return EXIT_OK
@@ -993,13 +1174,34 @@ end
 commands.promote = control("promote")
 commands.abort = control("abort")
 
+-- A deployment named on the command line: an id, any unique prefix of one,
+-- or "latest" (the target's newest; the target may be left out when the
+-- config has only one).
+local function find_deployment(m, cmd, id, target)
+  if id == "latest" then
+    if not target then
+      local targets = m:targets()
+      if #targets ~= 1 then
+        usage_error("%s: 'latest' needs the target: deployctl %s latest TARGET (targets: %s)", cmd, cmd,
+          table.concat(targets, ", "))
+      end
+      target = targets[1]
+    end
+    check_target(m, target)
+  elseif target then
+    usage_error("%s: give a TARGET only with 'latest' (an id names its target)", cmd)
+  end
+  local d, why = m:deployment(id, target)
+  if not d then usage_error("%s: %s (see 'deployctl history TARGET')", cmd, tostring(why):gsub("^deploy: ", "")) end
+  return d
+end
+
 function commands.report(opts, args)
-  local flags, pos = parse_flags("report", args, {}, 1)
+  local flags, pos = parse_flags("report", args, {}, 2)
   if flags.help then out:write(HELP.report) return EXIT_OK end
   if #pos < 1 then usage_error("report: needs DEPLOYMENT_ID (see 'deployctl history TARGET')") end
   local m = open_manager(opts)
-  local d = m:deployment(pos[1])
-  if not d then usage_error("report: no deployment '%s' in %s (see 'deployctl history TARGET')", pos[1], m:state_path()) end
+  local d = find_deployment(m, "report", pos[1], pos[2])
   local report = require "deployctl.report"
   out:write(redact(report.html(d, m:events(d.id))))
   return EXIT_OK
@@ -1105,7 +1307,8 @@ function commands.man(opts, args)
   lines[#lines + 1] = ".TP\nDEPLOY_SSH_KEY\nthe ssh provider's key (a path or the key itself)"
   lines[#lines + 1] = ".TP\nDEPLOY_GIT_USERNAME, DEPLOY_GIT_TOKEN, DEPLOY_GIT_SSH_KEY\nGitOps credentials"
   lines[#lines + 1] = ".SH EXIT STATUS"
-  lines[#lines + 1] = "0 success, 1 deployment failed and rolled back, 2 usage or configuration error, 3 target locked."
+  lines[#lines + 1] = "0 success, 1 deployment failed and rolled back, 2 usage or configuration error, 3 target locked; "
+    .. "status TARGET: 4 degraded, 5 unhealthy."
   out:write(table.concat(lines, "\n"), "\n")
   return EXIT_OK
 end
@@ -1195,6 +1398,11 @@ for _, name in ipairs{ "diff", "sync", "watch" } do
   end
 end
 
+function commands.serve(opts, args)
+  if not serve_ok then usage_error("serve: not built into this deployctl") end
+  return serve_cli.serve(gitops_ctx(opts), args)
+end
+
 -- ---------------------------------------------------------------------------
 
 local function main(...)
@@ -1218,6 +1426,10 @@ local ok, rv = xpcall(main, function(e)
   return debug.traceback(tostring(e), 2)
 end, ...)
 out:flush()
+-- Notifications and event webhooks are never waited for by a rollout; they
+-- still get up to 10 s to leave before the process ends (not after Ctrl-C).
+local left = (ok or not tostring(rv):find("interrupted", 1, true)) and deploy._flush(10) or 0
+if left > 0 then eprintf("deployctl: %d notification(s) not delivered in 10 s: dropped\n", left) end
 if ok then return rv end
 if type(rv) == "table" then
   eprintf("deployctl: %s\n", rv.usage)

@@ -39,18 +39,23 @@ M.help = {
     .. "to the one git wants.\n\n" .. COMMON .. "\n" .. CREDENTIALS
     .. "\nExit codes: 0 done (with or without changes), 1 the repository could not\n"
     .. "be read or a manifest is invalid, 2 usage or configuration error.\n",
-  sync = "Usage: deployctl sync --repo URL [--branch B] [--path P] [--prune] [--quiet]\n\n"
+  sync = "Usage: deployctl sync --repo URL [--branch B] [--path P] [--prune] [--retry] [--quiet]\n\n"
     .. "Applies what git wants: every changed target rolls out at once, each with\n"
     .. "its manifest's strategy. A revision with an invalid manifest applies\n"
     .. "nothing. A target rolled back by hand stays pinned until git changes its\n"
-    .. "manifest.\n\n" .. COMMON
+    .. "manifest. A manifest whose rollout failed on a target is not applied to it\n"
+    .. "again until a commit changes that manifest, or --retry asks for it.\n\n" .. COMMON
     .. "  --prune         stop targets whose manifest was removed (default: report them)\n"
+    .. "  --retry         apply again the manifests whose rollout failed before\n"
     .. "  --quiet         no live event lines\n\n" .. CREDENTIALS
     .. "\nExit codes: 0 in sync, 1 something failed (and was rolled back), 2 usage or\n"
     .. "configuration error, 3 a target was locked by another deployment.\n",
   watch = "Usage: deployctl watch --repo URL [--branch B] [--path P] [--interval S] [--prune] [--quiet]\n\n"
     .. "Fetches every S seconds (default 60) and syncs when the revision changes or a\n"
-    .. "target drifts. Fetch failures and failed rollouts are retried with backoff.\n"
+    .. "target drifts. A failed fetch is retried with backoff (S doubled each time, at\n"
+    .. "most 300 s); a failed rollout is not retried: the manifest stays held on that\n"
+    .. "target until a commit changes it (fetching goes on every S seconds, so a fix\n"
+    .. "is applied within one interval), or 'deployctl sync --retry'.\n"
     .. "Stops on SIGINT or SIGTERM.\n\n" .. COMMON
     .. "  --interval S    seconds between fetches (default 60)\n"
     .. "  --prune         stop targets whose manifest was removed\n"
@@ -60,7 +65,7 @@ M.help = {
 
 local FLAGS = {
   diff = { repo = "value", branch = "value", path = "value" },
-  sync = { repo = "value", branch = "value", path = "value", prune = "bool", quiet = "bool" },
+  sync = { repo = "value", branch = "value", path = "value", prune = "bool", quiet = "bool", retry = "bool" },
   watch = { repo = "value", branch = "value", path = "value", prune = "bool", quiet = "bool", interval = "value" },
 }
 
@@ -78,7 +83,8 @@ local function interval_of(ctx, cmd, text)
 end
 
 -- Parses the flags and builds the synchronizer (with the config's
--- manager). Returns nil when --help was asked for (and printed).
+-- manager). Returns nil when --help was asked for (and printed), else the
+-- synchronizer and the flags.
 local function open(ctx, cmd, args)
   local flags = ctx.parse_flags(cmd, args, FLAGS[cmd], 0)
   if flags.help then
@@ -99,7 +105,7 @@ local function open(ctx, cmd, args)
     interval = interval, prune = flags.prune or false,
   })
   if not ok then ctx.usage_error("%s: %s", cmd, (tostring(sync):gsub("^deploy: ", ""))) end
-  return sync
+  return sync, flags
 end
 
 local function change_line(c)
@@ -120,7 +126,12 @@ function M.diff(ctx, args)
     return EXIT_OK
   end
   for _, c in ipairs(changes) do
-    local note = c.pinned and ("  (pinned: rolled back by hand from revision " .. short(c.pinned_revision) .. ")") or ""
+    local note = ""
+    if c.pinned then
+      note = "  (pinned: rolled back by hand from revision " .. short(c.pinned_revision) .. ")"
+    elseif c.failed then
+      note = "  (held: its rollout failed, revision " .. short(c.failed_revision) .. "; sync --retry)"
+    end
     ctx.printf("%s%s\n", change_line(c), note)
   end
   return EXIT_OK
@@ -142,6 +153,9 @@ local function report(ctx, cmd, result)
   for _, s in ipairs(result.skipped or {}) do
     ctx.printf("%s: %s skipped: %s\n", s.target, s.kind, s.reason)
   end
+  for _, h in ipairs(result.held or {}) do
+    ctx.printf("%s: held at %s (git wants %s): %s\n", h.target, h.from or "-", h.to or "-", h.reason)
+  end
   local locked = false
   for _, e in ipairs(result.errors or {}) do
     ctx.eprintf("%s: %s\n", cmd, e)
@@ -155,9 +169,9 @@ local function report(ctx, cmd, result)
 end
 
 function M.sync(ctx, args)
-  local sync = open(ctx, "sync", args)
+  local sync, flags = open(ctx, "sync", args)
   if not sync then return EXIT_OK end
-  return report(ctx, "sync", sync:sync())
+  return report(ctx, "sync", sync:sync{ retry = flags.retry or false })
 end
 
 function M.watch(ctx, args)

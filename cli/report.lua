@@ -65,6 +65,49 @@ local function chart(events, started, finished)
   return table.concat(parts, "\n")
 end
 
+-- JSON as a person reads it: keys in alphabetical order (the same every
+-- time), "/" and non-ASCII text as they are (cjson writes "\/"), integers
+-- without a fraction. Only what JSON requires is escaped; the page escapes
+-- the HTML after.
+local cjson = require "cjson"
+
+local function json_text(v)
+  local t = type(v)
+  if v == nil or v == cjson.null then return "null" end
+  if t == "boolean" then return tostring(v) end
+  if t == "number" then
+    if math.type(v) == "integer" or (v == math.floor(v) and math.abs(v) < 2^53) then
+      return string.format("%d", v)
+    end
+    return string.format("%.14g", v)
+  end
+  if t == "string" then
+    return '"' .. v:gsub('[%c"\\]', function(c)
+      local named = { ['"'] = '\\"', ["\\"] = "\\\\", ["\n"] = "\\n", ["\t"] = "\\t", ["\r"] = "\\r" }
+      return named[c] or string.format("\\u%04x", c:byte())
+    end) .. '"'
+  end
+  if t ~= "table" then return '"' .. tostring(v) .. '"' end
+  local n = #v
+  local array_mt = rawget(cjson, "array_mt")
+  if n > 0 or (array_mt ~= nil and getmetatable(v) == array_mt) then
+    local items = {}
+    for i = 1, n do items[i] = json_text(v[i]) end
+    return "[" .. table.concat(items, ",") .. "]"
+  end
+  local keys = {}
+  for k in pairs(v) do keys[#keys + 1] = tostring(k) end
+  table.sort(keys)
+  local items = {}
+  for _, k in ipairs(keys) do
+    local val = v[k]
+    if val == nil then val = v[tonumber(k)] end
+    items[#items + 1] = json_text(k) .. ":" .. json_text(val)
+  end
+  return "{" .. table.concat(items, ",") .. "}"
+end
+M.json_text = json_text
+
 -- Every measurement of the deployment's analysis, in order.
 local function analysis_table(events, started)
   local rows = {}
@@ -85,10 +128,15 @@ end
 
 local function detail(ev)
   if not ev.data then return "" end
-  local cjson = require "cjson"
-  local ok, s = pcall(cjson.encode, ev.data)
-  return ok and s or ""
+  return json_text(ev.data)
 end
+
+local LEGEND = [[
+<ul class="legend">
+<li><svg width="22" height="10"><line x1="0" y1="5" x2="22" y2="5" stroke="#1f6feb" stroke-width="2"/></svg> share of the new version's traffic (a dot at each change)</li>
+<li><svg width="10" height="10"><rect x="3" y="1" width="4" height="8" fill="#1a7f37"/></svg> health check passed (healthy, verified)</li>
+<li><svg width="10" height="10"><rect x="3" y="1" width="4" height="8" fill="#d1242f"/></svg> health check failed</li>
+</ul>]]
 
 function M.html(d, events)
   local started = d.started
@@ -98,7 +146,7 @@ function M.html(d, events)
   end
   local rows = {}
   for _, ev in ipairs(events) do
-    rows[#rows + 1] = string.format("<tr class=\"event %s\"><td>%s</td><td>+%s s</td><td>%s</td><td><code>%s</code></td></tr>",
+    rows[#rows + 1] = string.format("<tr class=\"event %s\"><td>%s</td><td>+%s s</td><td>%s</td><td class=\"data\"><code>%s</code></td></tr>",
       esc(ev.kind), esc(ev.time), fmt_num(ev.ts - started), esc(ev.kind), esc(detail(ev)))
   end
   local errors = ""
@@ -116,8 +164,11 @@ body { font: 14px/1.45 system-ui, sans-serif; margin: 24px; color: #1f2328; }
 h1 { font-size: 20px; margin: 0 0 8px; }
 .status { color: COLOR; font-weight: 600; }
 table { border-collapse: collapse; margin-top: 12px; }
-td, th { border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: left; vertical-align: top; }
+td, th { border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: left; vertical-align: top; white-space: nowrap; }
+td.data { white-space: normal; overflow-wrap: anywhere; }
 code { font-size: 12px; } pre { white-space: pre-wrap; margin: 0; }
+.legend { list-style: none; padding: 0; margin: 4px 0 0; color: #57606a; font-size: 12px; display: flex; gap: 18px; }
+.legend svg { vertical-align: middle; margin-right: 4px; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 2px 16px; }
 dt { color: #57606a; }
 </style></head><body>
@@ -134,6 +185,7 @@ dt { color: #57606a; }
 </dl>
 <h2>Traffic share of VERSION, health and analysis</h2>
 CHART
+LEGEND
 ANALYSIS
 ERRORS
 <h2>Events</h2>
@@ -155,6 +207,7 @@ ROWS
     USER = esc(d.user),
     VERSION = esc(d.version),
     CHART = chart(events, started, finished),
+    LEGEND = LEGEND,
     ANALYSIS = analysis_table(events, started),
     ERRORS = errors,
     ROWS = table.concat(rows, "\n"),

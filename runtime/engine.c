@@ -1,6 +1,7 @@
 #include "engine.h"
 
 #include <signal.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -327,4 +328,28 @@ int engine_run_once(engine *e) {
   run_soon(e);
   int more = uv_run(e->loop, e->soon ? UV_RUN_NOWAIT : UV_RUN_ONCE);
   return more || e->soon != NULL;
+}
+
+void engine_outgoing(engine *e, int delta) {
+  if (delta < 0 && e->outgoing < (size_t)-delta)
+    e->outgoing = 0;
+  else
+    e->outgoing += (size_t)(ptrdiff_t)delta;
+}
+
+static void flush_deadline(void *payload) { *(int *)payload = 1; }
+
+size_t engine_flush(engine *e, double max_seconds) {
+  if (!e->loop || e->outgoing == 0)
+    return e->outgoing;
+  /* The deadline also wakes a loop that waits on a slow receiver. On the
+   * virtual clock it comes after the retries' waits (they are shorter) and
+   * requests in flight hold the clock, so deliveries get their chance. */
+  int late = 0;
+  engine_timer *t = engine_timer_start(e, max_seconds, flush_deadline, &late);
+  while (e->outgoing > 0 && !late && engine_run_once(e))
+    ;
+  if (!late)
+    engine_timer_cancel(t);
+  return e->outgoing;
 }

@@ -31,6 +31,7 @@ struct engine {
   uv_async_t wake;             /* woken by signal handlers (uv_async_send is async-signal-safe) */
   struct engine_timer *pending;/* real timers not yet fired */
   struct engine_soon *soon, *soon_tail; /* continuations for the next turn */
+  size_t outgoing;             /* deliveries the process should not exit before (engine_flush) */
 };
 
 /* The most recently initialised engine's wake-up handle, for a signal
@@ -75,5 +76,13 @@ void engine_release(engine *e);
  * loop (blocking for I/O only when no continuation is left). Returns 0 when
  * there is no more work at all. */
 int engine_run_once(engine *e);
+
+/* Deliveries nobody waits for (notifications, event webhooks) that should
+ * still leave before the process exits: the outbox counts them here, and
+ * engine_flush runs the loop until none is left or max_seconds have passed
+ * on the real clock. Returns how many are left (0: all went or were
+ * dropped). */
+void engine_outgoing(engine *e, int delta);
+size_t engine_flush(engine *e, double max_seconds);
 
 #endif

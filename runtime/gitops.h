@@ -163,6 +163,9 @@ typedef struct gitops_change {
   long want;                  /* index into wants, -1 for delete */
   int pinned;                 /* a manual rollback holds it back */
   char pinned_revision[GITOPS_OID_HEX]; /* the revision rolled back from */
+  int failed;                 /* this manifest blob's rollout failed here: not applied again unless retried */
+  char failed_revision[GITOPS_OID_HEX]; /* the revision that rollout came from */
+  char failed_id[48];         /* and its deployment */
 } gitops_change;
 
 /* One configured target as the plan sees it: its row and its history,
@@ -178,7 +181,9 @@ typedef struct gitops_plan_target {
  * included), delete (no manifest, something live, and this repository and
  * path deployed it before). A target whose latest deployment is a manual
  * rollback away from a deployment this repository made with the same
- * manifest blob is marked pinned. *out is a heap array sorted by target
+ * manifest blob is marked pinned. One whose latest deployment from this
+ * repository and path was made from the same manifest blob and failed is
+ * marked failed: git has not changed its manifest since. *out is a heap array sorted by target
  * name (free it). */
 int gitops_plan(const gitops_plan_target *targets, size_t ntargets, const char *repo, const char *path,
                 const gitops_want *wants, size_t nwants, gitops_change **out, size_t *nout, char *err);

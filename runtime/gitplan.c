@@ -85,6 +85,10 @@ typedef struct history_scan {
   /* delete: the last row this repository and path made */
   int managed;
   char file[512];
+  /* failed: that row, made from the wanted blob, failed */
+  int failed;
+  char failed_revision[GITOPS_OID_HEX];
+  char failed_id[48];
 } history_scan;
 
 static int same_source(const gitops_provenance *p, const history_scan *h) {
@@ -119,6 +123,22 @@ static int scan_managed(void *payload, const store_deployment *d) {
     return 0;
   h->managed = 1;
   dc_strlcpy(h->file, p.file, sizeof h->file);
+  return 1;
+}
+
+/* Newest first, rows of other origins skipped (a manual deploy is drift
+ * to repair, not a new commit): the newest row from this repository and
+ * path decides. */
+static int scan_failed(void *payload, const store_deployment *d) {
+  history_scan *h = payload;
+  gitops_provenance p;
+  if (gitops_provenance_read(d->metadata, &p) != 0 || !same_source(&p, h))
+    return 0;
+  if (strcmp(p.blob, h->blob) == 0 && strcmp(d->status, "failed") == 0) {
+    h->failed = 1;
+    dc_strlcpy(h->failed_revision, p.revision, sizeof h->failed_revision);
+    dc_strlcpy(h->failed_id, d->id, sizeof h->failed_id);
+  }
   return 1;
 }
 
@@ -165,6 +185,11 @@ static void plan_target(const gitops_plan_target *pt, const char *repo, const ch
       scan(pt, scan_pin, &h);
     c->pinned = h.pinned;
     dc_strlcpy(c->pinned_revision, h.pinned_revision, sizeof c->pinned_revision);
+    if (!c->pinned)
+      scan(pt, scan_failed, &h);
+    c->failed = h.failed;
+    dc_strlcpy(c->failed_revision, h.failed_revision, sizeof c->failed_revision);
+    dc_strlcpy(c->failed_id, h.failed_id, sizeof c->failed_id);
   }
   c->want = w;
   dc_strlcpy(c->target, target, sizeof c->target);

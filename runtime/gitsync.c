@@ -21,7 +21,7 @@ struct gitsync {
   size_t nfiles, files_cap;
   char revision[GITOPS_OID_HEX];
   char last_revision[GITOPS_OID_HEX]; /* watch: the revision last reported */
-  int failures;             /* watch: failed rounds in a row */
+  int failures;             /* watch: failed fetches in a row (the backoff) */
   round *round;             /* the one in flight */
   int freed;                /* gitsync_free came while a round ran */
 };
@@ -35,6 +35,7 @@ typedef struct applied_item {
 struct round {
   gitsync *gs;
   round_mode mode;
+  int retry;                /* apply again what a failed rollout holds back */
   gitsync_cb cb;
   void *payload;
   double t0;
@@ -54,9 +55,9 @@ struct round {
   size_t nchanges;
   applied_item *applied;
   size_t napplied;
-  gitsync_held *pinned, *skipped;
-  size_t npinned, nskipped;
-  size_t actionable;        /* changes neither pinned nor held back by prune = false */
+  gitsync_held *pinned, *skipped, *held;
+  size_t npinned, nskipped, nheld;
+  size_t actionable;        /* changes neither pinned, held back by prune = false, nor failed before */
   int outstanding;
   engine_timer *timer;
 };
@@ -209,6 +210,7 @@ static void round_free(round *rd) {
   free(rd->applied);
   free(rd->pinned);
   free(rd->skipped);
+  free(rd->held);
   free(rd);
 }
 
@@ -261,6 +263,8 @@ static void finish(round *rd) {
   rep.npinned = rd->npinned;
   rep.skipped = rd->skipped;
   rep.nskipped = rd->nskipped;
+  rep.held = rd->held;
+  rep.nheld = rd->nheld;
   rep.errors = (const char *const *)rd->errors;
   rep.nerrors = rd->nerrors;
   rep.duration = engine_now(service_engine(gs->svc)) - rd->t0;
@@ -268,7 +272,9 @@ static void finish(round *rd) {
   if (rd->mode == ROUND_WATCH) {
     if (!rd->fetch_failed)
       dc_strlcpy(gs->last_revision, gs->revision, sizeof gs->last_revision);
-    gs->failures = rep.success || rd->invalid ? 0 : gs->failures + 1;
+    /* Only fetching backs off: a failed rollout is not applied again
+     * anyway, and the commit that fixes it must be seen at once. */
+    gs->failures = rd->fetch_failed ? gs->failures + 1 : 0;
   }
   gs->round = NULL;
   rd->cb(rd->payload, &rep);
@@ -290,10 +296,25 @@ static gitsync_held *hold(gitsync_held **list, size_t *n, const gitops_change *c
   return &g[(*n)++];
 }
 
-/* Pinned and prune-less deletes are reported, not applied. */
+/* Pinned and prune-less deletes are reported, not applied; a change whose
+ * rollout failed before is held (and is an error: git and the target
+ * disagree) unless the round retries. */
 static int held_back(round *rd, const gitops_change *c) {
   if (c->pinned) {
     hold(&rd->pinned, &rd->npinned, c, "pinned by a manual rollback until git changes this target's manifest");
+    return 1;
+  }
+  if (c->failed && !rd->retry) {
+    char msg[DC_ERR_MAX + 256];
+    char *file = dc_printable(c->file);
+    hold(&rd->held, &rd->nheld, c,
+         "its rollout of this manifest failed: not applied again until a commit changes the manifest, or a sync "
+         "retries it (deployctl sync --retry)");
+    dc_fmt(msg, sizeof msg, "%s: %s from %s not applied again: its rollout failed (deployment %s, revision %.12s); "
+           "commit a change to %s, or run 'deployctl sync --retry'", c->target, c->to, file ? file : "?",
+           c->failed_id, c->failed_revision, file ? file : "the manifest");
+    free(file);
+    add_error(rd, msg);
     return 1;
   }
   if (c->kind == GITOPS_DELETE && !rd->gs->o.prune) {
@@ -412,7 +433,8 @@ static void planned(round *rd) {
     return;
   }
   for (size_t i = 0; i < rd->nchanges; i++)
-    rd->actionable += !rd->changes[i].pinned && (rd->changes[i].kind != GITOPS_DELETE || gs->o.prune);
+    rd->actionable += !rd->changes[i].pinned && (!rd->changes[i].failed || rd->retry) &&
+                      (rd->changes[i].kind != GITOPS_DELETE || gs->o.prune);
   rd->report = rd->mode != ROUND_WATCH || worth_reporting(rd);
   if (rd->mode == ROUND_SYNC || (rd->mode == ROUND_WATCH && rd->report))
     apply(rd);
@@ -525,7 +547,7 @@ static void fetch_refused(void *payload) {
   finish(rd);
 }
 
-static int start_round(gitsync *gs, round_mode mode, gitsync_cb cb, void *payload, char *err) {
+static int start_round(gitsync *gs, round_mode mode, int retry, gitsync_cb cb, void *payload, char *err) {
   if (gs->round) {
     dc_fmt(err, DC_ERR_MAX, "deploy: gitops: a sync of %s is already running: wait for it", gitops_url(gs->g));
     return DC_ERROR;
@@ -537,6 +559,7 @@ static int start_round(gitsync *gs, round_mode mode, gitsync_cb cb, void *payloa
   }
   rd->gs = gs;
   rd->mode = mode;
+  rd->retry = retry;
   rd->cb = cb;
   rd->payload = payload;
   rd->t0 = engine_now(service_engine(gs->svc));
@@ -552,15 +575,19 @@ static int start_round(gitsync *gs, round_mode mode, gitsync_cb cb, void *payloa
 }
 
 int gitsync_diff(gitsync *gs, gitsync_cb cb, void *payload, char *err) {
-  return start_round(gs, ROUND_DIFF, cb, payload, err);
+  return start_round(gs, ROUND_DIFF, 0, cb, payload, err);
 }
 
 int gitsync_sync(gitsync *gs, gitsync_cb cb, void *payload, char *err) {
-  return start_round(gs, ROUND_SYNC, cb, payload, err);
+  return start_round(gs, ROUND_SYNC, 0, cb, payload, err);
+}
+
+int gitsync_sync_retry(gitsync *gs, gitsync_cb cb, void *payload, char *err) {
+  return start_round(gs, ROUND_SYNC, 1, cb, payload, err);
 }
 
 int gitsync_watch_round(gitsync *gs, gitsync_cb cb, void *payload, char *err) {
-  return start_round(gs, ROUND_WATCH, cb, payload, err);
+  return start_round(gs, ROUND_WATCH, 0, cb, payload, err);
 }
 
 /* ---- construction ---- */

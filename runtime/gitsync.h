@@ -72,6 +72,8 @@ typedef struct gitsync_report {
   size_t npinned;
   const gitsync_held *skipped;     /* deletes held back by prune = false */
   size_t nskipped;
+  const gitsync_held *held;        /* held back because their rollout failed before (an error each) */
+  size_t nheld;
   const char *const *errors;       /* every error: fetch, manifests, rollouts */
   size_t nerrors;
   double duration;                 /* engine-clock seconds */
@@ -82,15 +84,20 @@ typedef void (*gitsync_cb)(void *payload, const gitsync_report *rep);
 
 /* Fetch, read, plan: nothing applied. */
 int gitsync_diff(gitsync *gs, gitsync_cb cb, void *payload, char *err);
-/* Fetch, read, plan, apply everything, wait for every rollout. */
+/* Fetch, read, plan, apply everything, wait for every rollout. A change
+ * whose rollout failed before, from the same manifest blob, is not applied
+ * again: it is held (an error of the round) until a commit changes that
+ * manifest... */
 int gitsync_sync(gitsync *gs, gitsync_cb cb, void *payload, char *err);
+/* ...or an operator asks for it again with this one. */
+int gitsync_sync_retry(gitsync *gs, gitsync_cb cb, void *payload, char *err);
 /* One poll of a watch: applies only when there is something to tell (a
- * new revision, valid or not; drift; a failed rollout to retry), and says
- * so in rep->report. A broken revision is not retried: a new commit is
- * needed. */
+ * new revision, valid or not; drift), and says so in rep->report. A broken
+ * revision, or a failed rollout, is not retried: a new commit is needed. */
 int gitsync_watch_round(gitsync *gs, gitsync_cb cb, void *payload, char *err);
-/* Seconds to the next poll: the interval, doubled per failed round, capped
- * at max(interval, 300 s). */
+/* Seconds to the next poll: the interval, doubled per failed fetch in a
+ * row, capped at max(interval, 300 s). A failed rollout does not slow the
+ * polls: the commit that fixes it is seen within one interval. */
 double gitsync_next_delay(const gitsync *gs);
 /* Stops a fetch in flight at its next progress report. */
 void gitsync_cancel(gitsync *gs);

@@ -3,16 +3,15 @@
  * on first use: see module.h). */
 #include "health.h"
 
-#include "module.h"
+#include "http_module.h"
 #include "util.h"
-
-static const health_api *http_module;
 
 int health_check_start(engine *e, const char *const *urls, size_t n, const health_opts *opts, health_cb cb,
                        void *payload, char *err) {
-  if (!http_module && !(http_module = dc_module_api("http", "deploy_http_api", HEALTH_API_VERSION, err)))
+  const http_module_api *m = http_module(err);
+  if (!m)
     return -1;
-  return http_module->check_start(e, urls, n, opts, cb, payload, err);
+  return m->check_start(e, urls, n, opts, cb, payload, err);
 }
 
 health_state health_classify(const health_result *r, size_t n) {

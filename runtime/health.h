@@ -32,13 +32,7 @@ int health_check_start(engine *e, const char *const *urls, size_t n,
                        char *err);
 
 /* health_check_start lives in the HTTP module (deploy-http.so, libcurl),
- * loaded on first use; this is its interface. */
-#define HEALTH_API_VERSION 1
-typedef struct health_api {
-  int version;
-  int (*check_start)(engine *e, const char *const *urls, size_t n, const health_opts *opts, health_cb cb,
-                     void *payload, char *err);
-} health_api;
+ * loaded on first use: see http_module.h. */
 
 /* healthy when all ok, unhealthy when none is (or n == 0), else degraded. */
 health_state health_classify(const health_result *r, size_t n);

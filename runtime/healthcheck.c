@@ -47,19 +47,6 @@ struct check {
   uv_timer_t timer;      /* n == 0 only: calls cb from the loop */
 };
 
-/* Error messages may end up in logs: a password in the URL becomes "***". */
-static void redact_url(char *dst, size_t size, const char *url) {
-  const char *auth = strstr(url, "://");
-  auth = auth ? auth + 3 : url;
-  size_t host_off = strcspn(auth, "/?#");
-  const char *at = memchr(auth, '@', host_off);
-  const char *colon = at ? memchr(auth, ':', (size_t)(at - auth)) : NULL;
-  if (!colon) {
-    dc_strlcpy(dst, url, size);
-    return;
-  }
-  dc_fmt(dst, size, "%.*s:***%s", (int)(colon - url), url, at);
-}
 
 /* ---- lifetime ----------------------------------------------------------- */
 
@@ -238,7 +225,7 @@ static int probe_prepare(check *c, size_t i, const char *url, char *err) {
     dc_errf(err, "health: URL #%zu is missing (NULL)", i + 1);
     return -1;
   }
-  redact_url(shown, sizeof shown, url);
+  dc_redact_url(shown, sizeof shown, url);
   if (url_validate(url, why, sizeof why) != 0) {
     dc_errf(err, "health: bad URL '%s': %s (expected http://host:port/path)",
             shown, why);
@@ -267,7 +254,7 @@ static int start_all(check *c, http *h, char *err) {
       continue;
     }
     char shown[256];
-    redact_url(shown, sizeof shown, c->urls[i]);
+    dc_redact_url(shown, sizeof shown, c->urls[i]);
     dc_errf(err, "health: could not start the check of '%s' (out of memory, "
                  "or the engine is shutting down)", shown);
     if (c->pending == 0)
@@ -299,7 +286,7 @@ static int start_empty(engine *e, check *c, char *err) {
   return 0;
 }
 
-static int hc_start(engine *e, const char *const *urls, size_t n,
+int healthcheck_start(engine *e, const char *const *urls, size_t n,
                     const health_opts *opts, health_cb cb, void *payload,
                     char *err) {
   if (!e || !e->loop || !cb || (n > 0 && !urls)) {
@@ -329,10 +316,3 @@ static int hc_start(engine *e, const char *const *urls, size_t n,
   }
   return start_all(c, h, err);
 }
-
-/* ---- the module's one entry point ---- */
-
-__attribute__((visibility("default"))) const health_api deploy_http_api = {
-    .version = HEALTH_API_VERSION,
-    .check_start = hc_start,
-};

@@ -279,6 +279,21 @@ int http_add(http *h, CURL *easy, http_done_cb cb, void *payload) {
 
 int http_active(const http *h) { return h ? h->active : 0; }
 
+int http_remove(http *h, CURL *easy) {
+  char *priv = NULL;
+  if (!h || !easy || h->freeing)
+    return -1;
+  curl_easy_getinfo(easy, CURLINFO_PRIVATE, &priv);
+  if (!priv)
+    return -1;
+  transfer *t = (transfer *)priv;
+  curl_multi_remove_handle(h->multi, easy);
+  curl_easy_setopt(easy, CURLOPT_PRIVATE, NULL);
+  transfer_unlink(h, t);
+  free(t);
+  return 0;
+}
+
 static void engine_http_free(void *h) { http_free(h); }
 
 http *http_engine_client(engine *e) {

@@ -7,6 +7,9 @@
 #include <curl/curl.h>
 #include <uv.h>
 
+#include "engine.h"
+#include "health.h"
+
 typedef struct http http;
 
 /* Called once per transfer when it ends. result is CURLE_OK or a curl error;
@@ -22,6 +25,15 @@ void http_free(http *h);
 int http_add(http *h, CURL *easy, http_done_cb cb, void *payload);
 /* Transfers still in flight. */
 int http_active(const http *h);
+/* Stops a transfer started with http_add before it ends: its callback
+ * never runs, the easy handle is the caller's again. Safe from inside
+ * another transfer's callback. -1 when it is not in flight (any more), or
+ * h is being freed (then its callback runs, with CURLE_ABORTED_BY_CALLBACK). */
+int http_remove(http *h, CURL *easy);
+
+/* The module's parts, reached from its table (httpreq.c). */
+int healthcheck_start(engine *e, const char *const *urls, size_t n, const health_opts *opts, health_cb cb,
+                      void *payload, char *err);
 
 /* The engine's client, made on first use and freed with the engine: one
  * multi handle per loop for every request of the module. NULL when it

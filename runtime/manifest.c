@@ -7,6 +7,7 @@
 
 #include "json.h"
 #include "util.h"
+#include "webhook.h"
 
 static const char *const known_fields[] = {"target", "version", "strategy", "metadata", NULL};
 
@@ -114,7 +115,25 @@ static void check_strategy(manifest *m, const json_t *obj, const manifest_checks
   }
   if (!string_field(m, st, "kind", "strategy.kind", "\"kind\": \"canary\""))
     return;
-  if (c->strategy && c->strategy(c->payload, st, err) != 0) {
+  /* The webhooks are the runtime's to check (webhook.c, as from git: no
+   * secret in clear, no environment variable in a URL); the rest of the
+   * object is the strategy's. */
+  json_t *hooks = json_object_get(st, "webhooks");
+  json_t *rest = hooks ? json_copy(st) : json_incref(st);
+  if (hooks) {
+    webhook_list l;
+    char field[64];
+    if (webhook_list_from_json(&l, hooks, WEBHOOK_FROM_GIT, field, sizeof field, err) != 0) {
+      add_error(m, "field 'strategy.%s': %s", field, err);
+      json_decref(rest);
+      return;
+    }
+    webhook_list_clear(&l);
+    json_object_del(rest, "webhooks");
+  }
+  int bad = c->strategy && c->strategy(c->payload, rest, err) != 0;
+  json_decref(rest);
+  if (bad) {
     add_error(m, "%s", dc_unprefix(err));
     return;
   }

@@ -3,7 +3,9 @@
  *   target   (string, required): a configured target
  *   version  (string, required): a valid version
  *   strategy (object, optional): {"kind": "canary" | "blue-green" | a name
- *            registered with the manager, ...parameters}
+ *            registered with the manager, ...parameters, "webhooks": [...]}
+ *            (webhooks are checked here, by webhook.c, as written in git:
+ *            a secret only as "${NAME}", no ${NAME} in a URL)
  *   metadata (object, optional): stored with the deployment ("gitops" is
  *            reserved), at most MANIFEST_METADATA_MAX bytes encoded
  * Anything else is refused, each error naming the file and the field. The

@@ -1,6 +1,9 @@
 /* The process provider: every instance is `/bin/sh -c <command>` started
  * detached (its own session and process group), so it outlives deployctl.
  *
+ * A command that is one simple command runs as `exec <command>` (see
+ * simple_command): the recorded pid is then the service's own.
+ *
  * Identity: a pid alone may be reused, so an instance's handle is
  * "<pid>:<start time>", and its environment carries
  * DEPLOY_INSTANCE=<store location>#<instance id> so a process whose handle
@@ -504,12 +507,110 @@ static int open_log(const process_provider *p, const store_instance *inst, provi
   return fd;
 }
 
+/* ---- how children ended ---- */
+
+/* The last exits of instances this process started: a supervisor tells a
+ * clean exit from a crash by them (restart = "on-failure"). Processes an
+ * earlier deployctl started are not our children: their end is not known. */
+typedef struct exit_note {
+  int pid;
+  uint64_t start;
+  int exited;
+  int64_t status;
+  int sig;
+} exit_note;
+
+static exit_note exits[256];
+static size_t exits_next;
+
+static void note_spawned(int pid, uint64_t start) {
+  exits[exits_next % 256] = (exit_note){.pid = pid, .start = start};
+  exits_next++;
+}
+
+static void note_exit(int pid, int64_t status, int sig) {
+  for (size_t i = 0; i < 256; i++) {
+    if (exits[i].pid == pid && !exits[i].exited) {
+      exits[i].exited = 1;
+      exits[i].status = status;
+      exits[i].sig = sig;
+    }
+  }
+}
+
+int provider_process_exit_status(int pid, uint64_t start, int *status, int *sig) {
+  for (size_t i = 0; i < 256; i++) {
+    if (exits[i].pid == pid && exits[i].start == start && exits[i].exited) {
+      *status = (int)exits[i].status;
+      *sig = exits[i].sig;
+      return 1;
+    }
+  }
+  return 0;
+}
+
 /* ---- start: spawn ---- */
 
 static void on_child_exit(uv_process_t *h, int64_t status, int sig) {
-  (void)status;
-  (void)sig;
+  note_exit(h->pid, status, sig);
   close_owned(h->data);
+}
+
+/* A command that is one simple command (a program, its arguments and
+ * redirections, maybe after NAME=value assignments) is run with `exec`,
+ * so the instance's pid is the service's own, not that of a /bin/sh
+ * waiting for it: signals reach the service, and its exit is the
+ * instance's. Anything else (;, &, |, &&, subshells, braces, command
+ * substitution, several lines, a reserved word first) runs as written. */
+static int simple_command(const char *cmd) {
+  static const char *const reserved[] = {"if", "then", "else", "elif", "fi", "for", "while", "until", "do",
+                                         "done", "case", "esac", "!", "{", "}", "exec", NULL};
+  for (const char *p = cmd; *p; p++) {
+    if (strchr(";|`(){}\n\r", *p) || (*p == '$' && p[1] == '('))
+      return 0;
+    if (*p == '&' && !(p > cmd && (p[-1] == '>' || p[-1] == '<')))
+      return 0;
+  }
+  const char *w = cmd + strspn(cmd, " \t");
+  if (!*w)
+    return 0;
+  for (size_t i = 0; reserved[i]; i++) {
+    size_t n = strlen(reserved[i]);
+    if (strncmp(w, reserved[i], n) == 0 && (w[n] == '\0' || w[n] == ' ' || w[n] == '\t'))
+      return 0;
+  }
+  return 1;
+}
+
+/* "exec CMD", after the leading NAME=value words (they stay assignments:
+ * `A=1 exec prog` gives prog A=1). Heap; NULL when out of memory. */
+static char *with_exec(const char *cmd) {
+  const char *w = cmd + strspn(cmd, " \t");
+  for (;;) {
+    size_t name = strspn(w, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_");
+    if (name == 0 || w[name] != '=' || (w[0] >= '0' && w[0] <= '9'))
+      break;
+    /* The value runs to the next blank outside quotes. */
+    const char *p = w + name + 1;
+    char quote = 0;
+    for (; *p && (quote || (*p != ' ' && *p != '\t')); p++) {
+      if (quote && *p == quote)
+        quote = 0;
+      else if (!quote && (*p == '\'' || *p == '"'))
+        quote = *p;
+    }
+    if (quote)
+      return strdup(cmd);
+    w = p + strspn(p, " \t");
+  }
+  if (!*w)
+    return strdup(cmd);
+  size_t head = (size_t)(w - cmd);
+  size_t size = strlen(cmd) + 6;
+  char *out = malloc(size);
+  if (out)
+    snprintf(out, size, "%.*sexec %s", (int)head, cmd, w);
+  return out;
 }
 
 static int spawn(process_provider *p, char *cmd, char **env, int log_fd,
@@ -633,6 +734,11 @@ static int start_instance(process_provider *p, const provider_start_req *req, pr
   int pid = 0, fd = -1, r = -1;
   /* Placeholders only: ${NAME} is left for the shell (see the top). */
   char *cmd = dc_expand_placeholders_dup(p->command, pairs);
+  if (cmd && simple_command(cmd)) {
+    char *exec_cmd = with_exec(cmd);
+    free(cmd);
+    cmd = exec_cmd;
+  }
   if (!cmd)
     dc_fmt(why, DC_ERR_MAX, "out of memory");
   if (cmd && build_env(p, inst, pairs, port_s, &env, why) == 0 && check_env_refs(cmd, &env, why) == 0)
@@ -647,6 +753,7 @@ static int start_instance(process_provider *p, const provider_start_req *req, pr
     return -1;
   pi->pid = pid;
   pi->pid_start = start_time_of(pid);
+  note_spawned(pid, pi->pid_start);
   dc_fmt(pi->handle, sizeof pi->handle, "%d:%llu", pid, (unsigned long long)pi->pid_start);
   pi->started_at = engine_now(p->e);
   return 0;

@@ -118,6 +118,11 @@ typedef struct provider_process_opts {
 
 int provider_process_new(provider **out, engine *e, const provider_process_opts *o, char *err);
 
+/* How an instance this process started (pid, start time) ended: 1 with
+ * its exit status and signal (0 when none), 0 when it is not known (it
+ * runs, it was started by another process, or it is too long ago). */
+int provider_process_exit_status(int pid, uint64_t start, int *status, int *sig);
+
 typedef struct ssh_ctx ssh_ctx;
 
 /* The ssh provider (ssh_provider.c): instances on the target's hosts (the

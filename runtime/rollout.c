@@ -75,9 +75,16 @@ struct rollout {
   void (*after_healthy)(rollout *r); /* instead of completing WAIT_HEALTHY */
   double ratio_pct;                  /* router "none": the share being reached */
 
-  /* hooks */
+  /* hooks: the webhooks', then the user's (hook_stage counts through them) */
   const rollout_hooks *hooks;
+  const rollout_hooks *webhook_hooks;
+  const rollout_hooks *hook_running;
   void (*hook_next)(rollout *r, int ok, const char *err);
+  hook_kind hook_kind;
+  double hook_pct;
+  int hook_stage, hook_failed, has_hook_reason;
+  char hook_reason[DC_ERR_MAX];
+  char hook_err[DC_ERR_MAX];
   double abort_pct;        /* the new version's share when the abort began */
 
   /* operator commands */
@@ -124,11 +131,16 @@ static void complete(rollout *r, int ok, const char *err);
 static void step_passed(rollout *r);
 static void act_abort(rollout *r, const char *reason);
 
-static const char *const hook_names[HOOK_COUNT] = {"before_deploy", "before_step", "after_step", "analysis",
-                                                   "on_promote",    "on_abort",    "on_rollback"};
+static const char *const hook_names[HOOK_COUNT] = {"before_deploy",  "before_step", "after_step",
+                                                   "analysis",       "before_promote", "on_promote",
+                                                   "on_abort",       "on_rollback"};
 
 const char *rollout_hook_name(hook_kind k) { return k < HOOK_COUNT ? hook_names[k] : "hook"; }
 const char *rollout_id(const rollout *r) { return r->rc.id; }
+const char *rollout_version(const rollout *r) { return r->version; }
+const char *rollout_from_version(const rollout *r) { return r->from_version; }
+double rollout_share(const rollout *r) { return r->run.pct; }
+const target_config *rollout_target(const rollout *r) { return r->t; }
 
 /* ---- the running rollouts of this process (Ctrl-C aborts them all) ---- */
 
@@ -173,26 +185,68 @@ int rollout_log(rollout *r, const char *kind, const char *data_json, char *err) 
 
 /* ---- hooks ---- */
 
-static void hook_finished(rollout *r, int ok, const char *err) {
-  void (*next)(rollout *, int, const char *) = r->hook_next;
-  r->hook_next = NULL;
-  next(r, ok, err);
-}
-
-/* Runs the user's hook of that kind if there is one, then next(ok, err). */
-static void with_hook(rollout *r, hook_kind k, double pct, const char *reason,
-                      void (*next)(rollout *r, int ok, const char *err)) {
-  r->hook_next = next;
-  if (r->hooks && r->hooks->run && r->hooks->run(r->hooks->payload, r, k, pct, &r->health, reason, hook_finished))
-    return;
-  r->hook_next = NULL;
-  next(r, 1, NULL);
-}
-
 /* A hook that fails once the outcome is decided cannot change it. */
 static void note_hook_failure(rollout *r, hook_kind k, const char *err) {
   emit(r, "hook_failed",
        json_pack("{s:s, s:o}", "hook", rollout_hook_name(k), "error", dc_json_text(err ? err : "failed")));
+}
+
+static int outcome_decided(hook_kind k) { return k == HOOK_ON_PROMOTE || k == HOOK_ON_ABORT || k == HOOK_ON_ROLLBACK; }
+
+static void hook_stage(rollout *r);
+
+/* Before the outcome the first failure decides, and the hooks after it do
+ * not run; once it is decided, each failure is recorded and every hook
+ * still runs. */
+static void hook_stage_done(rollout *r, int ok, const char *err) {
+  r->hook_running = NULL;
+  if (ok) {
+    hook_stage(r);
+    return;
+  }
+  if (outcome_decided(r->hook_kind)) {
+    note_hook_failure(r, r->hook_kind, err);
+    hook_stage(r);
+    return;
+  }
+  r->hook_failed = 1;
+  dc_strlcpy(r->hook_err, err ? err : "failed", sizeof r->hook_err);
+  r->hook_stage = 2;
+  hook_stage(r);
+}
+
+static void hook_stage(rollout *r) {
+  while (!r->hook_failed && r->hook_stage < 2) {
+    const rollout_hooks *h = r->hook_stage++ == 0 ? r->webhook_hooks : r->hooks;
+    if (!h || !h->run)
+      continue;
+    r->hook_running = h;
+    if (h->run(h->payload, r, r->hook_kind, r->hook_pct, &r->health, r->has_hook_reason ? r->hook_reason : NULL,
+               hook_stage_done))
+      return;
+    r->hook_running = NULL;
+  }
+  char err[DC_ERR_MAX];
+  int ok = !r->hook_failed;
+  dc_strlcpy(err, r->hook_err, sizeof err); /* next may start the next hook */
+  void (*next)(rollout *, int, const char *) = r->hook_next;
+  r->hook_next = NULL;
+  next(r, ok, ok ? NULL : err);
+}
+
+/* Runs the webhooks and the user's hook of that kind, if there are any,
+ * then next(ok, err). */
+static void with_hook(rollout *r, hook_kind k, double pct, const char *reason,
+                      void (*next)(rollout *r, int ok, const char *err)) {
+  r->hook_next = next;
+  r->hook_kind = k;
+  r->hook_pct = pct;
+  r->hook_stage = 0;
+  r->hook_failed = 0;
+  r->hook_err[0] = '\0';
+  r->has_hook_reason = reason != NULL;
+  dc_strlcpy(r->hook_reason, reason ? reason : "", sizeof r->hook_reason);
+  hook_stage(r);
 }
 
 /* ---- completing an action, always from the loop ---- */
@@ -299,6 +353,8 @@ static void act_pause(rollout *r) {
 
 typedef struct check_round {
   rollout *r;
+  rollout_health_cb cb;      /* whoever asked for this round (rounds may overlap) */
+  void *cb_payload;
   size_t n;
   size_t inspected;          /* new instances the liveness look covers */
   char **urls;
@@ -348,12 +404,13 @@ static void round_end(check_round *rd) {
     h->dead = 1;
     dc_strlcpy(h->detail, rd->dead_detail, sizeof h->detail);
   }
+  rollout_health_cb cb = rd->cb;
+  void *payload = rd->cb_payload;
   round_free(rd);
   engine_release(r->e);
   r->rounds--;
-  rollout_health_cb cb = r->health_cb;
-  void *payload = r->health_payload;
-  r->health_cb = NULL;
+  if (r->health_cb == cb && r->health_payload == payload)
+    r->health_cb = NULL;
   if (cb)
     cb(payload, h);
   /* The rollout ended while this round was out (a hook's d:health()). */
@@ -432,6 +489,8 @@ void rollout_check_health(rollout *r, rollout_health_cb cb, void *payload) {
     return;
   }
   rd->r = r;
+  rd->cb = cb;
+  rd->cb_payload = payload;
   for (size_t i = 0; i < r->fresh.n; i++) {
     const store_instance *in = &r->fresh.v[i];
     add_url(rd, cap, target_instance_url(r->t, in), in->node);
@@ -1320,13 +1379,35 @@ static void promote_applied(void *payload, const char *err) {
     act_abort(r, msg);
 }
 
+static void promote_now(rollout *r);
+
+static void before_promote_done(rollout *r, int ok, const char *err) {
+  char msg[DC_ERR_MAX];
+  if (r->abort_requested) {
+    act_abort(r, r->abort_reason);
+    return;
+  }
+  if (!ok) {
+    dc_fmt(msg, sizeof msg, "not promoted: %s", err ? err : "the before_promote hook said no");
+    act_abort(r, msg);
+    return;
+  }
+  promote_now(r);
+}
+
+/* The before_promote hooks (a confirm-promotion webhook) may hold the
+ * promotion; the rollout can still be aborted meanwhile. */
 static void act_promote(rollout *r) {
-  char err[DC_ERR_MAX];
-  int w_old, w_new;
   if (running_fresh(r) == 0) {
     act_abort(r, "nothing to promote: no instance of the new version was started");
     return;
   }
+  with_hook(r, HOOK_BEFORE_PROMOTE, r->run.pct, NULL, before_promote_done);
+}
+
+static void promote_now(rollout *r) {
+  char err[DC_ERR_MAX];
+  int w_old, w_new;
   r->ending = 1;
   split(r, 100, &w_old, &w_new);
   if (w_new == 0)
@@ -1601,7 +1682,9 @@ static void run_step(rollout *r) {
 }
 
 static void begin_after_hook(rollout *r, int ok, const char *err) {
-  if (!ok) {
+  /* An abort that ended the hook's wait (a confirm-rollout gate) is the
+   * reason, not the hook failing because of it. */
+  if (!ok && !r->abort_requested) {
     strategy_action a;
     memset(&a, 0, sizeof a);
     a.kind = ACTION_ABORT;
@@ -1713,6 +1796,9 @@ void rollout_abort(rollout *r, const char *reason) {
     return;
   r->abort_requested = 1;
   dc_strlcpy(r->abort_reason, reason && *reason ? reason : "aborted by the operator", sizeof r->abort_reason);
+  /* A hook that waits (a confirm-* webhook) ends its wait. */
+  if (r->hook_running && r->hook_running->abort)
+    r->hook_running->abort(r->hook_running->payload, r);
   if (r->paused) {
     r->paused = 0;
     complete(r, 0, r->abort_reason);
@@ -1787,6 +1873,7 @@ int rollout_start(rollout **out, engine *e, store *s, target_config *t, strategy
   r->done = cb;
   r->done_payload = payload;
   r->hooks = o->hooks;
+  r->webhook_hooks = o->webhook_hooks;
   r->an_spec = an_spec;
   record_init(&r->rc, e, s, t->name, o->id, &o->sink);
   dc_strlcpy(r->version, o->version, sizeof r->version);

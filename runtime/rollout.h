@@ -18,6 +18,7 @@
 #include "store.h"
 #include "target.h"
 #include "util.h"
+#include "webhook.h"
 
 typedef struct rollout_result {
   int success;
@@ -41,14 +42,16 @@ typedef struct rollout_health {
   char detail[DC_ERR_MAX];
 } rollout_health;
 
-/* Hooks: user code run at step boundaries (Lua functions, through the
- * bindings). A hook that fails before or during the rollout aborts it;
- * on_promote, on_abort and on_rollback failures are recorded as events. */
+/* Hooks: code run at step boundaries: the user's Lua functions (through
+ * the bindings) and the webhooks (webhook_hooks.c), the webhooks first. A
+ * hook that fails before or during the rollout aborts it; on_promote,
+ * on_abort and on_rollback failures are recorded as events. */
 typedef enum {
   HOOK_BEFORE_DEPLOY,  /* before the first instance starts */
   HOOK_BEFORE_STEP,    /* before each traffic change (pct = the new share) */
   HOOK_AFTER_STEP,     /* after each health-gated wait (pct, health) */
   HOOK_ANALYSIS,       /* after after_step: pass or fail */
+  HOOK_BEFORE_PROMOTE, /* before the new version is made current: pass or fail */
   HOOK_ON_PROMOTE,
   HOOK_ON_ABORT,
   HOOK_ON_ROLLBACK,    /* traffic was returned to the old version */
@@ -63,6 +66,10 @@ typedef struct rollout_hooks {
    * exactly once, later, from the loop; or returns 0 when there is none. */
   int (*run)(void *payload, rollout *r, hook_kind kind, double pct, const rollout_health *health,
              const char *reason, rollout_hook_done done);
+  /* Optional: the rollout is asked to abort while this one's hook runs
+   * (deployctl abort, Ctrl-C): end it early. done still runs exactly
+   * once, later, from the loop. */
+  void (*abort)(void *payload, rollout *r);
   void *payload;
 } rollout_hooks;
 
@@ -79,6 +86,11 @@ typedef struct rollout_opts {
   const char *metadata_json;       /* JSON object or NULL */
   event_sink sink;                 /* every event as it is recorded; emit may be NULL */
   const rollout_hooks *hooks;      /* NULL: none; must outlive the rollout */
+  /* The strategy's (or a manifest's) webhooks: service_deploy adds the
+   * target's and runs them all through webhook_hooks, before `hooks` at
+   * each point. NULL: none. Copied. */
+  const webhook_list *webhooks;
+  const rollout_hooks *webhook_hooks;
 } rollout_opts;
 
 /* Records the deployment (row + lock, asynchronously) and drives st: a
@@ -105,6 +117,11 @@ void rollout_delegate_begin(rollout *r);
 void rollout_record(rollout *r, int ok, const char *err);
 int rollout_ending(const rollout *r);
 const char *rollout_id(const rollout *r);
+/* What a hook may tell others about the rollout (a webhook's payload). */
+const char *rollout_version(const rollout *r);
+const char *rollout_from_version(const rollout *r); /* "" on a first deploy */
+double rollout_share(const rollout *r);              /* the new version's share now */
+const target_config *rollout_target(const rollout *r);
 
 /* Ask a running rollout to abort at its next safe point (traffic back to
  * the old version, new instances stopped). Idempotent. */

@@ -8,8 +8,10 @@
 #include "health.h"
 #include "instset.h"
 #include "json.h"
+#include "notify.h"
 #include "retain.h"
 #include "util.h"
+#include "webhook_hooks.h"
 
 struct service {
   engine *e;
@@ -95,14 +97,63 @@ static target_config *check_target(const service *svc, const char *name, char *e
 
 /* ---- deploy ---- */
 
+/* What a rollout of the service carries besides itself: the webhooks
+ * (the target's and the strategy's) and the target's notifications, both
+ * fed every event before the caller's sink sees it. */
 typedef struct run_ref {
   service *svc;
   rollout_done_cb cb;
   void *payload;
-  rollout **handle;       /* the caller's pointer to the rollout, cleared as it ends */
-  rollout_result res;     /* a copy, held while the retention runs */
+  webhook_hooks *hooks;    /* NULL: no webhook */
+  notifier *notify;        /* NULL: nobody to tell */
+  event_sink sink;         /* the caller's */
+  rollout **handle;        /* the caller's pointer to the rollout, cleared as it ends */
+  rollout_result res;      /* a copy, held while the retention runs */
   char **errors;
 } run_ref;
+
+static void run_event(void *payload, const store_event *ev) {
+  run_ref *rr = payload;
+  webhook_hooks_event(rr->hooks, ev);
+  notifier_event(rr->notify, ev);
+  if (rr->sink.emit)
+    rr->sink.emit(rr->sink.payload, ev);
+}
+
+static void run_free(run_ref *rr) {
+  webhook_hooks_release(rr->hooks);
+  notifier_release(rr->notify);
+  service_unref(rr->svc);
+  free(rr);
+}
+
+/* The target's webhooks with the strategy's over them (same name: the
+ * strategy's); a rollback runs only the event ones. */
+static int run_extras(run_ref *rr, const target_config *t, const rollout_opts *o, rollout_opts *out, char *err) {
+  *out = *o;
+  rr->sink = o->sink;
+  out->sink = (event_sink){run_event, rr};
+  /* A dry run tells nobody and asks nobody: its gates pass, as they would
+   * with every receiver answering 2xx. */
+  if (t->simulated) {
+    out->webhook_hooks = NULL;
+    return 0;
+  }
+  webhook_list all;
+  if (webhook_list_merge(&all, &t->webhooks, o->webhooks, err) != 0)
+    return -1;
+  int events_only = o->kind && strcmp(o->kind, "rollback") == 0;
+  rr->hooks = webhook_hooks_new(rr->svc->e, &all, events_only);
+  int oom = all.n > 0 && !rr->hooks;
+  webhook_list_clear(&all);
+  rr->notify = notifier_new(rr->svc->e, &t->notify);
+  if (oom || (t->notify.n > 0 && !rr->notify)) {
+    dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
+    return -1;
+  }
+  out->webhook_hooks = webhook_hooks_vtable(rr->hooks);
+  return 0;
+}
 
 static void run_report(run_ref *rr) {
   rr->res.errors = (const char *const *)rr->errors;
@@ -111,8 +162,7 @@ static void run_report(run_ref *rr) {
   for (size_t i = 0; i < rr->res.nerrors; i++)
     free(rr->errors[i]);
   free(rr->errors);
-  service_unref(rr->svc);
-  free(rr);
+  run_free(rr);
 }
 
 static void retained(void *payload, const retain_result *r) {
@@ -151,7 +201,7 @@ int service_deploy(service *svc, const char *target, strategy *st, const rollout
   target_config *t = check_target(svc, target, err);
   if (!t)
     return DC_ERROR;
-  run_ref *rr = malloc(sizeof *rr);
+  run_ref *rr = calloc(1, sizeof *rr);
   if (!rr) {
     dc_fmt(err, DC_ERR_MAX, "deploy: out of memory");
     return DC_ERROR;
@@ -160,9 +210,9 @@ int service_deploy(service *svc, const char *target, strategy *st, const rollout
   rr->cb = cb;
   rr->payload = payload;
   rr->handle = out;
-  if (rollout_start(&r, svc->e, svc->s, t, st, o, run_done, rr, err) != DC_OK) {
-    service_unref(svc);
-    free(rr);
+  rollout_opts with;
+  if (run_extras(rr, t, o, &with, err) != 0 || rollout_start(&r, svc->e, svc->s, t, st, &with, run_done, rr, err) != DC_OK) {
+    run_free(rr);
     return DC_ERROR;
   }
   if (out)

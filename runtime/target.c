@@ -29,6 +29,7 @@ target_config *target_config_new(const char *name) {
   t->instances = 1;
   dc_strlcpy(t->name, name, sizeof t->name);
   target_health_default(&t->health);
+  dc_strlcpy(t->restart, "on-failure", sizeof t->restart);
   t->retain = (target_retain){.history = 200, .versions = 10, .log_mb = 100};
   return t;
 }
@@ -45,6 +46,8 @@ void target_config_free(target_config *t) {
       t->routers[i]->free(t->routers[i]);
   /* After both: they cancel their commands, which live in it. */
   ssh_ctx_free(t->ssh);
+  webhook_list_clear(&t->webhooks);
+  notify_list_clear(&t->notify);
   analysis_spec_free(t->analysis);
   for (size_t i = 0; i < t->nnodes; i++)
     free(t->nodes[i]);

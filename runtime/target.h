@@ -6,10 +6,12 @@
 
 #include "analysis_spec.h"
 #include "engine.h"
+#include "notify.h"
 #include "provider.h"
 #include "router.h"
 #include "ssh.h"
 #include "store.h"
+#include "webhook.h"
 
 typedef struct target_health {
   char path[256];           /* "/healthz" */
@@ -49,6 +51,11 @@ typedef struct target_config {
   double boot_limit_pct;
   double boot_wait;
   ssh_ctx *ssh;             /* the target's ssh connections (provider, router), owned; may be NULL */
+  /* What `deployctl serve` does when a live instance dies between
+   * deployments (supervise.h): "on-failure" (default), "always", "never". */
+  char restart[16];
+  webhook_list webhooks;    /* called by every rollout of the target (webhook_hooks.h) */
+  notify_list notify;       /* told about every rollout of the target (notify.h) */
   analysis_spec *analysis;  /* measured during every hold unless the strategy has its own; owned; may be NULL */
   int simulated;            /* --simulate: scripted instances, a recording router: no analysis is measured */
   target_retain retain;
@@ -57,7 +64,7 @@ typedef struct target_config {
 void target_health_default(target_health *h);
 /* A target with one node, this machine; NULL when out of memory. */
 target_config *target_config_new(const char *name);
-void target_config_free(target_config *t); /* frees provider, router, ssh, nodes; NULL-safe */
+void target_config_free(target_config *t); /* frees provider, router, ssh, nodes, webhooks; NULL-safe */
 
 /* How many nodes one boot wave starts on (>= 1). */
 size_t target_wave_size(const target_config *t);

@@ -461,3 +461,16 @@ const char *dc_unprefix(const char *msg) {
     msg += sizeof prefix - 1;
   return msg;
 }
+
+void dc_redact_url(char *dst, size_t size, const char *url) {
+  const char *auth = strstr(url, "://");
+  auth = auth ? auth + 3 : url;
+  size_t host_off = strcspn(auth, "/?#");
+  const char *at = memchr(auth, '@', host_off);
+  const char *colon = at ? memchr(auth, ':', (size_t)(at - auth)) : NULL;
+  if (!colon) {
+    dc_strlcpy(dst, url, size);
+    return;
+  }
+  dc_fmt(dst, size, "%.*s:***%s", (int)(colon - url), url, at);
+}

@@ -112,6 +112,10 @@ char *dc_printable(const char *s);
  * (overlongs, surrogates and code points past U+10FFFF included). */
 size_t dc_utf8_len(const unsigned char *p);
 
+/* url with the password of its user-info part replaced by "***"
+ * (https://bob:***@host/...): a URL in a message never shows one. */
+void dc_redact_url(char *dst, size_t size, const char *url);
+
 /* Drops a leading "deploy: " so a message can be wrapped in another that
  * already says it. */
 const char *dc_unprefix(const char *msg);

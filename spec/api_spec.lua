@@ -42,12 +42,23 @@ describe("data models", function()
 
   it("DeploymentStatus has target, current_version, status, health, instances", function()
     local m = manager_for{ instances = 2 }
+    -- the specification's five fields; beside them the view (issue 13):
+    -- state, summary, instances_by_version, rollout, last_deployment, ...
+    local function spec_fields(st)
+      return { target = st.target, current_version = st.current_version, status = st.status, health = st.health,
+               instances = st.instances }
+    end
     local before = m:get_status("staging")
+    assert.same({ target = "staging", status = "deployed", health = "unhealthy", instances = 0 }, spec_fields(before))
+    -- exactly the specification's fields; the whole view is describe()'s
     assert.same({ target = "staging", status = "deployed", health = "unhealthy", instances = 0 }, before)
+    local view = m:describe("staging")
+    assert.same({ "never_deployed", "never deployed" }, { view.state, view.summary })
     m:deploy("staging", "1.0.0")
     local s = m:get_status("staging")
     assert.same({ target = "staging", current_version = "1.0.0", status = "deployed",
-                  health = "healthy", instances = 2 }, s)
+                  health = "healthy", instances = 2 }, spec_fields(s))
+    assert.same({ { version = "1.0.0", role = "live", running = 2, total = 2 } }, m:describe("staging").instances_by_version)
     assert.equal("integer", math.type(s.instances))
   end)
 
@@ -199,8 +210,13 @@ describe("DeploymentManager", function()
     assert.matches("not switched to: new instances of 2.0.0%-bad unhealthy after 2 consecutive failed checks", r.errors[1])
     local st = m:get_status("staging")
     assert.equal("1.0.0", st.current_version)
-    assert.equal("failed", st.status)
+    -- the old version serves: deployed, healthy; the failure is the last
+    -- deployment's (issue 13: not "failed" while 1.0.0 serves)
+    assert.equal("deployed", st.status)
     assert.equal("healthy", st.health)
+    local view = m:describe("staging")
+    assert.same({ "2.0.0-bad", "failed" }, { view.last_deployment.version, view.last_deployment.status })
+    assert.matches("the last deployment %(2%.0%.0%-bad, ", view.summary)
     assert.equal(0, #fixtures.instances_of(dir, "2.0.0-bad"))
   end)
 end)
@@ -253,6 +269,8 @@ describe("bad input", function()
     assert.has_error(function() m:rollback({}) end, "deploy: manager:rollback(): target must be a string, got table")
     assert.has_error(function() m:rollback("staging", 3) end, "deploy: manager:rollback(): version must be a string, got number")
     assert.has_error(function() m:get_status(7) end, "deploy: manager:get_status(): target must be a string, got number")
+    assert.has_error(function() m:describe(7) end, "deploy: manager:describe(): target must be a string, got number")
+    assert.has_error(function() m:describe("prod") end, "deploy: unknown target 'prod' (known: production, staging)")
     assert.has_error(function() m.deploy({}, "staging", "1") end)
   end)
 
@@ -280,15 +298,15 @@ describe("bad input", function()
       { 42, "must be a table or the path of a Lua file" },
       { { targets = {} }, "config %.targets is empty" },
       { { state = dir .. "/s.db" }, "config %.targets is missing" },
-      { { targets = { production = t }, colour = "blue" }, "config %(top level%) has an unknown field 'colour' %(known: state, clock, targets, retain%)" },
+      { { targets = { production = t }, colour = "blue" }, "config %(top level%) has an unknown field 'colour' %(known: state, clock, targets, retain, simulate, gitops, serve%)" },
       { cfg(function(_, p) p.instances = 0 end), "config targets%.production%.instances must be between 1 and 64" },
       { cfg(function(_, p) p.instances = "two" end), "targets%.production%.instances must be a number, got string" },
       { cfg(function(_, p) p.provider = nil end), "targets%.production%.provider is missing" },
-      { cfg(function(_, p) p.provider.kind = "docker" end), "provider kind 'docker' is not known %(known: process, ssh%)" },
+      { cfg(function(_, p) p.provider.kind = "docker" end), "provider kind 'docker' is not known %(known: process, ssh, test%)" },
       { cfg(function(_, p) p.provider.command = nil end), "provider%.command is missing" },
       { cfg(function(_, p) p.provider.ports = "30000-20000" end), "is not a usable range" },
       { cfg(function(_, p) p.provider.ports = "lots" end), "'lots' is not a port range: write 'LOW%-HIGH'" },
-      { cfg(function(_, p) p.router = { kind = "f5" } end), "router kind 'f5' is not known %(known: haproxy, nginx, none%)" },
+      { cfg(function(_, p) p.router = { kind = "f5" } end), "router kind 'f5' is not known %(known: haproxy, nginx, none, test%)" },
       { cfg(function(_, p) p.router = { kind = "haproxy", backend = "app" } end), "router%.socket is missing" },
       { cfg(function(_, p) p.health.interval = 0 end), "health%.interval must be between" },
       { cfg(function(_, p) p.health.path = "healthz" end), "path 'healthz' must start with '/'" },

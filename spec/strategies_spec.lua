@@ -352,7 +352,7 @@ describe("hooks", function()
   it("refuses unknown hook names and non-functions", function()
     local m = setup()
     assert.has_error(function() m:deploy("production", "v2", { hooks = { before_stpe = function() end } }) end,
-      "deploy: options.hooks.before_stpe is not a hook (known: before_deploy, before_step, after_step, analysis, on_promote, on_abort, on_rollback)")
+      "deploy: options.hooks.before_stpe is not a hook (known: before_deploy, before_step, after_step, analysis, before_promote, on_promote, on_abort, on_rollback)")
     assert.has_error(function() m:deploy("production", "v2", { hooks = { analysis = true } }) end,
       "deploy: options.hooks.analysis must be a function, got boolean")
     assert.equal("v1", m:get_status("production").current_version)
