@@ -420,7 +420,10 @@ print(cjson.encode({ kind = "result", success = r.success, errors = r.errors or 
     assert.same({ 2, 2, 2, 0 }, instances_on(e, "v1"))
     assert.same({ 0, 0, 0, 0 }, instances_on(e, "v2"))
     code, out = dctl(e, { "status", "production" })
-    assert.matches("production%s+v1%s+failed%s+healthy%s+6", out)
+    -- Since issue 13 the status is the target's (serving v1, deployed);
+    -- the failed v2 is the last deployment's, in the summary.
+    assert.matches("production%s+v1%s+deployed%s+healthy%s+6", out)
+    assert.matches("the last deployment %(v2, [^)]*%) failed", out)
   end)
 
   for _, kill_at in ipairs{ "instance_started", "traffic" } do
