@@ -286,7 +286,8 @@ json_t *view_build(const view_input *in) {
     dc_fmt(summary, sizeof summary, "stopped (%s, %s): nothing serves, as asked", newest->strategy, newest->id);
   } else if (!current[0]) {
     state = "failed";
-    dc_fmt(summary, sizeof summary, "nothing serves: the deployment of %s failed: %s", newest->version,
+    dc_fmt(summary, sizeof summary, "nothing serves: the deployment of %s %s: %s", newest->version,
+           strcmp(newest->status, "interrupted") == 0 ? "was interrupted" : "failed",
            first_error(newest, err1, sizeof err1));
   } else {
     if (sup.degraded) {

@@ -72,8 +72,9 @@ describe("manual gates", function()
     assert.matches("aborted by the operator %(deployctl abort%) during the pause", out)
     assert.same({ v1 = 20 }, (h:sample(20)))
     local m = deploy.DeploymentManager{ config = config }
-    assert.equal("failed", m:get_status("production").status)
+    assert.equal("deployed", m:get_status("production").status) -- v1 serves again
     assert.equal("v1", m:get_status("production").current_version)
+    assert.equal("failed", m:history("production", 1)[1].status)
   end)
 
   it("d:pause() in a Lua strategy, promoted from another process", function()
