@@ -686,6 +686,10 @@ do_prune() {
         rm -f -- "$f" && removed=$((removed + 1)) freed=$((freed + size));;
       *)
         if [ $rot = 0 ] && [ "$max" -gt 0 ] && [ "$size" -gt "$max" ]; then
+          # Its size again, now: another prune (hosts sharing a file
+          # system) may have rotated it since the stat above.
+          size=$(wc -c < "$f" 2>/dev/null) || continue
+          [ $((size)) -gt "$max" ] || continue
           cp -- "$f" "$f.1.tmp" && mv -f -- "$f.1.tmp" "$f.1" && : > "$f" && rotated=$((rotated + 1))
         fi;;
     esac
