@@ -63,7 +63,7 @@ describe("targets across hosts: the config", function()
                    .. "connect_timeout, boot_limit, boot_wait%)", err)
     err = refused({ instances = 1, provider = { kind = "process", command = "./app", boot_limit = 1 } })
     assert.matches("provider has an unknown field 'boot_limit' %(known: kind, command, ports, stop_timeout, workdir, env%)", err)
-    assert.matches("kind 'kubernetes' is not known %(known: process, ssh%)", refused(ssh_target{ kind = "kubernetes" }))
+    assert.matches("kind 'kubernetes' is not known %(known: process, ssh, test%)", refused(ssh_target{ kind = "kubernetes" }))
   end)
 
   it("refuses hosts without the ssh provider, the ssh provider without hosts, and bad values", function()
@@ -419,8 +419,11 @@ print(cjson.encode({ kind = "result", success = r.success, errors = r.errors or 
     assert.equal(0, code, out .. err)
     assert.same({ 2, 2, 2, 0 }, instances_on(e, "v1"))
     assert.same({ 0, 0, 0, 0 }, instances_on(e, "v2"))
+    -- v1 serves on every host again; the failed canary is the last deployment's
     code, out = dctl(e, { "status", "production" })
-    assert.matches("production%s+v1%s+failed%s+healthy%s+6", out)
+    assert.equal(0, code, out)
+    assert.matches("production%s+v1%s+deployed%s+healthy%s+6", out)
+    assert.matches("the last deployment %(v2, [%w]+%) failed: canary aborted at 50 %%", out)
   end)
 
   for _, kill_at in ipairs{ "instance_started", "traffic" } do
