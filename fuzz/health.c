@@ -15,9 +15,10 @@
 
 #include "engine.h"
 #include "health.h"
+#include "http_module.h"
 #include "util.h"
 
-extern const health_api deploy_http_api;
+extern const http_module_api deploy_http_api;
 
 static engine eng;
 static uv_tcp_t server;
