@@ -220,6 +220,16 @@ void nginx_include_generation(const char *text, size_t len, char *gen, size_t si
   }
 }
 
+/* s as a number of 0..max in digits, followed by nothing or by `rest`;
+ * else -1. */
+static long whole(const char *s, long max, const char *rest) {
+  size_t d = strspn(s, "0123456789");
+  if (d == 0 || d > 6 || (s[d] != '\0' && (!rest || strcmp(s + d, rest) != 0)))
+    return -1;
+  long v = strtol(s, NULL, 10);
+  return v <= max ? v : -1;
+}
+
 /* One "    server HOST:PORT weight=N[ down];  # NAME" line of the weighted
  * upstream; 1 when it is one of ours, 0 for the placeholder, the
  * maintenance server or anything else. */
@@ -248,9 +258,17 @@ static int parse_server(const char *line, router_server *s) {
   memset(s, 0, sizeof *s);
   dc_strlcpy(s->name, name, sizeof s->name);
   dc_strlcpy(s->host, host, sizeof s->host);
-  s->port = atoi(colon + 1);
-  s->weight = strcmp(what, "down") == 0 ? 0 : atoi(what + 7);
-  return strncmp(what, "weight=", 7) == 0 || strcmp(what, "down") == 0;
+  /* Only what the router writes: a port of 1..65535 and a weight of
+   * 0..256 in digits (" down" after it in maintenance); a hand edit such
+   * as "-20001" is not a server of ours. */
+  long port = whole(colon + 1, 65535, NULL), weight = 0;
+  if (port < 1)
+    return 0;
+  if (strcmp(what, "down") != 0 && (strncmp(what, "weight=", 7) != 0 || (weight = whole(what + 7, 256, " down")) < 0))
+    return 0;
+  s->port = (int)port;
+  s->weight = (int)weight;
+  return 1;
 }
 
 int nginx_include_servers(const char *text, size_t len, router_server **out, size_t *n) {

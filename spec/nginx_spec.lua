@@ -356,6 +356,11 @@ describe("the nginx router", function()
       assert.is_false(live[1].router_weight)
       assert.matches("nginx: " .. lit(site.include) .. " is not as the router wrote it %(line 4: " ..
                      "'    server 127%.0%.0%.1:%d+ weight=1 max_fails=3;  # dc_%d+'%)", router_err)
+      -- a port no router writes (found by fuzz/nginx.c: it was read as -20001)
+      fixtures.write_file(site.include, (text:gsub(":(%d+) weight=1;", ":-%1 weight=1;", 1)))
+      live, router_err = m:live_instances("production")
+      assert.matches("is not as the router wrote it %(line 4: '    server 127%.0%.0%.1:%-%d+ weight=1;", router_err)
+      for _, i in ipairs(live) do assert.is_true(i.port > 0) end
       -- the router owns the file: the next deployment rewrites it
       assert.is_true(m:deploy("production", "v2").success)
       assert.same({ 1, 1 }, sorted_weights(site))
